@@ -1,0 +1,117 @@
+"""The policy-backend interface: what the RED trainer needs from a policy, however it is sharded.
+
+Every backend (Hugging Face on one device, megatron-core with TP/PP/DP) implements `PolicyBackend`; the trainer
+never touches a model directly. Sequences are prompt + response (or prompt + offline trace), right-padded; every
+per-token tensor is aligned with the *targets* `input_ids[:, 1:]`, so it has shape `[B, L - 1]`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded token sequences plus the per-row / per-token inputs of the loss.
+
+    input_ids:      [B, L] long, prompt followed by response or trace tokens, right-padded.
+    attention_mask: [B, L] 1 on real tokens.
+    loss_mask:      [B, L-1] 1 where the target `input_ids[:, t+1]` is a response / trace token.
+    fields:         loss inputs, each with leading dimension B (e.g. old_logprobs [B, L-1], advantages [B],
+                    is_offline [B], group_accuracy [B]); sliced together with the sequences.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        b, l = self.input_ids.shape
+        if self.attention_mask.shape != (b, l):
+            raise ValueError(f"attention_mask {tuple(self.attention_mask.shape)} != input_ids {(b, l)}")
+        if self.loss_mask.shape != (b, l - 1):
+            raise ValueError(f"loss_mask {tuple(self.loss_mask.shape)} must be [B, L-1] = {(b, l - 1)}")
+        for name, value in self.fields.items():
+            if value.shape[0] != b:
+                raise ValueError(f"field {name!r} has leading dim {value.shape[0]}, expected B={b}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice | torch.Tensor) -> "SequenceBatch":
+        """Rows `rows` of every tensor (a slice or an index tensor)."""
+        return SequenceBatch(
+            self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows],
+            {k: v[rows] for k, v in self.fields.items()},
+        )
+
+    def micro_batches(self, micro_batch_size: int) -> list["SequenceBatch"]:
+        """Consecutive row slices of at most `micro_batch_size`, each trimmed of all-padding columns."""
+        out = []
+        for start in range(0, len(self), micro_batch_size):
+            mb = self.select(slice(start, start + micro_batch_size))
+            out.append(mb.trimmed())
+        return out
+
+    def trimmed(self) -> "SequenceBatch":
+        """Drop trailing columns that are padding in every row (saves compute on short micro-batches)."""
+        length = int(self.attention_mask.sum(dim=1).max().item()) if len(self) else 0
+        length = max(length, 2)
+        if length >= self.input_ids.shape[1]:
+            return self
+        fields = {
+            k: (v[:, : length - 1] if v.dim() >= 2 and v.shape[1] == self.input_ids.shape[1] - 1 else v)
+            for k, v in self.fields.items()
+        }
+        return SequenceBatch(self.input_ids[:, :length], self.attention_mask[:, :length],
+                             self.loss_mask[:, : length - 1], fields)
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
+                             {k: v.to(device) for k, v in self.fields.items()})
+
+
+# loss_fn(logprobs [b, L-1], entropy [b, L-1], micro_batch) -> (scalar loss to backpropagate, metrics)
+LossFn = Callable[[torch.Tensor, torch.Tensor, SequenceBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class PolicyBackend(ABC):
+    """A trainable policy. Implementations: `HFPolicy` (models/hf.py), `MegatronPolicy` (models/megatron/)."""
+
+    @abstractmethod
+    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only, no gradient: fp32 `log pi(target)` and full-vocabulary entropy, each [B, L-1] on CPU,
+        zero where `loss_mask` is 0."""
+
+    @abstractmethod
+    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                         temperature: float = 1.0) -> list[dict[str, float]]:
+        """For each micro-batch: log-probs and entropies with gradient, `loss, metrics = loss_fn(...)`,
+        `loss.backward()`; gradients accumulate across micro-batches (the loss must already be normalised with
+        global counts). Returns the metrics of each micro-batch."""
+
+    @abstractmethod
+    def optimizer_step(self) -> float:
+        """Clip gradients, step optimiser and learning-rate schedule, zero gradients; return the pre-clip grad norm."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Model, optimiser and scheduler state, enough for an exact resume."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        ...
+
+    @abstractmethod
+    def save_pretrained(self, path: str) -> None:
+        """Export the weights in Hugging Face format (a directory loadable with `from_pretrained`)."""
+
+    @property
+    @abstractmethod
+    def learning_rate(self) -> float:
+        ...

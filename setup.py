@@ -1,0 +1,34 @@
+"""megatron_red: RED (Recall-Extend Dynamics) training on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_red",
+    version="0.1.0",
+    description="Recall-Extend Dynamics (RED): RLVR with offline teacher traces on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["megatron_red", "megatron_red.*"]),
+    package_data={"megatron_red": ["py.typed"]},
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.19,<0.20",
+        "transformers>=4.51",
+        "sentencepiece>=0.2",
+        "math-verify[antlr4_13_2]>=0.7",
+        "pyarrow>=15",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "tensorboard>=2.15",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # NVIDIA apex is not listed: the PyPI package of that name is unrelated; NGC images ship NVIDIA's.
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "vllm": ["vllm>=0.10"],
+        "bridge": ["megatron-bridge>=0.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["megatron-red=megatron_red.cli:main"]},
+)
