@@ -115,3 +115,11 @@ class PolicyBackend(ABC):
     @abstractmethod
     def learning_rate(self) -> float:
         ...
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Write the training state into `directory` (already created, not yet visible to readers).
+        Sharded backends override this (megatron-core dist_checkpointing); the default saves `state_dict()`."""
+        torch.save(self.state_dict(), f"{directory}/policy.pt")
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.load_state_dict(torch.load(f"{directory}/policy.pt", map_location="cpu", weights_only=False))
