@@ -1,0 +1,227 @@
+"""Typed run configuration: one dataclass per concern, loadable from YAML, overridable with dotted `key=value`.
+
+The defaults of `RunConfig` are the embedded default: RED on the built-in task with a tiny Qwen2 student on CPU.
+`examples/red/*.yaml` hold the other recipes; each YAML file holds only the fields it changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_red.models.optim import OptimConfig
+
+
+@dataclass
+class ModelConfig:
+    """The student policy."""
+
+    backend: str = "hf"
+    """`hf` (transformers; CPU or one GPU) or `megatron` (megatron-core GPTModel; TP/PP/DP under torchrun)."""
+    path: str | None = None
+    """Local Hugging Face checkpoint directory (e.g. Qwen2.5-Math-1.5B). None builds the tiny built-in student."""
+    hidden_size: int = 128
+    """Tiny built-in student only: width, layers, heads (Qwen2 architecture, built from a config)."""
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+    dtype: str = "auto"
+    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16`."""
+    device: str = "auto"
+    """`auto` = cuda when available, else cpu."""
+    fused_kernel: str = "auto"
+    """LM head + log-prob + entropy through the fused Triton kernel: `auto` (on for CUDA), `on`, `off`."""
+    gradient_checkpointing: bool = False
+    tensor_model_parallel_size: int = 1
+    """Megatron backend only."""
+    pipeline_model_parallel_size: int = 1
+    """Megatron backend only."""
+    use_distributed_optimizer: bool = True
+    """Megatron backend only: shard optimiser state over data-parallel ranks."""
+
+
+@dataclass
+class DataConfig:
+    """Prompts, offline teacher traces and answers."""
+
+    task: str = "builtin"
+    """`builtin` (procedural word problems with a verbose deterministic teacher) or `openr1` (OpenR1-Math schema file)."""
+    path: str | None = None
+    """`openr1` only: parquet or jsonl in the OpenR1-Math-46k-8192 schema (see tools/prepare_data.py)."""
+    max_prompt_tokens: int = 1024
+    """Longer prompts are dropped (counted)."""
+    max_trace_tokens: int = 8192
+    """Offline traces are truncated to this many tokens (counted); the authors truncate to 8192."""
+    skip_malformed: bool = False
+    """Skip and count malformed rows instead of raising."""
+    builtin: dict = field(default_factory=dict)
+    """Overrides of `BuiltinTaskConfig` fields (seed, num_train, max_steps, ...)."""
+    warmup_steps: int = 60
+    """Built-in task: SFT steps on short solutions of easy problems that make the tiny student a weak base model."""
+    warmup_lr: float = 3e-3
+
+
+@dataclass
+class RolloutConfig:
+    """On-policy sampling (paper: G = 7 rollouts + 1 offline trace, temperature 1.0, top-p 1.0)."""
+
+    engine: str = "local"
+    """`local` (torch, KV-cached; CPU and one GPU), `vllm` or `megatron` (GPU, when installed)."""
+    n: int = 7
+    """G: on-policy samples per prompt; the group is these plus the prompt's offline trace."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 192
+    max_batch_size: int = 256
+    """Rows decoded at once by the local engine."""
+
+
+@dataclass
+class AlgoConfig:
+    """Which method of the paper's Table 2 to train, as a preset of the same trainer."""
+
+    method: str = "red"
+    """Loss preset: red, red_entropy_only, red_policy_shift_only, grpo, mixpolicy, luffy, sft, srft; or a schedule:
+    sft_then_grpo, relift, bread (these use the sft / grpo presets)."""
+    loss: dict = field(default_factory=dict)
+    """Overrides of `RedLossConfig` fields on top of the preset (e.g. {"normalization": "constant"})."""
+    sft_then_grpo_fraction: float = 0.5
+    """SFT->GRPO: fraction of `trainer.steps` spent in the SFT stage."""
+    relift_buffer_size: int = 16
+    """ReLIFT: all-fail prompts (with their traces) collected before one SFT step on them."""
+    bread_prefix_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """BREAD: expert-prefix lengths (fractions of the trace) tried, shortest first, on all-fail prompts."""
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: steps, batch sizes, checkpoints, logging, held-out evaluation."""
+
+    steps: int = 150
+    prompts_per_step: int = 8
+    micro_batch_size: int = 32
+    seed: int = 0
+    out_dir: str = "runs/red"
+    save_every: int = 50
+    """Write a checkpoint every N steps (and always at the end)."""
+    eval_every: int = 0
+    """Held-out evaluation every N steps (0 = only at the end)."""
+    eval_samples: int = 2
+    """Samples per held-out problem (avg@k)."""
+    eval_temperature: float = 0.6
+    eval_problems: int = 200
+    """Held-out problems evaluated (the first N of the test split)."""
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, total_steps=150,
+                                                                   weight_decay=0.0))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _coerce(value, annotation, where: str):
+    """Convert a YAML / command-line value to the field's declared type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(annotation, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"{where}: cannot read {value!r} as {annotation}")
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
+        return tuple(_coerce(v, args[0], where) for v in items)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, float, str):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _from_dict(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; valid: {sorted(names)}")
+    base = cls()
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{where}.{f.name}" if where else f.name
+        if f.name in data:
+            current = getattr(base, f.name)
+            if dataclasses.is_dataclass(current) and isinstance(data[f.name], dict):
+                merged = {**dataclasses.asdict(current), **data[f.name]}
+                kwargs[f.name] = _coerce(merged, type(current), sub)
+            else:
+                kwargs[f.name] = _coerce(data[f.name], hints[f.name], sub)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Embedded default <- YAML file (if given) <- dotted `section.key=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: the config file must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    config = _from_dict(RunConfig, tree)
+    if "optim" not in tree or "total_steps" not in tree.get("optim", {}):
+        config.optim.total_steps = config.trainer.steps
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)

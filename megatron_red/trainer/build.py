@@ -1,0 +1,162 @@
+"""Build the pieces of a run from its `RunConfig`: task (examples, tokenizer, reward), policy, rollout engine.
+
+The built-in task's student is a tiny Qwen2 built from a config and warmed up briefly by SFT on short solutions of
+easy problems (cached per task and seed), so that it starts like a weak base model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from megatron_red.config import RunConfig
+from megatron_red.data.openr1 import RedExample
+
+
+@dataclass
+class Task:
+    """What the trainer needs of the data: prompts with traces, a held-out split, a tokenizer and a verifier."""
+
+    train: list[RedExample]
+    test: list[RedExample]
+    tokenizer: object
+    reward_fn: Callable[[list[str], list], list[float]]
+    hard_min_difficulty: int | None = None
+    """Built-in task: held-out problems with at least this many steps count as hard."""
+    warmup: list[RedExample] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_task(config: RunConfig) -> Task:
+    data = config.data
+    if data.task == "builtin":
+        from megatron_red.data.builtin import BuiltinTask, BuiltinTaskConfig
+
+        task_config = BuiltinTaskConfig(**{"seed": config.trainer.seed, **data.builtin})
+        task = BuiltinTask(task_config)
+        return Task(task.train_examples, task.test_examples, task.tokenizer,
+                    lambda texts, answers: [task.grade(t, a) for t, a in zip(texts, answers)],
+                    hard_min_difficulty=task_config.hard_min_steps, warmup=task.warmup_examples())
+    if data.task == "openr1":
+        from megatron_red.data.openr1 import load_openr1
+        from megatron_red.data.tokenizer import HFTokenizer
+        from megatron_red.rewards import grade_math
+
+        if not data.path:
+            raise ValueError("data.task=openr1 needs data.path (a parquet/jsonl file in the OpenR1-Math schema)")
+        if not config.model.path:
+            raise ValueError("data.task=openr1 needs model.path (a Hugging Face checkpoint with its tokenizer)")
+        tokenizer = HFTokenizer(config.model.path)
+        examples, stats = load_openr1(data.path, tokenizer, data.max_prompt_tokens, data.max_trace_tokens,
+                                      skip_malformed=data.skip_malformed)
+        print(f"[data] {data.path}: {stats.kept}/{stats.rows} rows kept, {stats.dropped_prompts} long prompts "
+              f"dropped, {stats.truncated_traces} traces truncated, {stats.skipped_malformed} malformed skipped")
+        if not examples:
+            raise ValueError(f"{data.path}: no usable rows")
+        return Task(examples, [], tokenizer, lambda texts, answers: grade_math(texts, answers))
+    raise ValueError(f"unknown data.task {data.task!r}; valid: builtin, openr1")
+
+
+def tiny_qwen2_config(config: RunConfig, tokenizer):
+    from transformers import Qwen2Config
+
+    m = config.model
+    return Qwen2Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_position_embeddings, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_policy(config: RunConfig, task: Task, cache_dir: Path):
+    """The student: a local HF checkpoint, or the tiny built-in Qwen2 after its (cached) warm-up."""
+    from megatron_red.models.hf import HFPolicy
+
+    if config.model.backend == "megatron":
+        from megatron_red.models.megatron import build_megatron_policy
+
+        return build_megatron_policy(config)
+    if config.model.backend != "hf":
+        raise ValueError(f"unknown model.backend {config.model.backend!r}; valid: hf, megatron")
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    common = dict(optim_config=config.optim, device=device, dtype=dtype, fused_kernel=config.model.fused_kernel,
+                  gradient_checkpointing=config.model.gradient_checkpointing)
+    if config.model.path:
+        return HFPolicy.from_pretrained(config.model.path, **common)
+    start = warmed_up_student(config, task, cache_dir)
+    return HFPolicy.from_pretrained(str(start), **common)
+
+
+def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
+    """Train (once) and cache the tiny student: random init, then SFT on short easy solutions."""
+    from megatron_red.models.hf import HFPolicy
+    from megatron_red.models.optim import OptimConfig
+    from megatron_red.objectives import RedLossConfig, red_policy_loss
+    from megatron_red.trainer.groups import Group, build_batch
+
+    key = json.dumps({"model": dataclasses.asdict(config.model), "builtin": config.data.builtin,
+                      "seed": config.trainer.seed, "steps": config.data.warmup_steps, "lr": config.data.warmup_lr,
+                      "batch": config.trainer.prompts_per_step}, sort_keys=True)
+    path = cache_dir / f"student_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(config.trainer.seed)
+    device = resolve_device(config.model.device)
+    steps = config.data.warmup_steps
+    policy = HFPolicy.from_config(
+        tiny_qwen2_config(config, task.tokenizer),
+        optim_config=OptimConfig(lr=config.data.warmup_lr, warmup_steps=max(1, steps // 10), total_steps=steps,
+                                 weight_decay=0.0),
+        device=device, dtype=resolve_dtype(config.model.dtype, device), fused_kernel=config.model.fused_kernel)
+    sft = RedLossConfig.sft()
+    generator = torch.Generator().manual_seed(config.trainer.seed)
+    examples = task.warmup
+    batch_size = 4 * config.trainer.prompts_per_step
+    print(f"[warm-up] {steps} SFT steps on {len(examples)} short solutions of easy problems")
+    for _ in range(steps):
+        rows = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
+        batch = build_batch([Group(examples[i].prompt_ids, trace_ids=examples[i].trace_ids) for i in rows],
+                            offline_in_group=False, std_normalize=False, pad_token_id=task.tokenizer.pad_token_id)
+        tokens = batch.loss_mask.sum()
+
+        def loss_fn(logprobs, entropy, mb):
+            return red_policy_loss(logprobs, logprobs.detach(), mb.fields["advantages"], mb.loss_mask,
+                                   mb.fields["is_offline"], mb.fields["group_accuracy"], 1.0, sft,
+                                   num_sequences=len(batch), num_tokens=tokens)
+
+        policy.forward_backward(batch, config.trainer.micro_batch_size, loss_fn)
+        policy.optimizer_step()
+    tmp = path.with_suffix(".tmp")
+    policy.save_pretrained(str(tmp))
+    task.tokenizer.save(str(tmp))
+    tmp.rename(path)
+    return path
+
+
+def build_engine(config: RunConfig, policy, tokenizer):
+    kind = config.rollout.engine
+    if kind == "local":
+        from megatron_red.rollout.local import LocalEngine
+
+        return LocalEngine(policy.model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           max_batch_size=config.rollout.max_batch_size, device=policy.device)
+    raise ValueError(f"rollout.engine {kind!r} is not available in this release; valid: local")

@@ -1,0 +1,90 @@
+"""Assemble one step's GRPO groups into a padded `SequenceBatch`.
+
+A group is one prompt's G on-policy completions plus, when the method uses it, the prompt's offline teacher trace
+(placed first, flagged by `is_offline`, never found by position). Advantages are normalised over the group members,
+and rbar (`group_accuracy`) is the members' mean accuracy (paper Eq. 8; the authors count the trace as a member).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_red.models.base import SequenceBatch
+from megatron_red.objectives import group_advantages
+
+
+@dataclass
+class Group:
+    """One prompt's samples. `prompt_ids` may carry an expert prefix (BREAD), which is context, not trained."""
+
+    prompt_ids: list[int]
+    responses: list[list[int]] = field(default_factory=list)
+    """On-policy completions (token ids)."""
+    rewards: list[float] = field(default_factory=list)
+    trace_ids: list[int] | None = None
+    """The offline teacher trace, when it joins the step."""
+    trace_reward: float = 0.0
+
+
+def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: bool,
+                pad_token_id: int) -> SequenceBatch:
+    """Rows: for each group, the offline trace (if `trace_ids` is set) then the on-policy responses.
+
+    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B]. A trace outside the group
+    (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
+    """
+    rows: list[tuple[list[int], int]] = []  # (token ids, prompt length)
+    advantages, is_offline, accuracy, rewards = [], [], [], []
+    for g in groups:
+        members = list(g.rewards)
+        if g.trace_ids is not None and offline_in_group:
+            members = [g.trace_reward] + members
+        if members:
+            adv = group_advantages(torch.tensor([members], dtype=torch.float64), std_normalize=std_normalize)[0]
+            rbar = sum(members) / len(members)
+        else:
+            adv, rbar = torch.zeros(0, dtype=torch.float64), 0.0
+        adv = adv.tolist()
+        if g.trace_ids is not None:
+            rows.append((g.prompt_ids + g.trace_ids, len(g.prompt_ids)))
+            advantages.append(adv.pop(0) if offline_in_group else 0.0)
+            is_offline.append(True)
+            accuracy.append(rbar)
+            rewards.append(g.trace_reward)
+        for response, reward, a in zip(g.responses, g.rewards, adv):
+            rows.append((g.prompt_ids + response, len(g.prompt_ids)))
+            advantages.append(a)
+            is_offline.append(False)
+            accuracy.append(rbar)
+            rewards.append(reward)
+    if not rows:
+        raise ValueError("a step needs at least one sequence")
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), length - 1), dtype=torch.float32)
+    for i, (ids, prompt_len) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        # target t+1 is a response/trace token when t+1 >= prompt_len
+        loss_mask[i, prompt_len - 1: len(ids) - 1] = 1.0
+    fields = {
+        "advantages": torch.tensor(advantages, dtype=torch.float32),
+        "is_offline": torch.tensor(is_offline, dtype=torch.bool),
+        "group_accuracy": torch.tensor(accuracy, dtype=torch.float32),
+        "rewards": torch.tensor(rewards, dtype=torch.float32),
+    }
+    return SequenceBatch(input_ids, attention_mask, loss_mask, fields)
+
+
+def masked_row_mean(values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> float:
+    """Mean over the selected rows of each row's token mean (the authors' per-sample entropy, then over samples).
+    NaN when no selected row has a token."""
+    mask = mask.to(values.dtype)
+    counts = mask.sum(dim=1)
+    keep = rows & (counts > 0)
+    if not bool(keep.any()):
+        return float("nan")
+    per_row = (values * mask).sum(dim=1)[keep] / counts[keep]
+    return float(per_row.mean())
