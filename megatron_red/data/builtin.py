@@ -1,0 +1,217 @@
+"""The built-in task of the embedded default: multi-step arithmetic word problems with a verbose teacher.
+
+A problem is a short story ("Sam has 7 apples. He gets 5 more. He gives away 3. He multiplies them by 2. ...") whose answer is reached
+by chaining `steps` operations (add, subtract, or multiply by 2-3) with every intermediate value in
+0..max_value, so a tiny model can do each computation digit by digit. `steps` is the difficulty knob.
+
+Two solution styles share one compact step notation ("7+5=12.", no spaces, so a number costs only its digits):
+- the student's warm-up format: only the steps, then "The answer is N." (used on EASY problems only, so the
+  warmed-up student behaves like a weak base model that solves short chains and fails long ones);
+- the teacher's trace, for every problem: the same steps plus R1-style redundancy ("Wait, let me verify: ..."
+  passages that recompute a step, a restatement before the answer). Imitating it teaches long chains, while its
+  redundant passages make responses longer: the recall/extend trade-off RED studies.
+`grade` checks the integer in the last "answer is N" statement exactly.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from megatron_red.data.openr1 import RedExample
+from megatron_red.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+# (name, pronoun) pairs and countable items the stories draw from; few of each keeps the vocabulary tiny.
+PEOPLE = (("Sam", "He"), ("Tom", "He"), ("Ann", "She"), ("Mia", "She"))
+ITEMS = ("apples", "pens", "cards", "eggs")
+MULTIPLIERS = (2, 3)
+SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
+_ANSWER = re.compile(r"answer is\s*(-?\d+)\b(?!\.\d)")
+
+
+@dataclass
+class BuiltinTaskConfig:
+    """Knobs of the built-in task (defaults: the embedded CPU demo)."""
+
+    seed: int = 0                   # seeds problem generation, the split and the teacher's verbosity choices
+    num_train: int = 2000           # training problems (each with a teacher trace)
+    num_test: int = 200             # held-out problems, disjoint from train by (start, operations)
+    min_steps: int = 1              # fewest operations in a problem
+    max_steps: int = 6              # most operations in a problem; difficulties are spread evenly in between
+    hard_min_steps: int = 4         # a problem is "hard" when steps >= this
+    warmup_max_steps: int = 2       # warm-up SFT data uses only problems with steps <= this
+    max_value: int = 99             # every start/intermediate/final value lies in 0..max_value
+    max_start: int = 30             # the starting amount is drawn from 2..max_start
+    max_operand: int = 9            # add/subtract operands are drawn from 1..max_operand
+    verify_probability: float = 0.5  # chance the teacher re-checks each step ("Wait, let me verify: ...")
+    vocab_size: int = 256           # SentencePiece vocabulary (closed task text: no byte fallback)
+
+    def __post_init__(self):
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if not self.min_steps <= self.warmup_max_steps < self.hard_min_steps <= self.max_steps:
+            raise ValueError(
+                "need min_steps <= warmup_max_steps < hard_min_steps <= max_steps, got "
+                f"{self.min_steps}, {self.warmup_max_steps}, {self.hard_min_steps}, {self.max_steps}"
+            )
+        if self.num_train < 1 or self.num_test < 1:
+            raise ValueError(f"num_train and num_test must be >= 1, got {self.num_train}, {self.num_test}")
+        if not 2 <= self.max_start <= self.max_value or self.max_operand < 1:
+            raise ValueError("need 2 <= max_start <= max_value and max_operand >= 1")
+        if not 0.0 <= self.verify_probability <= 1.0:
+            raise ValueError(f"verify_probability must be in [0, 1], got {self.verify_probability}")
+
+
+@dataclass(frozen=True)
+class BuiltinProblem:
+    """The structured record of one problem: start value and operations; `text` is the story."""
+
+    uid: str
+    name: str
+    pronoun: str
+    item: str
+    start: int
+    ops: tuple[tuple[str, int], ...]  # ("add" | "sub" | "mul", operand)
+    answer: int
+    text: str
+
+    @property
+    def steps(self) -> int:
+        return len(self.ops)
+
+    def chain(self) -> list[tuple[int, str, int, int]]:
+        """(left, op, operand, result) for each step."""
+        out, value = [], self.start
+        for op, k in self.ops:
+            result = value + k if op == "add" else value - k if op == "sub" else value * k
+            out.append((value, op, k, result))
+            value = result
+        return out
+
+
+def _step(left: int, op: str, k: int, result: int) -> str:
+    return f"{left}{SYMBOL[op]}{k}={result}."
+
+
+def short_solution(problem: BuiltinProblem) -> str:
+    """The student's warm-up format: the steps, then the answer."""
+    return " ".join([_step(*s) for s in problem.chain()] + [f"The answer is {problem.answer}."])
+
+
+def teacher_trace(problem: BuiltinProblem, verify_probability: float, seed: int) -> str:
+    """The teacher's verbose, correct trace; its re-checks are drawn from (seed, uid), so it is deterministic."""
+    rng = random.Random(f"{seed}:teacher:{problem.uid}")
+    parts = [f"{problem.name} starts with {problem.start} {problem.item}."]
+    for left, op, k, result in problem.chain():
+        parts.append(_step(left, op, k, result))
+        if rng.random() < verify_probability:
+            parts.append(f"Wait, let me verify: {_step(left, op, k, result)} Yes.")
+    parts.append(f"So {problem.name} has {problem.answer} {problem.item}. The answer is {problem.answer}.")
+    return " ".join(parts)
+
+
+def grade(response_text: str, answer: str | int) -> float:
+    """1.0 when the last "answer is N" states the integer `answer` exactly, else 0.0."""
+    matches = _ANSWER.findall(response_text)
+    try:
+        return float(bool(matches) and int(matches[-1]) == int(answer))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class BuiltinTask:
+    """Generated train/test problems, their teacher traces, warm-up data, tokenizer and grader."""
+
+    def __init__(self, config: BuiltinTaskConfig | None = None):
+        self.config = config = config or BuiltinTaskConfig()
+        rng = random.Random(f"{config.seed}:problems")
+        seen: set[tuple] = set()
+        # Test first, so that the held-out split is balanced over difficulties whatever num_train is.
+        self.test_problems = self._generate(rng, config.num_test, "test", seen)
+        self.train_problems = self._generate(rng, config.num_train, "train", seen)
+        self.traces = {p.uid: teacher_trace(p, config.verify_probability, config.seed)
+                       for p in self.train_problems + self.test_problems}
+
+        texts = []
+        for p in self.train_problems:
+            texts += [f"Question: {p.text}\nAnswer:", self.traces[p.uid], short_solution(p)]
+        self.tokenizer: SentencePieceTokenizer = train_sentencepiece(texts, config.vocab_size, byte_fallback=False)
+        self.train_examples = [self._example(p, self.traces[p.uid]) for p in self.train_problems]
+        self.test_examples = [self._example(p, self.traces[p.uid]) for p in self.test_problems]
+
+    def _generate(self, rng: random.Random, count: int, split: str, seen: set[tuple]) -> list[BuiltinProblem]:
+        c = self.config
+        levels = list(range(c.min_steps, c.max_steps + 1))
+        out = []
+        for i in range(count):
+            steps = levels[i % len(levels)]
+            for _ in range(10_000):
+                start = rng.randint(2, c.max_start)
+                ops, value = [], start
+                for _ in range(steps):
+                    choices = []
+                    if value + 1 <= c.max_value:
+                        choices.append("add")
+                    if value >= 1:
+                        choices.append("sub")
+                    if value >= 1 and value * MULTIPLIERS[0] <= c.max_value:
+                        choices.append("mul")
+                    op = rng.choice(choices)
+                    if op == "add":
+                        k = rng.randint(1, min(c.max_operand, c.max_value - value))
+                        value += k
+                    elif op == "sub":
+                        k = rng.randint(1, min(c.max_operand, value))
+                        value -= k
+                    else:
+                        k = rng.choice([m for m in MULTIPLIERS if value * m <= c.max_value])
+                        value *= k
+                    ops.append((op, k))
+                key = (start, tuple(ops))
+                if key not in seen:
+                    break
+            else:
+                raise ValueError(f"cannot draw {count} distinct {steps}-step problems; lower num_train/num_test")
+            seen.add(key)
+            name, pronoun = rng.choice(PEOPLE)
+            item = rng.choice(ITEMS)
+            out.append(BuiltinProblem(f"builtin-{split}-{i}", name, pronoun, item, start, tuple(ops), value,
+                                      self._story(name, pronoun, item, start, ops)))
+        rng.shuffle(out)
+        return out
+
+    @staticmethod
+    def _story(name: str, pronoun: str, item: str, start: int, ops: list[tuple[str, int]]) -> str:
+        sentences = [f"{name} has {start} {item}."]
+        for op, k in ops:
+            if op == "add":
+                sentences.append(f"{pronoun} gets {k} more.")
+            elif op == "sub":
+                sentences.append(f"{pronoun} gives away {k}.")
+            else:
+                sentences.append(f"{pronoun} multiplies them by {k}.")
+        sentences.append(f"How many {item} does {name} have now?")
+        return " ".join(sentences)
+
+    def _example(self, problem: BuiltinProblem, trace: str) -> RedExample:
+        prompt = self.tokenizer.render_prompt(problem.text)
+        return RedExample(
+            uid=problem.uid,
+            prompt_ids=self.tokenizer.encode(prompt),
+            trace_ids=self.tokenizer.encode(trace) + [self.tokenizer.eos_token_id],
+            answer=str(problem.answer),
+            difficulty=problem.steps,
+            prompt_text=prompt,
+            trace_text=trace,
+        )
+
+    def is_hard(self, example: RedExample) -> bool:
+        return example.difficulty is not None and example.difficulty >= self.config.hard_min_steps
+
+    def grade(self, response_text: str, answer: str | int) -> float:
+        return grade(response_text, answer)
+
+    def warmup_examples(self) -> list[RedExample]:
+        """Short correct solutions of the easy training problems (steps <= warmup_max_steps): warm-up SFT data."""
+        return [self._example(p, short_solution(p))
+                for p in self.train_problems if p.steps <= self.config.warmup_max_steps]
