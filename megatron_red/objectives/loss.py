@@ -109,6 +109,7 @@ class RedLossConfig:
 
     @classmethod
     def from_name(cls, name: str) -> "RedLossConfig":
+        """The preset called `name` (one of PRESETS)."""
         if name not in PRESETS:
             raise ValueError(f"unknown loss {name!r}; valid: {', '.join(PRESETS)}")
         return getattr(cls, name)()
