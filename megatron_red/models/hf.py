@@ -1,0 +1,201 @@
+"""The Hugging Face policy backend: a transformers causal LM (Qwen2 / Llama architectures) on one device.
+
+Log-probs and entropies are computed from the decoder's final hidden states at the loss-mask positions only
+(response and trace tokens), so the LM head never runs on prompt or padding tokens. The head is either the
+fused Triton kernel (`megatron_red.kernels`, no [N, V] logits tensor) or plain logits followed by
+`megatron_red.parallel.vocab_parallel_logprobs_entropy`.
+
+Precision: parameters, gradients and optimiser state stay fp32 (a bf16 master copy would drop RED's 2e-6
+updates below bf16's resolution); activations run in `dtype` under autocast (bf16 on GPU, fp32 on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Literal
+
+import torch
+
+from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
+from megatron_red.models.optim import OptimConfig, build_optimizer, clip_grad_norm
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+FusedKernelMode = Literal["auto", "on", "off"]
+
+
+class HFPolicy(PolicyBackend):
+    """A trainable transformers causal LM.
+
+    model:          the HF module (`AutoModelForCausalLM`); `.model` is shared with the local rollout engine.
+    optim_config:   AdamW + schedule + clipping.
+    device:         where the model lives (default: CUDA if available, else CPU).
+    dtype:          activation dtype (default bf16 on CUDA, fp32 on CPU); parameters stay fp32.
+    fused_kernel:   "auto" (fused Triton LM head on CUDA when available), "on" (always fused; CPU uses the
+                    kernel module's torch fallback), "off" (logits + vocab-parallel log-softmax).
+    gradient_checkpointing: recompute each decoder layer in backward (less memory, ~1/3 more compute).
+    """
+
+    def __init__(self, model: torch.nn.Module, optim_config: OptimConfig | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False):
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+        if fused_kernel not in ("auto", "on", "off"):
+            raise ValueError(f"fused_kernel must be 'auto', 'on' or 'off', got {fused_kernel!r}")
+        if getattr(model.config, "attention_dropout", 0.0):
+            # pi / pi_old must compare one deterministic function; dropout would make the ratio noise.
+            raise ValueError(f"attention_dropout must be 0, got {model.config.attention_dropout}")
+        lm_head = model.get_output_embeddings()
+        if getattr(lm_head, "bias", None) is not None:
+            raise ValueError("an LM head with a bias is not supported (Qwen2 and Llama heads have none)")
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = model.to(device=self.device, dtype=torch.float32)
+        self.model.config.use_cache = False
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.fused_kernel = fused_kernel
+        self.optim_config = optim_config or OptimConfig()
+        self.optimizer, self.scheduler = build_optimizer(self.model.named_parameters(), self.optim_config)
+
+    @classmethod
+    def from_pretrained(cls, path: str, optim_config: OptimConfig | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                        fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False,
+                        attn_implementation: str = "sdpa") -> "HFPolicy":
+        """Load a local checkpoint directory (no hub access)."""
+        from transformers import AutoModelForCausalLM
+
+        if not os.path.isdir(path):
+            raise ValueError(f"checkpoint directory {path!r} does not exist")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation)
+        return cls(model, optim_config, device, dtype, fused_kernel, gradient_checkpointing)
+
+    @classmethod
+    def from_config(cls, hf_config, optim_config: OptimConfig | None = None,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False,
+                    seed: int | None = None) -> "HFPolicy":
+        """A randomly initialised model from a transformers config (e.g. a tiny `Qwen2Config` for tests)."""
+        from transformers import AutoModelForCausalLM
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        return cls(model, optim_config, device, dtype, fused_kernel, gradient_checkpointing)
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def _use_fused(self) -> bool:
+        if self.fused_kernel == "off":
+            return False
+        if self.fused_kernel == "on":
+            return True
+        if self.device.type != "cuda":
+            return False
+        from megatron_red.kernels import fused_kernel_available
+
+        return fused_kernel_available(self.device)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _token_logprobs_entropy(self, mb: SequenceBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, L-1] fp32 log-probs and entropies on `self.device`, zero outside the loss mask (grad-enabled
+        if the caller is)."""
+        input_ids = mb.input_ids.to(self.device)
+        attention_mask = mb.attention_mask.to(self.device)
+        mask = mb.loss_mask.to(self.device).bool()
+        with self._autocast():
+            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                              use_cache=False).last_hidden_state
+        # Pack the response/trace positions: the head (the expensive [N, V] part) runs on those tokens only.
+        hidden_sel = hidden[:, :-1][mask]
+        targets = input_ids[:, 1:][mask]
+        weight = self.model.get_output_embeddings().weight  # tied or not, this is the head's parameter
+        if self._use_fused():
+            from megatron_red.kernels import fused_linear_logprobs_entropy
+
+            logprobs, entropy = fused_linear_logprobs_entropy(
+                hidden_sel.to(self.dtype), weight.to(self.dtype), targets, temperature=temperature)
+        else:
+            from megatron_red.parallel import vocab_parallel_logprobs_entropy
+
+            with self._autocast():
+                logits = torch.nn.functional.linear(hidden_sel, weight)
+            logprobs, entropy = vocab_parallel_logprobs_entropy(logits.float() / temperature, targets)
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+        return zeros.masked_scatter(mask, logprobs.float()), zeros.masked_scatter(mask, entropy.float())
+
+    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_args(micro_batch_size, temperature)
+        width = batch.loss_mask.shape[1]
+        logprobs, entropies = [], []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for mb in batch.micro_batches(micro_batch_size):
+                    lp, ent = self._token_logprobs_entropy(mb, temperature)
+                    pad = width - lp.shape[1]  # micro-batches come trimmed of all-padding columns
+                    logprobs.append(torch.nn.functional.pad(lp, (0, pad)).cpu())
+                    entropies.append(torch.nn.functional.pad(ent, (0, pad)).cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(logprobs), torch.cat(entropies)
+
+    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                         temperature: float = 1.0) -> list[dict[str, float]]:
+        _check_args(micro_batch_size, temperature)
+        self.model.train()  # HF only checkpoints layers in training mode; the model has no dropout (see __init__)
+        metrics = []
+        for mb in batch.micro_batches(micro_batch_size):
+            mb = mb.to(self.device)
+            logprobs, entropy = self._token_logprobs_entropy(mb, temperature)
+            loss, mb_metrics = loss_fn(logprobs, entropy, mb)
+            loss.backward()
+            metrics.append(dict(mb_metrics))
+        return metrics
+
+    # ---- optimiser ----------------------------------------------------------------------------------------
+
+    def optimizer_step(self) -> float:
+        grad_norm = clip_grad_norm(self.model.parameters(), self.optim_config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"model", "optimizer", "scheduler"} - set(state)
+        if missing:
+            raise ValueError(f"policy state is missing {sorted(missing)}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)
+
+
+def _check_args(micro_batch_size: int, temperature: float) -> None:
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
