@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 from megatron_red.data.openr1 import FORMATS, write_openr1

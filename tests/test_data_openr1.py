@@ -1,0 +1,181 @@
+"""OpenR1 schema: tools/prepare_data.py -> load_openr1 round trip (parquet and jsonl), malformed rows, truncation.
+
+Expected values come from the shared gsm8k file read directly and from the tokenizer called on its own.
+"""
+import importlib.util
+import json
+import os
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megatron_red.data import load_openr1, read_rows, train_sentencepiece, write_openr1
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+GSM8K = os.path.join(SHARED, "train", "gsm8k_train.jsonl")
+SYSTEM_PROMPT_FILE = os.path.join(SHARED, "eval", "luffy_system_prompt.txt")
+pytestmark = pytest.mark.skipif(not os.path.exists(GSM8K), reason="shared data not present")
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("prepare_data", os.path.join(ROOT, "tools", "prepare_data.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["prepare_data"] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def gsm8k_rows(n):
+    with open(GSM8K, encoding="utf-8") as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [r["problem"] + "\n" + r["solution"] for r in gsm8k_rows(200)]
+    with open(SYSTEM_PROMPT_FILE, encoding="utf-8") as f:
+        texts.append(f.read())
+    return train_sentencepiece(texts, 600)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_prepare_then_load_round_trip(tmp_path, tokenizer, fmt):
+    out = str(tmp_path / f"gsm8k.{fmt}")
+    stats = load_tool().prepare([GSM8K], out, fmt=fmt, limit=20, system_prompt_path=SYSTEM_PROMPT_FILE)
+    assert stats.written == 20 and stats.per_file == {"gsm8k_train": 20}
+    with open(SYSTEM_PROMPT_FILE, encoding="utf-8") as f:
+        system_prompt = f.read().strip()
+
+    examples, load_stats = load_openr1(out, tokenizer, max_prompt_tokens=4096, max_trace_tokens=4096)
+    assert (load_stats.rows, load_stats.kept, load_stats.dropped_prompts, load_stats.truncated_traces) == (20, 20, 0, 0)
+    for i, (ex, src) in enumerate(zip(examples, gsm8k_rows(20))):
+        assert ex.uid == f"gsm8k:{i}"
+        assert ex.answer == src["answer"] and ex.difficulty is None
+        assert ex.prompt_text == f"{system_prompt}\n\nQuestion: {src['problem'].strip()}\nAnswer:"
+        expected_trace = (f"<think>\n{src['solution'].strip()}\n</think>\n\n"
+                          f"The final answer is \\boxed{{{src['answer']}}}.")
+        assert ex.trace_text == expected_trace
+        assert ex.prompt_ids == tokenizer.encode(ex.prompt_text)
+        assert ex.trace_ids == tokenizer.encode(expected_trace) + [tokenizer.eos_token_id]
+        assert tokenizer.decode(ex.trace_ids) == expected_trace
+
+    rows = read_rows(out)
+    assert rows[0]["reward_model"]["ground_truth"] == gsm8k_rows(1)[0]["answer"]
+    assert rows[0]["prompt"][0] == {"role": "system", "content": system_prompt}
+    assert rows[0]["data_source"] == "gsm8k_train"
+
+
+def test_prepare_cli_two_inputs(tmp_path, capsys):
+    aime = os.path.join(SHARED, "train", "aime_1983_2023_solutions.jsonl")
+    out = str(tmp_path / "mix.jsonl")
+    load_tool().main([GSM8K, aime, "--out", out, "--format", "jsonl", "--limit", "3",
+                      "--system-prompt", SYSTEM_PROMPT_FILE])
+    assert "wrote 6 rows" in capsys.readouterr().out
+    rows = read_rows(out)
+    assert [r["data_source"] for r in rows] == ["gsm8k_train"] * 3 + ["aime_1983_2023_solutions"] * 3
+    assert rows[3]["extra_info"]["year"] == 1983
+
+
+def good_row(i=0):
+    return {
+        "prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": f"What is {i}+1?"}],
+        "target": [{"role": "assistant", "content": f"<think>\n{i}+1={i + 1}\n</think>\n\n\\boxed{{{i + 1}}}"}],
+        "reward_model": {"ground_truth": str(i + 1)},
+    }
+
+
+MALFORMED = {
+    "missing prompt": (lambda r: r.pop("prompt"), "prompt"),
+    "missing target": (lambda r: r.pop("target"), "target"),
+    "missing reward_model": (lambda r: r.pop("reward_model"), "reward_model"),
+    "prompt is a string": (lambda r: r.update(prompt="What is 1+1?"), "prompt"),
+    "message lacks content": (lambda r: r.update(prompt=[{"role": "user"}]), "prompt"),
+    "target is a dict": (lambda r: r.update(target={"role": "assistant", "content": "x"}), "target"),
+    "two target messages": (lambda r: r.update(target=r["target"] * 2), "target"),
+    "empty trace": (lambda r: r["target"][0].update(content="  \n"), "target"),
+    "ground truth None": (lambda r: r.update(reward_model={"ground_truth": None}), "reward_model.ground_truth"),
+    "ground truth dict": (lambda r: r.update(reward_model={"ground_truth": {"a": 1}}), "reward_model.ground_truth"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_row_names_file_row_column(tmp_path, tokenizer, kind):
+    mutate, column = MALFORMED[kind]
+    rows = [good_row(i) for i in range(5)]
+    mutate(rows[3])
+    path = str(tmp_path / "bad.jsonl")
+    write_openr1(rows, path, "jsonl")
+    with pytest.raises(ValueError) as err:
+        load_openr1(path, tokenizer, 256, 256)
+    message = str(err.value)
+    assert path in message and "row 3" in message and f"column '{column}'" in message
+
+    examples, stats = load_openr1(path, tokenizer, 256, 256, skip_malformed=True)
+    assert stats.skipped_malformed == 1 and stats.kept == 4 and stats.rows == 5
+    assert [e.uid for e in examples] == ["bad:0", "bad:1", "bad:2", "bad:4"]
+    assert "row 3" in stats.malformed_reasons[0]
+
+
+def test_invalid_json_line_and_flattened_parquet_column(tmp_path, tokenizer):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(good_row(0)) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl: row 1: column '\(json\)'"):
+        load_openr1(str(path), tokenizer, 256, 256)
+
+    rows = [good_row(i) for i in range(3)]
+    flat = {"prompt": [r["prompt"] for r in rows], "target": [r["target"] for r in rows],
+            "reward_model.ground_truth": [r["reward_model"]["ground_truth"] for r in rows]}
+    pq.write_table(pa.table(flat), str(tmp_path / "flat.parquet"))
+    examples, _ = load_openr1(str(tmp_path / "flat.parquet"), tokenizer, 256, 256)
+    assert [e.answer for e in examples] == ["1", "2", "3"]
+
+    bad = dict(flat, **{"reward_model.ground_truth": [None, "2", "3"]})
+    pq.write_table(pa.table(bad), str(tmp_path / "flat_bad.parquet"))
+    with pytest.raises(ValueError, match=r"flat_bad.parquet: row 0: column 'reward_model.ground_truth'"):
+        load_openr1(str(tmp_path / "flat_bad.parquet"), tokenizer, 256, 256)
+
+
+def test_drop_and_truncation_counts(tmp_path, tokenizer):
+    out = str(tmp_path / "g.parquet")
+    load_tool().prepare([GSM8K], out, "parquet", 40, SYSTEM_PROMPT_FILE)
+    full, _ = load_openr1(out, tokenizer, 10**6, 10**6)
+    prompt_lens = sorted(len(e.prompt_ids) for e in full)
+    max_prompt = prompt_lens[len(prompt_lens) // 2]
+    # One kept trace sits exactly at the boundary: trace + EOS == max_trace keeps its EOS.
+    kept_full = [e for e in full if len(e.prompt_ids) <= max_prompt]
+    max_trace = sorted(len(e.trace_ids) for e in kept_full)[len(kept_full) // 2]
+
+    examples, stats = load_openr1(out, tokenizer, max_prompt, max_trace)
+    expect_dropped = sum(n > max_prompt for n in prompt_lens)
+    expect_truncated = sum(len(e.trace_ids) > max_trace for e in kept_full)  # trace + EOS does not fit
+    assert 0 < expect_dropped < 40 and 0 < expect_truncated < len(kept_full)
+    assert (stats.dropped_prompts, stats.truncated_traces, stats.kept) == (expect_dropped, expect_truncated,
+                                                                            40 - expect_dropped)
+    by_uid = {e.uid: e for e in full}
+    for e in examples:
+        assert len(e.prompt_ids) <= max_prompt and len(e.trace_ids) <= max_trace
+        whole = by_uid[e.uid].trace_ids
+        if len(whole) <= max_trace:
+            assert e.trace_ids == whole and e.trace_ids[-1] == tokenizer.eos_token_id
+        else:
+            assert e.trace_ids == whole[:max_trace] and tokenizer.eos_token_id not in e.trace_ids
+    assert any(len(e.trace_ids) == max_trace and e.trace_ids[-1] == tokenizer.eos_token_id for e in examples)
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        load_openr1(out, tokenizer, 0, 10)
+
+
+def test_chat_think_prompt_does_not_repeat_think(tmp_path):
+    from test_data_tokenizer import tiny_hf_tokenizer
+
+    from megatron_red.data import HFTokenizer
+
+    tok = HFTokenizer(tiny_hf_tokenizer(), template="chat-think")
+    path = str(tmp_path / "t.jsonl")
+    write_openr1([good_row(4)], path, "jsonl")
+    (ex,), _ = load_openr1(path, tok, 512, 512)
+    assert ex.prompt_text.endswith("<|im_start|>assistant\n<think>\n")
+    assert ex.trace_text == "4+1=5\n</think>\n\n\\boxed{5}"
+    assert ex.trace_ids == tok.encode(ex.trace_text) + [tok.eos_token_id]
