@@ -1,1 +1,27 @@
-"""rewards"""
+"""Verifiable rewards: math answer checking (math-verify in worker processes with hard time-outs) and a registry."""
+from megatron_red.rewards.math_grader import (
+    REASONS,
+    Grade,
+    GraderPool,
+    close_grader,
+    configure_grader,
+    count_reasons,
+    get_grader_pool,
+    grade_math,
+    grade_math_detailed,
+)
+from megatron_red.rewards.registry import get_reward_fn, register_reward_fn
+
+__all__ = [
+    "REASONS",
+    "Grade",
+    "GraderPool",
+    "close_grader",
+    "configure_grader",
+    "count_reasons",
+    "get_grader_pool",
+    "get_reward_fn",
+    "grade_math",
+    "grade_math_detailed",
+    "register_reward_fn",
+]
