@@ -1,0 +1,295 @@
+"""The local rollout engine: batched, KV-cached sampling from a Hugging Face Qwen2 / Llama module in plain torch.
+
+It runs the HF module's own sub-modules (embeddings, rotary table, projections, MLPs, norms, head) through its
+own decode loop rather than `model.generate`, so that it can keep a pre-allocated ("static") KV cache, keep every
+per-token decision on the device, and replay each decode step as one CUDA graph:
+
+- prompts are left-padded and prefilled once; then one token per step for every row;
+- the cache holds `prompt_len + max_new_tokens` slots; step t writes slot `P + t` and attends to the filled,
+  non-padding slots (a per-row validity mask, so the shapes never change and the step can be captured);
+- sampling is inverse-CDF with uniforms drawn up front from a `torch.Generator` seeded with `params.seed`
+  (on the CPU, so the same seed gives the same draws on any device); a row that emitted EOS emits pad after;
+- the host checks "all rows finished" only every `sync_every` steps; nothing else leaves the device per token.
+
+Behaviour log-probs: the log-probability of each sampled token under the distribution it was drawn from, i.e.
+log_softmax(logits / temperature), and with top_p < 1 restricted to the nucleus (the smallest set of most probable
+tokens whose mass reaches top_p) and renormalised over it. Tokens after EOS get log-prob 0 and are not returned.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+
+
+class LocalEngine(RolloutEngine):
+    """Sampling engine for an HF causal LM.
+
+    model:          the HF module (e.g. `HFPolicy.model`).
+    eos_token_id:   a row stops after emitting it.
+    pad_token_id:   emitted by finished rows (never returned).
+    max_batch_size: rows (prompts x n) decoded together; bounds KV-cache memory.
+    device, dtype:  where and in which precision to decode (defaults: the model's device; bf16 on CUDA, the model's
+                    dtype on CPU). When they match the model's, the engine samples from the very same module (and
+                    `sync_weights` is a no-op); otherwise it keeps its own copy, refreshed by `sync_weights`.
+    cuda_graph:     capture the decode step as a CUDA graph and replay it (CUDA only): removes the per-kernel
+                    launch cost that dominates small-batch decoding. One graph is kept per (rows, cache length).
+    sync_every:     decode steps between host checks of "every row finished".
+    """
+
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, max_batch_size: int = 64,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 cuda_graph: bool = False, sync_every: int = 16):
+        config = model.config
+        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} is not supported; "
+                             f"expected one of {SUPPORTED_MODEL_TYPES}")
+        if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"])):
+            raise ValueError("sliding-window attention layers are not supported by the local engine")
+        if max_batch_size < 1 or sync_every < 1:
+            raise ValueError(f"max_batch_size and sync_every must be >= 1, got {max_batch_size}, {sync_every}")
+        source_param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else source_param.device
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else source_param.dtype)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs a CUDA device")
+        if source_param.device == self.device and source_param.dtype == self.dtype:
+            self.model = model
+        else:
+            self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+            self.model.requires_grad_(False)
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.max_batch_size = max_batch_size
+        self.cuda_graph = cuda_graph
+        self.sync_every = sync_every
+        self._num_kv_heads = config.num_key_value_heads
+        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._state: _DecodeState | None = None
+
+    def sync_weights(self, policy) -> None:
+        """Copy `policy`'s weights (an `HFPolicy` or an HF module) into the engine; a no-op when the engine
+        samples from that very module."""
+        source = policy if isinstance(policy, torch.nn.Module) else policy.model
+        if source is self.model:
+            return
+        target = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in source.state_dict().items():
+                if name not in target:
+                    raise ValueError(f"policy weight {name!r} has no counterpart in the engine's model")
+                target[name].copy_(tensor)
+
+    # ---- public -------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        _check_params(prompts, n, params)
+        rows = [list(p) for p in prompts for _ in range(n)]  # prompt i's n samples are consecutive rows
+        generator = torch.Generator()
+        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
+        uniforms = torch.rand(len(rows), params.max_new_tokens, generator=generator, dtype=torch.float64)
+        completions: list[Completion] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(rows), self.max_batch_size):
+                    chunk = rows[start:start + self.max_batch_size]
+                    completions += self._generate_chunk(chunk, uniforms[start:start + len(chunk)], params)
+        finally:
+            self.model.train(was_training)
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    # ---- decoding -----------------------------------------------------------------------------------------
+
+    def _generate_chunk(self, rows: list[list[int]], uniforms: torch.Tensor,
+                        params: SamplingParams) -> list[Completion]:
+        b, max_new = len(rows), params.max_new_tokens
+        prompt_len = max(len(r) for r in rows)
+        tokens = torch.full((b, prompt_len), self.pad_token_id, dtype=torch.long)
+        valid = torch.zeros((b, prompt_len), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            tokens[i, prompt_len - len(r):] = torch.tensor(r, dtype=torch.long)
+            valid[i, prompt_len - len(r):] = True
+        tokens, valid = tokens.to(self.device), valid.to(self.device)
+        uniforms = uniforms.to(self.device)
+        state = self._decode_state(b, prompt_len + max_new)
+        state.reset(valid, prompt_len)
+
+        # Prefill: all prompt positions at once; pad queries attend to themselves only (keeps softmax finite).
+        positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=self.device).tril_()
+        eye = torch.eye(prompt_len, dtype=torch.bool, device=self.device)
+        prefill_mask = ((causal & valid[:, None, :]) | eye)[:, None]
+        slots = torch.arange(prompt_len, device=self.device)
+        logits = self._forward(tokens, positions, slots, prefill_mask, state, kv_len=prompt_len)
+
+        out_tokens = torch.full((b, max_new), self.pad_token_id, dtype=torch.long, device=self.device)
+        out_logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=self.device)
+        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        step = self._captured_step(state) if self.cuda_graph else (lambda: self._decode_step(state))
+        for t in range(max_new):
+            if t > 0:
+                state.tokens.copy_(out_tokens[:, t - 1:t])
+                logits = step()
+                state.advance()
+            token, logprob = sample_tokens(logits, uniforms[:, t], params.temperature, params.top_p)
+            out_tokens[:, t] = token.masked_fill(finished, self.pad_token_id)
+            out_logprobs[:, t] = logprob.masked_fill(finished, 0.0)
+            finished |= token == self.eos_token_id
+            if (t + 1) % self.sync_every == 0 and bool(finished.all()):
+                break
+        return self._completions(out_tokens.cpu(), out_logprobs.cpu())
+
+    def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> list[Completion]:
+        out = []
+        is_eos = tokens == self.eos_token_id
+        for i in range(tokens.shape[0]):
+            hits = is_eos[i].nonzero()
+            finished = hits.numel() > 0
+            length = int(hits[0]) + 1 if finished else tokens.shape[1]
+            out.append(Completion(tokens[i, :length].tolist(), logprobs[i, :length].tolist(), finished))
+        return out
+
+    def _decode_state(self, rows: int, cache_len: int) -> "_DecodeState":
+        if self._state is None or self._state.shape != (rows, cache_len):
+            self._state = None  # free the old cache (and its graph) before allocating the new one
+            num_layers = len(self.model.get_decoder().layers)
+            self._state = _DecodeState(rows, cache_len, num_layers, self._num_kv_heads, self._head_dim,
+                                       self.model.config.vocab_size, self.dtype, self.device)
+        return self._state
+
+    def _decode_step(self, state: "_DecodeState") -> torch.Tensor:
+        """One token per row at cache slot `state.slot`; reads and writes only `state`'s fixed buffers."""
+        mask = (state.key_valid & (state.slot_range <= state.slot))[:, None, None, :]
+        state.logits.copy_(self._forward(state.tokens, state.positions, state.slot, mask, state,
+                                         kv_len=state.shape[1]))
+        return state.logits
+
+    def _captured_step(self, state: "_DecodeState"):
+        if state.graph is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._decode_step(state)  # warm-up outside the graph (lazy allocations, kernel selection)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._decode_step(state)
+            state.graph = graph  # the warm-up wrote cache slot P, which the first real step overwrites
+
+        def replay() -> torch.Tensor:
+            state.graph.replay()
+            return state.logits
+        return replay
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                 state: "_DecodeState", kv_len: int) -> torch.Tensor:
+        """fp32 next-token logits [b, V] after the last of `tokens` [b, T]; writes K/V into cache `slots`."""
+        decoder = self.model.get_decoder()
+        b, length = tokens.shape
+        hidden = decoder.embed_tokens(tokens)
+        cos, sin = decoder.rotary_emb(hidden, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        for i, layer in enumerate(decoder.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            state.keys[i].index_copy_(2, slots, k)
+            state.values[i].index_copy_(2, slots, v)
+            keys, values = state.keys[i][:, :, :kv_len], state.values[i][:, :, :kv_len]
+            o = _attention(q, keys, values, mask, attn.scaling)
+            hidden = hidden + attn.o_proj(o.transpose(1, 2).reshape(b, length, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = decoder.norm(hidden[:, -1])
+        return self.model.get_output_embeddings()(last).float()
+
+
+class _DecodeState:
+    """Fixed device buffers of one decode shape: KV cache, the step's inputs and its logits (graph-safe)."""
+
+    def __init__(self, rows, cache_len, num_layers, num_kv_heads, head_dim, vocab_size, dtype, device):
+        self.shape = (rows, cache_len)
+        cache = (rows, num_kv_heads, cache_len, head_dim)
+        self.keys = [torch.zeros(cache, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(cache, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot_range = torch.arange(cache_len, device=device)
+        self.key_valid = torch.ones((rows, cache_len), dtype=torch.bool, device=device)
+        self.logits = torch.zeros((rows, vocab_size), dtype=torch.float32, device=device)
+        self.graph = None
+
+    def reset(self, prompt_valid: torch.Tensor, prompt_len: int) -> None:
+        """Start a chunk: slots past the prompt are valid once written; the first decode step writes slot P."""
+        self.key_valid.fill_(True)
+        self.key_valid[:, :prompt_len].copy_(prompt_valid)
+        self.positions.copy_(prompt_valid.sum(-1, keepdim=True))
+        self.slot.fill_(prompt_len)
+
+    def advance(self) -> None:
+        self.positions.add_(1)
+        self.slot.add_(1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in the HF (half-split) layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped-query attention; q [b, H, T, d], k/v [b, Hkv, S, d], boolean mask [b, 1, T, S] (True = attend)."""
+    b, heads, length, dim = q.shape
+    group = heads // k.shape[1]
+    if length == 1:
+        # Decode: the `group` query heads sharing a KV head become that head's query rows (no KV copy).
+        o = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], group, dim), k, v, attn_mask=mask, scale=scale)
+        return o.reshape(b, heads, 1, dim)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
+                  top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of `logits` [b, V] by inverse CDF with `uniforms` [b] in [0, 1); return the tokens
+    and their log-probs under the sampling distribution (temperature, then the renormalised top-p nucleus)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        sorted_p = sorted_logp.exp()
+        # Keep a token while the mass of the more probable ones is still below top_p (the top token always).
+        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        logp = logp.masked_fill(~keep, float("-inf"))
+        logp = logp - logp.logsumexp(-1, keepdim=True)
+    cdf = logp.exp().double().cumsum(-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the first index with cdf > x exists and has positive probability.
+    x = torch.minimum(uniforms[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _check_params(prompts: list[list[int]], n: int, params: SamplingParams) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    if params.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use a small value for near-greedy), got {params.temperature}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
