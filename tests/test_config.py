@@ -1,0 +1,150 @@
+"""`load_config`: embedded default <- YAML file <- dotted overrides, with type coercion and unknown-key errors."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from megatron_red.config import RunConfig, config_to_dict, load_config
+from megatron_red.models.optim import OptimConfig
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "red").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_no_overrides_is_the_embedded_default():
+    config = load_config()
+    assert config == RunConfig()
+    # The embedded default's schedule spans the whole run.
+    assert config.optim.total_steps == config.trainer.steps == 150
+    assert config.algo.method == "red" and config.data.task == "builtin" and config.model.path is None
+
+
+def test_builtin_default_yaml_is_the_embedded_default():
+    path = next(p for p in EXAMPLES if p.name == "builtin_default.yaml")
+    assert config_to_dict(load_config(path)) == config_to_dict(load_config())
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_recipe_loads(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert isinstance(config.optim, OptimConfig)
+
+
+def test_qwen_recipe_values():
+    config = load_config(next(p for p in EXAMPLES if p.name.startswith("qwen25")))
+    assert config.data.task == "openr1" and config.model.dtype == "bfloat16"
+    assert config.model.gradient_checkpointing is True
+    assert config.optim.lr == pytest.approx(2e-6) and config.optim.min_lr_ratio == pytest.approx(0.1)
+    # Fields the file leaves out keep the embedded default.
+    assert config.rollout.engine == RunConfig().rollout.engine
+    assert config.optim.total_steps == config.trainer.steps == 500
+
+
+def test_file_then_overrides(tmp_path):
+    path = _write(tmp_path, "trainer:\n  steps: 10\n  seed: 3\nrollout:\n  n: 4\ndata:\n  builtin:\n    num_test: 5\n")
+    config = load_config(path, ["trainer.steps=12", "data.builtin.num_train=10", "algo.method=grpo"])
+    assert config.trainer.steps == 12          # override beats the file
+    assert config.trainer.seed == 3            # file beats the default
+    assert config.rollout.n == 4
+    assert config.rollout.temperature == RunConfig().rollout.temperature
+    # A dotted key reaches into a dict field and merges with the file's entries.
+    assert config.data.builtin == {"num_test": 5, "num_train": 10}
+    assert config.algo.method == "grpo"
+    # total_steps follows trainer.steps unless it is set explicitly.
+    assert config.optim.total_steps == 12
+    assert load_config(path, ["optim.total_steps=40"]).optim.total_steps == 40
+
+
+def test_dict_override_as_yaml_flow_mapping():
+    config = load_config(None, ["data.builtin={num_train: 64, num_test: 16}", "algo.loss={normalization: constant}"])
+    assert config.data.builtin == {"num_train": 64, "num_test": 16}
+    assert config.algo.loss == {"normalization": "constant"}
+
+
+def test_type_coercion():
+    config = load_config(None, [
+        "trainer.steps=7",                      # int
+        "optim.lr=3e-4",                        # YAML reads 3e-4 as a string: coerced to float
+        "rollout.temperature=1",                # int -> float
+        "trainer.tensorboard=off",              # YAML bool
+        "trainer.progress=0",                   # 0 -> False
+        "model.gradient_checkpointing=yes",
+        "algo.bread_prefix_fractions=0.1,0.9",  # comma list -> tuple
+        "optim.betas=[0.8, 0.9]",               # YAML list -> tuple
+        "model.path=/models/x",                 # str | None
+        "data.path=null",
+    ])
+    assert config.trainer.steps == 7 and type(config.trainer.steps) is int
+    assert config.optim.lr == 3e-4 and type(config.optim.lr) is float
+    assert config.rollout.temperature == 1.0 and type(config.rollout.temperature) is float
+    assert config.trainer.tensorboard is False and config.trainer.progress is False
+    assert config.model.gradient_checkpointing is True
+    assert config.algo.bread_prefix_fractions == (0.1, 0.9)
+    assert config.optim.betas == (0.8, 0.9)
+    assert config.model.path == "/models/x" and config.data.path is None
+
+
+@pytest.mark.parametrize("override, named", [
+    ("trainer.stepz=3", "stepz"),
+    ("trainr.steps=3", "trainr"),
+    ("rollout.n.x=1", "n"),
+])
+def test_unknown_keys_raise_naming_the_key(override, named):
+    with pytest.raises(ValueError, match=named):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_raises(tmp_path):
+    with pytest.raises(ValueError, match="temprature"):
+        load_config(_write(tmp_path, "rollout:\n  temprature: 0.5\n"))
+
+
+@pytest.mark.parametrize("override", ["trainer.steps=many", "trainer.tensorboard=maybe", "rollout.n=[1, 2]",
+                                      "data.builtin=5", "trainer=3"])
+def test_bad_values_raise(override):
+    with pytest.raises(ValueError):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["trainer.steps"])
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ValueError, match="not a section"):
+        load_config(None, ["trainer.steps=3", "trainer.steps.x=1"])
+
+
+@pytest.mark.parametrize("override", ["trainer.steps=2.5", "trainer.steps=true"])
+def test_int_fields_reject_lossy_values(override):
+    # int(2.5) == 2 and int(True) == 1: a typo would silently train a different run.
+    with pytest.raises(ValueError, match="steps"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, named", [("data.builtin.num_trian=5", "num_trian"),
+                                             ("algo.loss.clip_epz=0.1", "clip_epz")])
+def test_unknown_keys_of_dict_fields_raise_at_load(override, named):
+    # data.builtin and algo.loss are passed on as **kwargs (BuiltinTaskConfig, RedLossConfig); a misspelt key
+    # must fail here with a ValueError (which the CLI reports) rather than as a TypeError deep in the trainer.
+    with pytest.raises(ValueError, match=named):
+        load_config(None, [override])
+
+
+def test_saved_config_yaml_round_trips(tmp_path):
+    # The trainer writes config_to_dict(config) as RUN_DIR/config.yaml; --resume reloads it.
+    import yaml
+
+    config = load_config(None, ["trainer.steps=9", "algo.bread_prefix_fractions=[0.5]", "data.builtin={seed: 2}",
+                                "optim.betas=[0.8, 0.9]", "model.path=/m"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    assert load_config(path) == config
