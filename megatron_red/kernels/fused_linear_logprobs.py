@@ -1,0 +1,358 @@
+"""Fused, vocabulary-parallel LM head + token log-prob + entropy (forward and backward) without [N, V] logits.
+
+RED needs, for every token, the policy log-prob log pi(y) (Eq. 7-8, 10) and the full-vocabulary entropy H
+(Eq. 9-11) of softmax(h W^T / temperature). Materialising the logits costs N x V floats (46 GiB at N = 16384,
+V = 152k); this module never does:
+
+- forward: a Triton kernel computes logit tiles in registers and keeps per-token online statistics (max m,
+  S = sum exp(z - m), T = sum exp(z - m)(z - m), the target logit). With the global max M and the merged S, T:
+  log pi(y) = z_y - M - log S and H = log S - T / S. Under tensor parallelism (Megatron's vocabulary layout,
+  rank r holds rows [r V_shard, (r+1) V_shard)) ranks all-reduce only [N]-sized statistics: the max, then S, T, z_y.
+- backward: for chunks of the vocabulary, a Triton kernel recomputes the logits and writes
+  dL/dz_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) (divided by the temperature) into a [N, chunk] buffer
+  that two cuBLAS matmuls consume: grad_W[chunk] = dZ^T h and grad_h += dZ W[chunk] (fp32 accumulator);
+  grad_h is then all-reduced over the tensor-parallel group, since h feeds every vocabulary shard.
+
+Extra memory is the fp32 grad_h accumulator plus one dZ chunk (`FusedKernelConfig.grad_chunk_bytes`), flat in V.
+Off CUDA (and without TRITON_INTERPRET=1) the same function computes logits chunk by chunk in torch and calls
+`megatron_red.parallel.vocab_parallel_logprobs_entropy`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class FusedKernelConfig:
+    """Tuning knobs of the fused kernel; the defaults are the GPU settings."""
+
+    # (BLOCK_N, BLOCK_V, BLOCK_K) tile of tokens x vocabulary x hidden; None autotunes a few Hopper configs on
+    # CUDA and uses (16, 32, 16) under TRITON_INTERPRET=1.
+    blocks: tuple[int, int, int] | None = None
+    # Warps per program when `blocks` is given (autotuned configs carry their own).
+    num_warps: int = 4
+    # Vocabulary splits per shard in the forward; None picks enough to give ~8 programs per multiprocessor.
+    splits: int | None = None
+    # Memory for the backward's dZ chunk; sets the chunk width when `grad_chunk_cols` is None.
+    # 128 MiB gives 4096 columns at N = 16384 in bf16 (plus a 96 MiB fp32 grad_h accumulator at d = 1536).
+    grad_chunk_bytes: int = 128 * 2**20
+    # Fixed backward chunk width in vocabulary columns (tests use it to force several chunks); None = from bytes.
+    grad_chunk_cols: int | None = None
+    # Tokens per chunk of the CPU fallback (logits are recomputed per chunk in backward); None = 2**24 / V_shard.
+    fallback_chunk_rows: int | None = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fused_kernel_available(device: torch.device | str) -> bool:
+    """True when the Triton kernel can run on `device`: a CUDA device with triton importable."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and _triton_importable()
+
+
+def _tp_size_rank(tp_group) -> tuple[int, int]:
+    if tp_group is None:
+        return 1, 0
+    return dist.get_world_size(tp_group), dist.get_rank(tp_group)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: any small number exercises the split and grouping logic
+
+
+def _forward_split(n: int, n_valid: int, block_n: int, column_unit: int, num_sms: int,
+                   splits: int | None) -> tuple[int, int]:
+    """(split_cols, n_splits): vocabulary columns per forward program and the number of splits."""
+    n_units = max(1, math.ceil(n_valid / column_unit))
+    if splits is None:
+        splits = math.ceil(8 * num_sms / math.ceil(n / block_n))
+    splits = min(max(1, splits), n_units)
+    split_cols = math.ceil(n_units / splits) * column_unit
+    return split_cols, max(1, math.ceil(n_valid / split_cols))
+
+
+def _grad_chunk_cols(n: int, n_valid: int, element_size: int, config: FusedKernelConfig) -> int:
+    if config.grad_chunk_cols is not None:
+        cols = config.grad_chunk_cols
+    else:
+        cols = max(256, config.grad_chunk_bytes // (max(n, 1) * element_size) // 256 * 256)
+    return max(1, min(cols, n_valid))
+
+
+def _combine_splits(m, s, t, zy, tp_group, distributed: bool):
+    """Merge per-split (and per-rank) statistics into (logprobs, entropy, logsumexp), all fp32 [N]."""
+    global_max = m.max(dim=0).values
+    if distributed:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+    shift = m - global_max
+    scale = torch.exp(shift)
+    merged = torch.stack([(s * scale).sum(0), ((t + s * shift) * scale).sum(0), zy.sum(0)])
+    if distributed:
+        dist.all_reduce(merged, op=dist.ReduceOp.SUM, group=tp_group)
+    sum_exp, t_sum, target_logit = merged
+    log_sum_exp = torch.log(sum_exp)
+    logprobs = target_logit - global_max - log_sum_exp
+    entropy = log_sum_exp - t_sum / sum_exp  # both terms >= 0: no cancellation
+    return logprobs, entropy, global_max + log_sum_exp
+
+
+# Whether cuBLAS accepts bf16/fp16 operands with an fp32 output accumulated in place (torch >= 2.9).
+_ADDMM_FP32_OUT = True
+
+
+def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, keeping the sum over vocabulary chunks in fp32."""
+    global _ADDMM_FP32_OUT
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif not a.is_cuda:
+        acc.addmm_(a.float(), b.float())
+    else:
+        if _ADDMM_FP32_OUT:
+            try:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                return
+            except (RuntimeError, TypeError):
+                _ADDMM_FP32_OUT = False
+        acc.add_(torch.mm(a, b))
+
+
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b with fp32 accumulation (cuBLAS does this for bf16; CPU matmuls are upcast explicitly)."""
+    if a.is_cuda or a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a.float() @ b.float())
+
+
+class _FusedLinearLogprobsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, tp_group, inv_temp, n_valid, vocab_start, config):
+        from megatron_red.kernels.triton_kernels import SPLIT_COLUMN_MULTIPLE, launch_forward_stats
+
+        n = hidden.shape[0]
+        tp_size, _ = _tp_size_rank(tp_group)
+        distributed = tp_size > 1
+        blocks = config.blocks
+        if blocks is None and _interpreting():
+            blocks = (16, 32, 16)
+        num_sms = _num_sms(hidden.device)
+        block_n, column_unit = (128, SPLIT_COLUMN_MULTIPLE) if blocks is None else (blocks[0], blocks[1])
+        split_cols, n_splits = _forward_split(n, n_valid, block_n, column_unit, num_sms, config.splits)
+        group_rows = max(1, num_sms // n_splits)
+        m, s, t, zy = launch_forward_stats(hidden, weight, targets, n_valid, vocab_start, inv_temp, split_cols,
+                                           n_splits, group_rows, blocks, config.num_warps)
+        logprobs, entropy, lse = _combine_splits(m, s, t, zy, tp_group, distributed)
+
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.tp_group, ctx.distributed, ctx.inv_temp = tp_group, distributed, inv_temp
+        ctx.n_valid, ctx.vocab_start, ctx.config, ctx.blocks = n_valid, vocab_start, config, blocks
+        # Row blocks per L2 group of the backward kernel (small under the interpreter to exercise the swizzle).
+        ctx.group_rows = 8 if hidden.is_cuda else 2
+        return logprobs, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropy):
+        from megatron_red.kernels.triton_kernels import launch_grad_logits
+
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, d = hidden.shape
+        n_valid = ctx.n_valid
+        grad_logprobs = grad_logprobs.float().contiguous()
+        grad_entropy = grad_entropy.float().contiguous()
+
+        grad_weight = None
+        if need_weight:
+            grad_weight = torch.empty_like(weight)
+            grad_weight[n_valid:].zero_()  # padded vocabulary rows: probability 0, no gradient
+        grad_acc = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
+
+        if (need_hidden or need_weight) and n_valid > 0:
+            chunk = _grad_chunk_cols(n, n_valid, hidden.element_size(), ctx.config)
+            buffer = torch.empty(n * chunk, dtype=hidden.dtype, device=hidden.device)
+            for start in range(0, n_valid, chunk):
+                width = min(chunk, n_valid - start)
+                grad_logits = buffer[: n * width].view(n, width)
+                launch_grad_logits(hidden, weight, targets, lse, entropy, grad_logprobs, grad_entropy, grad_logits,
+                                   start, ctx.vocab_start, ctx.inv_temp, ctx.group_rows, ctx.blocks,
+                                   ctx.config.num_warps)
+                if need_weight:
+                    _matmul_into(grad_weight[start:start + width], grad_logits.t(), hidden)
+                if need_hidden:
+                    _accumulate_matmul(grad_acc, grad_logits, weight[start:start + width])
+            del buffer
+
+        grad_hidden = None
+        if need_hidden:
+            if ctx.distributed:
+                # h feeds every vocabulary shard: its gradient is the sum of the shards' contributions.
+                dist.all_reduce(grad_acc, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+            grad_hidden = grad_acc if hidden.dtype == torch.float32 else grad_acc.to(hidden.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+class _AllReduceGradient(torch.autograd.Function):
+    """Identity forward, sum of the gradient over the tensor-parallel group backward (Megatron's "copy to region")."""
+
+    @staticmethod
+    def forward(ctx, x, tp_group):
+        ctx.tp_group = tp_group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+        return grad, None
+
+
+def _fallback_chunk(hidden, weight, targets, tp_group, temperature, valid_vocab_size):
+    from megatron_red.parallel import vocab_parallel_logprobs_entropy
+
+    logits = (hidden.float() @ weight.float().t()) / temperature
+    return vocab_parallel_logprobs_entropy(logits, targets, tp_group, valid_vocab_size=valid_vocab_size)
+
+
+def _torch_fallback(hidden, weight, targets, tp_group, temperature, valid_vocab_size, config, distributed):
+    n = hidden.shape[0]
+    rows = config.fallback_chunk_rows or max(1, 2**24 // weight.shape[0])
+    if distributed:
+        hidden = _AllReduceGradient.apply(hidden, tp_group)
+    keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logprobs, entropy = [], []
+    for start in range(0, n, rows):
+        args = (hidden[start:start + rows], weight, targets[start:start + rows], tp_group, temperature,
+                valid_vocab_size)
+        # Recompute each chunk's logits in backward instead of keeping all N x V_shard of them.
+        lp, ent = checkpoint(_fallback_chunk, *args, use_reentrant=False) if keep_graph else _fallback_chunk(*args)
+        logprobs.append(lp)
+        entropy.append(ent)
+    return torch.cat(logprobs), torch.cat(entropy)
+
+
+def _validate(hidden, weight_shard, targets, temperature, valid_vocab_size, tp_size):
+    if not torch.is_tensor(hidden) or hidden.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"hidden must be a bf16, fp16 or fp32 tensor, got {getattr(hidden, 'dtype', type(hidden))}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape [..., d], got {tuple(hidden.shape)}")
+    if not torch.is_tensor(weight_shard) or weight_shard.dim() != 2 or weight_shard.shape[0] == 0:
+        raise ValueError(f"weight_shard must be a non-empty [V_shard, d] tensor, got "
+                         f"{tuple(weight_shard.shape) if torch.is_tensor(weight_shard) else type(weight_shard)}")
+    if weight_shard.dtype != hidden.dtype:
+        raise ValueError(f"weight_shard dtype {weight_shard.dtype} must equal hidden dtype {hidden.dtype}")
+    if weight_shard.device != hidden.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight_shard is on {weight_shard.device}")
+    if weight_shard.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden size mismatch: hidden [..., {hidden.shape[-1]}] vs weight_shard "
+                         f"{tuple(weight_shard.shape)} (expected [V_shard, {hidden.shape[-1]}])")
+    if not torch.is_tensor(targets) or targets.is_floating_point() or targets.is_complex() \
+            or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor of token ids, got "
+                         f"{getattr(targets, 'dtype', type(targets))}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden shape without d "
+                         f"{tuple(hidden.shape[:-1])}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets are on {targets.device} but hidden is on {hidden.device}")
+    padded_vocab = weight_shard.shape[0] * tp_size
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if valid_vocab_size is not None and (isinstance(valid_vocab_size, bool) or not isinstance(valid_vocab_size, int)
+                                         or not 0 < valid_vocab_size <= padded_vocab):
+        raise ValueError(f"valid_vocab_size must be an int in [1, V_shard * TP = {padded_vocab}], "
+                         f"got {valid_vocab_size!r}")
+
+
+def fused_linear_logprobs_entropy(hidden: torch.Tensor, weight_shard: torch.Tensor, targets: torch.Tensor,
+                                  tp_group: dist.ProcessGroup | None = None, temperature: float = 1.0,
+                                  valid_vocab_size: int | None = None,
+                                  config: FusedKernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of `targets` and entropy of softmax(hidden @ W^T / temperature), without [N, V] logits.
+
+    Args:
+        hidden: [..., d] final hidden states (bf16, fp16 or fp32), the full sequence on every TP rank.
+        weight_shard: [V_shard, d] this rank's LM-head rows (global ids [r V_shard, (r+1) V_shard)), same dtype
+            and device as `hidden`.
+        targets: [...] integer global token ids in [0, valid vocabulary); not range-checked on the fused path
+            (that would cost a host sync): an id outside the vocabulary gives a meaningless log-prob.
+        tp_group: tensor-parallel group over which the vocabulary is split; None = the whole vocabulary is here.
+        temperature: logits are divided by it before the softmax.
+        valid_vocab_size: size of the real vocabulary when V_shard * TP includes padding rows; those rows get
+            probability 0 and zero gradient. None = no padding.
+        config: kernel tuning; None = GPU defaults.
+
+    Returns:
+        (logprobs, entropy), fp32 of shape [...], differentiable with respect to `hidden` and `weight_shard`.
+        The gradient for `hidden` is already summed over `tp_group`; do not all-reduce it again.
+    """
+    tp_size, tp_rank = _tp_size_rank(tp_group)
+    _validate(hidden, weight_shard, targets, temperature, valid_vocab_size, tp_size)
+    v_shard = weight_shard.shape[0]
+    padded_vocab = v_shard * tp_size
+    config = config or FusedKernelConfig()
+
+    out_shape = targets.shape
+    d = hidden.shape[-1]
+    hidden2d = hidden.reshape(-1, d).contiguous()
+    targets1d = targets.reshape(-1).contiguous()
+    weight = weight_shard if weight_shard.stride(1) == 1 else weight_shard.contiguous()
+    vocab_size = padded_vocab if valid_vocab_size is None else valid_vocab_size
+    vocab_start = tp_rank * v_shard
+    n_valid = min(max(vocab_size - vocab_start, 0), v_shard)
+    distributed = tp_size > 1
+
+    if hidden2d.shape[0] == 0:
+        empty = hidden2d.float().sum(-1)
+        return empty.view(out_shape), empty.clone().view(out_shape)
+
+    use_triton = _triton_importable() and (hidden2d.is_cuda or _interpreting())
+    if not use_triton:
+        logprobs, entropy = _torch_fallback(hidden2d, weight, targets1d, tp_group, float(temperature),
+                                            valid_vocab_size, config, distributed)
+    else:
+        # Triton launches on the current device; make it the tensors' one.
+        with torch.cuda.device(hidden2d.device) if hidden2d.is_cuda else contextlib.nullcontext():
+            logprobs, entropy = _FusedLinearLogprobsEntropy.apply(
+                hidden2d, weight, targets1d, tp_group, 1.0 / float(temperature), n_valid, vocab_start, config)
+    return logprobs.view(out_shape), entropy.view(out_shape)
+
+
+def reference_linear_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                      temperature: float = 1.0, valid_vocab_size: int | None = None,
+                                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch reference: materialises all logits in `dtype` (use float64 for tests) on one device.
+
+    `weight` is the full [V, d] LM head; rows >= valid_vocab_size are padding. Returns (logprobs, entropy) in `dtype`.
+    """
+    logits = (hidden.to(dtype) @ weight.to(dtype).t()) / temperature
+    vocab = weight.shape[0]
+    valid = torch.arange(vocab, device=logits.device) < (vocab if valid_vocab_size is None else valid_vocab_size)
+    logits = logits.masked_fill(~valid, float("-inf"))
+    log_p = torch.log_softmax(logits, dim=-1)
+    logprobs = log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p.masked_fill(~valid, 0.0)).sum(-1)
+    return logprobs, entropy

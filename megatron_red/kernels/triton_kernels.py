@@ -1,0 +1,219 @@
+"""Triton kernels of the fused LM head + log-prob + entropy: per-token softmax statistics and logit gradients.
+
+Both kernels recompute a tile of logits z = (h @ W^T) / temperature with fp32 accumulation and consume it in
+registers, so no [N, V] tensor is ever written:
+
+- `launch_forward_stats`: each program owns BLOCK_N tokens and one split of this rank's vocabulary columns and
+  keeps online statistics relative to its running max m: S = sum exp(z - m), T = sum exp(z - m) (z - m), and the
+  target logit z_y. The splits give enough programs for small N; `combine_splits` in the caller merges them.
+- `launch_grad_logits`: writes dL/dx for a chunk of vocabulary columns (x = h @ W^T, the unscaled logits), with
+  dL/dz_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H); the caller feeds the chunk to cuBLAS matmuls.
+
+Block sizes are arguments: on a GPU a small autotuned set is used, under TRITON_INTERPRET=1 the tests pass tiny
+blocks. Program ids are swizzled into groups of row blocks so that programs running at the same time share
+their hidden tiles and weight tiles in L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Finite "minus infinity" for the running max: exp(-1e30 - m) is 0 and 0 * (-1e30 - m) stays finite, whereas
+# -inf would give inf - inf = nan when a split has no valid column.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+# Few configs keep autotuning to well under a second per (d, N-bucket); all fit Hopper's 228 KB shared memory.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+# The vocabulary split of the forward is a multiple of every BLOCK_V above, so one split size serves all configs.
+SPLIT_COLUMN_MULTIPLE = 256
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # rows / cols are already clamped into range, so only the tail of d needs a mask.
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            h = tl.load(h_rows + ks[None, :])
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            h = tl.load(h_rows + ks[None, :], mask=ks[None, :] < D, other=0.0)
+            w = tl.load(w_rows + ks[None, :], mask=ks[None, :] < D, other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _forward_stats_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
+                          N, D, n_valid, vocab_start, split_cols, n_splits, group_rows,
+                          stride_h, stride_w, inv_temp, N_BUCKET,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = group_rows * n_splits
+    first_rb = (pid // per_group) * group_rows
+    group_size = tl.minimum(n_row_blocks - first_rb, group_rows)
+    local = pid % per_group
+    rb = first_rb + local % group_size
+    split = local // group_size
+
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows = tl.where(row_ok, rows, 0)
+    target_local = tl.load(tgt_ptr + rows).to(tl.int64) - vocab_start
+
+    v_begin = split * split_cols
+    v_end = tl.minimum(v_begin + split_cols, n_valid)
+    m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        cols = tl.where(col_ok, cols, 0)
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
+                         BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION, UPCAST) * inv_temp
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        shifted = z - m_new[:, None]
+        e = tl.exp(shifted)
+        # T is kept relative to the running max; moving the max by (m - m_new) shifts every past term by it.
+        t = alpha * (t + s * (m - m_new)) + tl.sum(tl.where(col_ok[None, :], e * shifted, 0.0), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        is_target = (cols.to(tl.int64)[None, :] == target_local[:, None]) & col_ok[None, :]
+        zy += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+
+    out = split * N + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(t_ptr + out, t, mask=row_ok)
+    tl.store(zy_ptr + out, zy, mask=row_ok)
+
+
+@triton.jit
+def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
+                        N, D, chunk_start, chunk_cols, vocab_start, group_rows,
+                        stride_h, stride_w, inv_temp, N_BUCKET,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    n_col_blocks = tl.cdiv(chunk_cols, BLOCK_V)
+    per_group = group_rows * n_col_blocks
+    first_rb = (pid // per_group) * group_rows
+    group_size = tl.minimum(n_row_blocks - first_rb, group_rows)
+    local = pid % per_group
+    rb = first_rb + local % group_size
+    cb = local // group_size
+
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows = tl.where(row_ok, rows, 0)
+    chunk_col = cb * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = chunk_col < chunk_cols
+    chunk_col = tl.where(col_ok, chunk_col, 0)
+    cols = chunk_start + chunk_col
+
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
+                     BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION, UPCAST) * inv_temp
+    lse = tl.load(lse_ptr + rows)
+    ent = tl.load(ent_ptr + rows)
+    g_lp = tl.load(glp_ptr + rows)
+    g_ent = tl.load(gent_ptr + rows)
+    target_local = tl.load(tgt_ptr + rows).to(tl.int64) - vocab_start
+
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    # dlogp_y/dz_j = 1[j=y] - p_j and dH/dz_j = -p_j (log p_j + H); z = x / temperature adds the 1/T.
+    dz = -p * (g_lp[:, None] + g_ent[:, None] * (log_p + ent[:, None]))
+    dz += tl.where(cols.to(tl.int64)[None, :] == target_local[:, None], g_lp[:, None], 0.0)
+    dz = dz * inv_temp
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * chunk_cols + chunk_col[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _even_k(args) -> bool:
+    return args["D"] % args["BLOCK_K"] == 0
+
+
+_forward_stats = triton.heuristics({"EVEN_K": _even_k})(_forward_stats_kernel)
+_grad_logits = triton.heuristics({"EVEN_K": _even_k})(_grad_logits_kernel)
+# Keyed on d and a power-of-two bucket of N so that varying micro-batch sizes do not re-tune on every call.
+_forward_stats_tuned = triton.autotune(_GPU_CONFIGS, key=["D", "N_BUCKET", "PRECISION"])(_forward_stats)
+_grad_logits_tuned = triton.autotune(_GPU_CONFIGS, key=["D", "N_BUCKET", "PRECISION"])(_grad_logits)
+
+
+def _dot_options(x: torch.Tensor) -> dict:
+    # fp32 inputs get true fp32 products (tf32 would cost ~1e-3 relative error in the logits). The interpreter
+    # (CPU tensors) computes bf16/fp16 dots wrongly in Triton 3.8, so there the exact fp32 upcast is used.
+    return {"PRECISION": "ieee" if x.dtype == torch.float32 else "tf32", "UPCAST": not x.is_cuda}
+
+
+def _n_bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _block_kwargs(blocks: tuple[int, int, int] | None) -> dict:
+    if blocks is None:
+        return {}
+    block_n, block_v, block_k = blocks
+    return {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_K": block_k}
+
+
+def launch_forward_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, n_valid: int,
+                         vocab_start: int, inv_temp: float, split_cols: int, n_splits: int, group_rows: int,
+                         blocks: tuple[int, int, int] | None, num_warps: int = 4):
+    """Per-split statistics [n_splits, N] (m, S, T, z_y) over this rank's first `n_valid` vocabulary rows.
+
+    `blocks` = (BLOCK_N, BLOCK_V, BLOCK_K), or None to autotune over the GPU configs; `split_cols` must be a
+    multiple of every BLOCK_V in use.
+    """
+    n, d = hidden.shape
+    stats = torch.empty(4, n_splits, n, dtype=torch.float32, device=hidden.device)
+    args = (hidden, weight, targets, stats[0], stats[1], stats[2], stats[3],
+            n, d, n_valid, vocab_start, split_cols, n_splits, group_rows,
+            hidden.stride(0), weight.stride(0), inv_temp, _n_bucket(n))
+    if blocks is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
+        _forward_stats_tuned[grid](*args, **_dot_options(hidden))
+    else:
+        grid = (triton.cdiv(n, blocks[0]) * n_splits,)
+        _forward_stats[grid](*args, **_dot_options(hidden), num_warps=num_warps,
+                             **_block_kwargs(blocks))
+    return stats[0], stats[1], stats[2], stats[3]
+
+
+def launch_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                       entropy: torch.Tensor, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor,
+                       out: torch.Tensor, chunk_start: int, vocab_start: int, inv_temp: float, group_rows: int,
+                       blocks: tuple[int, int, int] | None, num_warps: int = 4) -> None:
+    """Write dL/dx for vocabulary rows [chunk_start, chunk_start + out.shape[1]) into `out` [N, chunk] (contiguous)."""
+    n, d = hidden.shape
+    chunk_cols = out.shape[1]
+    args = (hidden, weight, targets, lse, entropy, grad_logprobs, grad_entropy, out,
+            n, d, chunk_start, chunk_cols, vocab_start, group_rows,
+            hidden.stride(0), weight.stride(0), inv_temp, _n_bucket(n))
+    if blocks is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(chunk_cols, meta["BLOCK_V"]),)  # noqa: E731
+        _grad_logits_tuned[grid](*args, **_dot_options(hidden))
+    else:
+        grid = (triton.cdiv(n, blocks[0]) * triton.cdiv(chunk_cols, blocks[1]),)
+        _grad_logits[grid](*args, **_dot_options(hidden), num_warps=num_warps,
+                           **_block_kwargs(blocks))
