@@ -1,0 +1,292 @@
+"""End-to-end steps of every Table-2 method through `RedTrainer` at a toy size, the schedules' special paths
+(SFT->GRPO stage switch, ReLIFT's buffered SFT step, BREAD's expert-prefix branching), and `build_batch` /
+`masked_row_mean` against hand-computed float64 references."""
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from megatron_red.objectives import RedLossConfig
+from megatron_red.trainer.groups import Group, build_batch, masked_row_mean
+from megatron_red.trainer.red_trainer import RedTrainer, method_names
+from trainer_fixtures import parameters, read_lines, step_lines, tiny_config
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    # One root for the module: the warmed-up tiny student is cached in root/.cache and shared by every run.
+    return tmp_path_factory.mktemp("trainer_e2e")
+
+
+def _trainer(root, name, *extra) -> RedTrainer:
+    run_dir = root / name
+    return RedTrainer(tiny_config(run_dir, f"trainer.steps={STEPS}", *extra), run_dir)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _pay_even_lengths(trainer: RedTrainer) -> None:
+    """At this size the student never solves a problem, so every GRPO group would be uniform and carry no
+    gradient. The verifier's reward or'ed with "the text has an even number of characters" gives groups
+    signal without changing any correct answer's (or teacher trace's) reward."""
+    verify = trainer.task.reward_fn
+    trainer.task.reward_fn = lambda texts, answers: [max(float(r), float(len(t) % 2 == 0))
+                                                     for r, t in zip(verify(texts, answers), texts)]
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_method_trains(root, method):
+    trainer = _trainer(root, method, f"algo.method={method}")
+    _pay_even_lengths(trainer)
+    before = parameters(trainer.policy)
+    final = trainer.train()
+
+    lines = read_lines(trainer.run_dir)
+    assert [r["step"] for r in lines] == [*range(1, STEPS + 1), STEPS]
+    assert lines[-1].get("final") is True and not any(r.get("final") for r in lines[:-1])
+    assert 0.0 <= final["eval/accuracy"] <= 1.0 and final["eval/problems"] == 8
+    assert lines[-1]["eval/accuracy"] == final["eval/accuracy"]
+
+    for step, line in enumerate(lines[:-1]):
+        loss_cfg = trainer.loss_config(step)
+        for key in ("loss/loss", "train/grad_norm", "entropy/w", "entropy/H_sft" if not loss_cfg.online_rl else
+                    "entropy/H_rl"):
+            assert _finite(line.get(key)), (method, step, key, line.get(key))
+        assert line["train/grad_norm"] > 0
+        assert "entropy/H_rl" in line and "tokens/step" in line
+        if loss_cfg.online_rl:
+            assert 0.0 <= line["reward/mean"] <= 1.0
+            assert 0 <= line["reward/all_fail_prompts"] <= 2
+            assert 0 < line["response/mean_length"] <= 24
+        else:
+            # SFT has no rollouts: no reward, and no on-policy entropy (NaN is logged as null).
+            assert "reward/mean" not in line and line["entropy/H_rl"] is None
+        if loss_cfg.offline_in_group or not loss_cfg.online_rl:
+            # The built-in teacher's traces are correct, and the trainer grades them with the same verifier.
+            assert line["offline/trace_reward"] == 1.0
+        else:
+            assert "offline/trace_reward" not in line
+        if not loss_cfg.entropy_regulation:
+            assert line["entropy/w"] == 1.0
+        else:
+            assert 1.0 <= line["entropy/w"] <= 3.0  # clip(., 1, G) with G = rollout.n = 3
+        assert line["loss/sft_weight"] == line["entropy/w"]
+
+    after = parameters(trainer.policy)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert len(changed) > len(before) // 2, f"{method}: only {changed} changed"
+    assert (trainer.run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"
+
+
+def test_grpo_without_signal_does_not_move(root):
+    # With the real verifier every rollout fails: uniform groups have zero advantages, so GRPO's gradient is
+    # exactly zero and AdamW (no weight decay here) leaves the parameters untouched.
+    trainer = _trainer(root, "grpo_no_signal", "algo.method=grpo")
+    before = parameters(trainer.policy)
+    trainer.train()
+    lines = step_lines(trainer.run_dir)
+    assert all(line["reward/all_fail_prompts"] == 2 for line in lines), "a rollout succeeded: pick another seed"
+    assert all(line["train/grad_norm"] == 0.0 and line["loss/loss"] == 0.0 for line in lines)
+    after = parameters(trainer.policy)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_sft_then_grpo_switches_stage(root):
+    trainer = _trainer(root, "sft_then_grpo_switch", "algo.method=sft_then_grpo", "algo.sft_then_grpo_fraction=0.5")
+    assert [trainer.loss_config(s).name for s in range(STEPS)] == ["sft", "grpo"]
+    trainer.train()
+    sft_line, grpo_line = step_lines(trainer.run_dir)
+    assert "reward/mean" not in sft_line and sft_line["loss/loss_nll"] > 0
+    assert "reward/mean" in grpo_line and grpo_line["loss/loss_nll"] == 0.0
+    # SFT trains on the traces only, GRPO on the rollouts only.
+    assert sft_line["loss/num_on_policy_tokens"] == 0 and sft_line["loss/num_offline_tokens"] > 0
+    assert grpo_line["loss/num_offline_tokens"] == 0 and grpo_line["loss/num_on_policy_tokens"] > 0
+
+
+def test_loss_config_presets_and_overrides(root):
+    trainer = _trainer(root, "loss_presets", "algo.method=luffy", "algo.loss={clip_eps: 0.3}")
+    loss = trainer.loss_config(0)
+    # LUFFY's constant normalisation divides by this run's generation limit; user overrides apply on top.
+    expected = RedLossConfig.luffy()
+    expected.max_response_length, expected.clip_eps = 24, 0.3
+    assert loss == expected
+    trainer.config.algo.method = "relift"
+    assert trainer.loss_config(0) == RedLossConfig(**{**vars(RedLossConfig.grpo()), "clip_eps": 0.3})
+
+
+def test_relift_flushes_its_buffer(root):
+    trainer = _trainer(root, "relift_flush", "algo.method=relift", "algo.relift_buffer_size=1")
+    trainer.train()
+    lines = step_lines(trainer.run_dir)
+    assert sum(line["reward/all_fail_prompts"] for line in lines) > 0, "no all-fail prompt: the test exercises nothing"
+    for line in lines:
+        if line["reward/all_fail_prompts"]:
+            # Buffer size 1: every step's all-fail prompts are trained on at once and the buffer empties.
+            assert line["relift/sft_prompts"] == line["reward/all_fail_prompts"]
+            assert _finite(line["relift/sft_loss"]) and line["relift/sft_loss"] > 0
+        else:
+            assert "relift/sft_prompts" not in line
+    assert trainer.relift_buffer == []
+
+
+def test_relift_buffer_persists_below_size(root):
+    trainer = _trainer(root, "relift_keep", "algo.method=relift", "algo.relift_buffer_size=100")
+    trainer.train()
+    lines = step_lines(trainer.run_dir)
+    assert not any("relift/sft_prompts" in line for line in lines)
+    assert len(trainer.relift_buffer) == sum(line["reward/all_fail_prompts"] for line in lines) > 0
+    assert all(0 <= i < len(trainer.task.train) for i in trainer.relift_buffer)
+
+
+def test_bread_tries_every_prefix_of_all_fail_prompts(root):
+    trainer = _trainer(root, "bread_tries", "algo.method=bread")
+    calls: list[int] = []
+    generate = trainer.engine.generate
+
+    def counting_generate(prompts, n, params):
+        calls.append(trainer.step)
+        return generate(prompts, n, params)
+
+    trainer.engine.generate = counting_generate
+    trainer.train()
+    lines = step_lines(trainer.run_dir)
+    fractions = len(trainer.config.algo.bread_prefix_fractions)
+    assert sum(line["reward/all_fail_prompts"] for line in lines) > 0, "no all-fail prompt: the test exercises nothing"
+    for step, line in enumerate(lines):
+        if line["bread/branched_prompts"] == 0:
+            # One rollout call, then one re-roll per prefix length for each all-fail prompt.
+            assert calls.count(step) == 1 + fractions * line["reward/all_fail_prompts"]
+        else:
+            assert calls.count(step) <= 1 + fractions * line["reward/all_fail_prompts"]
+
+
+def test_bread_branches_from_the_shortest_successful_prefix(root):
+    # With the full trace as the longest prefix the answer is in the context, so that prefix always succeeds.
+    trainer = _trainer(root, "bread_branch", "algo.method=bread", "algo.bread_prefix_fractions=[0.1, 1.0]")
+    examples = trainer.stream.next_batch()
+    n = trainer.config.rollout.n
+    groups = [Group(list(ex.prompt_ids), responses=[[1]] * n, rewards=[0.0] * n) for ex in examples]
+    groups[1].rewards = [0.0, 1.0, 0.0]  # a prompt with a success is left alone
+    kept = (list(groups[1].prompt_ids), list(groups[1].responses), list(groups[1].rewards))
+
+    assert trainer.branch_from_expert_prefixes(groups, examples) == 1
+    assert (groups[1].prompt_ids, groups[1].responses, groups[1].rewards) == kept
+
+    ex, group, params = examples[0], groups[0], trainer.sampling_params(trainer.step)
+    short = ex.trace_ids[: int(len(ex.trace_ids) * 0.1)]
+    short_rewards = trainer.reward([short + c.token_ids for c in
+                                    trainer.engine.generate([ex.prompt_ids + short], n, params)[0]], ex.answer)
+    chosen = short if max(short_rewards) > 0 else ex.trace_ids
+    assert group.prompt_ids == ex.prompt_ids + chosen  # the prefix is context ...
+    assert len(group.responses) == n and max(group.rewards) > 0
+    # ... and each response is graded with the prefix in front of it.
+    assert group.rewards == trainer.reward([chosen + r for r in group.responses], ex.answer)
+
+
+# ---------------------------------------------------------------------------------------------- build_batch
+
+
+def _reference_advantages(members: list[float], std_normalize: bool) -> list[float]:
+    """GRPO advantages in float64: (r - mean) / (unbiased std + 1e-6), exact zeros for a uniform group."""
+    if len(set(members)) <= 1:
+        return [0.0] * len(members)
+    mean = statistics.fmean(members)
+    scale = statistics.stdev(members) + 1e-6 if std_normalize else 1.0
+    return [(r - mean) / scale for r in members]
+
+
+def _groups() -> list[Group]:
+    return [
+        Group([5, 6, 7], responses=[[8, 9], [10]], rewards=[1.0, 0.0], trace_ids=[11, 12, 13], trace_reward=1.0),
+        Group([20], responses=[[21, 22, 23], [24]], rewards=[0.0, 0.0], trace_ids=[25], trace_reward=1.0),
+        Group([30, 31], responses=[[32], [33, 34], [35]], rewards=[1.0, 1.0, 0.0], trace_ids=[36, 37],
+              trace_reward=0.0),
+    ]
+
+
+@pytest.mark.parametrize("offline_in_group", [True, False])
+@pytest.mark.parametrize("std_normalize", [True, False])
+def test_build_batch_rows_masks_advantages(offline_in_group, std_normalize):
+    pad = 99
+    batch = build_batch(_groups(), offline_in_group=offline_in_group, std_normalize=std_normalize,
+                        pad_token_id=pad)
+
+    rows, prompt_lens, adv, acc, offline, rewards = [], [], [], [], [], []
+    for g in _groups():
+        members = ([g.trace_reward] if offline_in_group else []) + g.rewards
+        a = _reference_advantages(members, std_normalize)
+        rbar = sum(members) / len(members)  # Eq. 8's rbar: the trace counts only when it is a group member
+        rows.append(g.prompt_ids + g.trace_ids)
+        prompt_lens.append(len(g.prompt_ids))
+        adv.append(a[0] if offline_in_group else 0.0)
+        acc.append(rbar)
+        offline.append(True)
+        rewards.append(g.trace_reward)
+        for response, reward, ai in zip(g.responses, g.rewards, a[1:] if offline_in_group else a):
+            rows.append(g.prompt_ids + response)
+            prompt_lens.append(len(g.prompt_ids))
+            adv.append(ai)
+            acc.append(rbar)
+            offline.append(False)
+            rewards.append(reward)
+
+    width = max(map(len, rows))
+    assert batch.input_ids.tolist() == [r + [pad] * (width - len(r)) for r in rows]
+    assert batch.attention_mask.tolist() == [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    # loss_mask[i, t] marks the prediction of token t + 1, so it covers the response/trace tokens exactly.
+    expected_mask = [[1.0 if p <= t + 1 < len(r) else 0.0 for t in range(width - 1)] for r, p in zip(rows, prompt_lens)]
+    assert batch.loss_mask.tolist() == expected_mask
+    assert batch.fields["is_offline"].tolist() == offline
+    assert batch.fields["rewards"].tolist() == rewards
+    torch.testing.assert_close(batch.fields["advantages"].double(), torch.tensor(adv, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(batch.fields["group_accuracy"].double(), torch.tensor(acc, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)
+    # The all-zero on-policy group of prompt 2 carries signal only through its (correct) trace.
+    second = slice(3, 6)
+    if offline_in_group:
+        assert batch.fields["advantages"][second].abs().min() > 0
+    else:
+        assert batch.fields["advantages"][second].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_build_batch_trace_only_groups_and_errors():
+    # SFT rows (no rollouts): advantage 0, rbar 0, every trace token trained.
+    batch = build_batch([Group([1, 2], trace_ids=[3, 4, 5]), Group([6], trace_ids=[7])], offline_in_group=False,
+                        std_normalize=True, pad_token_id=0)
+    assert batch.fields["advantages"].tolist() == [0.0, 0.0]
+    assert batch.fields["group_accuracy"].tolist() == [0.0, 0.0]
+    assert batch.loss_mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    # GRPO groups without traces: only the rollouts are rows.
+    batch = build_batch([Group([1], responses=[[2], [3]], rewards=[0.0, 1.0], trace_ids=None)],
+                        offline_in_group=True, std_normalize=True, pad_token_id=0)
+    assert batch.fields["is_offline"].tolist() == [False, False]
+    ref = _reference_advantages([0.0, 1.0], True)
+    torch.testing.assert_close(batch.fields["advantages"].double(), torch.tensor(ref, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        build_batch([Group([1])], offline_in_group=True, std_normalize=True, pad_token_id=0)
+
+
+def test_masked_row_mean():
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(5, 7, generator=g, dtype=torch.float64)
+    mask = (torch.rand(5, 7, generator=g) > 0.4).float()
+    mask[3] = 0.0  # a selected row without tokens does not count
+    rows = torch.tensor([True, False, True, True, True])
+    per_row = [sum(values[i, t].item() for t in range(7) if mask[i, t]) / mask[i].sum().item()
+               for i in range(5) if rows[i] and mask[i].sum() > 0]
+    assert masked_row_mean(values, mask, rows) == pytest.approx(sum(per_row) / len(per_row), rel=1e-12)
+    # Not the token mean over all selected tokens: rows weigh the same whatever their length.
+    long_short = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert masked_row_mean(long_short, m, torch.tensor([True, True])) == 2.0
+    assert math.isnan(masked_row_mean(values, mask, torch.zeros(5, dtype=torch.bool)))
+    assert math.isnan(masked_row_mean(values, torch.zeros_like(mask), rows))
