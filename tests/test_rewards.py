@@ -20,7 +20,7 @@ from megatron_red.rewards import (
     register_reward_fn,
 )
 from megatron_red.rewards.extraction import answer_text, last_boxed
-from megatron_red.rewards.math_grader import CRASH_TEXT_ENV
+from megatron_red.rewards.grader_worker import CRASH_TEXT_ENV
 
 POWER_TOWER = "\\boxed{9^{9^{9^{9}}}}"
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import atexit
 import collections
-import functools
-import logging
-import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
-import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -25,16 +24,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from megatron_red.rewards.extraction import answer_text, clean_text, gold_text
+from megatron_red.rewards.extraction import clean_text
 
 Reason = Literal["correct", "wrong", "no_answer", "timeout", "invalid_text", "worker_crash", "unparsable_gold"]
 REASONS: tuple[str, ...] = (
     "correct", "wrong", "no_answer", "timeout", "invalid_text", "worker_crash", "unparsable_gold",
 )
-
-# Test hook (tests/test_rewards.py): a worker started while this variable is set exits abruptly (os._exit) when
-# handed a response equal to its value, standing in for a segfault inside sympy.
-CRASH_TEXT_ENV = "MEGATRON_RED_GRADER_CRASH_TEXT"
+# The directory holding the megatron_red package, so workers import the same code as the parent.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(frozen=True)
@@ -50,93 +47,25 @@ def count_reasons(grades: Iterable[Grade]) -> collections.Counter[str]:
     return collections.Counter(g.reason for g in grades)
 
 
-# ---------------------------------------------------------------- worker side
-
-
-class _ItemTimeout(BaseException):
-    """Raised by the worker's timer; a BaseException so math-verify's `except Exception` cannot swallow it."""
-
-
-def _on_alarm(signum, frame):
-    raise _ItemTimeout
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str):
-    from math_verify import parse
-
-    parsed = parse(gold_text(gold), parsing_timeout=None)
-    # A gold that yields only math-verify's raw-string fallback was not understood; comparing strings against it
-    # would reward echoes of a broken gold, so it counts as unparsable (the authors' code scored these 1).
-    return parsed if any(not isinstance(p, str) for p in parsed) else None
-
-
-def _grade_item(response: str, golds: tuple[str, ...]) -> tuple[float, str]:
-    from math_verify import parse, verify
-
-    parsed_golds = [p for p in (_parse_gold(g) for g in golds) if p is not None]
-    if not parsed_golds:
-        return 0.0, "unparsable_gold"
-    answer = answer_text(response)
-    if answer is None:
-        return 0.0, "no_answer"
-    pred = parse(answer, parsing_timeout=None)
-    if not pred:
-        return 0.0, "no_answer"
-    # verify(gold, pred): gold first, the function is not symmetric.
-    if any(verify(g, pred, timeout_seconds=None) for g in parsed_golds):
-        return 1.0, "correct"
-    return 0.0, "wrong"
-
-
-def _worker_main(conn) -> None:
-    import math_verify  # noqa: F401  (import before reporting ready, so item deadlines exclude start-up)
-
-    # Time-outs are ours (one timer per item); silence math-verify's warning that its own are disabled.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    crash_text = os.environ.get(CRASH_TEXT_ENV)
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        index, response, golds, soft_timeout_s = task
-        if crash_text is not None and response == crash_text:
-            os._exit(70)
-        try:
-            signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
-            result = _grade_item(response, golds)
-        except _ItemTimeout:
-            result = (0.0, "timeout")
-        except Exception:  # a sympy/parser bug on one answer must not take the worker down
-            result = (0.0, "wrong")
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        conn.send((index,) + result)
-
-
 # ---------------------------------------------------------------- parent side
 
 
 @dataclass
 class _Worker:
-    process: mp.process.BaseProcess
+    process: subprocess.Popen
     conn: mp_connection.Connection
     ready: bool = False
     started_at: float = 0.0
 
 
 class GraderPool:
-    """A fixed number of grading processes (spawned, so safe next to CUDA and threads in the parent)."""
+    """A fixed number of grading processes, each a fresh interpreter (safe next to CUDA and threads in the parent)."""
 
     def __init__(self, num_workers: int, start_timeout_s: float = 180.0):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.start_timeout_s = start_timeout_s
-        self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self.restarts = 0  # workers replaced after a time-out or crash, over the pool's life
@@ -145,18 +74,23 @@ class GraderPool:
         return [w.process.pid for w in self._workers]
 
     def _spawn(self) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_worker_main, args=(child_conn,), daemon=True, name="math-grader")
-        process.start()
-        child_conn.close()
-        return _Worker(process, parent_conn, started_at=time.monotonic())
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "megatron_red.rewards.grader_worker", str(child_sock.fileno())],
+            pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        )
+        child_sock.close()
+        return _Worker(process, mp_connection.Connection(parent_sock.detach()), started_at=time.monotonic())
 
     def _replace(self, slot: int) -> None:
         old = self._workers[slot]
         old.conn.close()
-        if old.process.is_alive():
+        if old.process.poll() is None:
             old.process.kill()
-        old.process.join(timeout=5.0)
+        old.process.wait(timeout=5.0)
         self._workers[slot] = self._spawn()
         self.restarts += 1
 
@@ -203,7 +137,7 @@ class GraderPool:
                     results[index] = Grade(0.0, "worker_crash")
                 elif not worker.ready:
                     raise RuntimeError(
-                        f"a math-grading worker died while starting (exit code {worker.process.exitcode}); "
+                        f"a math-grading worker died while starting (exit code {worker.process.wait()}); "
                         "check that math-verify imports in a fresh interpreter"
                     )
                 self._replace(slot)
@@ -229,10 +163,11 @@ class GraderPool:
         for worker in self._workers:
             worker.conn.close()  # the worker sees EOF and returns
         for worker in self._workers:
-            worker.process.join(timeout=2.0)
-            if worker.process.is_alive():
+            try:
+                worker.process.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
                 worker.process.kill()
-                worker.process.join(timeout=2.0)
+                worker.process.wait(timeout=2.0)
         self._workers = []
 
 
