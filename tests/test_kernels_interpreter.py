@@ -31,7 +31,7 @@ CASES = [
 
 
 def _rel(x, ref) -> float:
-    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+    return float((x.detach().double() - ref.detach()).norm() / ref.detach().norm().clamp_min(1e-30))
 
 
 def _errors(hidden, weight, targets, a, b, temperature, valid_vocab_size, tp_group=None, shard=None, config=None):

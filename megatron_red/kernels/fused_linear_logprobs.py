@@ -220,7 +220,7 @@ class _AllReduceGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tp_group):
         ctx.tp_group = tp_group
-        return x
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
