@@ -1,0 +1,138 @@
+"""Exact resumption: a run killed (SIGKILL) between checkpoints, or crashed while writing one, and resumed with
+`--resume` logs the same per-step metrics and ends with the same weights as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_red.cli import main
+from megatron_red.config import load_config
+from megatron_red.trainer.red_trainer import RedTrainer
+from trainer_fixtures import REPO_ROOT, TINY_OVERRIDES, cli, read_lines, subprocess_env
+
+RUN = [*TINY_OVERRIDES, "trainer.steps=6", "trainer.save_every=2"]
+
+
+def _comparable(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(run_dir / "checkpoints" / latest / "policy.pt", map_location="cpu", weights_only=False)
+    return state["model"] if "model" in state else state
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    got, want = _comparable(read_lines(run_dir)), _comparable(read_lines(reference))
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6, 6]
+    assert got == want  # exact: a resumed run replays the same rollouts, updates and evaluation
+    a, b = _final_weights(run_dir), _final_weights(reference)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    # Sibling run directories share the cached warm-up student in root/.cache.
+    return tmp_path_factory.mktemp("trainer_resume")
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """The uninterrupted run (in this process: the resumed runs below also check that a fresh interpreter
+    reproduces it bit for bit)."""
+    run_dir = root / "uninterrupted"
+    assert main(["train", *RUN, f"trainer.out_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def test_sigkill_then_resume_matches_uninterrupted(root, reference):
+    run_dir = root / "killed"
+    log = open(root / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_red.cli", "train", *RUN, f"trainer.out_dir={run_dir}"],
+                            cwd=REPO_ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    logged = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists():
+                lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+                logged = max((r["step"] for r in lines), default=0)
+                if logged >= 3:
+                    break
+            time.sleep(0.005)
+        alive = proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        log.close()
+    assert alive, f"the run ended before it could be killed (rc {proc.returncode}):\n{(root / 'killed.log').read_text()[-3000:]}"
+    assert 3 <= logged <= 4, f"killed at step {logged}, wanted after the step-2 checkpoint and before the end"
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest in ("step_000002", "step_000004")
+
+    result = cli("train", "--resume", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"[resume] {run_dir / 'checkpoints' / latest}" in result.stdout
+    _assert_same_run(run_dir, reference)
+
+
+def test_crash_while_writing_a_checkpoint_resumes_from_the_complete_one(root, reference, capsys):
+    run_dir = root / "crashed"
+    config = load_config(None, [*RUN, f"trainer.out_dir={run_dir}"])
+    trainer = RedTrainer(config, run_dir)
+    save_policy = trainer.policy.save_checkpoint
+
+    def crash_at_step_4(path):
+        if trainer.step == 4:
+            (Path(path) / "policy.pt").write_bytes(b"half a checkpoint")
+            raise KeyboardInterrupt("simulated crash while writing the step-4 checkpoint")
+        save_policy(path)
+
+    trainer.policy.save_checkpoint = crash_at_step_4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "step_000004.tmp").is_dir() and not (checkpoints / "step_000004").exists()
+    assert (checkpoints / "latest").read_text().strip() == "step_000002"
+    assert [r["step"] for r in read_lines(run_dir)] == [1, 2, 3, 4]
+
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "step_000002 (step 2)" in capsys.readouterr().out
+    assert (checkpoints / "step_000004" / "trainer.pt").exists()
+    _assert_same_run(run_dir, reference)
+
+
+def test_train_refuses_to_overwrite_a_run(reference, capsys):
+    before = (reference / "metrics.jsonl").read_text()
+    assert main(["train", *RUN, f"trainer.out_dir={reference}"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (reference / "metrics.jsonl").read_text() == before
+
+
+def test_resume_needs_a_checkpoint(root, capsys):
+    empty = root / "no_checkpoint"
+    assert main(["train", "--resume", str(empty)]) == 2  # no config.yaml either
+    empty.mkdir()
+    (empty / "config.yaml").write_text(json.dumps({"trainer": {"steps": 6}}))
+    assert main(["train", "--resume", str(empty), *TINY_OVERRIDES]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_latest_pointing_at_an_incomplete_checkpoint_is_an_error(tmp_path):
+    from megatron_red.trainer.checkpoint import latest_checkpoint
+
+    (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_000002")
+    with pytest.raises(FileNotFoundError, match="trainer.pt"):
+        latest_checkpoint(tmp_path)
