@@ -108,10 +108,15 @@ def test_micro_batching_does_not_change_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_forward_backward_gradients_match_float64_autograd():
-    policy = make_policy()
+@pytest.mark.parametrize("tied,checkpointing", [(False, False), (True, True)])
+def test_forward_backward_gradients_match_float64_autograd(tied, checkpointing):
+    policy = HFPolicy.from_config(tiny_config("qwen2", tied), device="cpu", fused_kernel="off", seed=0,
+                                  gradient_checkpointing=checkpointing)
     batch = make_batch(seed=3)
+    calls = []
+    policy.model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     policy.forward_backward(batch, 2, weighted_token_loss(batch))
+    assert len(calls) == (4 if checkpointing else 2)  # 2 micro-batches; checkpointing re-runs the layer in backward
     model64 = copy.deepcopy(policy.model).double()
     model64.zero_grad(set_to_none=True)
     lp, ent = reference_logprobs_entropy_with_grad(model64, batch)

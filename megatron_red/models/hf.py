@@ -55,7 +55,10 @@ class HFPolicy(PolicyBackend):
         self.model = model.to(device=self.device, dtype=torch.float32)
         self.model.config.use_cache = False
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                self.model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.fused_kernel = fused_kernel
         self.optim_config = optim_config or OptimConfig()
         self.optimizer, self.scheduler = build_optimizer(self.model.named_parameters(), self.optim_config)
@@ -126,9 +129,11 @@ class HFPolicy(PolicyBackend):
         else:
             from megatron_red.parallel import vocab_parallel_logprobs_entropy
 
+            # Scaling the hidden states is the same as scaling the logits (no bias) and avoids an fp32 [N, V] copy;
+            # the log-softmax itself runs in fp32 chunks whatever the logits' dtype.
             with self._autocast():
-                logits = torch.nn.functional.linear(hidden_sel, weight)
-            logprobs, entropy = vocab_parallel_logprobs_entropy(logits.float() / temperature, targets)
+                logits = torch.nn.functional.linear(hidden_sel / temperature, weight)
+            logprobs, entropy = vocab_parallel_logprobs_entropy(logits, targets)
         zeros = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
         return zeros.masked_scatter(mask, logprobs.float()), zeros.masked_scatter(mask, entropy.float())
 
