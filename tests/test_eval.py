@@ -328,3 +328,36 @@ def test_bad_config_is_rejected(tokenizer, tmp_path):
         evaluate(make_engine(tokenizer, make_config(tmp_path)), tokenizer, make_config(tmp_path, batch_size=0))
     with pytest.raises(ValueError, match="n and max_new_tokens"):
         evaluate(make_engine(tokenizer, make_config(tmp_path)), tokenizer, make_config(tmp_path, n=0))
+
+
+def test_prompt_styles(tokenizer):
+    from megatron_red.eval.prompting import PLAIN_INSTRUCTION, format_prompt
+
+    system = load_system_prompt(DATA_DIR)
+    think = format_prompt(tokenizer, "What is 1+1?", "chat-think", system)
+    assert think == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+    assert format_prompt(tokenizer, "Q", "chat") == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    assert format_prompt(tokenizer, "Q", "plain") == f"Q\n{PLAIN_INSTRUCTION}\n"
+    with pytest.raises(ValueError, match="needs the system prompt"):
+        format_prompt(tokenizer, "Q", "chat-think", None)
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.warns(UserWarning, match="falls back to 'plain'"):
+        assert format_prompt(NoTemplate(), "Q", "chat") == f"Q\n{PLAIN_INSTRUCTION}\n"
+
+
+def test_build_engine_errors():
+    from megatron_red.eval import build_engine
+
+    with pytest.raises(ValueError, match="unknown engine"):
+        build_engine("tensorrt", None, None)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs vLLM"):
+            build_engine("vllm", None, None)
+    with pytest.raises(NotImplementedError, match="not wired"):
+        build_engine("megatron", None, None)

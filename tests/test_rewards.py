@@ -164,3 +164,18 @@ def test_reward_registry():
         get_reward_fn("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_reward_fn("math", grade_math)
+
+
+def test_worker_killed_while_idle_is_replaced_without_losing_an_item():
+    pool = GraderPool(1)
+    try:
+        assert grade_math(["\\boxed{1}"], ["1"], pool=pool) == [1.0]
+        (pid,) = pool.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pool._workers[0].process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # wait until the kill has landed
+        assert [g.reason for g in grade_math_detailed(["\\boxed{2}"], ["2"], pool=pool)] == ["correct"]
+        assert pool.restarts == 1
+    finally:
+        pool.close()

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         configure_grader(args.grade_workers)
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, device)
-        engine = build_engine(args.engine, model, tokenizer)
+        engine = build_engine(args.engine, model, tokenizer, max_batch_size=args.batch_size)
         report = evaluate(engine, tokenizer, config)
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
         print(f"megatron-red eval: error: {e}", file=sys.stderr)

@@ -110,11 +110,14 @@ class GraderPool:
                 for slot, worker in enumerate(self._workers):
                     if not pending or not worker.ready or slot in busy:
                         continue
+                    if worker.process.poll() is not None:  # died while idle: not any item's fault
+                        self._replace(slot)
+                        continue
                     index = pending.popleft()
                     response, golds = items[index]
                     try:
                         worker.conn.send((index, response, golds, soft_timeout_s))
-                    except (BrokenPipeError, OSError):  # died while idle: not this item's fault
+                    except OSError:  # died since the check above
                         pending.appendleft(index)
                         self._replace(slot)
                         continue
