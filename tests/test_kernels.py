@@ -130,3 +130,21 @@ def test_forward_split_and_backward_chunk_cover_the_vocabulary():
     # The dZ chunk fits the byte budget (128 MiB of bf16 at N = 16384 -> 4096 columns).
     assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig()) == 4096
     assert _grad_chunk_cols(100, 300, 2, FusedKernelConfig()) == 300
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the autotuned Triton path)")
+@pytest.mark.parametrize("dtype,value_tol,grad_tol", [(torch.bfloat16, 1e-4, 6e-3), (torch.float32, 1e-5, 1e-5)])
+def test_cuda_triton_path_matches_float64(dtype, value_tol, grad_tol):
+    hidden, weight, targets = _inputs(n=777, d=200, v=3000, dtype=dtype, seed=5)
+    hidden, weight, targets = hidden.cuda(), weight.cuda(), targets.cuda() % 2900
+    a, b = torch.randn(2, 777, dtype=torch.float64, device="cuda")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = fused_linear_logprobs_entropy(h, w, targets, temperature=0.9, valid_vocab_size=2900,
+                                            config=FusedKernelConfig(grad_chunk_cols=1024))
+    (lp * a + ent * b).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    rlp, rent = reference_linear_logprobs_entropy(h64, w64, targets, 0.9, 2900, torch.float64)
+    (rlp * a + rent * b).sum().backward()
+    assert _rel(lp, rlp) < value_tol and _rel(ent, rent) < value_tol
+    assert _rel(h.grad, h64.grad) < grad_tol and _rel(w.grad, w64.grad) < grad_tol
+    assert torch.all(w.grad[2900:] == 0)
