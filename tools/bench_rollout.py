@@ -55,7 +55,8 @@ def bench_rollout(args, config, device, dtype, rows: list) -> None:
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=0)
 
     if not args.skip_hf_generate:
-        print(f"HF generate: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens ...", flush=True)
+        print(f"HF generate: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens ...",
+              flush=True)
         ids = prompts.to(device)
         with torch.no_grad():
             out, seconds = timed(lambda: model.generate(
@@ -114,14 +115,16 @@ def bench_train(args, config, device, rows: list) -> None:
         else:
             diff = (logprobs - reference).abs().max().item()
             print(f"  max |logprob(fused on) - logprob(fused off)| = {diff:.2e}", flush=True)
-        step = lambda: (policy.forward_backward(batch, args.micro_batch, loss_fn), policy.optimizer_step())  # noqa: E731
+        def step():
+            policy.forward_backward(batch, args.micro_batch, loss_fn)
+            policy.optimizer_step()
         step()  # warm-up: kernel compilation, allocator growth
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _, seconds = timed(lambda: [step() for _ in range(args.train_steps)], device)
         seconds /= args.train_steps
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append(("train", f"HFPolicy fused={fused}", seconds, b * length / seconds, f"{peak:.1f} GiB peak"))
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.type == "cuda" else ""
+        rows.append(("train", f"HFPolicy fused={fused}", seconds, b * length / seconds, peak))
         del policy, model
         gc.collect()
         if device.type == "cuda":
