@@ -148,3 +148,11 @@ def test_saved_config_yaml_round_trips(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     assert load_config(path) == config
+
+
+@pytest.mark.parametrize("value", ["on", "off"])
+def test_on_off_string_fields_keep_their_word(tmp_path, value):
+    # model.fused_kernel takes "auto" / "on" / "off", but YAML 1.1 reads on/off as booleans: the documented values
+    # must reach the policy as the words, not as "True"/"False" (which HFPolicy rejects).
+    assert load_config(None, [f"model.fused_kernel={value}"]).model.fused_kernel == value
+    assert load_config(_write(tmp_path, f"model:\n  fused_kernel: {value}\n")).model.fused_kernel == value
