@@ -86,6 +86,26 @@ def test_method_trains(root, method):
     assert (trainer.run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"
 
 
+def test_micro_batching_does_not_change_the_step(root):
+    # The loss is normalised with the step's global counts, so one row per micro-batch must give the same loss,
+    # gradient and logged metrics as the whole step in one micro-batch.
+    lines = {}
+    for mbs in (1, 32):
+        trainer = _trainer(root, f"micro_batch_{mbs}", "trainer.steps=1", f"trainer.micro_batch_size={mbs}")
+        trainer.train()
+        lines[mbs] = step_lines(trainer.run_dir)[0]
+    one, whole = lines[1], lines[32]
+    assert one["tokens/step"] == whole["tokens/step"] > 0
+    for key in ("loss/loss", "loss/loss_on_policy", "loss/loss_offline", "train/grad_norm", "entropy/H_rl",
+                "entropy/H_sft"):
+        assert one[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-7), key
+    # Step totals and token-weighted means, whatever the micro-batching.
+    assert whole["loss/num_on_policy_tokens"] + whole["loss/num_offline_tokens"] == whole["tokens/step"]
+    for key in ("loss/num_on_policy_tokens", "loss/num_offline_tokens", "loss/on_policy_ratio_mean",
+                "loss/r_off_mean", "loss/clip_fraction"):
+        assert one[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+
+
 def test_grpo_without_signal_does_not_move(root):
     # With the real verifier every rollout fails: uniform groups have zero advantages, so GRPO's gradient is
     # exactly zero and AdamW (no weight decay here) leaves the parameters untouched.
