@@ -136,3 +136,14 @@ def test_latest_pointing_at_an_incomplete_checkpoint_is_an_error(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step_000002")
     with pytest.raises(FileNotFoundError, match="trainer.pt"):
         latest_checkpoint(tmp_path)
+
+
+def test_resuming_a_finished_run_changes_nothing(root, reference, capsys):
+    import shutil
+
+    run_dir = root / "finished_again"
+    shutil.copytree(reference, run_dir)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "[resume]" in capsys.readouterr().out
+    # Still one line per step and one final line: the re-evaluation replaces the old final line.
+    _assert_same_run(run_dir, reference)
