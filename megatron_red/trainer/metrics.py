@@ -17,7 +17,8 @@ class MetricsLog:
             self.path.write_text("")
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step
+                    and not json.loads(line).get("final")]  # the resumed run logs its own final line
             self.path.write_text("".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
