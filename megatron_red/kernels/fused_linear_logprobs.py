@@ -97,24 +97,45 @@ def _grad_chunk_cols(n: int, n_valid: int, element_size: int, config: FusedKerne
         cols = config.grad_chunk_cols
     else:
         cols = max(256, config.grad_chunk_bytes // (max(n, 1) * element_size) // 256 * 256)
-    return max(1, min(cols, n_valid))
+    # The kernel indexes the chunk buffer with int32 offsets.
+    return max(1, min(cols, n_valid, (2**31 - 1) // max(n, 1)))
 
 
-def _combine_splits(m, s, t, zy, tp_group, distributed: bool):
-    """Merge per-split (and per-rank) statistics into (logprobs, entropy, logsumexp), all fp32 [N]."""
-    global_max = m.max(dim=0).values
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _target_logits(hidden, weight, targets, n_valid, vocab_start, inv_temp, rows=2048):
+    """z_y = h . W_y / temperature for tokens whose target is in this shard's valid rows, else 0 (fp32 [N]).
+
+    An O(N d) gather kept out of the forward kernel, whose epilogue runs once per logit.
+    """
+    local = targets - vocab_start
+    owns = (local >= 0) & (local < n_valid)
+    local = torch.where(owns, local, torch.zeros_like(local))
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        sl = slice(start, start + rows)
+        out[sl] = (hidden[sl].float() * weight[local[sl]].float()).sum(-1)
+    return torch.where(owns, out * inv_temp, torch.zeros_like(out))
+
+
+def _combine_splits(m2, s, t2, target_logit, tp_group, distributed: bool):
+    """Merge per-split (and per-rank) base-2 statistics into (logprobs, entropy, logsumexp), all fp32 [N]."""
+    global_max2 = m2.max(dim=0).values
     if distributed:
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-    shift = m - global_max
-    scale = torch.exp(shift)
-    merged = torch.stack([(s * scale).sum(0), ((t + s * shift) * scale).sum(0), zy.sum(0)])
+        dist.all_reduce(global_max2, op=dist.ReduceOp.MAX, group=tp_group)
+    shift2 = m2 - global_max2
+    scale = torch.exp2(shift2)
+    merged = torch.stack([(s * scale).sum(0), ((t2 + s * shift2) * scale).sum(0), target_logit])
     if distributed:
         dist.all_reduce(merged, op=dist.ReduceOp.SUM, group=tp_group)
-    sum_exp, t_sum, target_logit = merged
-    log_sum_exp = torch.log(sum_exp)
-    logprobs = target_logit - global_max - log_sum_exp
-    entropy = log_sum_exp - t_sum / sum_exp  # both terms >= 0: no cancellation
-    return logprobs, entropy, global_max + log_sum_exp
+    sum_exp, t2_sum, target_logit = merged
+    log2_sum_exp = torch.log2(sum_exp)
+    log_sum_exp = (global_max2 + log2_sum_exp) * _LN2
+    # H = log S - T / S with natural-log S, T; both terms are >= 0, so there is no cancellation.
+    entropy = (log2_sum_exp - t2_sum / sum_exp) * _LN2
+    return target_logit - log_sum_exp, entropy, log_sum_exp
 
 
 # Whether cuBLAS accepts bf16/fp16 operands with an fp32 output accumulated in place (torch >= 2.9).
@@ -161,9 +182,10 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
         block_n, column_unit = (128, SPLIT_COLUMN_MULTIPLE) if blocks is None else (blocks[0], blocks[1])
         split_cols, n_splits = _forward_split(n, n_valid, block_n, column_unit, num_sms, config.splits)
         group_rows = max(1, num_sms // n_splits)
-        m, s, t, zy = launch_forward_stats(hidden, weight, targets, n_valid, vocab_start, inv_temp, split_cols,
-                                           n_splits, group_rows, blocks, config.num_warps)
-        logprobs, entropy, lse = _combine_splits(m, s, t, zy, tp_group, distributed)
+        m2, s, t2 = launch_forward_stats(hidden, weight, n_valid, inv_temp * _LOG2E, split_cols, n_splits,
+                                         group_rows, blocks, config.num_warps)
+        target_logit = _target_logits(hidden, weight, targets, n_valid, vocab_start, inv_temp)
+        logprobs, entropy, lse = _combine_splits(m2, s, t2, target_logit, tp_group, distributed)
 
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.tp_group, ctx.distributed, ctx.inv_temp = tp_group, distributed, inv_temp
@@ -181,8 +203,13 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, d = hidden.shape
         n_valid = ctx.n_valid
-        grad_logprobs = grad_logprobs.float().contiguous()
-        grad_entropy = grad_entropy.float().contiguous()
+        # dL/dx_j = (1/T) [g_lp 1[j=y] - p_j (g_lp + g_H H + g_H ln2 log2 p_j)]  (x = h W^T, z = x / T)
+        inv_temp = ctx.inv_temp
+        grad_logprobs, grad_entropy = grad_logprobs.float(), grad_entropy.float()
+        lse2 = lse * _LOG2E
+        coef_p = (grad_logprobs + grad_entropy * entropy) * inv_temp
+        coef_logp = grad_entropy * (_LN2 * inv_temp)
+        coef_target = grad_logprobs * inv_temp
 
         grad_weight = None
         if need_weight:
@@ -196,8 +223,8 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
             for start in range(0, n_valid, chunk):
                 width = min(chunk, n_valid - start)
                 grad_logits = buffer[: n * width].view(n, width)
-                launch_grad_logits(hidden, weight, targets, lse, entropy, grad_logprobs, grad_entropy, grad_logits,
-                                   start, ctx.vocab_start, ctx.inv_temp, ctx.group_rows, ctx.blocks,
+                launch_grad_logits(hidden, weight, targets, lse2, coef_p, coef_logp, coef_target, grad_logits,
+                                   start, ctx.vocab_start, inv_temp * _LOG2E, ctx.group_rows, ctx.blocks,
                                    ctx.config.num_warps)
                 if need_weight:
                     _matmul_into(grad_weight[start:start + width], grad_logits.t(), hidden)

@@ -4,10 +4,13 @@ Both kernels recompute a tile of logits z = (h @ W^T) / temperature with fp32 ac
 registers, so no [N, V] tensor is ever written:
 
 - `launch_forward_stats`: each program owns BLOCK_N tokens and one split of this rank's vocabulary columns and
-  keeps online statistics relative to its running max m: S = sum exp(z - m), T = sum exp(z - m) (z - m), and the
-  target logit z_y. The splits give enough programs for small N; `combine_splits` in the caller merges them.
+  keeps online statistics relative to its running max m: S = sum exp(z - m), T = sum exp(z - m) (z - m), in
+  base 2 (exp2 is a single MUFU op). The splits give enough programs for small N; the caller merges them.
 - `launch_grad_logits`: writes dL/dx for a chunk of vocabulary columns (x = h @ W^T, the unscaled logits), with
   dL/dz_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H); the caller feeds the chunk to cuBLAS matmuls.
+
+The epilogues are kept to a few FP32 operations per logit (per-token coefficients are folded on the host, the
+target logit is a separate O(N d) gather) because on Hopper they do not overlap the tensor-core work.
 
 Block sizes are arguments: on a GPU a small autotuned set is used, under TRITON_INTERPRET=1 the tests pass tiny
 blocks. Program ids are swizzled into groups of row blocks so that programs running at the same time share
@@ -23,11 +26,14 @@ import triton.language as tl
 # -inf would give inf - inf = nan when a split has no valid column.
 NEG_BIG = tl.constexpr(-1.0e30)
 
-# Few configs keep autotuning to well under a second per (d, N-bucket); all fit Hopper's 228 KB shared memory.
+# Few configs keep autotuning to well under a second per (d, N-bucket). Compiled offline for sm_90a (Triton 3.8)
+# none spills: the 128 x 256 tiles use ~255 registers and 144-192 KB of shared memory (one program per SM); the
+# 128 x 128 x 64, 3-stage tile uses 128 registers and 96 KB, so two programs share an SM and one's epilogue
+# overlaps the other's matmul.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
 # The vocabulary split of the forward is a multiple of every BLOCK_V above, so one split size serves all configs.
 SPLIT_COLUMN_MULTIPLE = 256
@@ -57,9 +63,9 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
 
 
 @triton.jit
-def _forward_stats_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
-                          N, D, n_valid, vocab_start, split_cols, n_splits, group_rows,
-                          stride_h, stride_w, inv_temp, N_BUCKET,
+def _forward_stats_kernel(h_ptr, w_ptr, m_ptr, s_ptr, t_ptr,
+                          N, D, n_valid, split_cols, n_splits, group_rows,
+                          stride_h, stride_w, scale2, N_BUCKET,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                           EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -74,43 +80,40 @@ def _forward_stats_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
     rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = tl.where(row_ok, rows, 0)
-    target_local = tl.load(tgt_ptr + rows).to(tl.int64) - vocab_start
 
     v_begin = split * split_cols
     v_end = tl.minimum(v_begin + split_cols, n_valid)
     m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
-    zy = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         cols = tl.where(col_ok, cols, 0)
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
-                         BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION, UPCAST) * inv_temp
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        shifted = z - m_new[:, None]
-        e = tl.exp(shifted)
+        # Base-2 logits (scale2 = log2(e) / temperature) so that exp2 is one MUFU op per element. Masked columns
+        # get a finite -1e30: exp2 gives 0 and 0 * (-1e30 - m) stays 0, so no select is needed in the sums.
+        z2 = _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
+                          BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION, UPCAST) * scale2
+        z2 = tl.where(col_ok[None, :], z2, NEG_BIG)
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        alpha = tl.exp2(m - m_new)
+        shifted = z2 - m_new[:, None]
+        e = tl.exp2(shifted)
         # T is kept relative to the running max; moving the max by (m - m_new) shifts every past term by it.
-        t = alpha * (t + s * (m - m_new)) + tl.sum(tl.where(col_ok[None, :], e * shifted, 0.0), axis=1)
+        t = alpha * (t + s * (m - m_new)) + tl.sum(e * shifted, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-        is_target = (cols.to(tl.int64)[None, :] == target_local[:, None]) & col_ok[None, :]
-        zy += tl.sum(tl.where(is_target, z, 0.0), axis=1)
 
     out = split * N + rows
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
     tl.store(t_ptr + out, t, mask=row_ok)
-    tl.store(zy_ptr + out, zy, mask=row_ok)
 
 
 @triton.jit
-def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
+def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse2_ptr, coef_p_ptr, coef_logp_ptr, coef_target_ptr, dz_ptr,
                         N, D, chunk_start, chunk_cols, vocab_start, group_rows,
-                        stride_h, stride_w, inv_temp, N_BUCKET,
+                        stride_h, stride_w, scale2, N_BUCKET,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -131,21 +134,23 @@ def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_p
     chunk_col = tl.where(col_ok, chunk_col, 0)
     cols = chunk_start + chunk_col
 
-    z = _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
-                     BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION, UPCAST) * inv_temp
-    lse = tl.load(lse_ptr + rows)
-    ent = tl.load(ent_ptr + rows)
-    g_lp = tl.load(glp_ptr + rows)
-    g_ent = tl.load(gent_ptr + rows)
-    target_local = tl.load(tgt_ptr + rows).to(tl.int64) - vocab_start
+    z2 = _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
+                      BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION, UPCAST) * scale2
+    lse2 = tl.load(lse2_ptr + rows)
+    coef_p = tl.load(coef_p_ptr + rows)
+    coef_logp = tl.load(coef_logp_ptr + rows)
+    coef_target = tl.load(coef_target_ptr + rows)
+    # Vocabulary ids and dZ offsets fit in int32 (the chunk buffer is far below 2^31 elements): 64-bit index
+    # tensors would double the registers of the epilogue.
+    target_local = (tl.load(tgt_ptr + rows) - vocab_start).to(tl.int32)
 
-    log_p = z - lse[:, None]
-    p = tl.exp(log_p)
-    # dlogp_y/dz_j = 1[j=y] - p_j and dH/dz_j = -p_j (log p_j + H); z = x / temperature adds the 1/T.
-    dz = -p * (g_lp[:, None] + g_ent[:, None] * (log_p + ent[:, None]))
-    dz += tl.where(cols.to(tl.int64)[None, :] == target_local[:, None], g_lp[:, None], 0.0)
-    dz = dz * inv_temp
-    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * chunk_cols + chunk_col[None, :]
+    # log2 p_j and p_j; the per-token coefficients fold g_lp, g_H, H, ln 2 and 1/temperature (see the caller).
+    log2_p = z2 - lse2[:, None]
+    p = tl.exp2(log2_p)
+    dz = -p * (coef_p[:, None] + coef_logp[:, None] * log2_p)
+    is_target = cols[None, :] == target_local[:, None]
+    dz = tl.where(is_target, dz + coef_target[:, None], dz)
+    ptrs = dz_ptr + (rows[:, None] * chunk_cols + chunk_col[None, :])
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -177,43 +182,43 @@ def _block_kwargs(blocks: tuple[int, int, int] | None) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_K": block_k}
 
 
-def launch_forward_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, n_valid: int,
-                         vocab_start: int, inv_temp: float, split_cols: int, n_splits: int, group_rows: int,
-                         blocks: tuple[int, int, int] | None, num_warps: int = 4):
-    """Per-split statistics [n_splits, N] (m, S, T, z_y) over this rank's first `n_valid` vocabulary rows.
+def launch_forward_stats(hidden: torch.Tensor, weight: torch.Tensor, n_valid: int, scale2: float, split_cols: int,
+                         n_splits: int, group_rows: int, blocks: tuple[int, int, int] | None, num_warps: int = 4):
+    """Per-split statistics [n_splits, N] in base 2 (m2, S, T2) over this rank's first `n_valid` vocabulary rows.
 
-    `blocks` = (BLOCK_N, BLOCK_V, BLOCK_K), or None to autotune over the GPU configs; `split_cols` must be a
-    multiple of every BLOCK_V in use.
+    With z2 = log2(e) z: m2 = max z2, S = sum 2^(z2 - m2), T2 = sum 2^(z2 - m2) (z2 - m2). `blocks` =
+    (BLOCK_N, BLOCK_V, BLOCK_K), or None to autotune; `split_cols` must be a multiple of every BLOCK_V in use.
     """
     n, d = hidden.shape
-    stats = torch.empty(4, n_splits, n, dtype=torch.float32, device=hidden.device)
-    args = (hidden, weight, targets, stats[0], stats[1], stats[2], stats[3],
-            n, d, n_valid, vocab_start, split_cols, n_splits, group_rows,
-            hidden.stride(0), weight.stride(0), inv_temp, _n_bucket(n))
+    stats = torch.empty(3, n_splits, n, dtype=torch.float32, device=hidden.device)
+    args = (hidden, weight, stats[0], stats[1], stats[2], n, d, n_valid, split_cols, n_splits, group_rows,
+            hidden.stride(0), weight.stride(0), scale2, _n_bucket(n))
     if blocks is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
         _forward_stats_tuned[grid](*args, **_dot_options(hidden))
     else:
         grid = (triton.cdiv(n, blocks[0]) * n_splits,)
-        _forward_stats[grid](*args, **_dot_options(hidden), num_warps=num_warps,
-                             **_block_kwargs(blocks))
-    return stats[0], stats[1], stats[2], stats[3]
+        _forward_stats[grid](*args, **_dot_options(hidden), num_warps=num_warps, **_block_kwargs(blocks))
+    return stats[0], stats[1], stats[2]
 
 
-def launch_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                       entropy: torch.Tensor, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor,
-                       out: torch.Tensor, chunk_start: int, vocab_start: int, inv_temp: float, group_rows: int,
+def launch_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse2: torch.Tensor,
+                       coef_p: torch.Tensor, coef_logp: torch.Tensor, coef_target: torch.Tensor, out: torch.Tensor,
+                       chunk_start: int, vocab_start: int, scale2: float, group_rows: int,
                        blocks: tuple[int, int, int] | None, num_warps: int = 4) -> None:
-    """Write dL/dx for vocabulary rows [chunk_start, chunk_start + out.shape[1]) into `out` [N, chunk] (contiguous)."""
+    """Write dL/dx for vocabulary rows [chunk_start, chunk_start + out.shape[1]) into `out` [N, chunk] (contiguous).
+
+    dL/dx_j = 1[j = y] coef_target - p_j (coef_p + coef_logp log2 p_j), p_j = 2^(z2_j - lse2), per-token fp32
+    coefficients [N].
+    """
     n, d = hidden.shape
     chunk_cols = out.shape[1]
-    args = (hidden, weight, targets, lse, entropy, grad_logprobs, grad_entropy, out,
+    args = (hidden, weight, targets, lse2, coef_p, coef_logp, coef_target, out,
             n, d, chunk_start, chunk_cols, vocab_start, group_rows,
-            hidden.stride(0), weight.stride(0), inv_temp, _n_bucket(n))
+            hidden.stride(0), weight.stride(0), scale2, _n_bucket(n))
     if blocks is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(chunk_cols, meta["BLOCK_V"]),)  # noqa: E731
         _grad_logits_tuned[grid](*args, **_dot_options(hidden))
     else:
         grid = (triton.cdiv(n, blocks[0]) * triton.cdiv(chunk_cols, blocks[1]),)
-        _grad_logits[grid](*args, **_dot_options(hidden), num_warps=num_warps,
-                           **_block_kwargs(blocks))
+        _grad_logits[grid](*args, **_dot_options(hidden), num_warps=num_warps, **_block_kwargs(blocks))
