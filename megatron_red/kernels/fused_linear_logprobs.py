@@ -121,7 +121,7 @@ def _target_logits(hidden, weight, targets, n_valid, vocab_start, inv_temp, rows
 
 
 def _combine_splits(m2, s, t2, target_logit, tp_group, distributed: bool):
-    """Merge per-split (and per-rank) base-2 statistics into (logprobs, entropy, logsumexp), all fp32 [N]."""
+    """Merge per-split (and per-rank) base-2 statistics into (logprobs, entropy, log2-sum-exp2 of z2), fp32 [N]."""
     global_max2 = m2.max(dim=0).values
     if distributed:
         dist.all_reduce(global_max2, op=dist.ReduceOp.MAX, group=tp_group)
@@ -135,7 +135,7 @@ def _combine_splits(m2, s, t2, target_logit, tp_group, distributed: bool):
     log_sum_exp = (global_max2 + log2_sum_exp) * _LN2
     # H = log S - T / S with natural-log S, T; both terms are >= 0, so there is no cancellation.
     entropy = (log2_sum_exp - t2_sum / sum_exp) * _LN2
-    return target_logit - log_sum_exp, entropy, log_sum_exp
+    return target_logit - log_sum_exp, entropy, global_max2 + log2_sum_exp
 
 
 # Whether cuBLAS accepts bf16/fp16 operands with an fp32 output accumulated in place (torch >= 2.9).
@@ -185,9 +185,9 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
         m2, s, t2 = launch_forward_stats(hidden, weight, n_valid, inv_temp * _LOG2E, split_cols, n_splits,
                                          group_rows, blocks, config.num_warps)
         target_logit = _target_logits(hidden, weight, targets, n_valid, vocab_start, inv_temp)
-        logprobs, entropy, lse = _combine_splits(m2, s, t2, target_logit, tp_group, distributed)
+        logprobs, entropy, lse2 = _combine_splits(m2, s, t2, target_logit, tp_group, distributed)
 
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.save_for_backward(hidden, weight, targets, lse2, entropy)
         ctx.tp_group, ctx.distributed, ctx.inv_temp = tp_group, distributed, inv_temp
         ctx.n_valid, ctx.vocab_start, ctx.config, ctx.blocks = n_valid, vocab_start, config, blocks
         # Row blocks per L2 group of the backward kernel (small under the interpreter to exercise the swizzle).
@@ -199,14 +199,13 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         from megatron_red.kernels.triton_kernels import launch_grad_logits
 
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, lse2, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, d = hidden.shape
         n_valid = ctx.n_valid
         # dL/dx_j = (1/T) [g_lp 1[j=y] - p_j (g_lp + g_H H + g_H ln2 log2 p_j)]  (x = h W^T, z = x / T)
         inv_temp = ctx.inv_temp
         grad_logprobs, grad_entropy = grad_logprobs.float(), grad_entropy.float()
-        lse2 = lse * _LOG2E
         coef_p = (grad_logprobs + grad_entropy * entropy) * inv_temp
         coef_logp = grad_entropy * (_LN2 * inv_temp)
         coef_target = grad_logprobs * inv_temp
