@@ -1,0 +1,208 @@
+"""`MegatronPolicy`: the RED policy as a megatron-core GPTModel with tensor, pipeline and data parallelism.
+
+One training step is `forward_backward` (any number of calls; gradients accumulate) then `optimizer_step`.
+
+Loss normalisation. The trainer's `loss_fn` divides by *global* token / sequence counts (over all micro-batches
+and all data-parallel ranks), so the gradient of the step is the plain sum of the per-micro-batch gradients over
+micro-batches and DP ranks. megatron-core by default averages twice — the schedule divides each micro-batch loss
+by the number of micro-batches and DDP scales gradients by 1/DP before its reduction. Both are switched off:
+`calculate_per_token_loss=True` makes the schedule leave a (loss, num_tokens, metrics) loss undivided and DDP
+sum over DP (gradient_scaling_factor = 1); the per-token division megatron would then apply in
+`finalize_model_grads` is skipped by calling it with `num_tokens=None`. Gradients are therefore a sum, and
+TP, PP, DP and the micro-batch size do not change the update. The DP reduction (and the tied-embedding reduction
+between first and last stage) happens once, in `optimizer_step`, so several `forward_backward` calls per step
+accumulate correctly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
+from megatron_red.models.megatron.model import (HFArchitecture, build_gpt_model, make_transformer_config,
+                                                transformer_engine_available)
+from megatron_red.models.megatron.weights import export_hf_state_dict, import_hf_state_dict
+from megatron_red.models.optim import OptimConfig, lr_multiplier
+from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MegatronConfig:
+    """Parallel layout and numerics of the Megatron backend.
+
+    tensor_model_parallel_size:   TP degree (must divide heads and key/value groups).
+    pipeline_model_parallel_size: PP degree (must divide the layers). DP = world size / (TP x PP).
+    dtype:                        parameter / compute dtype ("bfloat16", "float16" or "float32"); with 16-bit
+                                  params the optimiser keeps fp32 master weights and reduces grads in fp32.
+    use_distributed_optimizer:    shard optimiser state over DP (megatron-core DistributedOptimizer); False uses
+                                  the plain (replicated) optimiser.
+    fused_kernel:                 compute log-probs / entropies with the fused LM-head Triton kernel.
+    recompute_activations:        full activation recomputation per layer (long sequences on small memory).
+    use_transformer_engine:       Transformer Engine layer spec; None = when TE is importable.
+    seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    dtype: str = "bfloat16"
+    use_distributed_optimizer: bool = True
+    fused_kernel: bool = False
+    recompute_activations: bool = False
+    use_transformer_engine: bool | None = None
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+
+
+def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
+    """`finalize_model_grads` without megatron's per-token division (our loss is globally normalised)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model_chunks, num_tokens=None, **kwargs)
+
+
+class MegatronPolicy(PolicyBackend):
+    """A Qwen2 / Llama policy sharded with megatron-core; see the module docstring for loss normalisation.
+
+    Must be constructed on every rank of an initialised `torch.distributed` world; initialises megatron-core's
+    parallel state if it is not already. `hf_state_dict` holds the full Hugging Face weights (each rank keeps
+    its shard).
+    """
+
+    def __init__(self, hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig,
+                 optim: OptimConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        if not dist.is_initialized():
+            raise ValueError("MegatronPolicy needs torch.distributed to be initialised (torchrun)")
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
+                                         pipeline_model_parallel_size=config.pipeline_model_parallel_size)
+        elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
+              or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
+            raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+        self.hf_config, self.config, self.optim = hf_config, config, optim
+        self.arch = HFArchitecture.from_hf_config(hf_config)
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:
+            tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+        dtype = _DTYPES[config.dtype]
+        tconfig = make_transformer_config(
+            self.arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
+            pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
+            use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations)
+        tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
+        use_te = config.use_transformer_engine
+        if use_te is None:
+            use_te = transformer_engine_available()
+        model = build_gpt_model(self.arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
+                                post_process=ps.is_pipeline_last_stage(), use_transformer_engine=use_te)
+        if on_gpu:
+            model = model.cuda(torch.cuda.current_device())
+        import_hf_state_dict(model, hf_state_dict, self.arch, self.tp_group)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=config.use_distributed_optimizer, average_in_collective=False)
+        self.model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+                adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=max(optim.grad_clip, 0.0),
+                use_distributed_optimizer=config.use_distributed_optimizer, params_dtype=dtype,
+                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16),
+            [self.model])
+        self.step = 0
+        self._set_lr()
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def _head(self, temperature: float) -> LogprobHead:
+        return LogprobHead(tp_group=self.tp_group, valid_vocab_size=self.arch.vocab_size, temperature=temperature,
+                           fused_kernel=self.config.fused_kernel)
+
+    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group)
+
+    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                         temperature: float = 1.0) -> list[dict[str, float]]:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        metrics = run_pipeline(self.model, batch.micro_batches(micro_batch_size), self._head(temperature),
+                               loss_fn=loss_fn)
+        # Only the last stage ran loss_fn; every rank returns its metrics.
+        if dist.get_world_size(self.pp_group) > 1:
+            holder = [metrics]
+            last = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
+            dist.broadcast_object_list(holder, src=last, group=self.pp_group)
+            metrics = holder[0]
+        return metrics
+
+    # -- optimiser ----------------------------------------------------------------------------------------------
+    def _set_lr(self) -> None:
+        """Our warm-up + cosine schedule (models/optim.py) in place of megatron's OptimizerParamScheduler, which
+        is also what turns megatron's per-group `wd_mult` (0 for biases and norm gains) into weight decay."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.optim.weight_decay * group.get("wd_mult", 1.0)
+
+    def optimizer_step(self) -> float:
+        _sum_over_dp_finalize([self.model])
+        self._set_lr()
+        if self.optim.grad_clip > 0:
+            ok, grad_norm, _ = self.optimizer.step()
+        else:  # megatron only measures the norm when clipping; report it anyway
+            self.optimizer.prepare_grads()
+            grad_norm = self.optimizer.get_grad_norm()
+            ok = self.optimizer.step_with_ready_grads()
+        if not ok:
+            raise RuntimeError("megatron optimizer step skipped (non-finite gradients)")
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.step += 1
+        return float(grad_norm)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optim.lr * lr_multiplier(self.step, self.optim)
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's shard of model and optimiser state (resume on the same layout; see checkpoint.py for
+        resharding checkpoints)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self._set_lr()
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full Hugging Face weights on every rank (CPU)."""
+        return export_hf_state_dict(self.model, self.arch, self.tp_group, self.pp_group)
+
+    def save_pretrained(self, path: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        weights = self.hf_state_dict()
+        if dist.get_rank() == 0:
+            hf_model = AutoModelForCausalLM.from_config(self.hf_config)
+            missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+            allowed = {"lm_head.weight"} if self.arch.tie_word_embeddings else set()
+            if set(missing) - allowed or unexpected:
+                raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+            hf_model.save_pretrained(path)
+        dist.barrier()

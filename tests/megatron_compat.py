@@ -1,0 +1,85 @@
+"""Test-only CPU stand-ins for the CUDA calls megatron-core makes unconditionally.
+
+megatron-core's model forward, pipeline schedules and p2p communication assume a GPU: the rotary embedding moves
+its frequencies to `torch.cuda.current_device()`, the schedules allocate token counters with `device="cuda"`,
+p2p shape exchange calls `torch.cuda.synchronize()`, and attention dropout runs inside the CUDA RNG tracker.
+`install()` redirects exactly these to the CPU inside a spawned gloo test process. It is never imported by the
+package, and only test processes (never the pytest parent) call it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+
+import torch
+
+_CUDA_ALLOCATORS = ("zeros", "ones", "empty", "full", "tensor", "arange")
+# megatron-core modules that allocate tensors with a literal `device="cuda"`.
+_MODULES_WITH_CUDA_TENSORS = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.transformer.utils",
+    "megatron.core.utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.exchange_utils",
+)
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or str(device).startswith("cuda"):
+        return "cpu"
+    return device
+
+
+class _TorchOnCPU(types.ModuleType):
+    """A view of `torch` whose tensor factories map a CUDA device to the CPU (for megatron modules only)."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _CUDA_ALLOCATORS:
+            def factory(*args, __fn=attr, **kwargs):
+                if "device" in kwargs:
+                    kwargs["device"] = _cpu_device(kwargs["device"])
+                return __fn(*args, **kwargs)
+            return factory
+        return attr
+
+
+def install() -> None:
+    """Redirect megatron-core's CUDA calls to the CPU in this process."""
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    # Gradient sync waits on CUDA-graph events via the current stream; there are none on the CPU.
+    torch.cuda.current_stream = lambda *a, **k: types.SimpleNamespace(wait_event=lambda event: None,
+                                                                      wait_stream=lambda stream: None)
+
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    # Dropout is 0 in every test model; the tracker only swaps CUDA RNG states around it.
+    mpu_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+
+    # megatron's gradient clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`: report CPU tensors as CUDA.
+    tensor_type = torch.Tensor.type
+
+    def type_as_cuda(self, *args, **kwargs):
+        name = tensor_type(self, *args, **kwargs)
+        if args or kwargs or self.is_cuda:
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_as_cuda
+    # Tied embeddings: the last pipeline stage moves its copy with `weight.data.cuda()` before syncing it.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+    proxy = _TorchOnCPU()
+    for module_name in _MODULES_WITH_CUDA_TENSORS:
+        importlib.import_module(module_name).torch = proxy
