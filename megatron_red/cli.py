@@ -106,14 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--out")
     plot.set_defaults(func=_plot)
 
-    try:
-        from megatron_red.eval import command as eval_command
+    from megatron_red.eval import command as eval_command
 
-        evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the paper's benchmarks")
-        eval_command.add_arguments(evaluate)
-        evaluate.set_defaults(func=eval_command.run)
-    except ImportError:
-        pass
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the paper's benchmarks (Table 2 protocol)")
+    eval_command.add_arguments(evaluate)
+    evaluate.set_defaults(func=eval_command.run)
 
     args = parser.parse_args(argv)
     try:

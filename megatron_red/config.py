@@ -162,6 +162,10 @@ def _coerce(value, annotation, where: str):
         if str(value).lower() in ("false", "0", "no", "off"):
             return False
         raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if annotation is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML reads a bare on/off as a boolean
+    if annotation is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
     if annotation in (int, float, str):
         try:
             return annotation(value)
@@ -218,9 +222,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw)
     config = _from_dict(RunConfig, tree)
+    _check_keys(config.data.builtin, "megatron_red.data.builtin", "BuiltinTaskConfig", "data.builtin")
+    _check_keys(config.algo.loss, "megatron_red.objectives.loss", "RedLossConfig", "algo.loss")
     if "optim" not in tree or "total_steps" not in tree.get("optim", {}):
         config.optim.total_steps = config.trainer.steps
     return config
+
+
+def _check_keys(overrides: dict, module: str, cls_name: str, where: str) -> None:
+    """Field overrides for another dataclass (kept as dicts so this module stays light) must name its fields."""
+    import importlib
+
+    names = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls_name))}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; valid: {sorted(names)}")
 
 
 def config_to_dict(config: RunConfig) -> dict:

@@ -32,6 +32,28 @@ from megatron_red.trainer.metrics import MetricsLog
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
 
 
+# Local means of `red_policy_loss`, each with the token count that weighs it when micro-batches are combined.
+_WEIGHTED_MEANS = {"clip_fraction": "num_on_policy_tokens", "on_policy_ratio_mean": "num_on_policy_tokens",
+                   "r_off_mean": "num_offline_tokens"}
+
+
+def aggregate_micro_metrics(per_micro: list[dict]) -> dict:
+    """Combine per-micro-batch loss metrics: loss parts (already globally normalised) and counts add up, local
+    means are weighted by their token counts, anything else is averaged."""
+    out = {}
+    for key in per_micro[0]:
+        values = [(m[key], m.get(_WEIGHTED_MEANS.get(key, ""), 1.0)) for m in per_micro
+                  if m.get(key) is not None and math.isfinite(m[key])]
+        if key.startswith(("loss", "num_")):
+            out[key] = sum(v for v, _ in values)
+        elif key in _WEIGHTED_MEANS:
+            total = sum(w for _, w in values)
+            out[key] = sum(v * w for v, w in values) / total if total else float("nan")
+        elif values:
+            out[key] = sum(v for v, _ in values) / len(values)
+    return out
+
+
 def method_names() -> tuple[str, ...]:
     from megatron_red.objectives.loss import PRESETS
 
@@ -159,12 +181,7 @@ class RedTrainer:
         per_micro = self.policy.forward_backward(batch, self.config.trainer.micro_batch_size, loss_fn)
         grad_norm = self.policy.optimizer_step()
         out = {"train/grad_norm": grad_norm, "train/lr": self.policy.learning_rate}
-        for key in per_micro[0]:
-            values = [m[key] for m in per_micro if m.get(key) is not None and math.isfinite(m[key])]
-            if not values:
-                continue
-            # loss parts are already globally normalised, so they add up; the rest are averaged.
-            out[f"loss/{key}"] = sum(values) if key.startswith("loss") else sum(values) / len(values)
+        out.update({f"loss/{k}": v for k, v in aggregate_micro_metrics(per_micro).items()})
         return out
 
     # ------------------------------------------------------------------ rewards and schedules
@@ -188,13 +205,15 @@ class RedTrainer:
         """BREAD: for prompts whose G rollouts all failed, re-roll from the shortest trace prefix that yields a
         success; the prefix joins the prompt (context, not trained). Returns how many groups were branched."""
         branched = 0
-        for group, ex in zip(groups, examples):
+        for i, (group, ex) in enumerate(zip(groups, examples)):
             if max(group.rewards) > 0:
                 continue
-            for fraction in self.config.algo.bread_prefix_fractions:
+            for j, fraction in enumerate(self.config.algo.bread_prefix_fractions):
                 prefix = ex.trace_ids[: int(len(ex.trace_ids) * fraction)]
                 prompt = ex.prompt_ids + prefix
-                comps = self.engine.generate([prompt], self.config.rollout.n, self.sampling_params(self.step))[0]
+                params = self.sampling_params(self.step)
+                params.seed = params.seed * 7919 + 1 + i * len(self.config.algo.bread_prefix_fractions) + j
+                comps = self.engine.generate([prompt], self.config.rollout.n, params)[0]
                 rewards = self.reward([prefix + c.token_ids for c in comps], ex.answer)
                 if max(rewards) > 0:
                     group.prompt_ids, group.responses, group.rewards = prompt, [c.token_ids for c in comps], rewards
@@ -203,7 +222,8 @@ class RedTrainer:
         return branched
 
     def relift_sft_step(self) -> dict:
-        """ReLIFT: one SFT update on the buffered all-fail prompts' traces, then the buffer is emptied."""
+        """ReLIFT: one SFT update on the buffered all-fail prompts' traces, then the buffer is emptied. It is an
+        optimiser step like any other (same optimiser, and it advances the learning-rate schedule)."""
         examples = [self.task.train[i] for i in self.relift_buffer]
         self.relift_buffer = []
         sft = RedLossConfig.sft()
@@ -232,10 +252,12 @@ class RedTrainer:
                 bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in
                                  ("reward/mean", "entropy/H_rl", "entropy/w", "response/mean_length")
                                  if isinstance(metrics.get(k), float)})
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.save_every == 0:
                     self.save()
         finally:
             bar.close()
+        if checkpoint.latest_checkpoint(self.run_dir) is None or self.step % cfg.save_every:
+            self.save()
         final = self.evaluate()
         self.log.log(self.step, {"final": True, **final})
         self.log.close()
