@@ -105,7 +105,7 @@ def as_tensors(obj):
     return obj
 
 
-def _worker(rank, world_size, hf_config, hf_state, tp, pp, batch, micro_batch_size):
+def _worker(rank, world_size, hf_config, hf_state, tp, pp, batch, micro_batch_size, fused_kernel):
     import megatron_compat
     megatron_compat.install()
     from megatron.core import parallel_state as ps
@@ -114,7 +114,7 @@ def _worker(rank, world_size, hf_config, hf_state, tp, pp, batch, micro_batch_si
 
     policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype="float32",
-        use_distributed_optimizer=False), OPTIM)
+        use_distributed_optimizer=False, fused_kernel=fused_kernel), OPTIM)
     exported = policy.hf_state_dict()
     # Each data-parallel rank trains on its own rows; the loss uses the global token count.
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -129,18 +129,19 @@ def _worker(rank, world_size, hf_config, hf_state, tp, pp, batch, micro_batch_si
                          grad_norm=grad_norm, stepped=stepped))
 
 
-@pytest.mark.parametrize("model_type,tp,pp,dp", [
-    ("qwen2", 2, 1, 1),
-    ("llama", 1, 2, 1),
-    ("qwen2", 2, 2, 1),
-    ("llama", 1, 2, 2),
+@pytest.mark.parametrize("model_type,tp,pp,dp,fused_kernel", [
+    ("qwen2", 2, 1, 1, False),
+    ("llama", 1, 2, 1, False),
+    ("qwen2", 2, 2, 1, False),
+    ("llama", 1, 2, 2, False),
+    ("llama", 2, 1, 1, True),  # fused LM-head kernel (its torch fallback on CPU) with a tied TP-split head
 ])
-def test_megatron_matches_hf(model_type, tp, pp, dp):
+def test_megatron_matches_hf(model_type, tp, pp, dp, fused_kernel):
     config = tiny_hf_config(model_type)
     model = tiny_hf_model(config)
     hf_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batch = make_batch()
-    results = run_distributed(_worker, tp * pp * dp, config, hf_state, tp, pp, batch, 1)
+    results = run_distributed(_worker, tp * pp * dp, config, hf_state, tp, pp, batch, 1, fused_kernel)
 
     with torch.no_grad():
         ref_lp, ref_ent = hf_logprobs_entropy(model, batch)

@@ -49,17 +49,12 @@ class LogprobHead:
         hidden = hidden_states[:-1]  # position t predicts target t = input t+1
         weight = output_weight if output_weight is not None else output_layer.weight
         if self.fused_kernel:
-            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
             from megatron_red.kernels import fused_linear_logprobs_entropy
 
-            # Like ColumnParallelLinear: identity forward, all-reduce of the hidden-state gradient over TP.
-            if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
-                hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
-            hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
-            logprobs, entropy = fused_linear_logprobs_entropy(
-                hidden, weight, targets.reshape(-1), tp_group=self.tp_group, temperature=self.temperature,
-                valid_vocab_size=self.valid_vocab_size)
-            return logprobs.view(targets.shape), entropy.view(targets.shape)
+            # The kernel sums the hidden-state gradient over tp_group itself (ColumnParallelLinear's job otherwise).
+            return fused_linear_logprobs_entropy(hidden.transpose(0, 1), weight, targets, tp_group=self.tp_group,
+                                                 temperature=self.temperature,
+                                                 valid_vocab_size=self.valid_vocab_size)
         logits, _ = output_layer(hidden, weight=output_weight, runtime_gather_output=False)
         logits = logits.transpose(0, 1)  # [b, L-1, V_shard]
         if self.temperature != 1.0:
