@@ -5,8 +5,9 @@ import re
 import pytest
 
 from megatron_red.data import BuiltinTask, BuiltinTaskConfig, grade
+from megatron_red.data.builtin import teacher_trace
 
-CONFIG = BuiltinTaskConfig(seed=5, num_train=600, num_test=120)
+CONFIG = BuiltinTaskConfig(seed=5, num_train=600, num_test=120, num_warmup=300)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,9 @@ def test_splits_disjoint_and_deterministic(task):
 
     train = {key(p.text) for p in task.train_problems}
     test = {key(p.text) for p in task.test_problems}
-    assert len(train) == CONFIG.num_train and len(test) == CONFIG.num_test and not train & test
+    warmup = {key(e.prompt_text) for e in task.warmup_examples()}
+    assert len(task.train_problems) == CONFIG.num_train and len(test) == CONFIG.num_test
+    assert not train & test and not warmup & test
     assert len({e.uid for e in task.train_examples + task.test_examples}) == CONFIG.num_train + CONFIG.num_test
 
     again = BuiltinTask(CONFIG)
@@ -91,9 +94,11 @@ def test_teacher_traces_correct_verbose_and_tokenized(task):
 
 def test_warmup_is_easy_short_and_correct(task):
     warmup = task.warmup_examples()
-    easy = [p for p in task.train_problems if p.steps <= CONFIG.warmup_max_steps]
-    assert len(warmup) == len(easy) > 0
-    teacher = {e.uid: e for e in task.train_examples}
+    assert len(warmup) == CONFIG.num_warmup
+    assert {e.difficulty for e in warmup} == set(range(CONFIG.min_steps, CONFIG.warmup_max_steps + 1))
+    # The teacher's trace of each warm-up problem, written for comparison only.
+    teacher = {p.uid: task._example(p, teacher_trace(p, CONFIG.verify_probability, CONFIG.seed))
+               for p in task.warmup_problems()}
     for ex in warmup:
         assert ex.difficulty <= CONFIG.warmup_max_steps
         assert grade(ex.trace_text, ex.answer) == 1.0
@@ -131,4 +136,4 @@ def test_config_validation():
     with pytest.raises(ValueError, match="verify_probability"):
         BuiltinTaskConfig(verify_probability=1.5)
     with pytest.raises(ValueError, match="distinct"):
-        BuiltinTask(BuiltinTaskConfig(num_train=5000, max_steps=4, hard_min_steps=3, max_start=3))
+        BuiltinTask(BuiltinTaskConfig(num_test=5000, max_steps=4, hard_min_steps=3, max_start=3))

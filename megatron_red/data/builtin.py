@@ -34,15 +34,16 @@ class BuiltinTaskConfig:
     """Knobs of the built-in task (defaults: the embedded CPU demo)."""
 
     seed: int = 0                   # seeds problem generation, the split and the teacher's verbosity choices
-    num_train: int = 2000           # training problems (each with a teacher trace)
-    num_test: int = 200             # held-out problems, disjoint from train by (start, operations)
+    num_train: int = 4000           # training problems (each with a teacher trace); may repeat, never a test problem
+    num_test: int = 200             # held-out problems: distinct, and disjoint from train by (start, operations)
+    num_warmup: int = 4000          # warm-up solutions, drawn afresh from the easy problems (never a test problem)
     min_steps: int = 1              # fewest operations in a problem
     max_steps: int = 6              # most operations in a problem; difficulties are spread evenly in between
     hard_min_steps: int = 4         # a problem is "hard" when steps >= this
     warmup_max_steps: int = 2       # warm-up SFT data uses only problems with steps <= this
-    max_value: int = 99             # every start/intermediate/final value lies in 0..max_value
-    max_start: int = 30             # the starting amount is drawn from 2..max_start
-    max_operand: int = 9            # add/subtract operands are drawn from 1..max_operand
+    max_value: int = 30             # every start/intermediate/final value lies in 0..max_value
+    max_start: int = 12             # the starting amount is drawn from 2..max_start
+    max_operand: int = 5            # add/subtract operands are drawn from 1..max_operand
     verify_probability: float = 0.5  # chance the teacher re-checks each step ("Wait, let me verify: ...")
     vocab_size: int = 256           # SentencePiece vocabulary (closed task text: no byte fallback)
 
@@ -54,8 +55,9 @@ class BuiltinTaskConfig:
                 "need min_steps <= warmup_max_steps < hard_min_steps <= max_steps, got "
                 f"{self.min_steps}, {self.warmup_max_steps}, {self.hard_min_steps}, {self.max_steps}"
             )
-        if self.num_train < 1 or self.num_test < 1:
-            raise ValueError(f"num_train and num_test must be >= 1, got {self.num_train}, {self.num_test}")
+        if self.num_train < 1 or self.num_test < 1 or self.num_warmup < 1:
+            raise ValueError("num_train, num_test and num_warmup must be >= 1, got "
+                             f"{self.num_train}, {self.num_test}, {self.num_warmup}")
         if not 2 <= self.max_start <= self.max_value or self.max_operand < 1:
             raise ValueError("need 2 <= max_start <= max_value and max_operand >= 1")
         if not 0.0 <= self.verify_probability <= 1.0:
@@ -125,10 +127,12 @@ class BuiltinTask:
     def __init__(self, config: BuiltinTaskConfig | None = None):
         self.config = config = config or BuiltinTaskConfig()
         rng = random.Random(f"{config.seed}:problems")
-        seen: set[tuple] = set()
-        # Test first, so that the held-out split is balanced over difficulties whatever num_train is.
-        self.test_problems = self._generate(rng, config.num_test, "test", seen)
-        self.train_problems = self._generate(rng, config.num_train, "train", seen)
+        # Test first, so that the held-out split is balanced over difficulties whatever num_train is. Test problems
+        # are distinct; training problems only avoid them (short chains have few distinct problems: they repeat).
+        self.test_keys: set[tuple] = set()
+        levels = range(config.min_steps, config.max_steps + 1)
+        self.test_problems = self._generate(rng, config.num_test, "test", levels, distinct=True)
+        self.train_problems = self._generate(rng, config.num_train, "train", levels, distinct=False)
         self.traces = {p.uid: teacher_trace(p, config.verify_probability, config.seed)
                        for p in self.train_problems + self.test_problems}
 
@@ -139,9 +143,12 @@ class BuiltinTask:
         self.train_examples = [self._example(p, self.traces[p.uid]) for p in self.train_problems]
         self.test_examples = [self._example(p, self.traces[p.uid]) for p in self.test_problems]
 
-    def _generate(self, rng: random.Random, count: int, split: str, seen: set[tuple]) -> list[BuiltinProblem]:
+    def _generate(self, rng: random.Random, count: int, split: str, levels: range,
+                  distinct: bool) -> list[BuiltinProblem]:
+        """`count` problems, difficulties cycling through `levels`, none of them a test problem; with `distinct`,
+        each is recorded as a test problem."""
         c = self.config
-        levels = list(range(c.min_steps, c.max_steps + 1))
+        levels = list(levels)
         out = []
         for i in range(count):
             steps = levels[i % len(levels)]
@@ -168,11 +175,12 @@ class BuiltinTask:
                         value *= k
                     ops.append((op, k))
                 key = (start, tuple(ops))
-                if key not in seen:
+                if key not in self.test_keys:
                     break
             else:
-                raise ValueError(f"cannot draw {count} distinct {steps}-step problems; lower num_train/num_test")
-            seen.add(key)
+                raise ValueError(f"cannot draw {count} distinct {steps}-step problems; lower num_test")
+            if distinct:
+                self.test_keys.add(key)
             name, pronoun = rng.choice(PEOPLE)
             item = rng.choice(ITEMS)
             out.append(BuiltinProblem(f"builtin-{split}-{i}", name, pronoun, item, start, tuple(ops), value,
@@ -211,7 +219,12 @@ class BuiltinTask:
     def grade(self, response_text: str, answer: str | int) -> float:
         return grade(response_text, answer)
 
+    def warmup_problems(self) -> list[BuiltinProblem]:
+        """`num_warmup` fresh easy problems (steps <= warmup_max_steps, never a test problem)."""
+        c = self.config
+        return self._generate(random.Random(f"{c.seed}:warmup"), c.num_warmup, "warmup",
+                              range(c.min_steps, c.warmup_max_steps + 1), distinct=False)
+
     def warmup_examples(self) -> list[RedExample]:
-        """Short correct solutions of the easy training problems (steps <= warmup_max_steps): warm-up SFT data."""
-        return [self._example(p, short_solution(p))
-                for p in self.train_problems if p.steps <= self.config.warmup_max_steps]
+        """Short correct solutions of the warm-up problems: the SFT data that makes the student a weak base model."""
+        return [self._example(p, short_solution(p)) for p in self.warmup_problems()]
