@@ -58,7 +58,7 @@ def pg_loss_fn(total_tokens: float):
         mask = mb.loss_mask.to(logprobs.dtype)
         adv = mb.fields["advantages"].to(logprobs.dtype)[:, None]
         loss = (-(logprobs * adv * mask).sum() - 0.1 * (entropy * mask).sum()) / total_tokens
-        return loss, {"loss": float(loss)}
+        return loss, {"loss": float(loss.detach())}
     return loss_fn
 
 
