@@ -139,7 +139,11 @@ class BuiltinTask:
         texts = []
         for p in self.train_problems:
             texts += [f"Question: {p.text}\nAnswer:", self.traces[p.uid], short_solution(p)]
-        self.tokenizer: SentencePieceTokenizer = train_sentencepiece(texts, config.vocab_size, byte_fallback=False)
+        # Every value 0..max_value is one token, so each arithmetic fact is a lookup the tiny student can learn;
+        # the multi-step chaining, not digit arithmetic, is what makes a problem hard.
+        numbers = [str(v) for v in range(config.max_value + 1)]
+        self.tokenizer: SentencePieceTokenizer = train_sentencepiece(texts, config.vocab_size, byte_fallback=False,
+                                                                     user_defined_symbols=numbers)
         self.train_examples = [self._example(p, self.traces[p.uid]) for p in self.train_problems]
         self.test_examples = [self._example(p, self.traces[p.uid]) for p in self.test_problems]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -93,7 +95,7 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
     if config.model.backend == "megatron":
         from megatron_red.models.megatron import build_megatron_policy
 
-        return build_megatron_policy(config)
+        return build_megatron_policy(config, task, cache_dir)
     if config.model.backend != "hf":
         raise ValueError(f"unknown model.backend {config.model.backend!r}; valid: hf, megatron")
     device = resolve_device(config.model.device)
@@ -115,7 +117,7 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
 
     key = json.dumps({"model": dataclasses.asdict(config.model), "builtin": config.data.builtin,
                       "seed": config.trainer.seed, "steps": config.data.warmup_steps, "lr": config.data.warmup_lr,
-                      "batch": config.trainer.prompts_per_step}, sort_keys=True)
+                      "batch": config.data.warmup_batch_size}, sort_keys=True)
     path = cache_dir / f"student_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
         return path
@@ -130,7 +132,7 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     sft = RedLossConfig.sft()
     generator = torch.Generator().manual_seed(config.trainer.seed)
     examples = task.warmup
-    batch_size = 4 * config.trainer.prompts_per_step
+    batch_size = config.data.warmup_batch_size
     print(f"[warm-up] {steps} SFT steps on {len(examples)} short solutions of easy problems")
     for _ in range(steps):
         rows = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
@@ -145,15 +147,25 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
 
         policy.forward_backward(batch, config.trainer.micro_batch_size, loss_fn)
         policy.optimizer_step()
-    tmp = path.with_suffix(".tmp")
+    # A private temporary directory, renamed into place: concurrent runs (compare, DP ranks) never see half a student.
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     policy.save_pretrained(str(tmp))
     task.tokenizer.save(str(tmp))
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:  # another run finished the same student first; both are identical
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
 def build_engine(config: RunConfig, policy, tokenizer):
     kind = config.rollout.engine
+    if kind == "local" and config.model.backend == "megatron":
+        from megatron_red.models.megatron import MegatronRolloutEngine
+
+        return MegatronRolloutEngine(policy, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     max_batch_size=config.rollout.max_batch_size)
     if kind == "local":
         from megatron_red.rollout.local import LocalEngine
 
