@@ -8,6 +8,10 @@ Every method of the paper's Table 2 runs through the same step: loss presets by 
 SFT->GRPO (an SFT stage, then GRPO), ReLIFT (GRPO; prompts that all rollouts fail are buffered with their traces and
 trained on with a separate SFT step once the buffer is full) and BREAD (GRPO; all-fail prompts are re-rolled from the
 shortest expert prefix of the trace that gives a success; the prefix is context, not trained).
+
+Data parallelism (Megatron backend under torchrun): each step's prompts are split over the DP replicas
+(`DataParallel.shard`); counts, entropies and metrics are reduced over them (trainer/distributed.py), so the
+update is the full-batch one. With one process every reduction is the identity.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ from megatron_red.objectives import EntropyRatioController, RedLossConfig, red_p
 from megatron_red.rollout.base import SamplingParams
 from megatron_red.trainer import checkpoint
 from megatron_red.trainer.build import build_engine, build_policy, build_task
+from megatron_red.trainer.distributed import DataParallel, NullMetricsLog, is_main_process
 from megatron_red.trainer.evaluate import evaluate_heldout
-from megatron_red.trainer.groups import Group, build_batch, masked_row_mean
+from megatron_red.trainer.groups import Group, build_batch
 from megatron_red.trainer.metrics import MetricsLog
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
@@ -71,6 +76,10 @@ class RedTrainer:
         self.tokenizer = self.task.tokenizer
         self.policy = build_policy(config, self.task, cache_dir=self.run_dir.parent / ".cache")
         self.engine = build_engine(config, self.policy, self.tokenizer)
+        self.dp = DataParallel.for_backend(config.model.backend)
+        if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
+            raise ValueError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
+                             f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
         self.stream = PromptStream(self.task.train, config.trainer.prompts_per_step, seed=config.trainer.seed)
         self.controller = EntropyRatioController(config.rollout.n)
         self.relift_buffer: list[int] = []  # indices into task.train
@@ -87,12 +96,15 @@ class RedTrainer:
             self.controller.load_state_dict(state["controller"])
             self.relift_buffer = state["relift_buffer"]
             self.engine.sync_weights(self.policy)
-            print(f"[resume] {checkpoint_dir} (step {self.step})")
-        else:
+            if is_main_process():
+                print(f"[resume] {checkpoint_dir} (step {self.step})")
+        elif is_main_process():
             with open(self.run_dir / "config.yaml", "w", encoding="utf-8") as f:
                 yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
-        self.log = MetricsLog(self.run_dir, resume_step=self.step if checkpoint_dir else None,
-                              tensorboard=config.trainer.tensorboard)
+        self.log = NullMetricsLog()
+        if is_main_process():
+            self.log = MetricsLog(self.run_dir, resume_step=self.step if checkpoint_dir else None,
+                                  tensorboard=config.trainer.tensorboard)
 
     # ------------------------------------------------------------------ schedule
     def loss_config(self, step: int) -> RedLossConfig:
@@ -112,7 +124,8 @@ class RedTrainer:
 
     # ------------------------------------------------------------------ one RED step
     def red_step(self, examples, loss_cfg: RedLossConfig) -> dict:
-        cfg, tok = self.config, self.tokenizer
+        """One step on `examples`: this data-parallel replica's share of the step's prompts."""
+        cfg, tok, dp = self.config, self.tokenizer, self.dp
         timings, metrics = {}, {}
         t0 = time.perf_counter()
         uses_trace = loss_cfg.offline_in_group or not loss_cfg.online_rl
@@ -129,17 +142,25 @@ class RedTrainer:
                 group.responses = [c.token_ids for c in comps]
                 group.rewards = self.reward([c.token_ids for c in comps], ex.answer)
             timings["time/reward_s"] = time.perf_counter() - t1
-            all_rewards = [r for g in groups for r in g.rewards]
+            # Metrics over the whole step: every replica's groups (the identity with one process).
+            group_rewards = dp.gather([g.rewards for g in groups])
+            lengths = dp.gather([len(r) for g in groups for r in g.responses])
+            finished = dp.gather([c.finished for cs in completions for c in cs])
+            all_rewards = [r for rewards in group_rewards for r in rewards]
             metrics["reward/mean"] = sum(all_rewards) / len(all_rewards)
-            metrics["reward/all_fail_prompts"] = sum(max(g.rewards) == 0 for g in groups)
-            metrics["response/mean_length"] = sum(len(r) for g in groups for r in g.responses) / len(all_rewards)
-            metrics["response/truncated"] = sum(not c.finished for cs in completions for c in cs) / len(all_rewards)
+            metrics["reward/all_fail_prompts"] = sum(max(rewards) == 0 for rewards in group_rewards)
+            metrics["response/mean_length"] = sum(lengths) / len(all_rewards)
+            metrics["response/truncated"] = sum(not f for f in finished) / len(all_rewards)
             if cfg.algo.method == "bread":
-                metrics["bread/branched_prompts"] = self.branch_from_expert_prefixes(groups, examples)
+                metrics["bread/branched_prompts"] = sum(dp.gather([self.branch_from_expert_prefixes(groups,
+                                                                                                    examples)]))
             if cfg.algo.method == "relift":
-                self.relift_buffer += [self._index[ex.uid] for ex, g in zip(examples, groups) if max(g.rewards) == 0]
+                # One buffer for all replicas: its SFT step is taken (and split) by all of them at once.
+                self.relift_buffer += dp.gather([self._index[ex.uid] for ex, g in zip(examples, groups)
+                                                 if max(g.rewards) == 0])
         if uses_trace:
-            metrics["offline/trace_reward"] = sum(g.trace_reward for g in groups) / len(groups)
+            trace_rewards = dp.gather([g.trace_reward for g in groups])
+            metrics["offline/trace_reward"] = sum(trace_rewards) / len(trace_rewards)
 
         # 3. groups -> one padded batch; advantages over the group members, rbar per group.
         batch = build_batch(groups, offline_in_group=loss_cfg.offline_in_group,
@@ -151,8 +172,8 @@ class RedTrainer:
         batch.fields["old_logprobs"] = old_logprobs
         timings["time/logprob_s"] = time.perf_counter() - t2
         is_offline = batch.fields["is_offline"]
-        h_rl = masked_row_mean(entropy, batch.loss_mask, ~is_offline)
-        h_sft = masked_row_mean(entropy, batch.loss_mask, is_offline)
+        h_rl = dp.row_mean(entropy, batch.loss_mask, ~is_offline)  # over all replicas: w is the same everywhere
+        h_sft = dp.row_mean(entropy, batch.loss_mask, is_offline)
         w = self.controller.update(h_rl, h_sft) if loss_cfg.entropy_regulation else 1.0
         metrics.update({"entropy/H_rl": h_rl, "entropy/H_sft": h_sft, "entropy/w": w})
 
@@ -165,12 +186,13 @@ class RedTrainer:
             metrics.update(self.relift_sft_step())
         self.engine.sync_weights(self.policy)
         timings["time/step_s"] = time.perf_counter() - t0
-        metrics["tokens/step"] = int(batch.loss_mask.sum())
+        metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
         return {**metrics, **timings}
 
     def update(self, batch, loss_cfg: RedLossConfig, w: float) -> dict:
-        num_sequences = int((batch.loss_mask.sum(dim=1) > 0).sum())
-        num_tokens = batch.loss_mask.sum()
+        # Global counts (all micro-batches of all replicas): the gradients summed over DP are the full-batch ones.
+        num_sequences = int(self.dp.all_sum((batch.loss_mask.sum(dim=1) > 0).sum()))
+        num_tokens = self.dp.all_sum(batch.loss_mask.sum())
 
         def loss_fn(logprobs, entropy, mb):
             return red_policy_loss(
@@ -179,6 +201,7 @@ class RedTrainer:
                 num_tokens=num_tokens)
 
         per_micro = self.policy.forward_backward(batch, self.config.trainer.micro_batch_size, loss_fn)
+        per_micro = self.dp.gather(per_micro)  # every replica's micro-batches, for the step's metrics
         grad_norm = self.policy.optimizer_step()
         out = {"train/grad_norm": grad_norm, "train/lr": self.policy.learning_rate}
         out.update({f"loss/{k}": v for k, v in aggregate_micro_metrics(per_micro).items()})
@@ -198,8 +221,9 @@ class RedTrainer:
     def sampling_params(self, step: int) -> SamplingParams:
         r = self.config.rollout
         # A seed per step (not one advancing generator) keeps a resumed run's rollouts identical.
-        return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                              seed=self.config.trainer.seed * 1_000_003 + step)
+        # Data-parallel replicas sample their own prompts with their own seeds (identity with one replica).
+        seed = (self.config.trainer.seed * 1_000_003 + step) * self.dp.size + self.dp.rank
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
 
     def branch_from_expert_prefixes(self, groups: list[Group], examples) -> int:
         """BREAD: for prompts whose G rollouts all failed, re-roll from the shortest trace prefix that yields a
@@ -224,25 +248,26 @@ class RedTrainer:
     def relift_sft_step(self) -> dict:
         """ReLIFT: one SFT update on the buffered all-fail prompts' traces, then the buffer is emptied. It is an
         optimiser step like any other (same optimiser, and it advances the learning-rate schedule)."""
-        examples = [self.task.train[i] for i in self.relift_buffer]
+        buffered = len(self.relift_buffer)
+        examples = [self.task.train[i] for i in self.dp.shard(self.relift_buffer)]
         self.relift_buffer = []
         sft = RedLossConfig.sft()
         batch = build_batch([Group(ex.prompt_ids, trace_ids=ex.trace_ids) for ex in examples],
                             offline_in_group=False, std_normalize=False, pad_token_id=self.tokenizer.pad_token_id)
         batch.fields["old_logprobs"] = torch.zeros_like(batch.loss_mask)
         out = self.update(batch, sft, 1.0)
-        return {"relift/sft_prompts": len(examples), "relift/sft_loss": out.get("loss/loss", float("nan"))}
+        return {"relift/sft_prompts": buffered, "relift/sft_loss": out.get("loss/loss", float("nan"))}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         cfg = self.config.trainer
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.config.algo.method}", disable=not cfg.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.config.algo.method}",
+                   disable=not (cfg.progress and is_main_process()), dynamic_ncols=True)
         try:
             while self.step < cfg.steps:
-                examples = self.stream.next_batch()
+                examples = self.dp.shard(self.stream.next_batch())
                 metrics = self.red_step(examples, self.loss_config(self.step))
                 self.step += 1
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:

@@ -190,6 +190,18 @@ class MegatronPolicy(PolicyBackend):
         self.step = state["step"]
         self._set_lr()
 
+    def save_checkpoint(self, directory: str) -> None:
+        """Collective: model and optimiser as a reshardable dist_checkpointing checkpoint (see checkpoint.py)."""
+        from megatron_red.models.megatron.checkpoint import save_checkpoint
+
+        save_checkpoint(self, directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Collective: restore a checkpoint written by `save_checkpoint`, at any TP / PP / DP layout."""
+        from megatron_red.models.megatron.checkpoint import load_checkpoint
+
+        load_checkpoint(self, directory)
+
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Full Hugging Face weights on every rank (CPU)."""
         return export_hf_state_dict(self.model, self.arch, self.tp_group, self.pp_group)

@@ -1,0 +1,183 @@
+"""`RedTrainer` on the Megatron backend under torch.distributed (CPU, gloo, fp32) against the single-process
+Hugging Face backend, on the built-in task at toy size (RED: rollouts + offline trace, entropy-ratio weight w).
+
+- TP = 2 (DP = 1): the same seeds give the same rollouts, so every logged number of every step (loss, H_rl,
+  H_sft, w, rewards, grad norm, token counts) and the final weights must match the HF run; the Megatron run is
+  stopped after step 1 and resumed from its dist_checkpointing checkpoint, which must not change anything.
+- DP = 2 (TP = 1, distributed optimiser): each replica rolls out and trains on half of the step's prompts, and
+  counts / entropies / metrics are reduced over the replicas, so the step must equal the full-batch step. The
+  production engine seeds a replica's whole batch (seed per step and DP rank), so both runs here sample through
+  `PerPromptSeeds`, which seeds each prompt by its tokens: a prompt's rollouts then do not depend on which replica
+  drew it, and the HF run is the reference again.
+
+w = clip(|dH_sft / dH_rl|, 1, G) divides two relative entropy changes of ~1e-4 (a near-uniform toy student), which
+turns the ~1e-7 float32 differences between the backends' entropies into ~1% differences of w. So the Megatron run
+records the w its controller computes from the all-reduced entropies (checked against the HF run's to 2%, and
+exactly against the controller fed the H_rl / H_sft it logged, which match to 1e-5) but trains with the HF run's w,
+which keeps every other number comparable at 1e-5.
+
+megatron-core's unconditional CUDA calls are redirected by tests/megatron_compat.py (no GPU here); everything
+else is the real code path of `megatron-red train model.backend=megatron` under torchrun.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from megatron_red.rollout.base import RolloutEngine
+from trainer_fixtures import read_lines, step_lines, tiny_config
+
+pytest.importorskip("megatron.core")
+
+STEPS = 2
+# The same learning-rate schedule for a run stopped after step 1 and for the uninterrupted runs.
+COMMON = [f"trainer.steps={STEPS}", "optim.total_steps=2", "optim.warmup_steps=1", "trainer.save_every=100"]
+
+
+class PerPromptSeeds(RolloutEngine):
+    """Test-only engine wrapper: each prompt is sampled alone, with a seed taken from its tokens."""
+
+    def __init__(self, engine: RolloutEngine):
+        self.engine = engine
+
+    def generate(self, prompts, n, params):
+        return [self.engine.generate([p], n, dataclasses.replace(params, seed=zlib.crc32(str(p).encode())))[0]
+                for p in prompts]
+
+    def sync_weights(self, policy) -> None:
+        self.engine.sync_weights(policy)
+
+
+def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = None, computed_w: list | None = None):
+    """At this size the student never solves a problem, so every GRPO group would be uniform; "the text has an
+    even number of characters" or'ed into the verifier's reward gives the groups signal (as in test_trainer_e2e)."""
+    verify = trainer.task.reward_fn
+    trainer.task.reward_fn = lambda texts, answers: [max(float(r), float(len(t) % 2 == 0))
+                                                     for r, t in zip(verify(texts, answers), texts)]
+    if per_prompt_seeds:
+        trainer.engine = PerPromptSeeds(trainer.engine)
+    if pinned_w is not None:  # see the module docstring
+        update = trainer.controller.update
+
+        def pinned_update(h_rl, h_sft):
+            computed_w.append(update(h_rl, h_sft))
+            return pinned_w[trainer.step]
+
+        trainer.controller.update = pinned_update
+    return trainer
+
+
+def _hf_run(run_dir: Path, student: str, per_prompt_seeds: bool):
+    from megatron_red.trainer.red_trainer import RedTrainer
+
+    trainer = _prepare(RedTrainer(tiny_config(run_dir, *COMMON, f"model.path={student}"), run_dir), per_prompt_seeds)
+    trainer.train()
+    return read_lines(run_dir), {k: v.detach().clone() for k, v in trainer.policy.model.state_dict().items()}
+
+
+def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_seeds, pinned_w):
+    import megatron_compat
+    megatron_compat.install()
+    from megatron.core import parallel_state as ps
+
+    from megatron_red.trainer.red_trainer import RedTrainer
+
+    run_dir, computed_w = Path(run_dir), []
+    if stop_at is not None:  # a first run that checkpoints at `stop_at`, then a resumed one
+        first = tiny_config(run_dir, *COMMON, *overrides, f"trainer.steps={stop_at}")
+        _prepare(RedTrainer(first, run_dir), per_prompt_seeds, pinned_w, computed_w).train()
+    trainer = _prepare(RedTrainer(tiny_config(run_dir, *COMMON, *overrides), run_dir, resume=stop_at is not None),
+                       per_prompt_seeds, pinned_w, computed_w)
+    prompts, red_step = [], trainer.red_step
+
+    def recording_step(examples, loss_cfg):
+        prompts.append([ex.uid for ex in examples])
+        return red_step(examples, loss_cfg)
+
+    trainer.red_step = recording_step
+    trainer.train()
+    weights = {k: v.numpy() for k, v in trainer.policy.hf_state_dict().items()}
+    ps.destroy_model_parallel()
+    return weights, prompts, computed_w
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("trainer_megatron")
+
+
+@pytest.fixture(scope="module")
+def student(root) -> str:
+    """The warmed-up tiny built-in student as a Hugging Face checkpoint directory (tied embeddings)."""
+    from megatron_red.trainer.build import build_task, warmed_up_student
+
+    config = tiny_config(root / "student")
+    return str(warmed_up_student(config, build_task(config), root / ".cache"))
+
+
+def _assert_runs_match(hf_lines, hf_weights, mg_lines, mg_weights, computed_w, student):
+    assert [r["step"] for r in mg_lines] == [*range(1, STEPS + 1), STEPS]  # one line per step (rank 0 only)
+    assert [r["step"] for r in hf_lines] == [r["step"] for r in mg_lines]
+    for hf, mg in zip(hf_lines, mg_lines):
+        keys = {k for k in hf if not k.startswith("time/")}
+        assert keys == {k for k in mg if not k.startswith("time/")}
+        for key in sorted(keys):
+            if isinstance(hf[key], float) and math.isfinite(hf[key]):
+                assert mg[key] == pytest.approx(hf[key], rel=1e-5, abs=1e-5), (hf["step"], key)
+            else:
+                assert mg[key] == hf[key], (hf["step"], key)
+    assert all(line["train/grad_norm"] > 0 and 1.0 <= line["entropy/w"] <= 3.0 for line in hf_lines[:-1])
+
+    from megatron_red.objectives import EntropyRatioController
+
+    controller = EntropyRatioController(3)  # G = rollout.n = 3
+    recomputed = [controller.update(line["entropy/H_rl"], line["entropy/H_sft"]) for line in mg_lines[:-1]]
+    assert computed_w == pytest.approx(recomputed, rel=1e-12)
+    assert computed_w == pytest.approx([line["entropy/w"] for line in hf_lines[:-1]], rel=2e-2)
+
+    from megatron_red.models.megatron import load_hf_checkpoint
+
+    _, start = load_hf_checkpoint(student)
+    assert set(mg_weights) == set(start) and "lm_head.weight" not in start  # tied head, exported once
+    for key in start:
+        torch.testing.assert_close(torch.from_numpy(mg_weights[key]), hf_weights[key], atol=1e-5, rtol=0, msg=key)
+    # The two steps moved the weights by far more than the tolerance.
+    assert max((hf_weights[k] - start[k]).abs().max().item() for k in start) > 1e-4
+
+
+def test_tensor_parallel_run_with_resume_matches_hf(root, student):
+    hf_lines, hf_weights = _hf_run(root / "hf", student, per_prompt_seeds=False)
+    run_dir = root / "megatron_tp2"
+    overrides = ["model.backend=megatron", f"model.path={student}", "model.tensor_model_parallel_size=2",
+                 "model.use_distributed_optimizer=false"]
+    pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
+    (weights, prompts, computed_w), (weights_1, prompts_1, _) = run_distributed(
+        _megatron_worker, 2, str(run_dir), overrides, 1, False, pinned_w)
+    assert prompts == prompts_1 and [len(p) for p in prompts] == [2]  # both TP ranks: the resumed step's 2 prompts
+    assert weights.keys() == weights_1.keys() and all((weights[k] == weights_1[k]).all() for k in weights)
+    _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["latest", "step_000001", "step_000002"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
+    assert (run_dir / "checkpoints" / "step_000002" / "rng_rank1.pt").exists()  # every rank's RNG state
+
+
+def test_data_parallel_step_matches_full_batch(root, student):
+    hf_lines, hf_weights = _hf_run(root / "hf_per_prompt", student, per_prompt_seeds=True)
+    run_dir = root / "megatron_dp2"
+    overrides = ["model.backend=megatron", f"model.path={student}", "model.use_distributed_optimizer=true"]
+    pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
+    (weights, prompts, computed_w), (_, prompts_1, computed_w_1) = run_distributed(
+        _megatron_worker, 2, str(run_dir), overrides, None, True, pinned_w)
+    assert computed_w == computed_w_1  # the replicas agree on w: it comes from the all-reduced entropies
+    _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
+    # The replicas split each step's two prompts: one each, together the step's batch.
+    assert [len(p) for p in prompts] == [len(p) for p in prompts_1] == [1] * STEPS
+    assert all(set(a).isdisjoint(b) for a, b in zip(prompts, prompts_1))
+    assert len(step_lines(run_dir)) == STEPS and (run_dir / "config.yaml").exists()
