@@ -22,7 +22,10 @@ def _sharded_state_dict(policy: MegatronPolicy, is_loading: bool, with_optimizer
     model_state = unwrap_model(policy.model).sharded_state_dict()
     state = {"model": model_state}
     if with_optimizer:
-        state["optimizer"] = policy.optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        # The distributed optimiser's default layout ("fully_sharded_model_space") no longer passes megatron-core's
+        # own validation (flattened ranges); "fully_reshardable" also reshards across DP.
+        state["optimizer"] = policy.optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return state
 
 
