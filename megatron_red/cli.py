@@ -9,6 +9,7 @@ from pathlib import Path
 
 def _train(args) -> int:
     from megatron_red.config import load_config
+    from megatron_red.trainer.distributed import is_main_process
     from megatron_red.trainer.red_trainer import RedTrainer
     from megatron_red.trainer.report import plot_runs
 
@@ -25,6 +26,8 @@ def _train(args) -> int:
     start = time.perf_counter()
     trainer = RedTrainer(config, run_dir, resume=bool(args.resume))
     final = trainer.train()
+    if not is_main_process():
+        return 0
     png = plot_runs({config.algo.method: run_dir}, run_dir / "dynamics.png")
     minutes = (time.perf_counter() - start) / 60
     print(f"\n{config.algo.method}: {trainer.step} steps in {minutes:.1f} min")
