@@ -1,4 +1,4 @@
-"""Rollout engines behind one interface (`RolloutEngine`): the local torch engine, vLLM, Megatron inference."""
+"""Rollout engines behind one interface (`RolloutEngine`); this release ships the local torch engine."""
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.local import LocalEngine
 
