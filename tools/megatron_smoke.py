@@ -56,6 +56,11 @@ def timed(fn):
 
 def run_backend(name, policy, batch, mbs, rows):
     tokens = int(batch.attention_mask.sum())
+    # Untimed warm-up on one micro-batch: Triton autotuning, cuBLAS handles, optimiser state allocation.
+    warm = batch.select(slice(0, mbs))
+    policy.logprobs_entropy(warm, mbs)
+    policy.forward_backward(warm, mbs, pg_loss(float(warm.loss_mask.sum())))
+    policy.optimizer_step()
     (lp, _), t_fwd, m_fwd = timed(lambda: policy.logprobs_entropy(batch, mbs))
     loss_fn = pg_loss(float(batch.loss_mask.sum()))
     _, t_step, m_step = timed(lambda: (policy.forward_backward(batch, mbs, loss_fn), policy.optimizer_step()))
