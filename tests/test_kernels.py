@@ -127,20 +127,34 @@ def test_forward_split_and_backward_chunk_cover_the_vocabulary():
     assert 128 * n_splits >= 8 * 132
     # Few tokens: many splits; never more splits than units.
     assert _forward_split(64, 1000, 128, 256, 132, None) == (256, 4)
-    # The dZ chunk fits the byte budget (128 MiB of bf16 at N = 16384 -> 4096 columns).
-    assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig()) == 4096
+    # The dZ buffers together fit the byte budget: 128 MiB of bf16 at N = 16384 is 4096 columns in one buffer,
+    # 2048 in each of two.
+    assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig(grad_buffers=1)) == 4096
+    assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig()) == 2048
+    assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig(grad_chunk_bytes=160 * 2**20)) == 2560
     assert _grad_chunk_cols(100, 300, 2, FusedKernelConfig()) == 300
 
 
+@pytest.mark.parametrize("field,value", [("grad_buffers", 0), ("grad_num_warps", -1), ("grad_group_rows", 1.5),
+                                         ("grad_blocks", (128, 128)), ("blocks", (16, 0, 16)),
+                                         ("grad_chunk_bytes", 0)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        FusedKernelConfig(**{field: value})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the autotuned Triton path)")
-@pytest.mark.parametrize("dtype,value_tol,grad_tol", [(torch.bfloat16, 1e-4, 6e-3), (torch.float32, 1e-5, 1e-5)])
-def test_cuda_triton_path_matches_float64(dtype, value_tol, grad_tol):
+@pytest.mark.parametrize("dtype,value_tol,grad_tol,grad_buffers",
+                         [(torch.bfloat16, 1e-4, 6e-3, 2), (torch.float32, 1e-5, 1e-5, 2),
+                          (torch.bfloat16, 1e-4, 6e-3, 1)])
+def test_cuda_triton_path_matches_float64(dtype, value_tol, grad_tol, grad_buffers):
     hidden, weight, targets = _inputs(n=777, d=200, v=3000, dtype=dtype, seed=5)
     hidden, weight, targets = hidden.cuda(), weight.cuda(), targets.cuda() % 2900
     a, b = torch.randn(2, 777, dtype=torch.float64, device="cuda")
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     lp, ent = fused_linear_logprobs_entropy(h, w, targets, temperature=0.9, valid_vocab_size=2900,
-                                            config=FusedKernelConfig(grad_chunk_cols=1024))
+                                            config=FusedKernelConfig(grad_chunk_cols=1024,
+                                                                     grad_buffers=grad_buffers))
     (lp * a + ent * b).sum().backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     rlp, rent = reference_linear_logprobs_entropy(h64, w64, targets, 0.9, 2900, torch.float64)

@@ -23,10 +23,15 @@ TOLERANCES = {
 }
 
 CASES = [
-    # name, dtype, N, d, V, temperature, valid_vocab_size, splits, grad_chunk_cols, entropy-only loss
-    ("fp32_padded_vocab", "float32", 37, 24, 90, 0.7, 83, 3, 40, False),
-    ("bf16", "bfloat16", 40, 32, 100, 1.3, None, None, None, False),
-    ("fp16_entropy_only", "float16", 21, 20, 70, 1.0, 64, 2, 33, True),
+    # name, dtype, N, d, V, temperature, valid_vocab_size, splits, grad_chunk_cols, entropy-only loss, other
+    # FusedKernelConfig fields (the backward's buffer rotation and its own tile are exercised; the side stream
+    # itself needs CUDA)
+    ("fp32_padded_vocab", "float32", 37, 24, 90, 0.7, 83, 3, 40, False, {}),
+    ("bf16", "bfloat16", 40, 32, 100, 1.3, None, None, None, False, {}),
+    ("fp16_entropy_only", "float16", 21, 20, 70, 1.0, 64, 2, 33, True, {}),
+    ("fp32_three_buffers_grad_tile", "float32", 29, 24, 77, 0.9, None, None, 16, False,
+     {"grad_buffers": 3, "grad_blocks": (16, 16, 16), "grad_num_stages": 4, "grad_group_rows": 3}),
+    ("bf16_one_buffer", "bfloat16", 33, 16, 60, 1.0, 55, None, 24, False, {"grad_buffers": 1}),
 ]
 
 
@@ -79,7 +84,7 @@ def _tp_rank(rank, world_size, valid_vocab_size):
 
     hidden, weight, targets, a, b = _inputs("float32", 27, 20, 96, valid_vocab_size, seed=7)
     v_shard = weight.shape[0] // world_size
-    config = FusedKernelConfig(splits=2, grad_chunk_cols=20)
+    config = FusedKernelConfig(splits=2, grad_chunk_cols=20, grad_group_rows=2)
     return _errors(hidden, weight, targets, a, b, 0.8, valid_vocab_size, tp_group=dist.group.WORLD,
                    shard=slice(rank * v_shard, (rank + 1) * v_shard), config=config)
 
@@ -92,11 +97,12 @@ def _run_all() -> dict:
 
     torch.set_num_threads(1)
     results = {}
-    for name, dtype, n, d, v, temp, valid, splits, chunk, entropy_only in CASES:
+    for name, dtype, n, d, v, temp, valid, splits, chunk, entropy_only, extra in CASES:
         hidden, weight, targets, a, b = _inputs(dtype, n, d, v, valid, seed=len(results))
         if entropy_only:
             a = torch.zeros_like(a)
-        config = FusedKernelConfig(splits=splits, grad_chunk_cols=chunk)
+        # 2 row blocks per L2 group: with these few row blocks, the default 8 would leave one group only.
+        config = FusedKernelConfig(splits=splits, grad_chunk_cols=chunk, **{"grad_group_rows": 2, **extra})
         results[name] = _errors(hidden, weight, targets, a, b, temp, valid, config=config)
     # Rank 1 holds padding rows (valid 90 of 96), then only padding (valid 40 < V_shard = 48).
     for valid in (90, 40):

@@ -11,9 +11,11 @@ V = 152k); this module never does:
 - backward: for chunks of the vocabulary, a Triton kernel recomputes the logits and writes
   dL/dz_j = g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H) (divided by the temperature) into a [N, chunk] buffer
   that two cuBLAS matmuls consume: grad_W[chunk] = dZ^T h and grad_h += dZ W[chunk] (fp32 accumulator);
-  grad_h is then all-reduced over the tensor-parallel group, since h feeds every vocabulary shard.
+  grad_h is then all-reduced over the tensor-parallel group, since h feeds every vocabulary shard. With two dZ
+  buffers the next chunk's dZ kernel runs on a side CUDA stream while the current chunk's matmuls run.
 
-Extra memory is the fp32 grad_h accumulator plus one dZ chunk (`FusedKernelConfig.grad_chunk_bytes`), flat in V.
+Extra memory is the fp32 grad_h accumulator plus the dZ buffers (`FusedKernelConfig.grad_chunk_bytes` in all),
+flat in V.
 Off CUDA (and without TRITON_INTERPRET=1) the same function computes logits chunk by chunk in torch and calls
 `megatron_red.parallel.vocab_parallel_logprobs_entropy`.
 """
@@ -43,13 +45,40 @@ class FusedKernelConfig:
     num_warps: int = 4
     # Vocabulary splits per shard in the forward; None picks enough to give ~8 programs per multiprocessor.
     splits: int | None = None
-    # Memory for the backward's dZ chunk; sets the chunk width when `grad_chunk_cols` is None.
-    # 128 MiB gives 4096 columns at N = 16384 in bf16 (plus a 96 MiB fp32 grad_h accumulator at d = 1536).
+    # Memory for all of the backward's dZ buffers together; sets the chunk width when `grad_chunk_cols` is None.
+    # 128 MiB in 2 buffers gives 2048 columns at N = 16384 in bf16 (plus a 96 MiB fp32 grad_h accumulator at
+    # d = 1536: 224 MiB beyond the gradients).
     grad_chunk_bytes: int = 128 * 2**20
     # Fixed backward chunk width in vocabulary columns (tests use it to force several chunks); None = from bytes.
     grad_chunk_cols: int | None = None
+    # dZ buffers in the backward. With 2 or more on CUDA, the dZ kernel of the next chunks runs on a side stream
+    # while the current chunk's two matmuls run, filling each launch's tail wave with the other's work; 1 is the
+    # sequential schedule on one stream.
+    grad_buffers: int = 2
+    # (BLOCK_N, BLOCK_V, BLOCK_K) of the backward's dZ kernel; None = as the forward (`blocks`, autotuned over the
+    # backward's own config set when that is None too).
+    grad_blocks: tuple[int, int, int] | None = None
+    # Warps and software-pipelining stages of the dZ kernel when `grad_blocks` is given.
+    grad_num_warps: int = 8
+    grad_num_stages: int = 3
+    # Row blocks per L2 group of the dZ kernel's program order: programs running together share these hidden
+    # tiles and the chunk's weight tiles in L2.
+    grad_group_rows: int = 8
     # Tokens per chunk of the CPU fallback (logits are recomputed per chunk in backward); None = 2**24 / V_shard.
     fallback_chunk_rows: int | None = None
+
+    def __post_init__(self):
+        for name in ("grad_buffers", "grad_num_warps", "grad_num_stages", "grad_group_rows", "num_warps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FusedKernelConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("blocks", "grad_blocks"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or any(not isinstance(b, int) or b < 1 for b in value)):
+                raise ValueError(f"FusedKernelConfig.{name} must be None or three ints >= 1 "
+                                 f"(BLOCK_N, BLOCK_V, BLOCK_K), got {value!r}")
+        if self.grad_chunk_bytes < 1:
+            raise ValueError(f"FusedKernelConfig.grad_chunk_bytes must be >= 1, got {self.grad_chunk_bytes!r}")
 
 
 def _interpreting() -> bool:
@@ -96,7 +125,8 @@ def _grad_chunk_cols(n: int, n_valid: int, element_size: int, config: FusedKerne
     if config.grad_chunk_cols is not None:
         cols = config.grad_chunk_cols
     else:
-        cols = max(256, config.grad_chunk_bytes // (max(n, 1) * element_size) // 256 * 256)
+        per_buffer = config.grad_chunk_bytes // config.grad_buffers
+        cols = max(256, per_buffer // (max(n, 1) * element_size) // 256 * 256)
     # The kernel indexes the chunk buffer with int32 offsets.
     return max(1, min(cols, n_valid, (2**31 - 1) // max(n, 1)))
 
@@ -190,46 +220,25 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, lse2, entropy)
         ctx.tp_group, ctx.distributed, ctx.inv_temp = tp_group, distributed, inv_temp
         ctx.n_valid, ctx.vocab_start, ctx.config, ctx.blocks = n_valid, vocab_start, config, blocks
-        # Row blocks per L2 group of the backward kernel (small under the interpreter to exercise the swizzle).
-        ctx.group_rows = 8 if hidden.is_cuda else 2
         return logprobs, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
-        from megatron_red.kernels.triton_kernels import launch_grad_logits
-
         hidden, weight, targets, lse2, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, d = hidden.shape
         n_valid = ctx.n_valid
-        # dL/dx_j = (1/T) [g_lp 1[j=y] - p_j (g_lp + g_H H + g_H ln2 log2 p_j)]  (x = h W^T, z = x / T)
-        inv_temp = ctx.inv_temp
-        grad_logprobs, grad_entropy = grad_logprobs.float(), grad_entropy.float()
-        coef_p = (grad_logprobs + grad_entropy * entropy) * inv_temp
-        coef_logp = grad_entropy * (_LN2 * inv_temp)
-        coef_target = grad_logprobs * inv_temp
+        coefs = _grad_coefficients(grad_logprobs, grad_entropy, entropy, ctx.inv_temp)
 
         grad_weight = None
         if need_weight:
             grad_weight = torch.empty_like(weight)
             grad_weight[n_valid:].zero_()  # padded vocabulary rows: probability 0, no gradient
         grad_acc = torch.zeros(n, d, dtype=torch.float32, device=hidden.device) if need_hidden else None
-
         if (need_hidden or need_weight) and n_valid > 0:
-            chunk = _grad_chunk_cols(n, n_valid, hidden.element_size(), ctx.config)
-            buffer = torch.empty(n * chunk, dtype=hidden.dtype, device=hidden.device)
-            for start in range(0, n_valid, chunk):
-                width = min(chunk, n_valid - start)
-                grad_logits = buffer[: n * width].view(n, width)
-                launch_grad_logits(hidden, weight, targets, lse2, coef_p, coef_logp, coef_target, grad_logits,
-                                   start, ctx.vocab_start, inv_temp * _LOG2E, ctx.group_rows, ctx.blocks,
-                                   ctx.config.num_warps)
-                if need_weight:
-                    _matmul_into(grad_weight[start:start + width], grad_logits.t(), hidden)
-                if need_hidden:
-                    _accumulate_matmul(grad_acc, grad_logits, weight[start:start + width])
-            del buffer
+            _grad_matmuls_by_chunk(hidden, weight, targets, lse2, coefs, grad_weight, grad_acc, n_valid,
+                                   ctx.vocab_start, ctx.inv_temp, ctx.config, ctx.blocks)
 
         grad_hidden = None
         if need_hidden:
@@ -238,6 +247,79 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
                 dist.all_reduce(grad_acc, op=dist.ReduceOp.SUM, group=ctx.tp_group)
             grad_hidden = grad_acc if hidden.dtype == torch.float32 else grad_acc.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _grad_coefficients(grad_logprobs, grad_entropy, entropy, inv_temp):
+    """Per-token fp32 (coef_p, coef_logp, coef_target) of the dZ kernel.
+
+    dL/dx_j = (1/T) [g_lp 1[j=y] - p_j (g_lp + g_H H + g_H ln2 log2 p_j)]  (x = h W^T, z = x / T).
+    """
+    grad_logprobs, grad_entropy = grad_logprobs.float(), grad_entropy.float()
+    coef_p = (grad_logprobs + grad_entropy * entropy) * inv_temp
+    coef_logp = grad_entropy * (_LN2 * inv_temp)
+    coef_target = grad_logprobs * inv_temp
+    return coef_p, coef_logp, coef_target
+
+
+def _grad_matmuls_by_chunk(hidden, weight, targets, lse2, coefs, grad_weight, grad_acc, n_valid, vocab_start,
+                           inv_temp, config, blocks):
+    """grad_weight[chunk] = dZ^T h and grad_acc += dZ W[chunk] over vocabulary chunks of this shard's valid rows.
+
+    Either output may be None (not needed). Chunk k's dZ goes to buffer k mod `config.grad_buffers`. On CUDA with
+    several buffers, dZ kernels run on a side stream, each waiting only until the matmuls that last read its buffer
+    are done, so chunk k+1's dZ overlaps chunk k's matmuls; the current stream waits for each dZ before its
+    matmuls, hence for all side-stream work before anything after this function (the buffers are freed on the
+    current stream safely). No host synchronisation and no allocation inside the loop.
+    """
+    from megatron_red.kernels.triton_kernels import launch_grad_logits
+
+    n = hidden.shape[0]
+    chunk = _grad_chunk_cols(n, n_valid, hidden.element_size(), config)
+    starts = list(range(0, n_valid, chunk))
+    n_buffers = min(config.grad_buffers, len(starts))
+    buffers = [torch.empty(n * chunk, dtype=hidden.dtype, device=hidden.device) for _ in range(n_buffers)]
+    if config.grad_blocks is not None:
+        grad_blocks, warps, stages = config.grad_blocks, config.grad_num_warps, config.grad_num_stages
+    else:
+        grad_blocks, warps, stages = blocks, config.num_warps, 3
+    overlap = hidden.is_cuda and n_buffers > 1
+    main = torch.cuda.current_stream(hidden.device) if overlap else None
+    side = _side_stream(hidden.device) if overlap else None
+    if overlap:
+        side.wait_stream(main)  # the coefficients, lse2 and zeroed outputs were written on the current stream
+        dz_done = [torch.cuda.Event() for _ in range(n_buffers)]
+        mm_done = [torch.cuda.Event() for _ in range(n_buffers)]
+
+    for k, start in enumerate(starts):
+        width = min(chunk, n_valid - start)
+        slot = k % n_buffers
+        grad_logits = buffers[slot][: n * width].view(n, width)
+        with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
+            if overlap and k >= n_buffers:
+                side.wait_event(mm_done[slot])  # the matmuls of chunk k - n_buffers still read this buffer
+            launch_grad_logits(hidden, weight, targets, lse2, *coefs, grad_logits, start, vocab_start,
+                               inv_temp * _LOG2E, config.grad_group_rows, grad_blocks, warps, stages)
+            if overlap:
+                dz_done[slot].record(side)
+        if overlap:
+            main.wait_event(dz_done[slot])
+        if grad_weight is not None:
+            _matmul_into(grad_weight[start:start + width], grad_logits.t(), hidden)
+        if grad_acc is not None:
+            _accumulate_matmul(grad_acc, grad_logits, weight[start:start + width])
+        if overlap:
+            mm_done[slot].record(main)
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One long-lived side stream per device for the backward's dZ kernels (streams are not free to create)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 class _AllReduceGradient(torch.autograd.Function):

@@ -37,6 +37,11 @@ _GPU_CONFIGS = [
 ]
 # The vocabulary split of the forward is a multiple of every BLOCK_V above, so one split size serves all configs.
 SPLIT_COLUMN_MULTIPLE = 256
+# The backward's epilogue keeps more values live per logit (log2 p, p, dZ, the target mask) than the forward's,
+# so its set adds a deeper-pipelined 128 x 128 x 64 tile, which leaves registers to spare at 8 warps.
+_GRAD_CONFIGS = _GPU_CONFIGS + [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+]
 
 
 @triton.jit
@@ -162,7 +167,16 @@ _forward_stats = triton.heuristics({"EVEN_K": _even_k})(_forward_stats_kernel)
 _grad_logits = triton.heuristics({"EVEN_K": _even_k})(_grad_logits_kernel)
 # Keyed on d and a power-of-two bucket of N so that varying micro-batch sizes do not re-tune on every call.
 _forward_stats_tuned = triton.autotune(_GPU_CONFIGS, key=["D", "N_BUCKET", "PRECISION"])(_forward_stats)
-_grad_logits_tuned = triton.autotune(_GPU_CONFIGS, key=["D", "N_BUCKET", "PRECISION"])(_grad_logits)
+_grad_logits_tuned = triton.autotune(_GRAD_CONFIGS, key=["D", "N_BUCKET", "PRECISION"])(_grad_logits)
+
+
+def grad_logits_best_config() -> str | None:
+    """The dZ kernel's autotuned config as "BLOCK_N x BLOCK_V x BLOCK_K, warps, stages", or None before tuning."""
+    best = getattr(_grad_logits_tuned, "best_config", None)
+    if best is None:
+        return None
+    k = best.kwargs
+    return f"{k['BLOCK_N']}x{k['BLOCK_V']}x{k['BLOCK_K']}, {best.num_warps} warps, {best.num_stages} stages"
 
 
 def _dot_options(x: torch.Tensor) -> dict:
@@ -205,11 +219,12 @@ def launch_forward_stats(hidden: torch.Tensor, weight: torch.Tensor, n_valid: in
 def launch_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse2: torch.Tensor,
                        coef_p: torch.Tensor, coef_logp: torch.Tensor, coef_target: torch.Tensor, out: torch.Tensor,
                        chunk_start: int, vocab_start: int, scale2: float, group_rows: int,
-                       blocks: tuple[int, int, int] | None, num_warps: int = 4) -> None:
+                       blocks: tuple[int, int, int] | None, num_warps: int = 4, num_stages: int = 3) -> None:
     """Write dL/dx for vocabulary rows [chunk_start, chunk_start + out.shape[1]) into `out` [N, chunk] (contiguous).
 
     dL/dx_j = 1[j = y] coef_target - p_j (coef_p + coef_logp log2 p_j), p_j = 2^(z2_j - lse2), per-token fp32
-    coefficients [N].
+    coefficients [N]. `blocks` None autotunes; `num_warps` / `num_stages` apply to fixed `blocks` only. Launches on
+    the current CUDA stream.
     """
     n, d = hidden.shape
     chunk_cols = out.shape[1]
@@ -221,4 +236,5 @@ def launch_grad_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         _grad_logits_tuned[grid](*args, **_dot_options(hidden))
     else:
         grid = (triton.cdiv(n, blocks[0]) * triton.cdiv(chunk_cols, blocks[1]),)
-        _grad_logits[grid](*args, **_dot_options(hidden), num_warps=num_warps, **_block_kwargs(blocks))
+        _grad_logits[grid](*args, **_dot_options(hidden), num_warps=num_warps, num_stages=num_stages,
+                           **_block_kwargs(blocks))
