@@ -3,8 +3,8 @@
 First checks correctness against float64 (bf16 and fp32 inputs, values and both gradients; for bf16 the error of
 merely rounding the float64 gradient to bf16 is printed beside ours), then prints a markdown table of
 forward + backward and forward-only time, TFLOP/s (6 N d V useful FLOPs over the fwd+bwd time) and extra peak
-memory for: ours, naive (bf16 logits -> fp32 log_softmax + entropy), chunked (2048 rows + checkpoint),
-torch.compile(naive), and verl / Liger / Cut Cross-Entropy when importable; then the memory sweep of ours over V.
+memory for: ours (the default config, and with the sequential one-buffer backward), naive (bf16 logits -> fp32
+log_softmax + entropy), chunked (2048 rows + checkpoint), torch.compile(naive), and verl / Liger / Cut Cross-Entropy when importable; then the memory sweep of ours over V.
 Loss = sum(logprob * a) + sum(entropy * b) with random a, b (cross-entropy-only libraries: their per-token loss).
 
     python tools/bench_kernels.py [--quick] [--out results.md] [--no-compile]
@@ -43,6 +43,12 @@ def chunked(hidden, weight, targets, rows=2048):
 def ours(hidden, weight, targets):
     from megatron_red.kernels import fused_linear_logprobs_entropy
     return fused_linear_logprobs_entropy(hidden, weight, targets)
+
+
+def ours_sequential(hidden, weight, targets):
+    """Ours with one dZ buffer: the backward's dZ kernels and matmuls in sequence on one stream (no overlap)."""
+    from megatron_red.kernels import FusedKernelConfig, fused_linear_logprobs_entropy
+    return fused_linear_logprobs_entropy(hidden, weight, targets, config=FusedKernelConfig(grad_buffers=1))
 
 
 def optional_impls() -> dict:
@@ -229,7 +235,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     emit()
 
-    impls = [("ours (megatron_red.kernels)", ours, "yes"), ("naive", naive, "yes"),
+    impls = [("ours (megatron_red.kernels)", ours, "yes"),
+             ("ours, 1 dZ buffer (sequential backward)", ours_sequential, "yes"), ("naive", naive, "yes"),
              ("chunked 2048 + checkpoint", chunked, "yes")]
     compiled = None if args.no_compile else torch.compile(naive, dynamic=False)
     extra = optional_impls()
