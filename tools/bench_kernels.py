@@ -4,7 +4,8 @@ First checks correctness against float64 (bf16 and fp32 inputs, values and both 
 merely rounding the float64 gradient to bf16 is printed beside ours), then prints a markdown table of
 forward + backward and forward-only time, TFLOP/s (6 N d V useful FLOPs over the fwd+bwd time) and extra peak
 memory for: ours (the default config, and with the sequential one-buffer backward), naive (bf16 logits -> fp32
-log_softmax + entropy), chunked (2048 rows + checkpoint), torch.compile(naive), and verl / Liger / Cut Cross-Entropy when importable; then the memory sweep of ours over V.
+log_softmax + entropy), chunked (2048 rows + checkpoint), torch.compile(naive), and verl / Liger / Cut
+Cross-Entropy when importable; then the memory sweep of ours over V.
 Loss = sum(logprob * a) + sum(entropy * b) with random a, b (cross-entropy-only libraries: their per-token loss).
 
     python tools/bench_kernels.py [--quick] [--out results.md] [--no-compile]
