@@ -92,6 +92,9 @@ class AlgoConfig:
     sft_then_grpo, relift, bread (these use the sft / grpo presets)."""
     loss: dict = field(default_factory=dict)
     """Overrides of `RedLossConfig` fields on top of the preset (e.g. {"normalization": "constant"})."""
+    sft_lr: float | None = None
+    """Learning rate of SFT updates (the `sft` method, SFT->GRPO's first stage, ReLIFT's SFT steps), on the same
+    schedule; None = optim.lr. The paper trains SFT at 5e-5 and RL at 2e-6."""
     sft_then_grpo_fraction: float = 0.5
     """SFT->GRPO: fraction of `trainer.steps` spent in the SFT stage."""
     relift_buffer_size: int = 16

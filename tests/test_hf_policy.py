@@ -206,3 +206,17 @@ def test_bad_inputs_raise():
         HFPolicy(policy.model, fused_kernel="maybe")
     with pytest.raises(ValueError, match="does not exist"):
         HFPolicy.from_pretrained("/nonexistent/checkpoint")
+
+
+def test_lr_scale_equals_a_scaled_learning_rate_for_one_step():
+    """optimizer_step(lr_scale=s) moves the weights as a policy whose lr is s times larger, then the schedule resumes."""
+    batch = make_batch()
+    scaled = make_policy(optim=OptimConfig(lr=1e-3, weight_decay=0.0))
+    larger = make_policy(optim=OptimConfig(lr=4e-3, weight_decay=0.0))
+    for policy in (scaled, larger):
+        policy.forward_backward(batch, len(batch), weighted_token_loss(batch))
+    scaled.optimizer_step(lr_scale=4.0)
+    larger.optimizer_step()
+    for a, b in zip(scaled.model.parameters(), larger.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert scaled.learning_rate == pytest.approx(1e-3)

@@ -96,8 +96,9 @@ class PolicyBackend(ABC):
         global counts). Returns the metrics of each micro-batch."""
 
     @abstractmethod
-    def optimizer_step(self) -> float:
-        """Clip gradients, step optimiser and learning-rate schedule, zero gradients; return the pre-clip grad norm."""
+    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+        """Clip gradients, step optimiser and learning-rate schedule, zero gradients; return the pre-clip grad norm.
+        `lr_scale` multiplies the scheduled learning rate for this step only (SFT updates run at their own rate)."""
 
     @abstractmethod
     def state_dict(self) -> dict:

@@ -170,9 +170,14 @@ class HFPolicy(PolicyBackend):
 
     # ---- optimiser ----------------------------------------------------------------------------------------
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0) -> float:
         grad_norm = clip_grad_norm(self.model.parameters(), self.optim_config.grad_clip)
+        scheduled = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_scale
         self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, scheduled):
+            group["lr"] = lr
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm

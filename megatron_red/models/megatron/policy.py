@@ -151,16 +151,16 @@ class MegatronPolicy(PolicyBackend):
         return metrics
 
     # -- optimiser ----------------------------------------------------------------------------------------------
-    def _set_lr(self) -> None:
+    def _set_lr(self, lr_scale: float = 1.0) -> None:
         """Our warm-up + cosine schedule (models/optim.py) in place of megatron's OptimizerParamScheduler, which
         is also what turns megatron's per-group `wd_mult` (0 for biases and norm gains) into weight decay."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate * group.get("lr_mult", 1.0)
+            group["lr"] = self.learning_rate * lr_scale * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.optim.weight_decay * group.get("wd_mult", 1.0)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0) -> float:
         _sum_over_dp_finalize([self.model])
-        self._set_lr()
+        self._set_lr(lr_scale)
         if self.optim.grad_clip > 0:
             ok, grad_norm, _ = self.optimizer.step()
         else:  # megatron only measures the norm when clipping; report it anyway
