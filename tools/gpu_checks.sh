@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One prepared run of every GPU check, for a lent H100/H200 (a 15-minute device budget): correctness first, then
-# the benchmarks, each under its own time limit so one slow step cannot take the others down. Logs go to $OUT.
-#   bash tools/gpu_checks.sh            (carry .whl: megatron-core, math-verify, pytest wheels; see docs/benchmarks.md)
+# One prepared run of the GPU checks, for a lent H100/H200 (a 15-minute device budget): each step under its own time
+# limit so one slow step cannot take the others down; logs go to $OUT. Carry .whl (megatron-core, math-verify, pytest
+# wheels) for the steps that need them.
+#   bash tools/gpu_checks.sh                                  all steps
+#   bash tools/gpu_checks.sh profile_backward megatron_train  chosen steps
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -16,13 +18,28 @@ run() {  # run NAME SECONDS CMD...: a step with a time limit, its log under $OUT
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 60 "$OUT/$name.log"
+  grep -v -i -E "warn|deprecat" "$OUT/$name.log" | tail -n 45
   echo "=== $name: rc=$rc in $((SECONDS - start))s ==="
+}
+step() {
+  case $1 in
+    bench_kernels) run bench_kernels 210 python3 tools/bench_kernels.py --out "$OUT/bench_kernels.md" --compile-budget-s 40 ;;
+    bench_kernels_nocompile) run bench_kernels 100 python3 tools/bench_kernels.py --out "$OUT/bench_kernels.md" --no-compile ;;
+    profile_backward) run profile_backward 130 python3 tools/profile_kernel_backward.py --out "$OUT/profile_backward.md" ;;
+    cuda_tests) run cuda_tests 100 python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_kernels.py \
+                  tests/test_rollout_local.py tests/test_hf_policy.py ;;
+    megatron_smoke) run megatron_smoke 90 python3 tools/megatron_smoke.py ;;
+    megatron_train) run megatron_train 100 env CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --standalone --nproc_per_node=1 \
+                      -m megatron_red.cli train model.backend=megatron trainer.steps=3 trainer.save_every=2 \
+                      trainer.eval_problems=16 trainer.tensorboard=false data.warmup_steps=20 \
+                      trainer.out_dir=/tmp/mg_gpu/run ;;
+    bench_rollout) run bench_rollout 130 python3 tools/bench_rollout.py --new-tokens 256 ;;
+    *) echo "unknown step $1" ;;
+  esac
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-run bench_kernels 210 python3 tools/bench_kernels.py --out "$OUT/bench_kernels.md" --compile-budget-s 40
-run cuda_tests 100 python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_kernels.py tests/test_rollout_local.py tests/test_hf_policy.py
-run megatron_smoke 120 python3 tools/megatron_smoke.py
-run bench_rollout 130 python3 tools/bench_rollout.py --new-tokens 256
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(bench_kernels cuda_tests megatron_smoke bench_rollout profile_backward megatron_train)
+for s in "${steps[@]}"; do step "$s"; done
 echo "all done in ${SECONDS}s"
