@@ -62,7 +62,7 @@ class DataConfig:
     """Skip and count malformed rows instead of raising."""
     builtin: dict = field(default_factory=dict)
     """Overrides of `BuiltinTaskConfig` fields (seed, num_train, max_steps, ...)."""
-    warmup_steps: int = 200
+    warmup_steps: int = 500
     """Built-in task: SFT steps on short solutions of easy problems that make the tiny student a weak base model."""
     warmup_lr: float = 3e-3
     warmup_batch_size: int = 64
