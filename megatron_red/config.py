@@ -92,9 +92,9 @@ class AlgoConfig:
     sft_then_grpo, relift, bread (these use the sft / grpo presets)."""
     loss: dict = field(default_factory=dict)
     """Overrides of `RedLossConfig` fields on top of the preset (e.g. {"normalization": "constant"})."""
-    sft_lr: float | None = None
-    """Learning rate of SFT updates (the `sft` method, SFT->GRPO's first stage, ReLIFT's SFT steps), on the same
-    schedule; None = optim.lr. The paper trains SFT at 5e-5 and RL at 2e-6."""
+    sft_lr_multiplier: float = 25.0
+    """SFT updates (the `sft` method, SFT->GRPO's first stage, ReLIFT's SFT steps) run at this multiple of
+    optim.lr, on the same schedule: the paper trains SFT at 5e-5 and RL at 2e-6. 1.0 = one learning rate."""
     sft_then_grpo_fraction: float = 0.5
     """SFT->GRPO: fraction of `trainer.steps` spent in the SFT stage."""
     relift_buffer_size: int = 16
@@ -114,7 +114,7 @@ class TrainerConfig:
     out_dir: str = "runs/red"
     save_every: int = 50
     """Write a checkpoint every N steps (and always at the end)."""
-    eval_every: int = 0
+    eval_every: int = 50
     """Held-out evaluation every N steps (0 = only at the end)."""
     eval_samples: int = 2
     """Samples per held-out problem (avg@k)."""
@@ -131,7 +131,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, total_steps=150,
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5, total_steps=150,
                                                                    weight_decay=0.0))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

@@ -202,8 +202,7 @@ class RedTrainer:
 
         per_micro = self.policy.forward_backward(batch, self.config.trainer.micro_batch_size, loss_fn)
         per_micro = self.dp.gather(per_micro)  # every replica's micro-batches, for the step's metrics
-        sft_lr = self.config.algo.sft_lr
-        lr_scale = sft_lr / self.config.optim.lr if sft_lr and not loss_cfg.online_rl else 1.0
+        lr_scale = 1.0 if loss_cfg.online_rl else self.config.algo.sft_lr_multiplier
         grad_norm = self.policy.optimizer_step(lr_scale)
         out = {"train/grad_norm": grad_norm, "train/lr": self.policy.learning_rate * lr_scale}
         out.update({f"loss/{k}": v for k, v in aggregate_micro_metrics(per_micro).items()})
