@@ -26,10 +26,10 @@ import triton.language as tl
 # -inf would give inf - inf = nan when a split has no valid column.
 NEG_BIG = tl.constexpr(-1.0e30)
 
-# Few configs keep autotuning to well under a second per (d, N-bucket). Compiled offline for sm_90a (Triton 3.8)
-# none spills: the 128 x 256 tiles use ~255 registers and 144-192 KB of shared memory (one program per SM); the
-# 128 x 128 x 64, 3-stage tile uses 128 registers and 96 KB, so two programs share an SM and one's epilogue
-# overlaps the other's matmul.
+# Few configs keep autotuning to well under a second per (d, N-bucket). Compiled offline for sm_90a (Triton 3.6 and
+# 3.8) none spills, except the dZ kernel's 128 x 256 tiles under 3.8 (~108 bytes, epilogue only): the 128 x 256
+# tiles use ~255 registers and 144-192 KB of shared memory (one program per SM); the 128 x 128 x 64, 3-stage tile
+# uses 128 registers and 96 KB, so two programs share an SM and one's epilogue overlaps the other's matmul.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4),
@@ -136,8 +136,12 @@ def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse2_ptr, coef_p_ptr, coef_logp_p
     rows = tl.where(row_ok, rows, 0)
     chunk_col = cb * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = chunk_col < chunk_cols
-    chunk_col = tl.where(col_ok, chunk_col, 0)
-    cols = chunk_start + chunk_col
+    # Only the weight rows are clamped; the dZ offsets below keep the plain arange so that Triton's contiguity
+    # analysis sees BLOCK_V consecutive columns per row and stores 16 contiguous bytes per thread, whole rows per
+    # warp. With a clamped (tl.where) column index Triton 3.6 laid the store out column-major (a warp's 32 lanes
+    # on 32 rows, one 2-byte store each, every bf16 in its own 32-byte sector); that kernel ran at ~170 TFLOP/s on
+    # an H200 against the forward's ~620 with the same matmul code.
+    cols = chunk_start + tl.where(col_ok, chunk_col, 0)
 
     z2 = _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
                       BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION, UPCAST) * scale2
