@@ -29,6 +29,52 @@ def _sharded_state_dict(policy: MegatronPolicy, is_loading: bool, with_optimizer
     return state
 
 
+def _allocate_optimizer_state(policy: MegatronPolicy) -> None:
+    """Give a fresh distributed optimiser zero Adam state with a `step`, which the checkpoint then overwrites.
+
+    Why: the DistributedOptimizer builds its loading state dict from its own `state_dict()`, which with PyTorch's
+    Adam (no Apex / Transformer Engine) reads each parameter's `step`, absent until the first update.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in policy.optimizer.chained_optimizers:
+        inner = opt.optimizer
+        if not isinstance(opt, DistributedOptimizer) or len(inner.state) > 0 or opt.init_state_fn is None:
+            continue
+        opt.init_state_fn(inner, opt.config)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    inner.state[p]["step"] = torch.tensor(0.0)
+
+
+def _load_optimizer_state(policy: MegatronPolicy, state) -> None:
+    """`policy.optimizer.load_state_dict(state)`, with the distributed optimiser's parameter state loaded while
+    PyTorch Adam's per-parameter `step` tensors are set aside.
+
+    Why: megatron-core copies every tensor of the inner optimiser's state from the checkpoint, but
+    "fully_reshardable" checkpoints hold the step once per group, not per parameter (KeyError: 'step'). And it
+    gives every parameter the *same* step tensor, which PyTorch's Adam then increments once per parameter per
+    update (wrong bias correction); each parameter gets its own copy back.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    optimizers = policy.optimizer.chained_optimizers
+    states = [state] if len(optimizers) == 1 else [v for _, v in sorted(state.items())]
+    for opt, opt_state in zip(optimizers, states):
+        if not isinstance(opt, DistributedOptimizer) or "param_state" not in opt_state:
+            opt.load_state_dict(opt_state)
+            continue
+        param_state = opt_state.pop("param_state")
+        if opt_state.pop("param_state_sharding_type") != "fully_reshardable":
+            raise ValueError("expected a fully_reshardable distributed-optimizer checkpoint")
+        opt.load_state_dict(opt_state)  # hyper-parameters and step; allocates the Adam state
+        steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step.clone()
+
+
 def save_checkpoint(policy: MegatronPolicy, path: str, trainer_state: dict | None = None,
                     with_optimizer: bool = True) -> None:
     """Collectively save `policy` (and `trainer_state`, written by global rank 0) under directory `path`."""
@@ -50,10 +96,12 @@ def load_checkpoint(policy: MegatronPolicy, path: str, with_optimizer: bool = Tr
 
     if not os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
         raise ValueError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+    if with_optimizer:
+        _allocate_optimizer_state(policy)
     loaded = dist_checkpointing.load(_sharded_state_dict(policy, True, with_optimizer), path)
     unwrap_model(policy.model).load_state_dict(loaded["model"])
     if with_optimizer:
-        policy.optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(policy, loaded["optimizer"])
     meta = torch.load(os.path.join(path, TRAINER_STATE_FILE), weights_only=False)
     policy.step = meta["step"]
     policy._set_lr()

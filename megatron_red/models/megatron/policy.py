@@ -110,6 +110,11 @@ class MegatronPolicy(PolicyBackend):
             use_te = transformer_engine_available()
         model = build_gpt_model(self.arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
                                 post_process=ps.is_pipeline_last_stage(), use_transformer_engine=use_te)
+        # The local spec's RMSNorm (torch.nn.RMSNorm) ignores params_dtype and is built in fp32. megatron's 16-bit
+        # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
+        # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
+        # saving. Cast the whole model, as megatron's own Float16Module does.
+        model = model.to(dtype=dtype)
         if on_gpu:
             model = model.cuda(torch.cuda.current_device())
         import_hf_state_dict(model, hf_state_dict, self.arch, self.tp_group)
