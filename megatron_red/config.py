@@ -229,7 +229,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     _check_keys(config.data.builtin, "megatron_red.data.builtin", "BuiltinTaskConfig", "data.builtin")
     _check_keys(config.algo.loss, "megatron_red.objectives.loss", "RedLossConfig", "algo.loss")
     if "optim" not in tree or "total_steps" not in tree.get("optim", {}):
-        config.optim.total_steps = config.trainer.steps
+        # The schedule spans the run; never shorter than its warm-up (OptimConfig's own rule, checked again on resume).
+        config.optim.total_steps = max(config.trainer.steps, config.optim.warmup_steps)
     return config
 
 

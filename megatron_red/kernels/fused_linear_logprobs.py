@@ -46,15 +46,15 @@ class FusedKernelConfig:
     # Vocabulary splits per shard in the forward; None picks enough to give ~8 programs per multiprocessor.
     splits: int | None = None
     # Memory for all of the backward's dZ buffers together; sets the chunk width when `grad_chunk_cols` is None.
-    # 128 MiB in 2 buffers gives 2048 columns at N = 16384 in bf16 (plus a 96 MiB fp32 grad_h accumulator at
-    # d = 1536: 224 MiB beyond the gradients).
+    # 128 MiB in one buffer gives 4096 columns at N = 16384 in bf16 (plus a 96 MiB fp32 grad_h accumulator at
+    # d = 1536: 177 MiB measured beyond the gradients on an H200).
     grad_chunk_bytes: int = 128 * 2**20
     # Fixed backward chunk width in vocabulary columns (tests use it to force several chunks); None = from bytes.
     grad_chunk_cols: int | None = None
     # dZ buffers in the backward. With 2 or more on CUDA, the dZ kernel of the next chunks runs on a side stream
     # while the current chunk's two matmuls run, filling each launch's tail wave with the other's work; 1 is the
-    # sequential schedule on one stream.
-    grad_buffers: int = 2
+    # sequential schedule on one stream (the default: on an H200, 2026-11-27, two buffers were no faster).
+    grad_buffers: int = 1
     # (BLOCK_N, BLOCK_V, BLOCK_K) of the backward's dZ kernel; None = as the forward (`blocks`, autotuned over the
     # backward's own config set when that is None too).
     grad_blocks: tuple[int, int, int] | None = None
