@@ -131,7 +131,7 @@ def test_forward_split_and_backward_chunk_cover_the_vocabulary():
     # 2048 in each of two.
     assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig(grad_buffers=1)) == 4096
     assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig(grad_buffers=2)) == 2048
-    assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig(grad_chunk_bytes=160 * 2**20)) == 2560
+    assert _grad_chunk_cols(16384, 151936, 2, FusedKernelConfig(grad_chunk_bytes=160 * 2**20, grad_buffers=2)) == 2560
     assert _grad_chunk_cols(100, 300, 2, FusedKernelConfig()) == 300
 
 
