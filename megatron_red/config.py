@@ -92,6 +92,9 @@ class AlgoConfig:
     sft_then_grpo, relift, bread (these use the sft / grpo presets)."""
     loss: dict = field(default_factory=dict)
     """Overrides of `RedLossConfig` fields on top of the preset (e.g. {"normalization": "constant"})."""
+    rbar_counts_trace: bool = True
+    """rbar of Eq. 8 counts the offline trace as a group member (the authors' code); False = the G on-policy samples
+    only, so a group whose rollouts all fail imitates the trace fully (r_off = 1)."""
     sft_lr_multiplier: float = 25.0
     """SFT updates (the `sft` method, SFT->GRPO's first stage, ReLIFT's SFT steps) run at this multiple of
     optim.lr, on the same schedule: the paper trains SFT at 5e-5 and RL at 2e-6. 1.0 = one learning rate."""

@@ -310,3 +310,15 @@ def test_masked_row_mean():
     assert masked_row_mean(long_short, m, torch.tensor([True, True])) == 2.0
     assert math.isnan(masked_row_mean(values, mask, torch.zeros(5, dtype=torch.bool)))
     assert math.isnan(masked_row_mean(values, torch.zeros_like(mask), rows))
+
+
+def test_build_batch_rbar_without_the_trace():
+    """rbar_counts_trace=False: rbar is the on-policy samples' accuracy; advantages still span the whole group."""
+    counted = build_batch(_groups(), offline_in_group=True, std_normalize=True, pad_token_id=0)
+    batch = build_batch(_groups(), offline_in_group=True, std_normalize=True, pad_token_id=0, rbar_counts_trace=False)
+    expected = []
+    for g in _groups():
+        expected += [sum(g.rewards) / len(g.rewards)] * (1 + len(g.responses))
+    torch.testing.assert_close(batch.fields["group_accuracy"].double(), torch.tensor(expected, dtype=torch.float64))
+    assert batch.fields["group_accuracy"][3].item() == 0.0  # all rollouts of prompt 2 failed: full imitation
+    torch.testing.assert_close(batch.fields["advantages"], counted.fields["advantages"])

@@ -28,8 +28,12 @@ class Group:
 
 
 def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: bool,
-                pad_token_id: int) -> SequenceBatch:
+                pad_token_id: int, rbar_counts_trace: bool = True) -> SequenceBatch:
     """Rows: for each group, the offline trace (if `trace_ids` is set) then the on-policy responses.
+
+    rbar is the mean accuracy of the group members, the trace included as the authors count it; with
+    `rbar_counts_trace=False` it is the on-policy samples' accuracy alone (an all-fail group then has rbar = 0, so
+    Eq. 8 gives pi_offline = pi: full imitation).
 
     Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B]. A trace outside the group
     (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
@@ -42,7 +46,8 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
             members = [g.trace_reward] + members
         if members:
             adv = group_advantages(torch.tensor([members], dtype=torch.float64), std_normalize=std_normalize)[0]
-            rbar = sum(members) / len(members)
+            accuracy_of = members if rbar_counts_trace or not g.rewards else g.rewards
+            rbar = sum(accuracy_of) / len(accuracy_of)
         else:
             adv, rbar = torch.zeros(0, dtype=torch.float64), 0.0
         adv = adv.tolist()

@@ -164,7 +164,8 @@ class RedTrainer:
 
         # 3. groups -> one padded batch; advantages over the group members, rbar per group.
         batch = build_batch(groups, offline_in_group=loss_cfg.offline_in_group,
-                            std_normalize=loss_cfg.std_normalize, pad_token_id=tok.pad_token_id)
+                            std_normalize=loss_cfg.std_normalize, pad_token_id=tok.pad_token_id,
+                            rbar_counts_trace=cfg.algo.rbar_counts_trace)
 
         # 4. pi_old and the entropies at rollout time (forward only), then w (Eq. 9-11).
         t2 = time.perf_counter()
