@@ -13,6 +13,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.19,<0.20",
+        "psutil>=5.9",  # megatron-core's dist-checkpointing writer workers need it (not in its own requirements)
         "transformers>=4.51",
         "sentencepiece>=0.2",
         "math-verify[antlr4_13_2]>=0.7",
