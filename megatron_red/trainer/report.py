@@ -25,12 +25,14 @@ def plot_runs(runs: dict[str, str | Path], out_png: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(DYNAMICS), figsize=(4.2 * len(DYNAMICS), 3.4))
-    for label, run_dir in runs.items():
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, run_dir) in enumerate(runs.items()):
         records = read_metrics(run_dir)
+        color = palette[i % len(palette)]  # one colour per run in every panel, even where a run has no series
         for ax, (key, title) in zip(axes, DYNAMICS):
             steps, values = _series(records, key)
             if values:
-                ax.plot(steps, values, label=label, linewidth=1.2)
+                ax.plot(steps, values, label=label, linewidth=1.2, color=color)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
     axes[0].legend(fontsize=7)
