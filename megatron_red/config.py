@@ -81,6 +81,9 @@ class RolloutConfig:
     max_new_tokens: int = 192
     max_batch_size: int = 256
     """Rows decoded at once by the local engine."""
+    cuda_graph: bool = False
+    """Local engine on CUDA: replay the decode step as a CUDA graph (15.6x HF generate on an H200 vs 2.9x eager); one
+    graph is captured per (rows, prompt + new tokens) shape, so varying prompt lengths cost captures and memory."""
 
 
 @dataclass

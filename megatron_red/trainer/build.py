@@ -170,5 +170,6 @@ def build_engine(config: RunConfig, policy, tokenizer):
         from megatron_red.rollout.local import LocalEngine
 
         return LocalEngine(policy.model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           max_batch_size=config.rollout.max_batch_size, device=policy.device)
+                           max_batch_size=config.rollout.max_batch_size, device=policy.device,
+                           cuda_graph=config.rollout.cuda_graph and policy.device.type == "cuda")
     raise ValueError(f"rollout.engine {kind!r} is not available in this release; valid: local")
