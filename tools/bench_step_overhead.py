@@ -19,8 +19,9 @@ import torch
 from transformers import Qwen2Config
 
 from megatron_red.models import HFPolicy, OptimConfig, SequenceBatch
-from megatron_red.objectives import EntropyRatioController, RedLossConfig, red_policy_loss
+from megatron_red.objectives import EntropyRatioController, RedLossConfig
 from megatron_red.trainer.groups import masked_row_mean
+from megatron_red.trainer.update import policy_update
 
 
 def make_batch(groups: int, group_size: int, length: int, prompt: int, vocab: int, seed: int = 0) -> SequenceBatch:
@@ -40,22 +41,14 @@ def make_batch(groups: int, group_size: int, length: int, prompt: int, vocab: in
 
 
 def step(policy, batch, loss_cfg, controller, micro_batch_size):
-    """The trainer's steps 4-6: pi_old and entropies, w, the loss over micro-batches, one optimiser step."""
+    """The trainer's steps 4-6: pi_old and entropies, w, then the trainer's own update (`policy_update`)."""
     old, entropy = policy.logprobs_entropy(batch, micro_batch_size)
     batch.fields["old_logprobs"] = old
     is_offline = batch.fields["is_offline"]
     h_rl = masked_row_mean(entropy, batch.loss_mask, ~is_offline)
     h_sft = masked_row_mean(entropy, batch.loss_mask, is_offline)
     w = controller.update(h_rl, h_sft) if loss_cfg.entropy_regulation else 1.0
-    num_sequences, num_tokens = len(batch), batch.loss_mask.sum()
-
-    def loss_fn(logprobs, ent, mb):
-        return red_policy_loss(logprobs, mb.fields["old_logprobs"], mb.fields["advantages"], mb.loss_mask,
-                               mb.fields["is_offline"], mb.fields["group_accuracy"], w, loss_cfg, entropy=ent,
-                               num_sequences=num_sequences, num_tokens=num_tokens)
-
-    policy.forward_backward(batch, micro_batch_size, loss_fn)
-    policy.optimizer_step()
+    policy_update(policy, batch, loss_cfg, w, micro_batch_size)
 
 
 def main():

@@ -112,8 +112,9 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     """Train (once) and cache the tiny student: random init, then SFT on short easy solutions."""
     from megatron_red.models.hf import HFPolicy
     from megatron_red.models.optim import OptimConfig
-    from megatron_red.objectives import RedLossConfig, red_policy_loss
+    from megatron_red.objectives import RedLossConfig
     from megatron_red.trainer.groups import Group, build_batch
+    from megatron_red.trainer.update import policy_update
 
     key = json.dumps({"model": dataclasses.asdict(config.model), "builtin": config.data.builtin,
                       "seed": config.trainer.seed, "steps": config.data.warmup_steps, "lr": config.data.warmup_lr,
@@ -138,15 +139,8 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
         rows = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
         batch = build_batch([Group(examples[i].prompt_ids, trace_ids=examples[i].trace_ids) for i in rows],
                             offline_in_group=False, std_normalize=False, pad_token_id=task.tokenizer.pad_token_id)
-        tokens = batch.loss_mask.sum()
-
-        def loss_fn(logprobs, entropy, mb):
-            return red_policy_loss(logprobs, logprobs.detach(), mb.fields["advantages"], mb.loss_mask,
-                                   mb.fields["is_offline"], mb.fields["group_accuracy"], 1.0, sft,
-                                   num_sequences=len(batch), num_tokens=tokens)
-
-        policy.forward_backward(batch, config.trainer.micro_batch_size, loss_fn)
-        policy.optimizer_step()
+        batch.fields["old_logprobs"] = torch.zeros_like(batch.loss_mask)  # unused on offline rows
+        policy_update(policy, batch, sft, 1.0, config.trainer.micro_batch_size)
     # A private temporary directory, renamed into place: concurrent runs (compare, DP ranks) never see half a student.
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     policy.save_pretrained(str(tmp))

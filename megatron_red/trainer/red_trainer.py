@@ -16,7 +16,6 @@ update is the full-batch one. With one process every reduction is the identity.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import yaml
 
 from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
-from megatron_red.objectives import EntropyRatioController, RedLossConfig, red_policy_loss
+from megatron_red.objectives import EntropyRatioController, RedLossConfig
 from megatron_red.rollout.base import SamplingParams
 from megatron_red.trainer import checkpoint
 from megatron_red.trainer.build import build_engine, build_policy, build_task
@@ -33,30 +32,9 @@ from megatron_red.trainer.distributed import DataParallel, NullMetricsLog, is_ma
 from megatron_red.trainer.evaluate import evaluate_heldout
 from megatron_red.trainer.groups import Group, build_batch
 from megatron_red.trainer.metrics import MetricsLog
+from megatron_red.trainer.update import policy_update
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
-
-
-# Local means of `red_policy_loss`, each with the token count that weighs it when micro-batches are combined.
-_WEIGHTED_MEANS = {"clip_fraction": "num_on_policy_tokens", "on_policy_ratio_mean": "num_on_policy_tokens",
-                   "r_off_mean": "num_offline_tokens"}
-
-
-def aggregate_micro_metrics(per_micro: list[dict]) -> dict:
-    """Combine per-micro-batch loss metrics: loss parts (already globally normalised) and counts add up, local
-    means are weighted by their token counts, anything else is averaged."""
-    out = {}
-    for key in per_micro[0]:
-        values = [(m[key], m.get(_WEIGHTED_MEANS.get(key, ""), 1.0)) for m in per_micro
-                  if m.get(key) is not None and math.isfinite(m[key])]
-        if key.startswith(("loss", "num_")):
-            out[key] = sum(v for v, _ in values)
-        elif key in _WEIGHTED_MEANS:
-            total = sum(w for _, w in values)
-            out[key] = sum(v * w for v, w in values) / total if total else float("nan")
-        elif values:
-            out[key] = sum(v for v, _ in values) / len(values)
-    return out
 
 
 def method_names() -> tuple[str, ...]:
@@ -191,23 +169,9 @@ class RedTrainer:
         return {**metrics, **timings}
 
     def update(self, batch, loss_cfg: RedLossConfig, w: float) -> dict:
-        # Global counts (all micro-batches of all replicas): the gradients summed over DP are the full-batch ones.
-        num_sequences = int(self.dp.all_sum((batch.loss_mask.sum(dim=1) > 0).sum()))
-        num_tokens = self.dp.all_sum(batch.loss_mask.sum())
-
-        def loss_fn(logprobs, entropy, mb):
-            return red_policy_loss(
-                logprobs, mb.fields["old_logprobs"], mb.fields["advantages"], mb.loss_mask, mb.fields["is_offline"],
-                mb.fields["group_accuracy"], w, loss_cfg, entropy=entropy, num_sequences=num_sequences,
-                num_tokens=num_tokens)
-
-        per_micro = self.policy.forward_backward(batch, self.config.trainer.micro_batch_size, loss_fn)
-        per_micro = self.dp.gather(per_micro)  # every replica's micro-batches, for the step's metrics
         lr_scale = 1.0 if loss_cfg.online_rl else self.config.algo.sft_lr_multiplier
-        grad_norm = self.policy.optimizer_step(lr_scale)
-        out = {"train/grad_norm": grad_norm, "train/lr": self.policy.learning_rate * lr_scale}
-        out.update({f"loss/{k}": v for k, v in aggregate_micro_metrics(per_micro).items()})
-        return out
+        return policy_update(self.policy, batch, loss_cfg, w, self.config.trainer.micro_batch_size, self.dp,
+                             lr_scale)
 
     # ------------------------------------------------------------------ rewards and schedules
     def reward(self, token_lists: list[list[int]], answer) -> list[float]:

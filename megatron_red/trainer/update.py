@@ -1,0 +1,52 @@
+"""One policy update with `red_policy_loss`: the loss over micro-batches with the step's global counts, then an
+optimiser step. Shared by the RED step, the student's warm-up, ReLIFT's SFT step and the overhead benchmark."""
+from __future__ import annotations
+
+import math
+
+from megatron_red.objectives import RedLossConfig, red_policy_loss
+from megatron_red.trainer.distributed import DataParallel
+
+# Local means of `red_policy_loss`, each with the token count that weighs it when micro-batches are combined.
+_WEIGHTED_MEANS = {"clip_fraction": "num_on_policy_tokens", "on_policy_ratio_mean": "num_on_policy_tokens",
+                   "r_off_mean": "num_offline_tokens"}
+
+
+def aggregate_micro_metrics(per_micro: list[dict]) -> dict:
+    """Combine per-micro-batch loss metrics: loss parts (already globally normalised) and counts add up, local
+    means are weighted by their token counts, anything else is averaged."""
+    out = {}
+    for key in per_micro[0]:
+        values = [(m[key], m.get(_WEIGHTED_MEANS.get(key, ""), 1.0)) for m in per_micro
+                  if m.get(key) is not None and math.isfinite(m[key])]
+        if key.startswith(("loss", "num_")):
+            out[key] = sum(v for v, _ in values)
+        elif key in _WEIGHTED_MEANS:
+            total = sum(w for _, w in values)
+            out[key] = sum(v * w for v, w in values) / total if total else float("nan")
+        elif values:
+            out[key] = sum(v for v, _ in values) / len(values)
+    return out
+
+
+def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float, micro_batch_size: int,
+                  dp: DataParallel | None = None, lr_scale: float = 1.0) -> dict:
+    """Backpropagate `red_policy_loss` (Eq. 10, offline term weighted by `w`) over `batch` and step the optimiser.
+    `batch.fields` must hold old_logprobs, advantages, is_offline and group_accuracy. Counts are summed over the
+    data-parallel replicas, so the gradients summed over them are the full-batch ones."""
+    dp = dp or DataParallel()
+    num_sequences = int(dp.all_sum((batch.loss_mask.sum(dim=1) > 0).sum()))
+    num_tokens = dp.all_sum(batch.loss_mask.sum())
+
+    def loss_fn(logprobs, entropy, mb):
+        return red_policy_loss(
+            logprobs, mb.fields["old_logprobs"], mb.fields["advantages"], mb.loss_mask, mb.fields["is_offline"],
+            mb.fields["group_accuracy"], w, loss_cfg, entropy=entropy, num_sequences=num_sequences,
+            num_tokens=num_tokens)
+
+    per_micro = policy.forward_backward(batch, micro_batch_size, loss_fn)
+    per_micro = dp.gather(per_micro)  # every replica's micro-batches, for the step's metrics
+    grad_norm = policy.optimizer_step(lr_scale)
+    out = {"train/grad_norm": grad_norm, "train/lr": policy.learning_rate * lr_scale}
+    out.update({f"loss/{k}": v for k, v in aggregate_micro_metrics(per_micro).items()})
+    return out
