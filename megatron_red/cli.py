@@ -10,8 +10,9 @@ from pathlib import Path
 def _train(args) -> int:
     from megatron_red.config import load_config
     from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.trainer.evaluate import describe_heldout, evaluate_before_training
     from megatron_red.trainer.red_trainer import RedTrainer
-    from megatron_red.trainer.report import plot_runs
+    from megatron_red.trainer.report import initial_metrics, plot_runs
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -25,6 +26,7 @@ def _train(args) -> int:
             return 2
     start = time.perf_counter()
     trainer = RedTrainer(config, run_dir, resume=bool(args.resume))
+    evaluate_before_training(trainer)
     final = trainer.train()
     if not is_main_process():
         return 0
@@ -32,20 +34,44 @@ def _train(args) -> int:
     minutes = (time.perf_counter() - start) / 60
     print(f"\n{config.algo.method}: {trainer.step} steps in {minutes:.1f} min")
     if final:
-        print(f"held-out accuracy {100 * final['eval/accuracy']:.1f}%"
-              + (f" (hard {100 * final['eval/accuracy_hard']:.1f}%, easy {100 * final['eval/accuracy_easy']:.1f}%)"
-                 if "eval/accuracy_hard" in final and "eval/accuracy_easy" in final else "")
-              + f", mean response length {final['eval/mean_length']:.1f} tokens")
+        before = initial_metrics(run_dir)
+        student = "warmed-up student" if config.data.task == "builtin" and not config.model.path else "student"
+        rows = [(f"{config.algo.method}, step {trainer.step}", describe_heldout(final))]
+        if before:
+            rows.append((f"{student}, step 0", describe_heldout(before)))
+        if "eval/teacher_length" in final:
+            rows.append(("teacher traces", f"mean length {final['eval/teacher_length']:.1f} tokens"))
+        print(f"held-out accuracy on {final['eval/problems']} problems "
+              f"(avg@{config.trainer.eval_samples}, temperature {config.trainer.eval_temperature:g}):")
+        for label, text in rows:
+            print(f"  {label + ':':<28}{text}")
     print(f"metrics:    {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
     print(f"plots:      {png}")
     print(f"checkpoint: {run_dir / 'checkpoints' / (run_dir / 'checkpoints' / 'latest').read_text().strip()}")
     return 0
 
 
+def _config_differences(saved: dict, wanted: dict, where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (cosmetic trainer keys ignored)."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        name = f"{where}.{key}" if where else key
+        if name in ("trainer.out_dir", "trainer.progress", "trainer.tensorboard"):
+            continue
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, name)
+        elif a != b:
+            out.append(f"{name}: {a!r} there, {b!r} now")
+    return out
+
+
 def _compare(args) -> int:
-    from megatron_red.config import load_config
+    from megatron_red.config import config_to_dict, load_config
+    from megatron_red.trainer.evaluate import evaluate_before_training
     from megatron_red.trainer.red_trainer import RedTrainer, method_names
-    from megatron_red.trainer.report import comparison_table, final_metrics, plot_runs
+    from megatron_red.trainer.report import (comparison_table, final_metrics, initial_metrics, plot_comparison,
+                                             plot_runs, premises_table)
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in method_names()]
@@ -54,26 +80,47 @@ def _compare(args) -> int:
         return 2
     seeds = [int(s) for s in args.seeds.split(",") if s]
     out = Path(args.out)
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    start = time.perf_counter()
+    runs = {m: [out / f"{m}_seed{seed}" for seed in seeds] for m in methods}
+    configs = {}
     for seed in seeds:
         for method in methods:
             run_dir = out / f"{method}_seed{seed}"
             config = load_config(args.config, [*args.overrides, f"algo.method={method}", f"trainer.seed={seed}",
                                                f"trainer.out_dir={run_dir}"])
+            if (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "latest").exists():
+                # Reusing or resuming a run trained with other settings would mix two studies in one table.
+                saved = config_to_dict(load_config(run_dir / "config.yaml"))
+                differences = _config_differences(saved, config_to_dict(config))
+                if differences:
+                    raise ValueError(f"{run_dir} was trained with another config ({'; '.join(differences)}); "
+                                     "use another --out or remove that run")
+            configs[run_dir] = config
+    start = time.perf_counter()
+    for seed in seeds:
+        for method in methods:
+            run_dir = out / f"{method}_seed{seed}"
             if final_metrics(run_dir):
                 print(f"[compare] {run_dir} already finished; reusing it")
-            else:
-                resume = (run_dir / "checkpoints" / "latest").exists()
-                print(f"[compare] {method}, seed {seed} -> {run_dir}" + (" (resuming)" if resume else ""))
-                RedTrainer(config, run_dir, resume=resume).train()
-            results[method].append(final_metrics(run_dir))
-    table = comparison_table(results)
-    (out / "table.md").write_text(table)
-    for seed in seeds:
-        plot_runs({m: out / f"{m}_seed{seed}" for m in methods}, out / f"dynamics_seed{seed}.png")
-    print(f"\n{table}\n{len(methods)} methods x {len(seeds)} seeds in {(time.perf_counter() - start) / 60:.1f} min")
-    print(f"table: {out / 'table.md'}\nplots: {out}/dynamics_seed*.png")
+                continue
+            resume = (run_dir / "checkpoints" / "latest").exists()
+            print(f"[compare] {method}, seed {seed} -> {run_dir}" + (" (resuming)" if resume else ""))
+            trainer = RedTrainer(configs[run_dir], run_dir, resume=resume)
+            evaluate_before_training(trainer)
+            trainer.train()
+    finals = {m: [final_metrics(d) for d in dirs] for m, dirs in runs.items()}
+    # Every method of a seed starts from the same student: its step-0 evaluation is taken from the first run.
+    initial = [next((initial_metrics(runs[m][i]) for m in methods if initial_metrics(runs[m][i])), {})
+               for i in range(len(seeds))]
+    initial = [r for r in initial if r]
+    report = (f"## Premises\n\n{premises_table(initial, finals.get('grpo', []), finals.get('sft', []))}\n"
+              f"## Held-out accuracy at the end\n\n{comparison_table(finals, initial)}")
+    (out / "table.md").write_text(report)
+    for i, seed in enumerate(seeds):
+        plot_runs({m: runs[m][i] for m in methods}, out / f"dynamics_seed{seed}.png")
+    plot_comparison(runs, out / "dynamics_mean.png")
+    print(f"\n{report}\n{len(methods)} methods x {len(seeds)} seeds in {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"table: {out / 'table.md'}\nplots: {out / 'dynamics_mean.png'} (mean ± std over seeds), "
+          f"{out}/dynamics_seed*.png")
     return 0
 
 

@@ -49,36 +49,97 @@ def _assert_png(path: Path) -> None:
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "compare"
     code = main(["compare", "--methods", "red,grpo", "--seeds", "0", "--out", str(out), *TINY_OVERRIDES,
-                 "trainer.steps=2"])
+                 "trainer.steps=2", "trainer.save_every=1"])
     assert code == 0
     return out
 
 
+def _table_rows(text: str) -> dict[str, list[str]]:
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith(("| method", "| premise"))}
+
+
 def test_compare_writes_table_and_plot(compared):
-    table = (compared / "table.md").read_text().splitlines()
-    assert table[0].startswith("| method | seeds | acc (%)")
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
-    assert set(rows) == {"red", "grpo"}
-    for method, cells in rows.items():
+    text = (compared / "table.md").read_text()
+    assert text.index("## Premises") < text.index("## Held-out accuracy at the end")
+    rows = _table_rows(text)
+    initial = read_lines(compared / "red_seed0")[0]
+    assert initial["step"] == 0 and "eval/accuracy" in initial
+    for method in ("red", "grpo"):
         run_dir = compared / f"{method}_seed0"
         lines = read_lines(run_dir)
-        assert [r["step"] for r in lines] == [1, 2, 2] and lines[-1]["final"]
-        final = lines[-1]
+        # Step 0: the warmed-up student, the same for every method of a seed (one cached student).
+        assert [r["step"] for r in lines] == [0, 1, 2, 2] and lines[-1]["final"]
+        assert lines[0] == initial
+        final, cells = lines[-1], rows[method]
         assert cells[0] == "1"  # one seed
         assert cells[1] == f"{100 * final['eval/accuracy']:.1f}"
         assert cells[4] == f"{final['eval/mean_length']:.1f}"
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["algo"]["method"] == method
+    assert len(list((compared / ".cache").glob("student_*"))) == 1
+    assert rows["student before training (step 0)"][1] == f"{100 * initial['eval/accuracy']:.1f}"
+    # Premises: (a) measured on the step-0 student, (b) on GRPO's final evaluation, (c) not run (no sft).
+    premise_a = rows["(a) student before training fails hard problems"]
+    assert premise_a[0].startswith(f"hard {100 * initial['eval/accuracy_hard']:.1f}%")
+    grpo_hard = read_lines(compared / "grpo_seed0")[-1]["eval/accuracy_hard"]
+    assert rows["(b) GRPO alone stays near (a)"][0].startswith(f"hard {100 * grpo_hard:.1f}%")
+    assert rows["(c) SFT alone learns the teacher's skill, in its long form"][-1] == "not run"
     _assert_png(compared / "dynamics_seed0.png")
+    _assert_png(compared / "dynamics_mean.png")
 
 
 def test_compare_reuses_finished_runs(compared, tmp_path, capsys):
     shutil.copytree(compared / "red_seed0", tmp_path / "red_seed0")
     before = (tmp_path / "red_seed0" / "metrics.jsonl").read_text()
     assert main(["compare", "--methods", "red", "--seeds", "0", "--out", str(tmp_path), *TINY_OVERRIDES,
-                 "trainer.steps=2"]) == 0
+                 "trainer.steps=2", "trainer.save_every=1"]) == 0
     assert "already finished; reusing it" in capsys.readouterr().out
     assert (tmp_path / "red_seed0" / "metrics.jsonl").read_text() == before
-    assert [line.split("|")[1].strip() for line in (tmp_path / "table.md").read_text().splitlines()[2:]] == ["red"]
+    assert "red" in _table_rows((tmp_path / "table.md").read_text())
+
+
+def test_compare_resumes_an_interrupted_run(compared, tmp_path, capsys):
+    """A comparison stopped after grpo's step-1 checkpoint picks that run up there and ends where the
+    uninterrupted one did."""
+    run_dir = tmp_path / "grpo_seed0"
+    shutil.copytree(compared / "grpo_seed0", run_dir)
+    (run_dir / "checkpoints" / "latest").write_text("step_000001")
+    shutil.rmtree(run_dir / "checkpoints" / "step_000002")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # steps 0, 1, 2: killed before the end
+    assert main(["compare", "--methods", "grpo", "--seeds", "0", "--out", str(tmp_path), *TINY_OVERRIDES,
+                 "trainer.steps=2", "trainer.save_every=1", "trainer.progress=false"]) == 0
+    assert "(resuming)" in capsys.readouterr().out
+
+    def comparable(path):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_lines(path)]
+
+    assert comparable(run_dir) == comparable(compared / "grpo_seed0")
+
+
+def test_compare_refuses_runs_of_another_config(compared, tmp_path, capsys):
+    shutil.copytree(compared / "red_seed0", tmp_path / "red_seed0")
+    before = (tmp_path / "red_seed0" / "metrics.jsonl").read_text()
+    assert main(["compare", "--methods", "red", "--seeds", "0", "--out", str(tmp_path), *TINY_OVERRIDES,
+                 "trainer.steps=3", "trainer.save_every=1"]) == 2
+    err = capsys.readouterr().err
+    assert "red_seed0" in err and "trainer.steps: 2 there, 3 now" in err
+    assert (tmp_path / "red_seed0" / "metrics.jsonl").read_text() == before
+
+
+def test_train_prints_the_student_before_training(tmp_path, capsys):
+    run_dir = tmp_path / "red"
+    assert main(["train", *TINY_OVERRIDES, "trainer.steps=1", f"trainer.out_dir={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    lines = read_lines(run_dir)
+    first, final = lines[0], lines[-1]
+    assert first["step"] == 0 and final["final"]
+    for label, record in (("red, step 1:", final), ("warmed-up student, step 0:", first)):
+        line = next(x for x in out.splitlines() if x.strip().startswith(label))
+        assert (f"{100 * record['eval/accuracy']:.1f}% (hard {100 * record['eval/accuracy_hard']:.1f}%, "
+                f"easy {100 * record['eval/accuracy_easy']:.1f}%), mean response length "
+                f"{record['eval/mean_length']:.1f} tokens") in line
+    assert "teacher traces:" in out and f"{final['eval/teacher_length']:.1f} tokens" in out
 
 
 def test_plot(compared, tmp_path, capsys):

@@ -15,6 +15,7 @@ import torch
 
 from megatron_red.cli import main
 from megatron_red.config import load_config
+from megatron_red.trainer.evaluate import evaluate_before_training
 from megatron_red.trainer.red_trainer import RedTrainer
 from trainer_fixtures import REPO_ROOT, TINY_OVERRIDES, cli, read_lines, subprocess_env
 
@@ -33,7 +34,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _assert_same_run(run_dir: Path, reference: Path) -> None:
     got, want = _comparable(read_lines(run_dir)), _comparable(read_lines(reference))
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6, 6]
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 4, 5, 6, 6]  # step 0: the student before training
     assert got == want  # exact: a resumed run replays the same rollouts, updates and evaluation
     a, b = _final_weights(run_dir), _final_weights(reference)
     assert a.keys() == b.keys()
@@ -91,6 +92,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_complete_one(root, re
     run_dir = root / "crashed"
     config = load_config(None, [*RUN, f"trainer.out_dir={run_dir}"])
     trainer = RedTrainer(config, run_dir)
+    evaluate_before_training(trainer)  # as `megatron-red train` does
     save_policy = trainer.policy.save_checkpoint
 
     def crash_at_step_4(path):
@@ -105,7 +107,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_complete_one(root, re
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "step_000004.tmp").is_dir() and not (checkpoints / "step_000004").exists()
     assert (checkpoints / "latest").read_text().strip() == "step_000002"
-    assert [r["step"] for r in read_lines(run_dir)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_lines(run_dir)] == [0, 1, 2, 3, 4]
 
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert "step_000002 (step 2)" in capsys.readouterr().out

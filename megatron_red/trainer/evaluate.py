@@ -6,8 +6,8 @@ from megatron_red.rollout.base import SamplingParams
 
 def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperature: float, max_new_tokens: int,
                      seed: int, hard_min_difficulty: int | None = None) -> dict:
-    """avg@n accuracy over `examples` (and over the hard / easy ones when difficulties are known) and the mean
-    response length in tokens."""
+    """avg@n accuracy over `examples` (and over the hard / easy ones when difficulties are known), the mean
+    response length in tokens, and the teacher traces' mean length on the same problems (when they have traces)."""
     params = SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
     completions = engine.generate([ex.prompt_ids for ex in examples], n, params)
     per_problem, lengths = [], []
@@ -18,6 +18,9 @@ def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperat
         lengths += [len(c.token_ids) for c in comps]
     out = {"eval/accuracy": sum(per_problem) / len(per_problem), "eval/mean_length": sum(lengths) / len(lengths),
            "eval/problems": len(examples)}
+    traces = [len(ex.trace_ids) for ex in examples if ex.trace_ids]
+    if traces:  # the teacher's length on the same problems: what imitating it fully would write
+        out["eval/teacher_length"] = sum(traces) / len(traces)
     if hard_min_difficulty is not None:
         for name, keep in (("hard", lambda d: d >= hard_min_difficulty), ("easy", lambda d: d < hard_min_difficulty)):
             accs = [a for a, ex in zip(per_problem, examples) if ex.difficulty is not None and keep(ex.difficulty)]
@@ -28,3 +31,22 @@ def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperat
         if hard_lengths:
             out["eval/mean_length_hard"] = sum(hard_lengths) / len(hard_lengths)
     return out
+
+
+def evaluate_before_training(trainer) -> dict:
+    """Held-out evaluation of a fresh run's student before its first step, logged as step 0 (so that plots and
+    reports show where training started). Returns {} for a resumed run or a task without a held-out split."""
+    if trainer.step != 0:
+        return {}
+    metrics = trainer.evaluate()
+    if metrics:
+        trainer.log.log(0, metrics)
+    return metrics
+
+
+def describe_heldout(metrics: dict) -> str:
+    """One line: accuracy all (hard, easy) in %, mean response length."""
+    parts = f"{100 * metrics['eval/accuracy']:.1f}%"
+    if "eval/accuracy_hard" in metrics and "eval/accuracy_easy" in metrics:
+        parts += f" (hard {100 * metrics['eval/accuracy_hard']:.1f}%, easy {100 * metrics['eval/accuracy_easy']:.1f}%)"
+    return parts + f", mean response length {metrics['eval/mean_length']:.1f} tokens"

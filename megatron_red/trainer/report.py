@@ -1,4 +1,13 @@
-"""Reports of finished runs: Figure-6-style dynamics plots (H_rl, H_sft, w) and a Table-2-style comparison."""
+"""Reports of finished runs: Figure-6-style dynamics plots, a Table-2-style comparison table, and the premises of
+the built-in study.
+
+`plot_runs` draws one line per run (raw per-step values faint, a moving average over them solid);
+`plot_comparison` draws one line per method: the mean over its seeds, with mean ± std over seeds as a band.
+Both show held-out accuracy (all and hard) at the evaluation steps, step 0 being the student before training.
+`comparison_table` reports the final held-out numbers per method; `premises_table` checks the three premises the
+study rests on (the paper's setting translated): the student before training fails hard problems, GRPO alone does
+not learn them within the budget, SFT on the teacher traces alone does, in the teacher's long form.
+"""
 from __future__ import annotations
 
 import math
@@ -7,46 +16,169 @@ from pathlib import Path
 
 from megatron_red.trainer.metrics import read_metrics
 
+# Per-step series: (metric key, panel title). Noisy, so drawn with a moving average over the raw values.
 DYNAMICS = (("entropy/H_rl", "H_rl (on-policy entropy)"), ("entropy/H_sft", "H_sft (offline-trace entropy)"),
-            ("entropy/w", "w = clip(|dH_sft / dH_rl|, 1, G)"), ("reward/mean", "rollout reward"),
-            ("response/mean_length", "response length (tokens)"))
+            ("entropy/w", "w = clip(|dH_sft / dH_rl|, 1, G)"), ("loss/r_off_mean", "r_off (mean, offline tokens)"),
+            ("reward/mean", "rollout reward"), ("response/mean_length", "rollout length (tokens)"),
+            ("response/truncated", "rollouts truncated (fraction)"))
+# Held-out evaluation, logged every `trainer.eval_every` steps, at step 0 and at the end: (key, line style).
+HELDOUT = (("eval/accuracy", "-", "all"), ("eval/accuracy_hard", "--", "hard"))
+HELDOUT_TITLE = "held-out accuracy (solid: all, dashed: hard)"
+
+# Premise thresholds (see `premises_table`).
+WARM_HARD_MAX = 0.10
+"""(a) the student before training solves at most this fraction of hard held-out problems."""
+GRPO_HARD_GAIN_MAX = 0.05
+"""(b) GRPO's final hard accuracy exceeds the student's before training by at most this much."""
+SFT_HARD_MIN = 0.40
+"""(c) SFT's final hard accuracy is at least this ..."""
+SFT_LENGTH_MIN = 0.8
+"""... with responses at least this fraction of the teacher traces' mean length on the same problems."""
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if not r.get("final") and isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [float(p[1]) for p in pts]
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average over `window` points (odd; shrinks at the ends, so every point keeps a value)."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - half): i + half + 1]
+        out.append(sum(part) / len(part))
+    return out
 
 
-def plot_runs(runs: dict[str, str | Path], out_png: str | Path) -> Path:
-    """One panel per dynamics metric, one line per run (label -> run directory)."""
+def smoothing_window(num_points: int) -> int:
+    """About a twentieth of the run, odd, at least 1."""
+    return max(1, num_points // 20) | 1
+
+
+def series(records: list[dict], key: str, with_final: bool = False) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` over a run's metric records; the final evaluation's record only if asked
+    (it repeats the last step)."""
+    pts = {}
+    for r in records:
+        if (with_final or not r.get("final")) and isinstance(r.get(key), (int, float)):
+            pts[r["step"]] = float(r[key])
+    steps = sorted(pts)
+    return steps, [pts[s] for s in steps]
+
+
+def heldout_series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Held-out accuracy over steps: step 0 (before training), every evaluation, the final one."""
+    return series(records, key, with_final=True)
+
+
+def seed_band(per_seed: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean, std) over seeds at the steps every seed has; std is 0 with one seed."""
+    if not per_seed:
+        return [], [], []
+    common = sorted(set.intersection(*(set(steps) for steps, _ in per_seed)))
+    lookup = [dict(zip(steps, values)) for steps, values in per_seed]
+    means, stds = [], []
+    for s in common:
+        vals = [d[s] for d in lookup]
+        means.append(statistics.mean(vals))
+        stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+    return common, means, stds
+
+
+def _axes_grid(num_panels: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(DYNAMICS), figsize=(4.2 * len(DYNAMICS), 3.4))
+    cols = 4
+    rows = math.ceil(num_panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    axes = list(axes.flat)
+    for ax in axes[num_panels:]:
+        ax.set_visible(False)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (label, run_dir) in enumerate(runs.items()):
-        records = read_metrics(run_dir)
-        color = palette[i % len(palette)]  # one colour per run in every panel, even where a run has no series
-        for ax, (key, title) in zip(axes, DYNAMICS):
-            steps, values = _series(records, key)
-            if values:
-                ax.plot(steps, values, label=label, linewidth=1.2, color=color)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
+    return plt, fig, axes[:num_panels], palette
+
+
+def _finish(plt, fig, axes, out_png) -> Path:
+    titles = [title for _, title in DYNAMICS] + [HELDOUT_TITLE]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def dynamics_figure(runs: dict[str, str | Path]):
+    """The figure of `plot_runs`, returned open (matplotlib's pyplot module, figure, axes) for saving or checks."""
+    plt, fig, axes, palette = _axes_grid(len(DYNAMICS) + 1)
+    for i, (label, run_dir) in enumerate(runs.items()):
+        records = read_metrics(run_dir)
+        color = palette[i % len(palette)]  # one colour per run in every panel, even where a run has no series
+        for ax, (key, _) in zip(axes, DYNAMICS):
+            steps, values = series(records, key)
+            if values:
+                ax.plot(steps, values, color=color, linewidth=0.6, alpha=0.3)
+                ax.plot(steps, smooth(values, smoothing_window(len(values))), color=color, linewidth=1.4,
+                        label=label)
+        for key, style, _ in HELDOUT:
+            steps, values = heldout_series(records, key)
+            if values:
+                axes[-1].plot(steps, [100 * v for v in values], style, color=color, marker="o", markersize=3)
+    return plt, fig, axes
+
+
+def plot_runs(runs: dict[str, str | Path], out_png: str | Path) -> Path:
+    """Dynamics of one or more runs (label -> run directory): one panel per metric, one colour per run."""
+    plt, fig, axes = dynamics_figure(runs)
+    return _finish(plt, fig, axes, out_png)
+
+
+def comparison_figure(runs: dict[str, list[str | Path]]):
+    """The figure of `plot_comparison`, returned open (pyplot, figure, axes)."""
+    plt, fig, axes, palette = _axes_grid(len(DYNAMICS) + 1)
+    for i, (method, run_dirs) in enumerate(runs.items()):
+        records = [read_metrics(d) for d in run_dirs]
+        color = palette[i % len(palette)]
+        label = f"{method} ({len(run_dirs)} seed{'s' if len(run_dirs) > 1 else ''})"
+        panels = [(ax, key, True) for ax, (key, _) in zip(axes, DYNAMICS)]
+        panels += [(axes[-1], key, False) for key, _, _ in HELDOUT]
+        for ax, key, per_step in panels:
+            per_seed = []
+            for recs in records:
+                steps, values = series(recs, key) if per_step else heldout_series(recs, key)
+                if values:
+                    per_seed.append((steps, smooth(values, smoothing_window(len(values))) if per_step else values))
+            steps, mean, std = seed_band(per_seed)
+            if not steps:
+                continue
+            scale = 1.0 if per_step else 100.0
+            style = "-" if per_step else dict((k, s) for k, s, _ in HELDOUT)[key]
+            ax.plot(steps, [scale * m for m in mean], style, color=color, linewidth=1.4,
+                    marker=None if per_step else "o", markersize=3, label=label if per_step else None)
+            ax.fill_between(steps, [scale * (m - s) for m, s in zip(mean, std)],
+                            [scale * (m + s) for m, s in zip(mean, std)], color=color, alpha=0.2, linewidth=0)
+    return plt, fig, axes
+
+
+def plot_comparison(runs: dict[str, list[str | Path]], out_png: str | Path) -> Path:
+    """Per method (-> its run directories, one per seed): mean over seeds, mean ± std over seeds as a band."""
+    plt, fig, axes = comparison_figure(runs)
+    return _finish(plt, fig, axes, out_png)
 
 
 def final_metrics(run_dir: str | Path) -> dict:
     finals = [r for r in read_metrics(run_dir) if r.get("final")]
     return finals[-1] if finals else {}
+
+
+def initial_metrics(run_dir: str | Path) -> dict:
+    """The held-out evaluation of the student before training (the record of step 0), or {}."""
+    starts = [r for r in read_metrics(run_dir) if r.get("step") == 0 and "eval/accuracy" in r]
+    return starts[-1] if starts else {}
 
 
 def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -58,14 +190,61 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def comparison_table(results: dict[str, list[dict]]) -> str:
+def _row(name: str, finals: list[dict]) -> str:
+    col = lambda k: [f.get(k) for f in finals]  # noqa: E731
+    return (f"| {name} | {len(finals)} | {_fmt(col('eval/accuracy'), 100)} | {_fmt(col('eval/accuracy_hard'), 100)} "
+            f"| {_fmt(col('eval/accuracy_easy'), 100)} | {_fmt(col('eval/mean_length'))} "
+            f"| {_fmt(col('eval/mean_length_hard'))} |")
+
+
+TABLE_HEAD = ["| method | seeds | acc (%) | acc hard (%) | acc easy (%) | length (tokens) | length hard |",
+              "|---|---|---|---|---|---|---|"]
+
+
+def comparison_table(results: dict[str, list[dict]], initial: list[dict] | None = None) -> str:
     """Markdown table: method -> held-out accuracy (all / hard / easy, %) and mean response length, mean ± std
-    over seeds."""
-    lines = ["| method | seeds | acc (%) | acc hard (%) | acc easy (%) | length (tokens) | length hard |",
-             "|---|---|---|---|---|---|---|"]
-    for method, finals in results.items():
-        col = lambda k: [f.get(k) for f in finals]  # noqa: E731
-        lines.append(f"| {method} | {len(finals)} | {_fmt(col('eval/accuracy'), 100)} | "
-                     f"{_fmt(col('eval/accuracy_hard'), 100)} | {_fmt(col('eval/accuracy_easy'), 100)} | "
-                     f"{_fmt(col('eval/mean_length'))} | {_fmt(col('eval/mean_length_hard'))} |")
+    over seeds; first, when given, the student before training (one record per seed)."""
+    lines = list(TABLE_HEAD)
+    if initial:
+        lines.append(_row("student before training (step 0)", initial))
+    lines += [_row(method, finals) for method, finals in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def premises_table(initial: list[dict], grpo: list[dict], sft: list[dict]) -> str:
+    """The study's premises over seeds (lists aligned by seed; GRPO's / SFT's may be empty when not run):
+    (a) the student before training fails hard problems: hard accuracy <= WARM_HARD_MAX;
+    (b) GRPO alone stays near it: final hard accuracy - (a)'s <= GRPO_HARD_GAIN_MAX;
+    (c) SFT on the teacher traces alone learns them: final hard accuracy >= SFT_HARD_MIN, at a mean length of at
+        least SFT_LENGTH_MIN x the teacher's on the same problems.
+    A premise holds when it holds for every seed."""
+    def hard(records):
+        return [r.get("eval/accuracy_hard", math.nan) for r in records]
+
+    def verdict(checks: list[bool], ran: bool) -> str:
+        if not ran:
+            return "not run"
+        return f"{'holds' if all(checks) else 'FAILS'} ({sum(checks)}/{len(checks)} seeds)"
+
+    a = [h <= WARM_HARD_MAX for h in hard(initial)]
+    b = [g - w <= GRPO_HARD_GAIN_MAX for g, w in zip(hard(grpo), hard(initial))]
+    c = [r.get("eval/accuracy_hard", 0.0) >= SFT_HARD_MIN
+         and r.get("eval/mean_length", 0.0) >= SFT_LENGTH_MIN * r.get("eval/teacher_length", math.inf)
+         for r in sft]
+    teacher = [r.get("eval/teacher_length") for r in initial]
+    lines = ["| premise | measured | condition | verdict |", "|---|---|---|---|",
+             f"| (a) student before training fails hard problems | hard {_fmt(hard(initial), 100)}% "
+             f"(all {_fmt([r.get('eval/accuracy') for r in initial], 100)}%, "
+             f"easy {_fmt([r.get('eval/accuracy_easy') for r in initial], 100)}%, "
+             f"{_fmt([r.get('eval/mean_length') for r in initial])} tokens) "
+             f"| hard <= {100 * WARM_HARD_MAX:.0f}% | {verdict(a, bool(initial))} |",
+             f"| (b) GRPO alone stays near (a) | hard {_fmt(hard(grpo), 100)}% "
+             f"(all {_fmt([r.get('eval/accuracy') for r in grpo], 100)}%, "
+             f"{_fmt([r.get('eval/mean_length') for r in grpo])} tokens) "
+             f"| hard - (a) <= {100 * GRPO_HARD_GAIN_MAX:.0f} points | {verdict(b, bool(grpo) and bool(initial))} |",
+             f"| (c) SFT alone learns the teacher's skill, in its long form | hard {_fmt(hard(sft), 100)}% "
+             f"(all {_fmt([r.get('eval/accuracy') for r in sft], 100)}%, "
+             f"{_fmt([r.get('eval/mean_length') for r in sft])} tokens; teacher {_fmt(teacher)} tokens) "
+             f"| hard >= {100 * SFT_HARD_MIN:.0f}%, length >= {SFT_LENGTH_MIN:g} x teacher's "
+             f"| {verdict(c, bool(sft))} |"]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,143 @@
+"""Reports: the dynamics figure (raw and smoothed per-step series, held-out accuracy over steps), the per-method
+figure over seeds (mean and a mean ± std band), the comparison table and the premises check, drawn from metrics
+files written by `MetricsLog`; every drawn number is checked against the metrics it came from."""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+
+from megatron_red.trainer.metrics import MetricsLog
+from megatron_red.trainer.report import (DYNAMICS, GRPO_HARD_GAIN_MAX, SFT_HARD_MIN, WARM_HARD_MAX,
+                                         comparison_figure, comparison_table, dynamics_figure, plot_comparison,
+                                         plot_runs, premises_table, seed_band, smooth, smoothing_window)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PANEL = {key: i for i, (key, _) in enumerate(DYNAMICS)}
+STEPS = 60
+
+
+def _write_run(run_dir, seed: int, offline: bool = True) -> dict:
+    """A run's metrics: step-0 evaluation, STEPS per-step records (r_off only when the method has an offline
+    term), evaluations at steps 20 and 40, the final one at STEPS. Returns the values written."""
+    rng = np.random.default_rng(seed)
+    log = MetricsLog(run_dir, tensorboard=False)
+    h_rl = (0.5 + 0.1 * rng.standard_normal(STEPS)).tolist()
+    r_off = rng.uniform(0.2, 0.8, STEPS).tolist()
+    evals = {0: (0.30, 0.05), 20: (0.35, 0.10), 40: (0.40, 0.2), STEPS: (0.5, 0.3 + 0.01 * seed)}
+    log.log(0, {"eval/accuracy": evals[0][0], "eval/accuracy_hard": evals[0][1]})
+    for step in range(1, STEPS + 1):
+        record = {"entropy/H_rl": h_rl[step - 1], "loss/r_off_mean": r_off[step - 1] if offline else float("nan")}
+        if step in evals and step != STEPS:
+            record.update({"eval/accuracy": evals[step][0], "eval/accuracy_hard": evals[step][1]})
+        log.log(step, record)
+    log.log(STEPS, {"final": True, "eval/accuracy": evals[STEPS][0], "eval/accuracy_hard": evals[STEPS][1]})
+    log.close()
+    return {"h_rl": h_rl, "r_off": r_off, "evals": evals}
+
+
+def _lines(ax):
+    return [(list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle()) for line in ax.lines]
+
+
+def test_smooth_and_window():
+    assert smooth([0.0, 3.0, 6.0, 3.0, 0.0], 3) == pytest.approx([1.5, 3.0, 4.0, 3.0, 1.5])
+    line = [2.0 * i + 1.0 for i in range(30)]
+    assert smooth(line, 7)[3:-3] == pytest.approx(line[3:-3])  # a centred mean keeps a straight line
+    assert smooth([4.0] * 5, 5) == [4.0] * 5
+    assert smooth([1.0, 2.0], 1) == [1.0, 2.0]
+    assert [smoothing_window(n) for n in (1, 19, 40, 60, 600)] == [1, 1, 3, 3, 31]
+
+
+def test_seed_band_uses_common_steps():
+    steps, mean, std = seed_band([([0, 1, 2], [1.0, 2.0, 3.0]), ([1, 2, 3], [3.0, 6.0, 9.0])])
+    assert steps == [1, 2]
+    assert mean == pytest.approx([2.5, 4.5])
+    assert std == pytest.approx([statistics.stdev([2.0, 3.0]), statistics.stdev([3.0, 6.0])])
+    assert seed_band([([5], [1.0])]) == ([5], [1.0], [0.0])
+    assert seed_band([]) == ([], [], [])
+
+
+def test_dynamics_figure_draws_the_metrics(tmp_path):
+    red = _write_run(tmp_path / "red", seed=0)
+    _write_run(tmp_path / "grpo", seed=1, offline=False)
+    plt, fig, axes = dynamics_figure({"red": tmp_path / "red", "grpo": tmp_path / "grpo"})
+    try:
+        steps = list(range(1, STEPS + 1))
+        red_raw, red_smooth = _lines(axes[PANEL["entropy/H_rl"]])[:2]
+        assert red_raw[0] == red_smooth[0] == steps
+        assert red_raw[1] == pytest.approx(red["h_rl"])
+        assert red_smooth[1] == pytest.approx(smooth(red["h_rl"], smoothing_window(STEPS)))
+        assert len(axes[PANEL["entropy/H_rl"]].lines) == 4  # both runs, raw and smoothed
+        # GRPO has no offline term: its r_off (NaN, logged as null) draws nothing.
+        r_off_lines = _lines(axes[PANEL["loss/r_off_mean"]])
+        assert len(r_off_lines) == 2 and r_off_lines[0][1] == pytest.approx(red["r_off"])
+        # Held-out accuracy: step 0, the evaluations, the final one; all solid, hard dashed, in %.
+        heldout = _lines(axes[-1])
+        assert len(heldout) == 4
+        (x_all, y_all, style_all), (x_hard, y_hard, style_hard) = heldout[:2]
+        assert x_all == x_hard == sorted(red["evals"])
+        assert y_all == pytest.approx([100 * red["evals"][s][0] for s in x_all])
+        assert y_hard == pytest.approx([100 * red["evals"][s][1] for s in x_all])
+        assert (style_all, style_hard) == ("-", "--")
+    finally:
+        plt.close(fig)
+    png = plot_runs({"red": tmp_path / "red"}, tmp_path / "out" / "dynamics.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_comparison_figure_draws_the_seed_mean_and_band(tmp_path):
+    seeds = [_write_run(tmp_path / f"red_seed{s}", seed=s) for s in range(3)]
+    plt, fig, axes = comparison_figure({"red": [tmp_path / f"red_seed{s}" for s in range(3)]})
+    try:
+        window = smoothing_window(STEPS)
+        per_seed = np.array([smooth(s["h_rl"], window) for s in seeds])
+        ax = axes[PANEL["entropy/H_rl"]]
+        (x, y, _), = _lines(ax)
+        assert x == list(range(1, STEPS + 1))
+        assert y == pytest.approx(per_seed.mean(axis=0).tolist())
+        assert ax.get_legend_handles_labels()[1] == ["red (3 seeds)"]
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        std = per_seed.std(axis=0, ddof=1)
+        assert band.min() == pytest.approx((per_seed.mean(axis=0) - std).min())
+        assert band.max() == pytest.approx((per_seed.mean(axis=0) + std).max())
+        hard = [line for line in _lines(axes[-1]) if line[2] == "--"][0]
+        finals = [100 * s["evals"][STEPS][1] for s in seeds]
+        assert hard[0][-1] == STEPS and hard[1][-1] == pytest.approx(statistics.mean(finals))
+    finally:
+        plt.close(fig)
+    png = plot_comparison({"red": [tmp_path / "red_seed0", tmp_path / "red_seed1"]}, tmp_path / "mean.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def _eval(acc, hard, easy=0.5, length=20.0, teacher=100.0):
+    return {"eval/accuracy": acc, "eval/accuracy_hard": hard, "eval/accuracy_easy": easy, "eval/mean_length": length,
+            "eval/mean_length_hard": length + 5, "eval/teacher_length": teacher}
+
+
+def _verdicts(table: str) -> list[str]:
+    return [line.split("|")[-2].strip() for line in table.splitlines()[2:]]
+
+
+def test_premises_table_verdicts():
+    warm = [_eval(0.3, 0.05), _eval(0.3, 0.08), _eval(0.3, WARM_HARD_MAX)]
+    grpo = [_eval(0.3, 0.05 + GRPO_HARD_GAIN_MAX - 0.01), _eval(0.3, 0.08), _eval(0.3, 0.11)]
+    sft = [_eval(0.6, SFT_HARD_MIN + 0.01, length=81.0), _eval(0.6, 0.5, length=90.0), _eval(0.6, 0.5, length=85.0)]
+    table = premises_table(warm, grpo, sft)
+    assert _verdicts(table) == ["holds (3/3 seeds)"] * 3
+    assert "hard 7.7 ± 2.5%" in table  # (a): mean ± std of 5, 8, 10
+    # One seed breaks each premise: too good a start, GRPO learning hard problems, SFT short of the teacher.
+    warm[1] = _eval(0.3, 0.12)
+    grpo[0] = _eval(0.3, 0.05 + GRPO_HARD_GAIN_MAX + 0.01)
+    sft[2] = _eval(0.6, 0.5, length=79.0)
+    assert _verdicts(premises_table(warm, grpo, sft)) == ["FAILS (2/3 seeds)"] * 3
+    assert _verdicts(premises_table(warm, [], [])) == ["FAILS (2/3 seeds)", "not run", "not run"]
+
+
+def test_comparison_table_rows():
+    table = comparison_table({"red": [_eval(0.5, 0.4), _eval(0.7, 0.6)]}, initial=[_eval(0.3, 0.05)])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    assert rows[0] == ["student before training (step 0)", "1", "30.0", "5.0", "50.0", "20.0", "25.0"]
+    assert rows[1][:4] == ["red", "2", f"60.0 ± {100 * statistics.stdev([0.5, 0.7]):.1f}",
+                           f"50.0 ± {100 * statistics.stdev([0.4, 0.6]):.1f}"]
