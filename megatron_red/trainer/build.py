@@ -116,7 +116,12 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     from megatron_red.trainer.groups import Group, build_batch
     from megatron_red.trainer.update import policy_update
 
-    key = json.dumps({"model": dataclasses.asdict(config.model), "builtin": config.data.builtin,
+    # What the warm-up reads (not the method, nor the RL settings: every method of a seed shares the student). The
+    # task enters through its warm-up data and tokenizer, so a change of the task's code or defaults is a new key.
+    content = hashlib.sha256(getattr(task.tokenizer, "model_proto", b""))
+    for ex in task.warmup:
+        content.update(json.dumps([ex.prompt_ids, ex.trace_ids]).encode())
+    key = json.dumps({"model": dataclasses.asdict(config.model), "task": content.hexdigest(),
                       "seed": config.trainer.seed, "steps": config.data.warmup_steps, "lr": config.data.warmup_lr,
                       "batch": config.data.warmup_batch_size}, sort_keys=True)
     path = cache_dir / f"student_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
