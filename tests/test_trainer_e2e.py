@@ -322,3 +322,24 @@ def test_build_batch_rbar_without_the_trace():
     torch.testing.assert_close(batch.fields["group_accuracy"].double(), torch.tensor(expected, dtype=torch.float64))
     assert batch.fields["group_accuracy"][3].item() == 0.0  # all rollouts of prompt 2 failed: full imitation
     torch.testing.assert_close(batch.fields["advantages"], counted.fields["advantages"])
+
+
+def test_warmed_up_student_is_shared_by_methods_and_keyed_by_the_task(tmp_path):
+    """One cached student per (task, seed, model, warm-up settings): another method or RL setting reuses it (what
+    lets `compare` share warm-ups per seed); other warm-up data or another tokenizer (a changed task, even with the
+    same config) is a new student."""
+    import dataclasses
+
+    from megatron_red.trainer.build import build_task, warmed_up_student
+
+    config = tiny_config(tmp_path / "red")
+    task = build_task(config)
+    student = warmed_up_student(config, task, tmp_path / ".cache")
+    other_method = tiny_config(tmp_path / "grpo", "algo.method=grpo", "optim.lr=0.5", "rollout.n=5",
+                               "trainer.steps=9")
+    assert warmed_up_student(other_method, build_task(other_method), tmp_path / ".cache") == student
+    fewer = dataclasses.replace(task, warmup=task.warmup[:-1])
+    assert warmed_up_student(config, fewer, tmp_path / ".cache") != student
+    other_seed = tiny_config(tmp_path / "red1", "trainer.seed=1")
+    assert warmed_up_student(other_seed, build_task(other_seed), tmp_path / ".cache") != student
+    assert len(list((tmp_path / ".cache").glob("student_*"))) == 3
