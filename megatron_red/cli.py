@@ -66,6 +66,56 @@ def _config_differences(saved: dict, wanted: dict, where: str = "") -> list[str]
     return out
 
 
+def _train_processes(pending: list[tuple], args, jobs: int) -> list[Path]:
+    """Train the pending runs of a comparison as `megatron-red train` processes, `jobs` at a time, one thread each,
+    output in RUN_DIR/train.log. A seed's runs share its warmed-up student: the first to start builds it, the others
+    wait until that run has logged (its student is then cached). Returns the run directories that failed."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    leaders: dict[int, tuple[Path, float]] = {}  # seed -> its first run and when it started
+    running: dict[Path, tuple] = {}
+    failed = []
+    queue = list(pending)
+
+    def ready(seed) -> bool:
+        if seed not in leaders or leaders[seed][0] not in running:
+            return True
+        metrics = leaders[seed][0] / "metrics.jsonl"  # rewritten once the student is built, then step 0 is logged
+        return metrics.exists() and metrics.stat().st_mtime >= leaders[seed][1] and metrics.stat().st_size > 0
+
+    while queue or running:
+        for run_dir, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[run_dir]
+                print(f"[compare] {run_dir} " + ("done" if proc.returncode == 0 else f"FAILED ({proc.returncode})"))
+                if proc.returncode != 0:
+                    failed.append(run_dir)
+
+        startable = [item for item in queue if ready(item[0])]
+        while startable and len(running) < jobs:
+            item = startable.pop(0)
+            queue.remove(item)
+            seed, method, run_dir, resume = item
+            leaders.setdefault(seed, (run_dir, time.time()))
+            if resume:
+                cmd = ["train", "--resume", str(run_dir)]
+            else:
+                cmd = ["train", *(["--config", args.config] if args.config else []), *args.overrides,
+                       f"algo.method={method}", f"trainer.seed={seed}", f"trainer.out_dir={run_dir}"]
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / "train.log", "a", encoding="utf-8")
+            proc = subprocess.Popen([sys.executable, "-m", "megatron_red.cli", *cmd, "trainer.progress=false"],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[run_dir] = (proc, log)
+            print(f"[compare] {method}, seed {seed} -> {run_dir}" + (" (resuming)" if resume else "")
+                  + f" [pid {proc.pid}, log {run_dir / 'train.log'}]")
+        time.sleep(1.0)
+    return failed
+
+
 def _compare(args) -> int:
     from megatron_red.config import config_to_dict, load_config
     from megatron_red.trainer.evaluate import evaluate_before_training
@@ -79,6 +129,8 @@ def _compare(args) -> int:
         print(f"error: unknown method(s) {unknown}; valid: {', '.join(method_names())}", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     out = Path(args.out)
     runs = {m: [out / f"{m}_seed{seed}" for seed in seeds] for m in methods}
     configs = {}
@@ -96,17 +148,25 @@ def _compare(args) -> int:
                                      "use another --out or remove that run")
             configs[run_dir] = config
     start = time.perf_counter()
+    pending = []
     for seed in seeds:
         for method in methods:
             run_dir = out / f"{method}_seed{seed}"
             if final_metrics(run_dir):
                 print(f"[compare] {run_dir} already finished; reusing it")
-                continue
-            resume = (run_dir / "checkpoints" / "latest").exists()
-            print(f"[compare] {method}, seed {seed} -> {run_dir}" + (" (resuming)" if resume else ""))
-            trainer = RedTrainer(configs[run_dir], run_dir, resume=resume)
-            evaluate_before_training(trainer)
-            trainer.train()
+            else:
+                pending.append((seed, method, run_dir, (run_dir / "checkpoints" / "latest").exists()))
+    if args.jobs > 1:
+        failed = _train_processes(pending, args, args.jobs)
+        if failed:
+            print(f"error: {len(failed)} run(s) failed; see {', '.join(str(d / 'train.log') for d in failed)}",
+                  file=sys.stderr)
+            return 1
+    for seed, method, run_dir, resume in pending if args.jobs <= 1 else ():
+        print(f"[compare] {method}, seed {seed} -> {run_dir}" + (" (resuming)" if resume else ""))
+        trainer = RedTrainer(configs[run_dir], run_dir, resume=resume)
+        evaluate_before_training(trainer)
+        trainer.train()
     finals = {m: [final_metrics(d) for d in dirs] for m, dirs in runs.items()}
     # Every method of a seed starts from the same student: its step-0 evaluation is taken from the first run.
     initial = [next((initial_metrics(runs[m][i]) for m in methods if initial_metrics(runs[m][i])), {})
@@ -148,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--seeds", default="0")
     compare.add_argument("--config")
     compare.add_argument("--out", default="runs/compare")
+    compare.add_argument("--jobs", type=int, default=1,
+                         help="runs trained at once, as separate one-thread processes (e.g. 2 on a 2-core CPU)")
     compare.add_argument("overrides", nargs="*", metavar="section.key=value")
     compare.set_defaults(func=_compare)
 

@@ -59,6 +59,11 @@ def _table_rows(text: str) -> dict[str, list[str]]:
             if line.startswith("| ") and not line.startswith(("| method", "| premise"))}
 
 
+def _comparable(run_dir: Path) -> list[dict]:
+    """A run's metric records without wall times."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_lines(run_dir)]
+
+
 def test_compare_writes_table_and_plot(compared):
     text = (compared / "table.md").read_text()
     assert text.index("## Premises") < text.index("## Held-out accuracy at the end")
@@ -110,11 +115,21 @@ def test_compare_resumes_an_interrupted_run(compared, tmp_path, capsys):
     assert main(["compare", "--methods", "grpo", "--seeds", "0", "--out", str(tmp_path), *TINY_OVERRIDES,
                  "trainer.steps=2", "trainer.save_every=1", "trainer.progress=false"]) == 0
     assert "(resuming)" in capsys.readouterr().out
+    assert _comparable(run_dir) == _comparable(compared / "grpo_seed0")
 
-    def comparable(path):
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_lines(path)]
 
-    assert comparable(run_dir) == comparable(compared / "grpo_seed0")
+def test_compare_jobs_trains_in_processes_like_in_process(compared, tmp_path, capsys):
+    """--jobs 2: each run is a one-thread `megatron-red train` process (log in RUN_DIR/train.log), the seed's
+    student is built once, and every number equals the in-process comparison's."""
+    assert main(["compare", "--methods", "red,grpo", "--seeds", "0", "--out", str(tmp_path), "--jobs", "2",
+                 *TINY_OVERRIDES, "trainer.steps=2", "trainer.save_every=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[pid ") == 2 and out.count(" done") == 2
+    assert len(list((tmp_path / ".cache").glob("student_*"))) == 1
+    for method in ("red", "grpo"):
+        assert (tmp_path / f"{method}_seed0" / "train.log").read_text().count("held-out accuracy on") == 1
+        assert _comparable(tmp_path / f"{method}_seed0") == _comparable(compared / f"{method}_seed0")
+    assert (tmp_path / "table.md").read_text() == (compared / "table.md").read_text()
 
 
 def test_compare_refuses_runs_of_another_config(compared, tmp_path, capsys):
