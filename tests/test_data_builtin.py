@@ -8,6 +8,8 @@ from megatron_red.data import BuiltinTask, BuiltinTaskConfig, grade
 from megatron_red.data.builtin import teacher_trace
 
 CONFIG = BuiltinTaskConfig(seed=5, num_train=600, num_test=120, num_warmup=300)
+OPERATION = r"(?:He|She) (?:gets \d+ more|gives away \d+|multiplies them by \d+)\."
+RECHECK = r"Wait, let me verify: (" + OPERATION + r" (\S+)) Yes\."
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +84,29 @@ def test_teacher_traces_correct_verbose_and_tokenized(task):
         assert tok.decode(ex.trace_ids) == ex.trace_text and ex.trace_ids[-1] == tok.eos_token_id
         assert ex.prompt_ids == tok.encode(ex.prompt_text) and tok.decode(ex.prompt_ids) == ex.prompt_text
         steps = check_arithmetic(ex.trace_text)
-        # Re-checks ("Wait, let me verify: ...") repeat a step already taken.
-        for recheck in re.findall(r"Wait, let me verify: (\S+)", ex.trace_text):
-            assert steps.count(recheck) >= 2
+        # Re-checks ("Wait, let me verify: ...") repeat a step already taken, with its sentence.
+        for recheck in re.findall(RECHECK, ex.trace_text):
+            assert steps.count(recheck[1]) >= 2 and ex.trace_text.count(recheck[0]) >= 2
         assert len(steps) - len(re.findall("Wait, let me verify", ex.trace_text)) == problem.steps
+        # Each new step follows a copy of its operation's sentence from the story, in the story's order.
+        story = re.findall(OPERATION, problem.text)
+        new_steps = re.findall(r"\d+[-+*]\d+=\d+\.", re.sub(RECHECK, "", ex.trace_text))
+        assert len(story) == len(new_steps) == problem.steps
+        position = 0
+        for sentence, step in zip(story, new_steps):
+            position = ex.trace_text.index(f"{sentence} {step}", position) + 1
     lengths = {d: [len(e.trace_ids) for e in task.train_examples if e.difficulty == d] for d in (1, CONFIG.max_steps)}
     assert sum(lengths[CONFIG.max_steps]) / len(lengths[CONFIG.max_steps]) < 150
     assert max(len(e.prompt_ids) for e in task.train_examples + task.test_examples) <= 64
     assert any("Wait, let me verify" in e.trace_text for e in task.train_examples)
+
+
+def test_teacher_without_restatement(task):
+    for problem in task.train_problems[:50]:
+        verbose = teacher_trace(problem, CONFIG.verify_probability, CONFIG.seed, restate=True)
+        plain = teacher_trace(problem, CONFIG.verify_probability, CONFIG.seed, restate=False)
+        assert not re.findall(OPERATION, plain)
+        assert re.sub(OPERATION + " ", "", verbose) == plain  # the same trace, re-checks included, minus the copies
 
 
 def test_warmup_is_easy_short_and_correct(task):
@@ -105,9 +122,17 @@ def test_warmup_is_easy_short_and_correct(task):
         steps = check_arithmetic(ex.trace_text)
         assert len(steps) == ex.difficulty and "Wait" not in ex.trace_text
         assert ex.prompt_ids == teacher[ex.uid].prompt_ids
-        assert len(ex.trace_ids) < len(teacher[ex.uid].trace_ids)
-        # Same step notation: every warm-up step appears verbatim in the teacher's trace.
-        assert all(s in teacher[ex.uid].trace_text for s in steps)
+        # The "concise" format is the teacher's trace without its re-checks.
+        assert ex.trace_text == re.sub(" " + RECHECK, "", teacher[ex.uid].trace_text)
+
+
+def test_warmup_steps_format():
+    task = BuiltinTask(BuiltinTaskConfig(seed=5, num_train=60, num_test=30, num_warmup=50, warmup_format="steps"))
+    for ex, problem in zip(task.warmup_examples(), task.warmup_problems()):
+        steps = check_arithmetic(ex.trace_text)
+        assert len(steps) == problem.steps and grade(ex.trace_text, ex.answer) == 1.0
+        # Only the steps and the answer: "7+5=12. 12*2=24. The answer is 24."
+        assert ex.trace_text == " ".join(steps + [f"The answer is {ex.answer}."])
 
 
 @pytest.mark.parametrize("response, answer, expected", [
@@ -133,6 +158,8 @@ def test_config_validation():
         BuiltinTaskConfig(warmup_max_steps=4, hard_min_steps=4)
     with pytest.raises(ValueError, match="min_steps"):
         BuiltinTaskConfig(min_steps=3, max_steps=2)
+    with pytest.raises(ValueError, match="warmup_format"):
+        BuiltinTaskConfig(warmup_format="long")
     with pytest.raises(ValueError, match="verify_probability"):
         BuiltinTaskConfig(verify_probability=1.5)
     with pytest.raises(ValueError, match="distinct"):

@@ -26,6 +26,7 @@ PEOPLE = (("Sam", "He"), ("Tom", "He"), ("Ann", "She"), ("Mia", "She"))
 ITEMS = ("apples", "pens", "cards", "eggs")
 MULTIPLIERS = (2, 3)
 SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
+WARMUP_FORMATS = ("concise", "steps")
 _ANSWER = re.compile(r"answer is\s*(-?\d+)\b(?!\.\d)")
 
 
@@ -44,7 +45,12 @@ class BuiltinTaskConfig:
     max_value: int = 30             # every start/intermediate/final value lies in 0..max_value
     max_start: int = 12             # the starting amount is drawn from 2..max_start
     max_operand: int = 5            # add/subtract operands are drawn from 1..max_operand
+    distinct_operations: bool = True  # no operation (sentence) repeats within a story: a repeated sentence makes
+                                      # "the sentence after the one just copied" ambiguous to the student
     verify_probability: float = 0.5  # chance the teacher re-checks each step ("Wait, let me verify: ...")
+    restate: bool = True            # the teacher copies each operation's sentence before its step
+    warmup_format: str = "concise"  # warm-up solutions: "concise" = the teacher's form without its re-checks,
+                                    # "steps" = only the steps, then the answer
     vocab_size: int = 256           # SentencePiece vocabulary (closed task text: no byte fallback)
 
     def __post_init__(self):
@@ -60,6 +66,8 @@ class BuiltinTaskConfig:
                              f"{self.num_train}, {self.num_test}, {self.num_warmup}")
         if not 2 <= self.max_start <= self.max_value or self.max_operand < 1:
             raise ValueError("need 2 <= max_start <= max_value and max_operand >= 1")
+        if self.warmup_format not in WARMUP_FORMATS:
+            raise ValueError(f"unknown warmup_format {self.warmup_format!r}; valid: {', '.join(WARMUP_FORMATS)}")
         if not 0.0 <= self.verify_probability <= 1.0:
             raise ValueError(f"verify_probability must be in [0, 1], got {self.verify_probability}")
 
@@ -95,19 +103,30 @@ def _step(left: int, op: str, k: int, result: int) -> str:
     return f"{left}{SYMBOL[op]}{k}={result}."
 
 
+def operation_sentence(pronoun: str, op: str, k: int) -> str:
+    """The story's sentence for one operation."""
+    if op == "add":
+        return f"{pronoun} gets {k} more."
+    if op == "sub":
+        return f"{pronoun} gives away {k}."
+    return f"{pronoun} multiplies them by {k}."
+
+
 def short_solution(problem: BuiltinProblem) -> str:
-    """The student's warm-up format: the steps, then the answer."""
+    """The "steps" warm-up format: only the steps, then the answer."""
     return " ".join([_step(*s) for s in problem.chain()] + [f"The answer is {problem.answer}."])
 
 
-def teacher_trace(problem: BuiltinProblem, verify_probability: float, seed: int) -> str:
-    """The teacher's verbose, correct trace; its re-checks are drawn from (seed, uid), so it is deterministic."""
+def teacher_trace(problem: BuiltinProblem, verify_probability: float, seed: int, restate: bool = True) -> str:
+    """The teacher's verbose, correct trace; its re-checks are drawn from (seed, uid), so it is deterministic.
+    With `restate`, each step is preceded by a copy of its operation's sentence from the story."""
     rng = random.Random(f"{seed}:teacher:{problem.uid}")
     parts = [f"{problem.name} starts with {problem.start} {problem.item}."]
     for left, op, k, result in problem.chain():
-        parts.append(_step(left, op, k, result))
+        sentence = f"{operation_sentence(problem.pronoun, op, k)} " if restate else ""
+        parts.append(sentence + _step(left, op, k, result))
         if rng.random() < verify_probability:
-            parts.append(f"Wait, let me verify: {_step(left, op, k, result)} Yes.")
+            parts.append(f"Wait, let me verify: {sentence}{_step(left, op, k, result)} Yes.")
     parts.append(f"So {problem.name} has {problem.answer} {problem.item}. The answer is {problem.answer}.")
     return " ".join(parts)
 
@@ -133,15 +152,18 @@ class BuiltinTask:
         levels = range(config.min_steps, config.max_steps + 1)
         self.test_problems = self._generate(rng, config.num_test, "test", levels, distinct=True)
         self.train_problems = self._generate(rng, config.num_train, "train", levels, distinct=False)
-        self.traces = {p.uid: teacher_trace(p, config.verify_probability, config.seed)
+        self.traces = {p.uid: teacher_trace(p, config.verify_probability, config.seed, config.restate)
                        for p in self.train_problems + self.test_problems}
 
         texts = []
         for p in self.train_problems:
             texts += [f"Question: {p.text}\nAnswer:", self.traces[p.uid], short_solution(p)]
         # Every value 0..max_value is one token, so each arithmetic fact is a lookup the tiny student can learn;
-        # the multi-step chaining, not digit arithmetic, is what makes a problem hard.
+        # the multi-step chaining, not digit arithmetic, is what makes a problem hard. After a space a number is one
+        # token too ("▁5"): split as "▁" + "5", every number of a story would follow the same token, and copying
+        # an operand from the story (what the teacher's restatements ask for) would be ambiguous to attention.
         numbers = [str(v) for v in range(config.max_value + 1)]
+        numbers += ["\u2581" + n for n in numbers]
         self.tokenizer: SentencePieceTokenizer = train_sentencepiece(texts, config.vocab_size, byte_fallback=False,
                                                                      user_defined_symbols=numbers)
         self.train_examples = [self._example(p, self.traces[p.uid]) for p in self.train_problems]
@@ -160,24 +182,22 @@ class BuiltinTask:
                 start = rng.randint(2, c.max_start)
                 ops, value = [], start
                 for _ in range(steps):
-                    choices = []
-                    if value + 1 <= c.max_value:
-                        choices.append("add")
-                    if value >= 1:
-                        choices.append("sub")
-                    if value >= 1 and value * MULTIPLIERS[0] <= c.max_value:
-                        choices.append("mul")
-                    op = rng.choice(choices)
-                    if op == "add":
-                        k = rng.randint(1, min(c.max_operand, c.max_value - value))
-                        value += k
-                    elif op == "sub":
-                        k = rng.randint(1, min(c.max_operand, value))
-                        value -= k
-                    else:
-                        k = rng.choice([m for m in MULTIPLIERS if value * m <= c.max_value])
-                        value *= k
+                    candidates = {
+                        "add": range(1, min(c.max_operand, c.max_value - value) + 1),
+                        "sub": range(1, min(c.max_operand, value) + 1),
+                        "mul": [m for m in MULTIPLIERS if value >= 1 and value * m <= c.max_value],
+                    }
+                    candidates = {op: [k for k in ks if not (c.distinct_operations and (op, k) in ops)]
+                                  for op, ks in candidates.items()}
+                    available = [op for op in ("add", "sub", "mul") if candidates[op]]
+                    if not available:
+                        break
+                    op = rng.choice(available)
+                    k = rng.choice(candidates[op])
+                    value = value + k if op == "add" else value - k if op == "sub" else value * k
                     ops.append((op, k))
+                if len(ops) < steps:
+                    continue
                 key = (start, tuple(ops))
                 if key not in self.test_keys:
                     break
@@ -194,14 +214,7 @@ class BuiltinTask:
 
     @staticmethod
     def _story(name: str, pronoun: str, item: str, start: int, ops: list[tuple[str, int]]) -> str:
-        sentences = [f"{name} has {start} {item}."]
-        for op, k in ops:
-            if op == "add":
-                sentences.append(f"{pronoun} gets {k} more.")
-            elif op == "sub":
-                sentences.append(f"{pronoun} gives away {k}.")
-            else:
-                sentences.append(f"{pronoun} multiplies them by {k}.")
+        sentences = [f"{name} has {start} {item}."] + [operation_sentence(pronoun, op, k) for op, k in ops]
         sentences.append(f"How many {item} does {name} have now?")
         return " ".join(sentences)
 
@@ -231,4 +244,7 @@ class BuiltinTask:
 
     def warmup_examples(self) -> list[RedExample]:
         """Short correct solutions of the warm-up problems: the SFT data that makes the student a weak base model."""
-        return [self._example(p, short_solution(p)) for p in self.warmup_problems()]
+        c = self.config
+        solution = (short_solution if c.warmup_format == "steps" else
+                    lambda p: teacher_trace(p, 0.0, c.seed, c.restate))
+        return [self._example(p, solution(p)) for p in self.warmup_problems()]
