@@ -31,6 +31,7 @@ import torch
 
 from dist_utils import run_distributed
 from megatron_red.rollout.base import RolloutEngine
+from test_megatron import hf_weights, read_hf_weights
 from trainer_fixtures import read_lines, step_lines, tiny_config
 
 pytest.importorskip("megatron.core")
@@ -102,7 +103,7 @@ def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_s
 
     trainer.red_step = recording_step
     trainer.train()
-    weights = {k: v.numpy() for k, v in trainer.policy.hf_state_dict().items()}
+    weights = {k: v.numpy() for k, v in hf_weights(trainer.policy).items()}
     ps.destroy_model_parallel()
     return weights, prompts, computed_w
 
@@ -141,9 +142,7 @@ def _assert_runs_match(hf_lines, hf_weights, mg_lines, mg_weights, computed_w, s
     assert computed_w == pytest.approx(recomputed, rel=1e-12)
     assert computed_w == pytest.approx([line["entropy/w"] for line in hf_lines[:-1]], rel=2e-2)
 
-    from megatron_red.models.megatron import load_hf_checkpoint
-
-    _, start = load_hf_checkpoint(student)
+    start = read_hf_weights(student)
     assert set(mg_weights) == set(start) and "lm_head.weight" not in start  # tied head, exported once
     for key in start:
         torch.testing.assert_close(torch.from_numpy(mg_weights[key]), hf_weights[key], atol=1e-5, rtol=0, msg=key)

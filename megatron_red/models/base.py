@@ -80,7 +80,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, SequenceBatch], tuple[torch.Tenso
 
 
 class PolicyBackend(ABC):
-    """A trainable policy. Implementations: `HFPolicy` (models/hf.py), `MegatronPolicy` (models/megatron/)."""
+    """A trainable policy. Implementations: `HFPolicy` (models/hf.py), `MegatronPolicy` (models/megatron/).
+
+    Both also expose `hf_config`, the transformers config of the model (written next to exported weights).
+    """
 
     @abstractmethod
     def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
@@ -109,8 +112,10 @@ class PolicyBackend(ABC):
         ...
 
     @abstractmethod
-    def save_pretrained(self, path: str) -> None:
-        """Export the weights in Hugging Face format (a directory loadable with `from_pretrained`)."""
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Export the weights in Hugging Face format (a directory loadable with `from_pretrained`: safetensors
+        shards + `model.safetensors.index.json` + config.json), cast to `dtype` if given. Collective on sharded
+        backends; no rank holds the whole model."""
 
     @property
     @abstractmethod
@@ -124,3 +129,18 @@ class PolicyBackend(ABC):
 
     def load_checkpoint(self, directory: str) -> None:
         self.load_state_dict(torch.load(f"{directory}/policy.pt", map_location="cpu", weights_only=False))
+
+    def checkpoint_nbytes(self, with_hf: bool = False) -> int:
+        """About how many bytes `save_checkpoint` writes, plus a `save_pretrained` export when `with_hf`
+        (collective on sharded backends)."""
+        def nbytes(obj) -> int:
+            if isinstance(obj, torch.Tensor):
+                return obj.numel() * obj.element_size()
+            if isinstance(obj, dict):
+                return sum(nbytes(v) for v in obj.values())
+            if isinstance(obj, (list, tuple)):
+                return sum(nbytes(v) for v in obj)
+            return 0
+
+        state = self.state_dict()
+        return nbytes(state) + (nbytes(state["model"]) if with_hf else 0)

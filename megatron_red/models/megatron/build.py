@@ -1,8 +1,8 @@
 """Build the Megatron backend of a run (`model.backend=megatron`): the policy and its rollout engine.
 
-Every rank loads the full Hugging Face checkpoint (config + safetensors) and keeps its TP x PP shard. Rollouts use
-the local engine over a Hugging Face copy of the policy, refreshed from `MegatronPolicy.hf_state_dict()` after
-each update. Only the first rank of each model-parallel group (its TP x PP ranks, one data-parallel replica)
+Every rank reads only its TP x PP shard of the Hugging Face checkpoint (`load_hf_weights`). Rollouts use the local
+engine over a Hugging Face copy of the policy held by one rank per model replica, refreshed tensor by tensor
+(`HFExport`) after each update. Only the first rank of each model-parallel group (its TP x PP ranks, one data-parallel replica)
 samples; it broadcasts the completions to the other ranks of the group, which must train on exactly the same rows
 (independent sampling on each TP rank would agree only as far as the GPU kernels are bit-deterministic).
 """
@@ -13,25 +13,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_red.models.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
 from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
+from megatron_red.models.megatron.weights import HFExport
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def load_hf_checkpoint(path: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
-    """(transformers config, full state dict on CPU) of a local checkpoint directory of `*.safetensors` files."""
-    from safetensors.torch import load_file
+def load_hf_config(path: str | Path):
+    """The transformers config of a local checkpoint directory (its weights are read lazily, see HFCheckpoint)."""
     from transformers import AutoConfig
 
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not (path / "config.json").exists() or not files:
+    if not is_hf_checkpoint(path):
         raise ValueError(f"{path}: expected a Hugging Face checkpoint directory (config.json + *.safetensors)")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file), device="cpu"))
-    return AutoConfig.from_pretrained(str(path), local_files_only=True), state
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def fused_kernel_enabled(mode: str) -> bool:
@@ -60,14 +56,14 @@ def build_megatron_policy(config, task, cache_dir: Path) -> MegatronPolicy:
         path = warmed_up_student(config, task, cache_dir)  # cached by rank 0: only resolves the directory
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     m = config.model
-    hf_config, state = load_hf_checkpoint(path)
+    hf_config = load_hf_config(path)
     megatron_config = MegatronConfig(
         tensor_model_parallel_size=m.tensor_model_parallel_size,
         pipeline_model_parallel_size=m.pipeline_model_parallel_size,
         dtype=_DTYPE_NAMES[resolve_dtype(m.dtype, device)], use_distributed_optimizer=m.use_distributed_optimizer,
         fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
         seed=config.trainer.seed)
-    return MegatronPolicy(hf_config, state, megatron_config, config.optim)
+    return MegatronPolicy(hf_config, HFCheckpoint(path), megatron_config, config.optim)
 
 
 class MegatronRolloutEngine(RolloutEngine):
@@ -97,12 +93,16 @@ class MegatronRolloutEngine(RolloutEngine):
         self.sync_weights(policy)
 
     def sync_weights(self, policy: MegatronPolicy) -> None:
-        weights = policy.hf_state_dict()  # collective over TP x PP: every rank of the group calls it
+        # Collective over TP x PP: every rank of the group iterates; the sampling rank copies one tensor at a time.
+        copy = self.engine.model.state_dict() if self.engine is not None else {}
+        loaded = set()
+        for name, tensor in HFExport(policy.model, policy.arch, policy.tp_group, policy.pp_group):
+            copy[name].copy_(tensor)
+            loaded.add(name)
         if self.engine is not None:
-            missing, unexpected = self.engine.model.load_state_dict(weights, strict=False)
             tied = {"lm_head.weight"} if policy.arch.tie_word_embeddings else set()
-            if set(missing) - tied or unexpected:
-                raise RuntimeError(f"rollout copy mismatch: missing {missing}, unexpected {unexpected}")
+            if set(copy) - tied - loaded:
+                raise RuntimeError(f"rollout copy mismatch: not exported {sorted(set(copy) - tied - loaded)}")
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         holder = [self.engine.generate(prompts, n, params) if self.engine is not None else None]

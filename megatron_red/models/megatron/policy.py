@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
+from megatron_red.models.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSpec, as_hf_weights,
+                                              write_hf_checkpoint)
 from megatron_red.models.megatron.model import (HFArchitecture, build_gpt_model, make_transformer_config,
                                                 transformer_engine_available)
-from megatron_red.models.megatron.weights import export_hf_state_dict, import_hf_state_dict
+from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
 from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
 
@@ -69,55 +71,89 @@ def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
     finalize_model_grads(model_chunks, num_tokens=None, **kwargs)
 
 
+def build_megatron_model(hf_config, config: MegatronConfig, weights=None) -> torch.nn.Module:
+    """This rank's `GPTModel` stage for `hf_config` (initialising megatron-core's parallel state if needed), with
+    its shard of the weights read from `weights` (an HF checkpoint directory, a state dict or an `HFCheckpoint`;
+    see `load_hf_weights`). Without `weights` the parameters are left uninitialised, for a dist checkpoint to fill.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if not dist.is_initialized():
+        raise ValueError("the Megatron backend needs torch.distributed to be initialised (torchrun)")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
+                                     pipeline_model_parallel_size=config.pipeline_model_parallel_size)
+    elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
+          or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
+        raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+    arch = HFArchitecture.from_hf_config(hf_config)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    dtype = _DTYPES[config.dtype]
+    tconfig = make_transformer_config(
+        arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
+        use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations)
+    tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
+    tconfig.perform_initialization = False  # every weight is loaded next: random init would only cost time
+    use_te = config.use_transformer_engine
+    if use_te is None:
+        use_te = transformer_engine_available()
+    model = build_gpt_model(arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage(), use_transformer_engine=use_te)
+    # The local spec's RMSNorm (torch.nn.RMSNorm) ignores params_dtype and is built in fp32. megatron's 16-bit
+    # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
+    # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
+    # saving. Cast the whole model, as megatron's own Float16Module does.
+    model = model.to(dtype=dtype)
+    if on_gpu:
+        model = model.cuda(torch.cuda.current_device())
+    if weights is not None:
+        load_hf_weights(model, as_hf_weights(weights), arch, ps.get_tensor_model_parallel_group())
+    return model
+
+
+def save_hf_pretrained(model: torch.nn.Module, hf_config, path: str, dtype: torch.dtype | None = None,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Collective over all ranks: write the Hugging Face checkpoint of a TP x PP-sharded `model` into `path`
+    (safetensors shards + index + config.json), streamed tensor by tensor (`HFExport`) by global rank 0; the
+    other data-parallel replicas hold the same weights and only wait."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() == 0:
+        export = HFExport(model, HFArchitecture.from_hf_config(hf_config), ps.get_tensor_model_parallel_group(),
+                          ps.get_pipeline_model_parallel_group())
+        if export.is_writer:
+            specs = [TensorSpec(s.name, s.shape, dtype or s.dtype) for s in export.specs]
+            write_hf_checkpoint(path, hf_config, specs, export, max_shard_bytes)
+        else:
+            for _ in export:  # serves this rank's shards to the writer
+                pass
+    dist.barrier()
+
+
 class MegatronPolicy(PolicyBackend):
     """A Qwen2 / Llama policy sharded with megatron-core; see the module docstring for loss normalisation.
 
     Must be constructed on every rank of an initialised `torch.distributed` world; initialises megatron-core's
-    parallel state if it is not already. `hf_state_dict` holds the full Hugging Face weights (each rank keeps
-    its shard).
+    parallel state if it is not already. `weights`: the Hugging Face weights (a checkpoint directory, read lazily,
+    each rank reading only its shard; or an in-memory state dict), see `build_megatron_model`.
     """
 
-    def __init__(self, hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig,
-                 optim: OptimConfig):
+    def __init__(self, hf_config, weights, config: MegatronConfig, optim: OptimConfig):
         from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        if not dist.is_initialized():
-            raise ValueError("MegatronPolicy needs torch.distributed to be initialised (torchrun)")
-        if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                                         pipeline_model_parallel_size=config.pipeline_model_parallel_size)
-        elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
-              or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
-            raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+        model = build_megatron_model(hf_config, config, weights)
         self.hf_config, self.config, self.optim = hf_config, config, optim
         self.arch = HFArchitecture.from_hf_config(hf_config)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
-        on_gpu = torch.cuda.is_available()
-        if on_gpu:
-            tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
         dtype = _DTYPES[config.dtype]
-        tconfig = make_transformer_config(
-            self.arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
-            pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
-            use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations)
-        tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
-        use_te = config.use_transformer_engine
-        if use_te is None:
-            use_te = transformer_engine_available()
-        model = build_gpt_model(self.arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
-                                post_process=ps.is_pipeline_last_stage(), use_transformer_engine=use_te)
-        # The local spec's RMSNorm (torch.nn.RMSNorm) ignores params_dtype and is built in fp32. megatron's 16-bit
-        # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
-        # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
-        # saving. Cast the whole model, as megatron's own Float16Module does.
-        model = model.to(dtype=dtype)
-        if on_gpu:
-            model = model.cuda(torch.cuda.current_device())
-        import_hf_state_dict(model, hf_state_dict, self.arch, self.tp_group)
+        tconfig = unwrap_model(model).config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=config.use_distributed_optimizer, average_in_collective=False)
@@ -207,19 +243,20 @@ class MegatronPolicy(PolicyBackend):
 
         load_checkpoint(self, directory)
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full Hugging Face weights on every rank (CPU)."""
-        return export_hf_state_dict(self.model, self.arch, self.tp_group, self.pp_group)
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Collective: the Hugging Face checkpoint, streamed tensor by tensor (see `save_hf_pretrained`)."""
+        save_hf_pretrained(self.model, self.hf_config, path, dtype)
 
-    def save_pretrained(self, path: str) -> None:
-        from transformers import AutoModelForCausalLM
+    def checkpoint_nbytes(self, with_hf: bool = False) -> int:
+        """Collective: parameters (their dtype) + fp32 main copy when 16-bit + two fp32 Adam moments (+ the
+        parameters again for a Hugging Face export), over one model replica (a tied LM head counts twice)."""
+        from megatron.core import parallel_state as ps
 
-        weights = self.hf_state_dict()
-        if dist.get_rank() == 0:
-            hf_model = AutoModelForCausalLM.from_config(self.hf_config)
-            missing, unexpected = hf_model.load_state_dict(weights, strict=False)
-            allowed = {"lm_head.weight"} if self.arch.tie_word_embeddings else set()
-            if set(missing) - allowed or unexpected:
-                raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
-            hf_model.save_pretrained(path)
-        dist.barrier()
+        local = sum(p.numel() for p in unwrap_model(self.model).parameters())
+        total = torch.tensor([float(local)])
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, group=ps.get_model_parallel_group())
+        itemsize = _DTYPES[self.config.dtype].itemsize
+        per_param = itemsize + (4 if itemsize < 4 else 0) + 8 + (itemsize if with_hf else 0)
+        return int(total.item()) * per_param
