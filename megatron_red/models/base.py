@@ -133,8 +133,14 @@ class PolicyBackend(ABC):
     def checkpoint_nbytes(self, with_hf: bool = False) -> int:
         """About how many bytes `save_checkpoint` writes, plus a `save_pretrained` export when `with_hf`
         (collective on sharded backends)."""
+        seen = set()
+
         def nbytes(obj) -> int:
-            if isinstance(obj, torch.Tensor):
+            if isinstance(obj, torch.Tensor):  # tensors sharing storage (a tied head) are saved once
+                key = (obj.untyped_storage().data_ptr(), obj.storage_offset())
+                if key in seen:
+                    return 0
+                seen.add(key)
                 return obj.numel() * obj.element_size()
             if isinstance(obj, dict):
                 return sum(nbytes(v) for v in obj.values())
@@ -143,4 +149,6 @@ class PolicyBackend(ABC):
             return 0
 
         state = self.state_dict()
-        return nbytes(state) + (nbytes(state["model"]) if with_hf else 0)
+        total = nbytes(state)
+        seen.clear()
+        return total + (nbytes(state["model"]) if with_hf else 0)

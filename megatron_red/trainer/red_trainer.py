@@ -16,6 +16,7 @@ update is the full-batch one. With one process every reduction is the identity.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class RedTrainer:
         self._index = {ex.uid: i for i, ex in enumerate(self.task.train)}
         self._trace_reward: dict[str, float] = {}
         self.step = 0
+        checkpoint.check_keep_last(config.trainer.keep_last)
         checkpoint_dir = checkpoint.latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint_dir is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint there (checkpoints/latest missing)")
@@ -75,6 +77,8 @@ class RedTrainer:
             self.relift_buffer = state["relift_buffer"]
             self.engine.sync_weights(self.policy)
             if is_main_process():
+                # The final model of the finished run, if any, is not this run's final model any more.
+                shutil.rmtree(self.run_dir / checkpoint.HF_DIR, ignore_errors=True)
                 print(f"[resume] {checkpoint_dir} (step {self.step})")
         elif is_main_process():
             with open(self.run_dir / "config.yaml", "w", encoding="utf-8") as f:
@@ -249,6 +253,7 @@ class RedTrainer:
             bar.close()
         if checkpoint.latest_checkpoint(self.run_dir) is None or self.step % cfg.save_every:
             self.save()
+        checkpoint.save_hf_model(self.policy, self.tokenizer, self.run_dir / checkpoint.HF_DIR)
         final = self.evaluate()
         self.log.log(self.step, {"final": True, **final})
         self.log.close()
@@ -257,7 +262,8 @@ class RedTrainer:
     def save(self) -> Path:
         return checkpoint.save_checkpoint(self.run_dir, self.step, self.policy, {
             "stream": self.stream.state_dict(), "controller": self.controller.state_dict(),
-            "relift_buffer": self.relift_buffer})
+            "relift_buffer": self.relift_buffer}, tokenizer=self.tokenizer, save_hf=self.config.trainer.save_hf,
+            keep_last=self.config.trainer.keep_last)
 
     def evaluate(self) -> dict:
         cfg = self.config.trainer
