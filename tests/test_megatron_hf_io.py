@@ -209,11 +209,13 @@ def test_sharded_load_and_streaming_export_tp2_pp2(big_checkpoint, tmp_path):
     out = tmp_path / "export"
     results = run_distributed(_worker, TP * PP, str(checkpoint), str(out), input_ids, timeout_s=600)
 
-    print(f"\ncheckpoint {checkpoint_bytes / MiB:.1f} MiB in {len(files)} files, largest tensor {largest / MiB:.1f} MiB")
+    print(f"\ncheckpoint {checkpoint_bytes / MiB:.1f} MiB in {len(files)} files, "
+          f"largest tensor {largest / MiB:.1f} MiB")
     print("rank stage tp | shard MiB | build+load MiB (% of checkpoint) | export MiB")
     for rank, r in enumerate(results):
-        print(f"{rank:4d} {r['stage']:5d} {r['tp_rank']:2d} | {r['shard'] / MiB:9.1f} | {r['build_and_load'] / MiB:8.1f} "
-              f"({100 * r['build_and_load'] / checkpoint_bytes:4.1f}%) | {r['export'] / MiB:6.1f}")
+        print(f"{rank:4d} {r['stage']:5d} {r['tp_rank']:2d} | {r['shard'] / MiB:9.1f} | "
+              f"{r['build_and_load'] / MiB:8.1f} ({100 * r['build_and_load'] / checkpoint_bytes:4.1f}%) | "
+              f"{r['export'] / MiB:6.1f}")
     for rank, r in enumerate(results):
         assert r["num_params"] > 0 and r["mismatches"] == [], (rank, r["mismatches"])
         # Its shard (a quarter of the layers, half of a vocabulary table) plus about one tensor.

@@ -99,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
     from megatron_red.eval.report import to_markdown
     from megatron_red.eval.runner import EvalConfig, evaluate
     from megatron_red.rewards import configure_grader
-
     from megatron_red.trainer.export import resolve_hf_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

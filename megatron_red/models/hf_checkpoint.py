@@ -35,7 +35,7 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16"
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:
-    """A directory with `config.json` and safetensors weights (complete: a sharded one has its index)."""
+    """A directory with `config.json` and safetensors weights (an index, or `*.safetensors` files)."""
     path = Path(path)
     return (path / "config.json").is_file() and ((path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")))
 

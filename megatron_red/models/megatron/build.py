@@ -1,8 +1,8 @@
 """Build the Megatron backend of a run (`model.backend=megatron`): the policy and its rollout engine.
 
 Every rank reads only its TP x PP shard of the Hugging Face checkpoint (`load_hf_weights`). Rollouts use the local
-engine over a Hugging Face copy of the policy held by one rank per model replica, refreshed tensor by tensor
-(`HFExport`) after each update. Only the first rank of each model-parallel group (its TP x PP ranks, one data-parallel replica)
+engine over a Hugging Face copy of the policy, refreshed tensor by tensor (`HFExport`) after each update. Only the
+first rank of each model-parallel group (its TP x PP ranks, one data-parallel replica) holds that copy and
 samples; it broadcasts the completions to the other ranks of the group, which must train on exactly the same rows
 (independent sampling on each TP rank would agree only as far as the GPU kernels are bit-deterministic).
 """
