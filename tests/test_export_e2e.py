@@ -5,7 +5,8 @@ export. Every export must load with `AutoModelForCausalLM.from_pretrained` and h
 
 The Megatron run trains at PP=2 under a 2-rank gloo world (megatron-core's CUDA calls redirected by
 tests/megatron_compat.py), then the same world exports its checkpoint at TP=2: dist_checkpointing reshards it and
-the streamed export must equal the run's own `hf/`.
+the streamed export must equal the run's own `hf/`; so must `megatron-red export` run as a plain command (one
+process, TP = PP = 1, no redirection).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from dist_utils import run_distributed
 from test_eval import DATA_DIR
 from test_megatron import read_hf_weights
-from trainer_fixtures import tiny_config
+from trainer_fixtures import cli, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,6 +126,11 @@ def test_megatron_backend_train_export_eval(root):
     _assert_hf_dir(run_dir / "hf", weights)
     _assert_hf_dir(exported, weights)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_000001", "step_000002"]
+    # The command as a user runs it without torchrun: a world of one process at TP = PP = 1, plain CPU.
+    single = root / "megatron_export_single"
+    result = cli("export", str(run_dir / "checkpoints" / "step_000002"), "--out", str(single))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_hf_dir(single, weights)
 
     result = _eval(str(run_dir), root / "eval_megatron")
     assert result["model"] == os.path.realpath(run_dir / "hf")

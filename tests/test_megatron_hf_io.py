@@ -16,6 +16,10 @@ just before the measured phase) minus VmRSS before it. It counts anonymous memor
 communication buffers) and the file-backed pages of the memory-mapped safetensors files this process touched, so
 reading a whole tensor, or keeping files mapped, shows; the page cache shared by all ranks is counted per rank
 as soon as a rank maps it, which over-states what a node needs. (tracemalloc would miss torch's allocations.)
+The workers run with a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_=128 KiB): by default glibc raises the
+threshold after freeing a multi-MB block, so later tensors come from the heap and stay resident after they are
+freed, and RSS then shows the allocator's retention (export peaks of ~10 tensors here) rather than live memory
+(~3 tensors).
 megatron-core's unconditional CUDA calls are redirected by tests/megatron_compat.py (no GPU here).
 """
 from __future__ import annotations
@@ -124,6 +128,7 @@ def _worker(rank, world_size, checkpoint, out, input_ids):
     megatron_compat.install()
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    from safetensors.torch import load_file
 
     from megatron_red.models.base import SequenceBatch
     from megatron_red.models.hf_checkpoint import HFCheckpoint, StateDictWeights
@@ -132,7 +137,6 @@ def _worker(rank, world_size, checkpoint, out, input_ids):
     from megatron_red.models.megatron.policy import MegatronConfig, build_megatron_model, save_hf_pretrained
     from megatron_red.models.megatron.weights import load_hf_weights
     from megatron_red.parallel.pipeline import run_pipeline
-    from test_megatron import read_hf_weights
 
     torch.set_num_threads(1)
     hf_config = load_hf_config(checkpoint)
@@ -145,8 +149,8 @@ def _worker(rank, world_size, checkpoint, out, input_ids):
     built = (load.before - build.before) * 1024  # resident growth of building the stage (its parameters)
     out_info = {"build_and_load": max(build.peak, built + load.peak), "load": load.peak}
 
-    # Bitwise against the full load.
-    hf = read_hf_weights(checkpoint)
+    # Bitwise against the full load (memory-mapped: only this stage's tensors are paged in).
+    hf = {k: v for file in sorted(Path(checkpoint).glob("*.safetensors")) for k, v in load_file(file).items()}
     tp_rank = ps.get_tensor_model_parallel_rank()
     layer_of = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
     out_info["mismatches"] = [name for name, param in model.named_parameters()
@@ -193,7 +197,7 @@ def big_checkpoint(tmp_path_factory):
     return path, model
 
 
-def test_sharded_load_and_streaming_export_tp2_pp2(big_checkpoint, tmp_path):
+def test_sharded_load_and_streaming_export_tp2_pp2(big_checkpoint, tmp_path, monkeypatch):
     if not _reset_supported():
         pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
     checkpoint, hf_model = big_checkpoint
@@ -207,6 +211,7 @@ def test_sharded_load_and_streaming_export_tp2_pp2(big_checkpoint, tmp_path):
 
     input_ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
     out = tmp_path / "export"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))  # see the module docstring
     results = run_distributed(_worker, TP * PP, str(checkpoint), str(out), input_ids, timeout_s=600)
 
     print(f"\ncheckpoint {checkpoint_bytes / MiB:.1f} MiB in {len(files)} files, "
@@ -222,8 +227,8 @@ def test_sharded_load_and_streaming_export_tp2_pp2(big_checkpoint, tmp_path):
         assert r["build_and_load"] < 0.4 * checkpoint_bytes, rank
         # Built without initialisation, the parameters become resident as the load writes them.
         assert r["load"] < r["shard"] + 2 * largest, rank
-        # Export: a parameter's gathered shards, its HF tensors, one received tensor.
-        assert r["export"] < 6 * largest, rank
+        # Export: a parameter's gathered shards (and gloo's staging copy of them), one HF tensor at a time.
+        assert r["export"] < 5 * largest, rank
         layer = {0: 0, 1: 8}[r["stage"]]
         assert f"model.layers.{layer}.mlp.up_proj.weight: missing (expected shape (1536, 512))" in r["error"]
         assert (f"model.layers.{layer}.self_attn.k_proj.bias: expected shape (256,), found (7,)"

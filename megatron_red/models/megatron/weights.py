@@ -242,23 +242,27 @@ class HFExport:
         """Every HF tensor of the model, in the order the writer receives them."""
         return [spec for entries in self.stages for entry in entries for spec in entry.hf]
 
-    def _hf_tensors(self, entry: _Entry) -> list[torch.Tensor] | None:
-        """Collective over this stage's TP group: the HF tensors of `entry` on TP rank 0, None elsewhere."""
+    def _hf_tensors(self, entry: _Entry) -> Iterator[torch.Tensor]:
+        """Collective over this stage's TP group (the gather runs when iteration starts): on TP rank 0, the HF
+        tensors of `entry` one at a time, each built from every rank's shard; nothing on the other ranks."""
         param = self._params[entry.name].detach()
         name, layer, split = self._layout[entry.name]
         shards = [param]
         if split is not None and self.tp > 1:
-            gathered = [torch.empty_like(param) for _ in range(self.tp)] if self.tp_rank == 0 else None
-            dist.gather(param.contiguous(), gathered, dst=dist.get_global_rank(self.tp_group, 0),
-                        group=self.tp_group)
-            shards = gathered
+            shards = [torch.empty_like(param) for _ in range(self.tp)] if self.tp_rank == 0 else None
+            dist.gather(param.contiguous(), shards, dst=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
         if self.tp_rank != 0:
-            return None
-        out = {spec.name: param.new_zeros(spec.shape) for spec in entry.hf}
-        for rank, shard in enumerate(shards):
-            for c in shard_layout(name, layer, tuple(param.shape), split, self.arch, self.tp, rank)[1]:
-                out[c.hf_name][c.hf] = shard[c.local]
-        return [out[spec.name] for spec in entry.hf]
+            return
+        copies = [shard_layout(name, layer, tuple(param.shape), split, self.arch, self.tp, rank)[1]
+                  for rank in range(len(shards))]
+        for spec in entry.hf:
+            tensor = param.new_zeros(spec.shape)
+            for shard, rank_copies in zip(shards, copies):
+                for c in rank_copies:
+                    if c.hf_name == spec.name:
+                        tensor[c.hf] = shard[c.local]
+            yield tensor
+            del tensor  # before the next one is built: one HF tensor alive at a time
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         writer = dist.get_global_rank(self.pp_group, 0) if self.pp > 1 else None
@@ -266,17 +270,16 @@ class HFExport:
             source = dist.get_global_rank(self.pp_group, stage) if self.pp > 1 else None
             for entry in entries:
                 if stage == self.stage:
-                    tensors = self._hf_tensors(entry)
-                    if tensors is None:
-                        continue
-                    for spec, tensor in zip(entry.hf, tensors):
+                    for spec, tensor in zip(entry.hf, self._hf_tensors(entry)):
                         if self.is_writer:
                             yield spec.name, tensor
                         else:
-                            dist.send(tensor.contiguous(), dst=writer, group=self.pp_group)
+                            dist.send(tensor, dst=writer, group=self.pp_group)
+                        del tensor
                 elif self.is_writer:
                     device = next(iter(self._params.values())).device
                     for spec in entry.hf:
                         tensor = torch.empty(spec.shape, dtype=spec.dtype, device=device)
                         dist.recv(tensor, src=source, group=self.pp_group)
                         yield spec.name, tensor
+                        del tensor
