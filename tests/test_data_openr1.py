@@ -44,14 +44,13 @@ def gsm8k_tokenizer():
 @needs_shared
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_prepare_then_load_round_trip(tmp_path, gsm8k_tokenizer, fmt):
-    tokenizer = gsm8k_tokenizer
     out = str(tmp_path / f"gsm8k.{fmt}")
     stats = load_tool().prepare([GSM8K], out, fmt=fmt, limit=20, system_prompt_path=SYSTEM_PROMPT_FILE)
     assert stats.written == 20 and stats.per_file == {"gsm8k_train": 20}
     with open(SYSTEM_PROMPT_FILE, encoding="utf-8") as f:
         system_prompt = f.read().strip()
 
-    examples, load_stats = load_openr1(out, tokenizer, max_prompt_tokens=4096, max_trace_tokens=4096)
+    examples, load_stats = load_openr1(out, gsm8k_tokenizer, max_prompt_tokens=4096, max_trace_tokens=4096)
     assert (load_stats.rows, load_stats.kept, load_stats.dropped_prompts, load_stats.truncated_traces) == (20, 20, 0, 0)
     for i, (ex, src) in enumerate(zip(examples, gsm8k_rows(20))):
         assert ex.uid == f"gsm8k:{i}"
@@ -60,9 +59,9 @@ def test_prepare_then_load_round_trip(tmp_path, gsm8k_tokenizer, fmt):
         expected_trace = (f"<think>\n{src['solution'].strip()}\n</think>\n\n"
                           f"The final answer is \\boxed{{{src['answer']}}}.")
         assert ex.trace_text == expected_trace
-        assert ex.prompt_ids == tokenizer.encode(ex.prompt_text)
-        assert ex.trace_ids == tokenizer.encode(expected_trace) + [tokenizer.eos_token_id]
-        assert tokenizer.decode(ex.trace_ids) == expected_trace
+        assert ex.prompt_ids == gsm8k_tokenizer.encode(ex.prompt_text)
+        assert ex.trace_ids == gsm8k_tokenizer.encode(expected_trace) + [gsm8k_tokenizer.eos_token_id]
+        assert gsm8k_tokenizer.decode(ex.trace_ids) == expected_trace
 
     rows = read_rows(out)
     assert rows[0]["reward_model"]["ground_truth"] == gsm8k_rows(1)[0]["answer"]
@@ -94,7 +93,7 @@ def good_row(i=0, padding=0, steps=1):
 
 
 def varied_rows(n):
-    """Rows whose prompt and trace lengths vary independently."""
+    """Rows whose prompt and trace lengths vary, with different periods."""
     return [good_row(i, padding=i % 5, steps=1 + (3 * i) % 7) for i in range(n)]
 
 
