@@ -4,7 +4,9 @@ Rules (see `answer_text`):
   * a response with `</think>` is graded on what follows the last `</think>` (the reasoning is not the answer);
   * the last `\\boxed{...}` (or `\\fbox{...}`) wins: math-verify would read several boxes as one set, which fails
     against a single gold, and a model that corrects itself puts the final answer last;
-  * without a complete box, the whole remaining text goes to math-verify's own extraction.
+  * without a complete box, the whole remaining text goes to math-verify's own extraction;
+  * a box, or a gold (`gold_text`), holding just a Python-style number (`6e13`) is read as that number
+    (`scientific_as_latex`).
 """
 from __future__ import annotations
 
@@ -88,8 +90,6 @@ def gold_text(gold: str) -> str:
     """A gold answer wrapped for math-verify's LaTeX extraction (`$...$`), unless already delimited or boxed;
     a Python-style number (`6e13`) is read as that number."""
     stripped = gold.strip()
-    if _BOX_RE.search(stripped):
+    if _BOX_RE.search(stripped) or (len(stripped) >= 2 and stripped.startswith("$") and stripped.endswith("$")):
         return stripped
-    if len(stripped) >= 2 and stripped.startswith("$") and stripped.endswith("$"):
-        stripped = stripped[1:-1]
     return f"${scientific_as_latex(stripped)}$"
