@@ -27,6 +27,8 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_red.models.base import SequenceBatch  # noqa: E402
+from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan  # noqa: E402
+from megatron_red.models.megatron.model import HFArchitecture  # noqa: E402
 from megatron_red.models.megatron.local_spec import dense_attention, varlen_attention  # noqa: E402
 from megatron_red.parallel.packing import (micro_batch_rows, packed_micro_batch, padded_micro_batch,  # noqa: E402
                                            token_budget_groups)
@@ -184,7 +186,7 @@ def dist_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget):
+def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_config, plan_state):
     import megatron_compat
     megatron_compat.install()
     from megatron.core import parallel_state as ps
@@ -205,8 +207,36 @@ def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget):
         out[name] = dict(logprobs=logprobs, entropy=entropy, grad_norm=grad_norm, stepped=policy.hf_state_dict(),
                          loss=sum(m["loss"] for m in metrics), micro_batches=len(metrics))
     out["attention"] = _attention_checks(ps.get_tensor_model_parallel_group())
+    out["memory"] = _memory_counts(plan_config, plan_state, batch)
     ps.destroy_model_parallel()
     return portable(out)
+
+
+def _memory_counts(hf_config, hf_state, batch) -> dict:
+    """Bytes of this rank's weights, fp32 gradients and optimiser state (fp32 master copies and Adam moments),
+    counted from the real objects of a bf16 policy with the distributed optimiser after one step."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
+
+    policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=2, dtype="bfloat16",
+        use_distributed_optimizer=True), OPTIM)
+    policy.forward_backward(batch, 4, pg_loss_fn(float(batch.loss_mask.sum())))
+    params = list(policy.model.parameters())
+    counts = {"stage": ps.get_pipeline_model_parallel_rank(),
+              "weights": sum(p.numel() * p.element_size() for p in params),
+              "gradients": sum(p.main_grad.numel() * p.main_grad.element_size() for p in params)}
+    policy.optimizer_step()
+    optimizer = 0
+    for opt in policy.optimizer.chained_optimizers:
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:  # fp32 master shards
+                optimizer += p.numel() * p.element_size()
+                optimizer += sum(v.numel() * v.element_size() for k, v in opt.optimizer.state[p].items()
+                                 if torch.is_tensor(v) and k != "step")
+    counts["optimizer"] = optimizer
+    return counts
 
 
 def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf():
@@ -215,7 +245,9 @@ def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf():
     hf_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batch = _rows([16, 9, 13, 5, 3, 12, 2, 16], width=16, prompt=3, seed=4)
     budget = 32
-    results = run_distributed(_packing_worker, 4, config, hf_state, batch, budget)
+    plan_config = tiny_hf_config("llama")  # tied embeddings: the last stage keeps a copy
+    plan_state = tiny_hf_model(plan_config, seed=1).state_dict()
+    results = run_distributed(_packing_worker, 4, config, hf_state, batch, budget, plan_config, plan_state)
 
     with torch.no_grad():
         ref_lp, ref_ent = hf_logprobs_entropy(model, batch)
@@ -236,3 +268,38 @@ def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf():
                 torch.testing.assert_close(got["stepped"][k], v, atol=1e-5, rtol=0, msg=f"{name} {k}")
         for k in ref_state:
             torch.testing.assert_close(r["packed"]["stepped"][k], r["padded"]["stepped"][k], atol=1e-5, rtol=0)
+        # the memory plan's parameter, gradient and optimiser bytes are exactly those of the real objects
+        measured = r["memory"]
+        plan = memory_plan(HFArchitecture.from_hf_config(plan_config),
+                           MemoryLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                                        data_parallel_size=1, dtype="bfloat16"),
+                           Workload(tokens_per_micro_batch=64, max_sequence_length=16))
+        for part in ("weights", "gradients", "optimizer"):
+            assert plan.parts[measured["stage"]][part] == measured[part], (measured["stage"], part)
+
+
+@pytest.mark.parametrize("recipe,architecture,world_size", [
+    ("qwen25_math_1p5b_8gpu", "qwen2.5-math-1.5b", 8),
+    ("qwen25_math_7b_8gpu", "qwen2.5-math-7b", 8),
+    ("qwen25_32b_16gpu", "qwen2.5-32b", 16),
+])
+def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
+    """`megatron-red plan` on each shipped recipe (architecture only, no weights): the layout it documents fits an
+    80 GiB card, and the weights row is the recipe's parameters per GPU in bf16."""
+    from megatron_red.cli import main
+    from megatron_red.config import load_config
+    from megatron_red.models.megatron.memory import stage_parameter_numel
+    from megatron_red.trainer.plan import run_architecture
+
+    path = f"examples/red/{recipe}.yaml"
+    overrides = [f"model.path=examples/red/architectures/{architecture}"]
+    assert main(["plan", "--world-size", str(world_size), path, *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "of 80 GiB: fits" in out
+    config = load_config(path, overrides)
+    m = config.model
+    weights = stage_parameter_numel(run_architecture(config), m.tensor_model_parallel_size,
+                                    m.pipeline_model_parallel_size, 0) * 2 / 2**30
+    assert f"| weights | {weights:.2f} |" in out
+    if m.tensor_model_parallel_size * m.pipeline_model_parallel_size > 1:
+        assert main(["plan", "--world-size", "3", path, *overrides]) == 2  # not a multiple of TP x PP

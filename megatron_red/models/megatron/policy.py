@@ -70,6 +70,9 @@ class MegatronConfig:
             raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
         if self.max_tokens_per_micro_batch < 0:
             raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
+        if self.attention == "local" and self.max_tokens_per_micro_batch:
+            raise ValueError("model.attention=local (megatron's DotProductAttention) cannot run packed micro-batches "
+                             "(trainer.max_tokens_per_micro_batch > 0); use sdpa or te")
         if self.sequence_parallel and self.max_tokens_per_micro_batch % self.tensor_model_parallel_size:
             raise ValueError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
                              f"{self.max_tokens_per_micro_batch} must be a multiple of TP="
