@@ -303,3 +303,13 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
     assert f"| weights | {weights:.2f} |" in out
     if m.tensor_model_parallel_size * m.pipeline_model_parallel_size > 1:
         assert main(["plan", "--world-size", "3", path, *overrides]) == 2  # not a multiple of TP x PP
+
+
+def test_megatron_only_options_rejected_on_the_hf_backend(tmp_path):
+    from megatron_red.config import load_config
+    from megatron_red.trainer.build import build_policy
+
+    for override in ("trainer.max_tokens_per_micro_batch=4096", "model.sequence_parallel=true",
+                     "model.recompute_modules=[mlp]"):
+        with pytest.raises(ValueError, match=override.split("=")[0].replace("[", r"\[")):
+            build_policy(load_config(None, [override]), None, tmp_path)
