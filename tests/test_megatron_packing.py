@@ -7,8 +7,9 @@ the THD layout (head positions predict the right tokens inside their own row).
 
 One 4-process spawn (TP=2 x PP=2, one layout, several checks): SDPACoreAttention equals megatron-core's
 DotProductAttention on each TP rank's heads (values and gradients, padding mask, GQA, decode); the policy with
-packed micro-batches + sequence parallelism + selective recompute gives the same log-probs, entropies and
-one-step update as the padded policy, and both equal the single-process Hugging Face model.
+packed micro-batches + selective recompute gives the same log-probs, entropies and one-step update as the padded
+policy (both sequence-parallel), and both equal the single-process Hugging Face model; `plan`'s weight, gradient and
+optimizer bytes equal those of a bf16 policy's real objects (distributed optimizer, tied embeddings across stages).
 """
 from __future__ import annotations
 
@@ -193,13 +194,14 @@ def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_c
 
     from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
 
+    # Both with sequence parallelism (padded micro-batches of odd length get a padding column); the non-SP layouts
+    # are test_megatron.py's.
     common = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, dtype="float32",
-                  use_distributed_optimizer=False, attention="sdpa")
+                  use_distributed_optimizer=False, attention="sdpa", sequence_parallel=True)
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
     out = {}
     for name, extra in (("padded", {}),
-                        ("packed", dict(max_tokens_per_micro_batch=budget, sequence_parallel=True,
-                                        recompute_modules=("core_attn", "mlp")))):
+                        ("packed", dict(max_tokens_per_micro_batch=budget, recompute_modules=("core_attn", "mlp")))):
         policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(**common, **extra), OPTIM)
         logprobs, entropy = policy.logprobs_entropy(batch, 2)
         metrics = policy.forward_backward(batch, 2, loss_fn)

@@ -20,6 +20,7 @@ gradient over the tensor-parallel group).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import torch
@@ -27,8 +28,11 @@ import torch.nn.functional as F
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "te", "sdpa", "local")
 
-try:  # torch >= 2.10 on CUDA builds; the signature with `enable_gqa` is what is used
+try:  # recent torch; earlier versions of varlen_attn lack grouped-query attention and windows: not used then
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    if not {"enable_gqa", "window_size", "scale"} <= set(inspect.signature(_varlen_attn).parameters):
+        _varlen_attn = None
 except ImportError:
     _varlen_attn = None
 
@@ -175,7 +179,8 @@ def varlen_attention(query, key, value, cu_seqlens: torch.Tensor, max_seqlen: in
     rows cu_seqlens[i]:cu_seqlens[i+1] -> [t, h, d]. See the module docstring for the two implementations."""
     groups = query.shape[1] // key.shape[1]
     if _varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        cu = cu_seqlens.to(torch.int32)
+        cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
+        query, key, value = (t.contiguous() for t in (query, key, value))
         return _varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale,
                             window_size=(-1, 0) if causal else (-1, -1), enable_gqa=groups > 1)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()

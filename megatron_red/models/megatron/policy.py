@@ -125,7 +125,7 @@ class MegatronPolicy(PolicyBackend):
         tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
         model = build_gpt_model(self.arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
                                 post_process=ps.is_pipeline_last_stage(), attention=config.attention)
-        # The local spec's RMSNorm (torch.nn.RMSNorm) ignores params_dtype and is built in fp32. megatron's 16-bit
+        # The local spec's RMSNorm (local_spec.py, like torch.nn.RMSNorm) is built in fp32. megatron's 16-bit
         # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
         # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
         # saving. Cast the whole model, as megatron's own Float16Module does.
