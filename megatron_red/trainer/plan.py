@@ -29,7 +29,8 @@ def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
         raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
     if m.gradient_checkpointing and m.recompute_modules:
         raise ValueError("choose model.gradient_checkpointing or model.recompute_modules, not both")
-    if config.rollout.engine not in ("local", "megatron"):
+    engine = "megatron" if config.rollout.engine == "auto" else config.rollout.engine  # auto: megatron's own
+    if engine not in ("local", "megatron"):
         raise ValueError(f"plan models the local and megatron rollout engines, not {config.rollout.engine!r}")
     attention = m.attention
     if attention == "auto":
@@ -43,7 +44,7 @@ def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
     longest = config.data.max_prompt_tokens + max(config.rollout.max_new_tokens, config.data.max_trace_tokens)
     workload = Workload(
         tokens_per_micro_batch=t.max_tokens_per_micro_batch or t.micro_batch_size * longest,
-        max_sequence_length=longest, rollout_engine=config.rollout.engine, rollout_rows=config.rollout.max_batch_size,
+        max_sequence_length=longest, rollout_engine=engine, rollout_rows=config.rollout.max_batch_size,
         rollout_tokens=config.data.max_prompt_tokens + config.rollout.max_new_tokens)
     return memory_plan(run_architecture(config), layout, workload)
 
@@ -63,6 +64,8 @@ def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float) -> str:
         f"fused LM-head kernel {lay.fused_kernel}",
         f"workload: {work.tokens_per_micro_batch} tokens per micro-batch (rows up to {work.max_sequence_length}); "
         f"rollout ({work.rollout_engine} engine) {work.rollout_rows} rows x {work.rollout_tokens} tokens",
+        "peak = weights + gradients + optimizer + rollout weights + reserve + max(activations + LM head, rollout "
+        "KV cache): generation and training do not overlap",
         "",
         plan.table(card_gib),
     ]

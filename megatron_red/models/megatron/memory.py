@@ -124,7 +124,7 @@ def activation_bytes_per_token_layer(arch: HFArchitecture, layout: MemoryLayout,
 
 @dataclass
 class MemoryPlan:
-    """Bytes per part for each pipeline stage (stage -> part -> bytes), and the card they are compared with."""
+    """Bytes per part for the first and last pipeline stage (stage -> part -> bytes) of a layout and workload."""
 
     parts: dict[int, dict[str, float]]
     layout: MemoryLayout
@@ -160,6 +160,7 @@ def memory_plan(arch: HFArchitecture, layout: MemoryLayout, workload: Workload,
     sp = tp if layout.sequence_parallel else 1
     optimizer_per_param = 8 + (4 if a == 2 else 0)
     kv_per_token_layer = 2 * arch.num_query_groups * arch.head_dim * 2  # K and V, 16-bit
+    kv_heads_per_rank = max(arch.num_query_groups // tp, 1)  # megatron replicates key/value heads when TP > groups
     total_params = stage_parameter_numel(arch, 1, 1, 0)
     parts = {}
     for stage in sorted({0, pp - 1}):
@@ -184,8 +185,8 @@ def memory_plan(arch: HFArchitecture, layout: MemoryLayout, workload: Workload,
                   + workload.rollout_rows * arch.vocab_size * 4) if stage == 0 else 0.0  # + fp32 decode logits
         else:
             rollout_weights = 0.0
-            kv = (workload.rollout_rows * workload.rollout_tokens * layers * kv_per_token_layer / tp
-                  + workload.rollout_rows * arch.vocab_size * 4)
+            kv = (workload.rollout_rows * workload.rollout_tokens * layers * kv_per_token_layer
+                  * kv_heads_per_rank / arch.num_query_groups + workload.rollout_rows * arch.vocab_size * 4)
         optimizer = numel * optimizer_per_param / (dp if layout.use_distributed_optimizer else 1)
         parts[stage] = {"weights": numel * a, "gradients": numel * 4.0, "optimizer": optimizer,
                         "activations": activations, "LM head": head, "rollout weights": rollout_weights,
