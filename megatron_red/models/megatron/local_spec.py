@@ -1,7 +1,7 @@
 """The layer spec used without Transformer Engine: megatron-core's local spec with our core attention and norm.
 
 `SDPACoreAttention` replaces megatron's unfused `DotProductAttention` (baddbmm into a [b*heads, sq, sk] score
-tensor, softmax, bmm; K/V repeated for grouped-query attention) with `torch.nn.functional.scaled_dot_product_attention`,
+tensor, softmax, bmm; K/V repeated for grouped-query attention) with torch's `scaled_dot_product_attention`,
 which on a GPU runs the flash / memory-efficient kernels: no score tensor is stored, and grouped-query attention
 runs without repeating K/V (`enable_gqa`, flash kernel) whenever no explicit mask is needed. It also takes packed
 sequences (THD layout, `PackedSeqParams.cu_seqlens_q`), which `DotProductAttention` rejects; attention never
@@ -107,6 +107,7 @@ class SDPACoreAttention(torch.nn.Module):
     [b, 1, sq, sk]) is the whole mask; without one, `attn_mask_type` causal aligns the last query with the last key
     (so decoding with sq = 1 sees every cached key; SDPA's own `is_causal` aligns top-left, which is only right for
     sq = sk). A query that every key masks attends uniformly to all keys, as megatron's finite mask fill gives.
+    Of the constructor's arguments only the config and the mask type matter: the heads come from the tensors.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
@@ -121,7 +122,6 @@ class SDPACoreAttention(torch.nn.Module):
             raise ValueError("SDPACoreAttention does not support context parallelism")
         if config.window_size is not None or config.softmax_type != "vanilla":
             raise ValueError("SDPACoreAttention supports full attention with a plain softmax only")
-        self.config = config
         self.attn_mask_type = attn_mask_type
         # megatron's query-key layer scaling divides the scale by the layer number and multiplies the softmax input
         # by it again: the product is the plain 1 / sqrt(d).
