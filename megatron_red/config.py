@@ -38,6 +38,17 @@ class ModelConfig:
     fused_kernel: str = "auto"
     """LM head + log-prob + entropy through the fused Triton kernel: `auto` (on for CUDA), `on`, `off`."""
     gradient_checkpointing: bool = False
+    """Recompute every decoder layer in backward (full recompute): much less activation memory, ~1/3 more compute."""
+    recompute_modules: tuple[str, ...] = ()
+    """Megatron backend: recompute only these submodules of each layer (selective recompute): `core_attn` (the
+    attention scores; only worth it with `attention: local`), `mlp`, `layernorm`. Exclusive with
+    gradient_checkpointing."""
+    attention: str = "auto"
+    """Megatron backend core attention: `auto` (Transformer Engine's fused attention when TE is installed, else
+    `sdpa`), `te`, `sdpa` (torch scaled_dot_product_attention: flash / memory-efficient kernels, packed sequences)
+    or `local` (megatron's unfused DotProductAttention; stores [heads, s, s] scores, no packing)."""
+    sequence_parallel: bool = False
+    """Megatron backend, TP > 1: split norm / residual activations along the sequence over the TP ranks."""
     tensor_model_parallel_size: int = 1
     """Megatron backend only."""
     pipeline_model_parallel_size: int = 1
@@ -116,6 +127,10 @@ class TrainerConfig:
     steps: int = 150
     prompts_per_step: int = 8
     micro_batch_size: int = 32
+    max_tokens_per_micro_batch: int = 0
+    """Megatron backend: > 0 packs the step's rows (rollouts and traces, real tokens only) into micro-batches of at
+    most this many tokens (first-fit-decreasing, THD layout) instead of `micro_batch_size` right-padded rows; must
+    hold the longest row (prompt + response / trace). 0 = no packing."""
     seed: int = 0
     out_dir: str = "runs/red"
     save_every: int = 50

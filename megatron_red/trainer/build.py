@@ -98,6 +98,12 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
         return build_megatron_policy(config, task, cache_dir)
     if config.model.backend != "hf":
         raise ValueError(f"unknown model.backend {config.model.backend!r}; valid: hf, megatron")
+    megatron_only = {"trainer.max_tokens_per_micro_batch": config.trainer.max_tokens_per_micro_batch,
+                     "model.recompute_modules": config.model.recompute_modules,
+                     "model.sequence_parallel": config.model.sequence_parallel}
+    used = [name for name, value in megatron_only.items() if value]
+    if used:
+        raise ValueError(f"{', '.join(used)} need model.backend=megatron")
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     common = dict(optim_config=config.optim, device=device, dtype=dtype, fused_kernel=config.model.fused_kernel,

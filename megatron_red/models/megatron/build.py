@@ -66,7 +66,8 @@ def build_megatron_policy(config, task, cache_dir: Path) -> MegatronPolicy:
         pipeline_model_parallel_size=m.pipeline_model_parallel_size,
         dtype=_DTYPE_NAMES[resolve_dtype(m.dtype, device)], use_distributed_optimizer=m.use_distributed_optimizer,
         fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
-        seed=config.trainer.seed)
+        recompute_modules=m.recompute_modules, sequence_parallel=m.sequence_parallel, attention=m.attention,
+        max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch, seed=config.trainer.seed)
     return MegatronPolicy(hf_config, state, megatron_config, config.optim)
 
 

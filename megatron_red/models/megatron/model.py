@@ -2,9 +2,10 @@
 
 Both architectures are pre-norm decoders with RMSNorm, SwiGLU MLPs, rotary position embeddings and grouped-query
 attention; Qwen2 adds a bias to the q/k/v projections. The Transformer Engine layer spec is used when TE is
-importable (fused kernels on GPU); otherwise megatron-core's local spec (`get_gpt_layer_local_spec`), whose
-attention is megatron's own unfused `DotProductAttention` (baddbmm + softmax + bmm, plain torch ops) — so it runs
-without TE, apex or flash-attn.
+importable (fused kernels on GPU); otherwise megatron-core's local spec (`get_gpt_layer_local_spec`) with the
+attention named by `model.attention`: our `SDPACoreAttention` (torch SDPA; flash / memory-efficient kernels on GPU,
+packed sequences) or megatron's own unfused `DotProductAttention` (baddbmm + softmax + bmm) — see local_spec.py.
+Both run without TE, apex or flash-attn.
 
 The vocabulary is padded to a multiple of 128 x TP so that every tensor-parallel rank holds an equal, aligned
 shard of the embedding and LM head; the padded rows are zero and excluded from log-probs via `valid_vocab_size`.
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 VOCAB_PAD_MULTIPLE = 128
+SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
 @dataclass
@@ -97,11 +99,16 @@ def transformer_engine_available() -> bool:
 
 def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size: int = 1,
                             pipeline_model_parallel_size: int = 1, params_dtype: torch.dtype = torch.float32,
-                            use_cpu_initialization: bool = False, recompute_activations: bool = False):
+                            use_cpu_initialization: bool = False, recompute_activations: bool = False,
+                            recompute_modules: tuple[str, ...] = (), sequence_parallel: bool = False):
     """A `TransformerConfig` for `arch` with dropout off and every fusion that needs apex/TE disabled.
 
-    `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row, so pipeline
-    stages exchange activation shapes per micro-batch.
+    `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row (or packed to a token
+    budget), so pipeline stages exchange activation shapes per micro-batch.
+    Activation recompute: `recompute_activations` recomputes every layer in backward (megatron's full, uniform,
+    one layer per checkpoint); `recompute_modules` recomputes only those submodules of each layer (megatron's
+    selective: "core_attn", "mlp", "layernorm"). `sequence_parallel` splits the norm / residual activations over
+    the tensor-parallel ranks along the sequence (needs TP > 1).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -110,8 +117,20 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
                          f"heads and the {arch.num_query_groups} key/value groups")
     if arch.num_layers % pipeline_model_parallel_size:
         raise ValueError(f"PP={pipeline_model_parallel_size} must divide the {arch.num_layers} layers")
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
-        if recompute_activations else {}
+    if recompute_activations and recompute_modules:
+        raise ValueError("choose full recompute (model.gradient_checkpointing) or selective recompute "
+                         "(model.recompute_modules), not both")
+    unknown = set(recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES)
+    if unknown:
+        raise ValueError(f"model.recompute_modules: unknown {sorted(unknown)}; valid: {SELECTIVE_RECOMPUTE_MODULES}")
+    if sequence_parallel and tensor_model_parallel_size == 1:
+        raise ValueError("model.sequence_parallel needs tensor_model_parallel_size > 1")
+    if recompute_activations:
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute_modules:
+        recompute = dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
+    else:
+        recompute = {}
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
@@ -126,6 +145,7 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
         params_dtype=params_dtype, pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         use_cpu_initialization=use_cpu_initialization, variable_seq_lengths=True,
+        sequence_parallel=sequence_parallel,
         # No experts here; megatron-core rejects variable_seq_lengths with its default MoE dispatcher anyway.
         moe_token_dispatcher_type="alltoall",
         **recompute,
@@ -133,21 +153,24 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
 
 
 def build_gpt_model(arch: HFArchitecture, config, *, pre_process: bool, post_process: bool,
-                    use_transformer_engine: bool | None = None):
+                    attention: str = "auto"):
     """The `GPTModel` stage for this rank (`pre_process`: holds the embedding; `post_process`: holds the head).
 
-    `use_transformer_engine=None` picks the TE spec exactly when Transformer Engine is importable.
+    `attention` (`model.attention`): `te` = the Transformer Engine spec; `sdpa` / `local` = megatron's local spec
+    with `SDPACoreAttention` / `DotProductAttention`; `auto` = `te` exactly when Transformer Engine is importable.
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
 
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
-    if use_transformer_engine:
+    from megatron_red.models.megatron.local_spec import local_block_spec, local_layer_spec, resolve_attention
+
+    attention = resolve_attention(attention, transformer_engine_available())
+    if attention == "te":
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = local_block_spec(local_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"), attention),
+                                config)
     return GPTModel(
         config=config, transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),

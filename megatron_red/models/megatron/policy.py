@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
-from megatron_red.models.megatron.model import (HFArchitecture, build_gpt_model, make_transformer_config,
-                                                transformer_engine_available)
+from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
 from megatron_red.models.megatron.weights import export_hf_state_dict, import_hf_state_dict
 from megatron_red.models.optim import OptimConfig, lr_multiplier
+from megatron_red.parallel.packing import micro_batch_rows
 from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,7 +42,12 @@ class MegatronConfig:
                                   the plain (replicated) optimiser.
     fused_kernel:                 compute log-probs / entropies with the fused LM-head Triton kernel.
     recompute_activations:        full activation recomputation per layer (long sequences on small memory).
-    use_transformer_engine:       Transformer Engine layer spec; None = when TE is importable.
+    recompute_modules:            selective recomputation of these submodules of each layer instead
+                                  ("core_attn", "mlp", "layernorm"); empty = none.
+    sequence_parallel:            split norm / residual activations along the sequence over the TP ranks.
+    attention:                    "auto" | "te" | "sdpa" | "local" (model.attention; see local_spec.py).
+    max_tokens_per_micro_batch:   > 0: pack rows into THD micro-batches of at most this many tokens
+                                  (first-fit-decreasing, parallel/packing.py) instead of micro_batch_size rows.
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
     """
 
@@ -52,7 +57,10 @@ class MegatronConfig:
     use_distributed_optimizer: bool = True
     fused_kernel: bool = False
     recompute_activations: bool = False
-    use_transformer_engine: bool | None = None
+    recompute_modules: tuple[str, ...] = ()
+    sequence_parallel: bool = False
+    attention: str = "auto"
+    max_tokens_per_micro_batch: int = 0
     seed: int = 1234
 
     def __post_init__(self):
@@ -60,6 +68,15 @@ class MegatronConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
+        if self.attention == "local" and self.max_tokens_per_micro_batch:
+            raise ValueError("model.attention=local (megatron's DotProductAttention) cannot run packed micro-batches "
+                             "(trainer.max_tokens_per_micro_batch > 0); use sdpa or te")
+        if self.sequence_parallel and self.max_tokens_per_micro_batch % self.tensor_model_parallel_size:
+            raise ValueError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
+                             f"{self.max_tokens_per_micro_batch} must be a multiple of TP="
+                             f"{self.tensor_model_parallel_size} (packs are padded to a multiple of TP)")
 
 
 def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
@@ -103,14 +120,12 @@ class MegatronPolicy(PolicyBackend):
         tconfig = make_transformer_config(
             self.arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
             pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
-            use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations)
+            use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
+            recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel)
         tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
-        use_te = config.use_transformer_engine
-        if use_te is None:
-            use_te = transformer_engine_available()
         model = build_gpt_model(self.arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
-                                post_process=ps.is_pipeline_last_stage(), use_transformer_engine=use_te)
-        # The local spec's RMSNorm (torch.nn.RMSNorm) ignores params_dtype and is built in fp32. megatron's 16-bit
+                                post_process=ps.is_pipeline_last_stage(), attention=config.attention)
+        # The local spec's RMSNorm (local_spec.py, like torch.nn.RMSNorm) is built in fp32. megatron's 16-bit
         # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
         # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
         # saving. Cast the whole model, as megatron's own Float16Module does.
@@ -139,14 +154,15 @@ class MegatronPolicy(PolicyBackend):
 
     def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group)
+        return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group,
+                                         max_tokens=self.config.max_tokens_per_micro_batch)
 
     def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
                          temperature: float = 1.0) -> list[dict[str, float]]:
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        metrics = run_pipeline(self.model, batch.micro_batches(micro_batch_size), self._head(temperature),
-                               loss_fn=loss_fn)
+        budget = self.config.max_tokens_per_micro_batch
+        rows = micro_batch_rows(batch, micro_batch_size, budget)
+        metrics = run_pipeline(self.model, [batch.select(r) for r in rows], self._head(temperature),
+                               loss_fn=loss_fn, packed=bool(budget))
         # Only the last stage ran loss_fn; every rank returns its metrics.
         if dist.get_world_size(self.pp_group) > 1:
             holder = [metrics]
