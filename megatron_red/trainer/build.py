@@ -18,6 +18,7 @@ import torch
 
 from megatron_red.config import RunConfig
 from megatron_red.data.openr1 import RedExample
+from megatron_red.models.precision import resolve_dtype
 
 
 @dataclass
@@ -37,12 +38,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def build_task(config: RunConfig) -> Task:

@@ -25,9 +25,8 @@ from megatron_red.models.megatron.model import (HFArchitecture, build_gpt_model,
                                                 transformer_engine_available)
 from megatron_red.models.megatron.weights import export_hf_state_dict, import_hf_state_dict
 from megatron_red.models.optim import OptimConfig, lr_multiplier
+from megatron_red.models.precision import DTYPES
 from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -36,8 +35,10 @@ class MegatronConfig:
 
     tensor_model_parallel_size:   TP degree (must divide heads and key/value groups).
     pipeline_model_parallel_size: PP degree (must divide the layers). DP = world size / (TP x PP).
-    dtype:                        parameter / compute dtype ("bfloat16", "float16" or "float32"); with 16-bit
-                                  params the optimiser keeps fp32 master weights and reduces grads in fp32.
+    dtype:                        parameter / compute dtype ("bfloat16" or "float32"); with bf16 params the
+                                  optimiser keeps fp32 master weights and reduces grads in fp32. "float16" is
+                                  refused: it needs loss scaling, which this backend does not wire into the
+                                  schedule, and a dynamic scaler's skipped steps would drop whole RED steps.
     use_distributed_optimizer:    shard optimiser state over DP (megatron-core DistributedOptimizer); False uses
                                   the plain (replicated) optimiser.
     fused_kernel:                 compute log-probs / entropies with the fused LM-head Triton kernel.
@@ -56,8 +57,11 @@ class MegatronConfig:
     seed: int = 1234
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "float16":
+            raise ValueError("model.dtype=float16 is not supported by the Megatron backend (it would need loss "
+                             "scaling); use bfloat16, or float32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
 
@@ -99,7 +103,7 @@ class MegatronPolicy(PolicyBackend):
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
-        dtype = _DTYPES[config.dtype]
+        dtype = DTYPES[config.dtype]
         tconfig = make_transformer_config(
             self.arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
             pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
@@ -127,7 +131,7 @@ class MegatronPolicy(PolicyBackend):
                 optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
                 adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=max(optim.grad_clip, 0.0),
                 use_distributed_optimizer=config.use_distributed_optimizer, params_dtype=dtype,
-                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16),
+                bf16=dtype == torch.bfloat16),
             [self.model])
         self.step = 0
         self._set_lr()
