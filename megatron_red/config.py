@@ -32,7 +32,7 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     dtype: str = "auto"
-    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16`."""
+    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16` (`float16`: Hugging Face backend only)."""
     device: str = "auto"
     """`auto` = cuda when available, else cpu."""
     fused_kernel: str = "auto"
@@ -129,6 +129,12 @@ class TrainerConfig:
     """Held-out problems evaluated (the first N of the test split)."""
     tensorboard: bool = True
     progress: bool = True
+    dist_timeout_minutes: float = 60.0
+    """Megatron backend: a collective gives up after this long, with an error naming the phase (rollout, log-probs,
+    update, checkpoint, ...). The longest legitimate wait is a rollout: the other ranks of a model-parallel group
+    wait while its first rank samples. 16k new tokens at the local engine's eager decode step (31 ms for a 1.5B
+    model on an H200, docs/benchmarks.md; 2-3x that expected for a 32B) take 8-25 min per rollout.max_batch_size
+    rows, so 60 min covers two such chunks and grading, and a real hang still surfaces within the hour."""
 
 
 @dataclass

@@ -53,7 +53,8 @@ def test_hf_policy_and_local_engine_match_transformers(kind):
     if kind == "llama3":  # the scaling is really on: the slow rotary frequencies are divided by up to 8
         assert not torch.allclose(model.model.rotary_emb.inv_freq, 1 / 500000.0 ** (torch.arange(0, 8, 2) / 8))
     else:
-        assert hasattr(model.model.layers[0].self_attn, "q_norm") and model.model.layers[0].self_attn.q_proj.bias is None
+        attention = model.model.layers[0].self_attn
+        assert hasattr(attention, "q_norm") and attention.q_proj.bias is None
 
     # Greedy decoding of the local engine (the HF backend's rollout engine) = transformers' generate.
     engine = LocalEngine(model, eos_token_id=EOS, pad_token_id=PAD, max_batch_size=8)

@@ -50,7 +50,7 @@ def build_megatron_policy(config, task, cache_dir: Path) -> MegatronPolicy:
     from megatron_red.trainer.build import warmed_up_student
     from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
 
-    init_distributed()
+    init_distributed(config.trainer.dist_timeout_minutes)
     path = config.model.path
     if path is None:
         if is_main_process():
@@ -65,7 +65,7 @@ def build_megatron_policy(config, task, cache_dir: Path) -> MegatronPolicy:
         pipeline_model_parallel_size=m.pipeline_model_parallel_size,
         dtype=dtype_name(resolve_dtype(m.dtype, device)), use_distributed_optimizer=m.use_distributed_optimizer,
         fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
-        seed=config.trainer.seed)
+        seed=config.trainer.seed, dist_timeout_minutes=config.trainer.dist_timeout_minutes)
     return MegatronPolicy(hf_config, state, megatron_config, config.optim)
 
 

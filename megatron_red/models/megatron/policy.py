@@ -45,6 +45,8 @@ class MegatronConfig:
     recompute_activations:        full activation recomputation per layer (long sequences on small memory).
     use_transformer_engine:       Transformer Engine layer spec; None = when TE is importable.
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
+    dist_timeout_minutes:         time-out of the TP / PP / DP process groups megatron-core creates (its own
+                                  default is 30 min, whatever the world's); `trainer.dist_timeout_minutes`.
     """
 
     tensor_model_parallel_size: int = 1
@@ -55,6 +57,7 @@ class MegatronConfig:
     recompute_activations: bool = False
     use_transformer_engine: bool | None = None
     seed: int = 1234
+    dist_timeout_minutes: float = 60.0
 
     def __post_init__(self):
         if self.dtype == "float16":
@@ -92,7 +95,8 @@ class MegatronPolicy(PolicyBackend):
             raise ValueError("MegatronPolicy needs torch.distributed to be initialised (torchrun)")
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                                         pipeline_model_parallel_size=config.pipeline_model_parallel_size)
+                                         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                                         distributed_timeout_minutes=config.dist_timeout_minutes)
         elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
               or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
             raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
