@@ -60,6 +60,15 @@ class DataConfig:
     """Offline traces are truncated to this many tokens (counted); the authors truncate to 8192."""
     skip_malformed: bool = False
     """Skip and count malformed rows instead of raising."""
+    eval_fraction: float = 0.0
+    """`openr1` only: hold out this fraction of the distinct prompts of `path` for `trainer.eval_every` (those whose
+    token-id hash sorts first: the same split for every seed and row order). 0 = train on every row."""
+    eval_path: str | None = None
+    """`openr1` only: held-out prompts from a separate file in the same schema (`target` optional, e.g. LUFFY's
+    valid.all.parquet), instead of `eval_fraction`."""
+    cache_dir: str | None = None
+    """`openr1` only: where tokenised files are cached (one rank tokenises, every rank memory-maps the result);
+    None = `.cache/data` beside the run directory."""
     builtin: dict = field(default_factory=dict)
     """Overrides of `BuiltinTaskConfig` fields (seed, num_train, max_steps, ...)."""
     warmup_steps: int = 500

@@ -70,16 +70,16 @@ def set_phase(name: str) -> None:
     _phase.name, _phase.since = name, time.monotonic()
 
 
-def _timeout_message() -> str:
-    minutes = (time.monotonic() - _phase.since) / 60
-    return (f"rank {global_rank()}: collective time-out in phase '{_phase.name}' (in it for {minutes:.1f} min; "
-            f"trainer.dist_timeout_minutes={_phase.timeout_minutes:g}): another rank did not join. Look for an "
-            f"earlier error on the other ranks, or raise trainer.dist_timeout_minutes if '{_phase.name}' "
-            f"legitimately takes longer.")
+def _minutes_in_phase() -> float:
+    return (time.monotonic() - _phase.since) / 60
 
 
 class CollectiveTimeout(RuntimeError):
-    """A collective failed or timed out; the message names the phase."""
+    """A collective timed out or failed; the message names the phase."""
+
+
+# What gloo and NCCL errors say when a peer is late or gone (gloo raises plain RuntimeErrors).
+_COLLECTIVE_FAILURE = re.compile(r"timed out|timeout|closed by peer|connection reset|nccl|gloo", re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -89,9 +89,14 @@ def phase_named_on_failure():
         yield
     except RuntimeError as e:
         if _phase.timeout_minutes is None or isinstance(e, CollectiveTimeout) or not (
-                isinstance(e, dist.DistError) or re.search(r"timed out|timeout", str(e), re.IGNORECASE)):
+                isinstance(e, dist.DistError) or _COLLECTIVE_FAILURE.search(str(e))):
             raise
-        raise CollectiveTimeout(_timeout_message()) from e
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CollectiveTimeout(
+            f"rank {global_rank()}: a collective timed out or failed in phase '{_phase.name}' (in it for "
+            f"{_minutes_in_phase():.1f} min; trainer.dist_timeout_minutes={_phase.timeout_minutes:g}): {cause}. "
+            f"Another rank is late or gone: look for an earlier error on the other ranks, or raise "
+            f"trainer.dist_timeout_minutes if '{_phase.name}' legitimately takes longer.") from e
 
 
 def watch_phases(timeout_minutes: float, poll_seconds: float | None = None) -> None:
@@ -104,9 +109,11 @@ def watch_phases(timeout_minutes: float, poll_seconds: float | None = None) -> N
         while True:
             time.sleep(poll)
             entered = (_phase.name, _phase.since)
-            if entered != reported and time.monotonic() - _phase.since > timeout_minutes * 60:
-                print(f"[megatron-red] {_timeout_message()} (printed because the phase outlasted the "
-                      f"time-out: a collective waiting in it has expired)", file=sys.stderr, flush=True)
+            if entered != reported and _minutes_in_phase() > timeout_minutes:
+                print(f"[megatron-red] rank {global_rank()}: phase '{_phase.name}' has lasted "
+                      f"{_minutes_in_phase():.1f} min, past trainer.dist_timeout_minutes={timeout_minutes:g}: a "
+                      f"collective waiting in it has timed out (another rank is late or gone)",
+                      file=sys.stderr, flush=True)
                 reported = entered
 
     threading.Thread(target=watch, name="megatron-red-phase-watch", daemon=True).start()

@@ -53,7 +53,7 @@ class RedTrainer:
         if config.model.backend == "megatron":
             init_distributed(config.trainer.dist_timeout_minutes)  # the data cache is built by one rank
         set_phase("data")
-        self.task = build_task(config)
+        self.task = build_task(config, cache_dir=self.run_dir.parent / ".cache")
         self.tokenizer = self.task.tokenizer
         set_phase("model load")
         self.policy = build_policy(config, self.task, cache_dir=self.run_dir.parent / ".cache")
