@@ -138,6 +138,9 @@ class TrainerConfig:
     """Held-out problems evaluated (the first N of the test split)."""
     tensorboard: bool = True
     progress: bool = True
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (extra `wandb`); `--resume` continues the same W&B run. W&B's own
+    environment variables apply (WANDB_MODE=offline, WANDB_ENTITY)."""
     dist_timeout_minutes: float = 60.0
     """Megatron backend: a collective gives up after this long, with an error naming the phase (rollout, log-probs,
     update, checkpoint, ...). The longest legitimate wait is a rollout: the other ranks of a model-parallel group

@@ -31,7 +31,7 @@ from megatron_red.trainer.build import build_engine, build_policy, build_task
 from megatron_red.trainer.distributed import DataParallel, NullMetricsLog, init_distributed, is_main_process, set_phase
 from megatron_red.trainer.evaluate import evaluate_heldout
 from megatron_red.trainer.groups import Group, build_batch
-from megatron_red.trainer.metrics import MetricsLog
+from megatron_red.trainer.metrics import MetricsLog, require_wandb
 from megatron_red.trainer.update import policy_update
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
@@ -47,6 +47,8 @@ class RedTrainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, resume: bool = False):
         if config.algo.method not in method_names():
             raise ValueError(f"unknown algo.method {config.algo.method!r}; valid: {', '.join(method_names())}")
+        if config.trainer.wandb_project:
+            require_wandb()  # on every rank, before any of them waits for rank 0
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,8 @@ class RedTrainer:
         self.log = NullMetricsLog()
         if is_main_process():
             self.log = MetricsLog(self.run_dir, resume_step=self.step if checkpoint_dir else None,
-                                  tensorboard=config.trainer.tensorboard)
+                                  tensorboard=config.trainer.tensorboard, wandb_project=config.trainer.wandb_project,
+                                  wandb_config=config_to_dict(config))
 
     # ------------------------------------------------------------------ schedule
     def loss_config(self, step: int) -> RedLossConfig:
