@@ -1,8 +1,8 @@
 """One-GPU smoke benchmark of the Megatron backend against the Hugging Face backend.
 
-Builds a random Qwen2.5-0.5B-shaped model, then for each backend (same weights, same inputs): forward-only
-log-probs + entropies of 8 x 4096 tokens, and one RED-like training step (policy-gradient loss on the log-probs,
-normalised by the global token count). Prints tokens/s, peak memory, the max |log-prob| difference between the
+Builds a random Qwen2.5-0.5B-shaped model (`--model-type qwen3 | llama3`: Qwen3-0.6B or Llama-3.2-1B shaped), then
+for each backend (same weights, same inputs): forward-only log-probs + entropies of 8 x 4096 tokens, and one RED-like
+training step (policy-gradient loss on the log-probs, normalised by the global token count). Prints tokens/s, peak memory, the max |log-prob| difference between the
 backends, and the card. Run: `python tools/megatron_smoke.py` (needs CUDA and megatron-core; no TE required:
 the local layer spec is used when Transformer Engine is absent).
 """
@@ -22,6 +22,24 @@ def qwen2_05b_config(vocab_size: int, max_len: int):
     return Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_len,
                        rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def family_config(model_type: str, vocab_size: int, max_len: int):
+    """Qwen2.5-0.5B, Qwen3-0.6B (QK-norm, head_dim 128 != hidden / heads) or Llama-3.2-1B (llama3 RoPE scaling)
+    shapes."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    if model_type == "qwen2":
+        return qwen2_05b_config(vocab_size, max_len)
+    if model_type == "qwen3":
+        return Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=128, vocab_size=vocab_size, max_position_embeddings=max_len,
+                           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=vocab_size, max_position_embeddings=max(max_len, 8193),
+                       rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
+                       rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192))
 
 
 def make_batch(batch: int, length: int, vocab: int, prompt: int = 256):
@@ -76,6 +94,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--skip-hf", action="store_true", help="only the Megatron backend")
     parser.add_argument("--fused-kernel", action="store_true", help="fused LM-head log-prob kernel in Megatron")
+    parser.add_argument("--model-type", default="qwen2", choices=("qwen2", "qwen3", "llama3"),
+                        help="model family (random weights): Qwen2.5-0.5B, Qwen3-0.6B or Llama-3.2-1B shaped")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("megatron_smoke needs a CUDA GPU")
@@ -90,13 +110,13 @@ def main():
     dist.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
     torch.manual_seed(0)
-    config = qwen2_05b_config(args.vocab, args.length)
+    config = family_config(args.model_type, args.vocab, args.length)
     hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
     state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
     batch = make_batch(args.batch, args.length, args.vocab)
     optim = OptimConfig(lr=1e-6)
     n_params = sum(p.numel() for p in hf_model.parameters()) / 1e9
-    print(f"card: {torch.cuda.get_device_name()} | model: Qwen2-shaped {n_params:.2f}B random | "
+    print(f"card: {torch.cuda.get_device_name()} | model: {args.model_type}-shaped {n_params:.2f}B random | "
           f"batch {args.batch} x {args.length} | micro-batch {args.micro_batch_size}", flush=True)
 
     rows = []
