@@ -2,8 +2,8 @@
 
 Builds a random Qwen2.5-0.5B-shaped model (`--model-type qwen3 | llama3`: Qwen3-0.6B or Llama-3.2-1B shaped), then
 for each backend (same weights, same inputs): forward-only log-probs + entropies of 8 x 4096 tokens, and one RED-like
-training step (policy-gradient loss on the log-probs, normalised by the global token count). Prints tokens/s, peak memory, the max |log-prob| difference between the
-backends, and the card. Run: `python tools/megatron_smoke.py` (needs CUDA and megatron-core; no TE required:
+training step (policy-gradient loss on the log-probs, normalised by the global token count). Prints tokens/s, peak
+memory, the max |log-prob| difference between the backends, and the card. Run: `python tools/megatron_smoke.py` (needs CUDA and megatron-core; no TE required:
 the local layer spec is used when Transformer Engine is absent).
 """
 from __future__ import annotations
