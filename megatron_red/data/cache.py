@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence, overload
@@ -55,7 +56,7 @@ def build_cache(directory: str | Path, path: str, tokenizer: Tokenizer, **option
     """Tokenise `path` with `load_openr1(path, tokenizer, **options)` and write its cache to `directory`."""
     directory = Path(directory)
     examples, stats = load_openr1(path, tokenizer, **options)
-    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    tmp = directory.with_name(f"{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     index = np.zeros((len(examples), 6), dtype=np.int64)

@@ -113,14 +113,15 @@ def _parse_row(row: dict[str, Any], require_trace: bool = True
     with no `target` column (held-out files such as LUFFY's valid.all.parquet) has the empty trace."""
     if "__json_error__" in row:
         raise _Malformed("(json)", row["__json_error__"])
-    for column in ("prompt", "target") if require_trace or row.get("target") is not None else ("prompt",):
+    has_trace = require_trace or row.get("target") is not None
+    for column in ("prompt", "target") if has_trace else ("prompt",):
         if column not in row:
             raise _Malformed(column, "missing column")
     prompt = _messages(row["prompt"], "prompt")
     if not any(m["role"] == "user" for m in prompt):
         raise _Malformed("prompt", "no user message")
     trace = ""
-    if require_trace or row.get("target") is not None:
+    if has_trace:
         target = _messages(row["target"], "target")
         if len(target) != 1 or target[0]["role"] != "assistant":
             raise _Malformed("target", "expected exactly one assistant message")

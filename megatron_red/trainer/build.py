@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_red.config import RunConfig
+from megatron_red.config import DataConfig, RunConfig
 from megatron_red.data.openr1 import RedExample
 from megatron_red.models.precision import resolve_dtype
 
@@ -79,7 +79,7 @@ def build_task(config: RunConfig, cache_dir: Path | None = None) -> Task:
     raise ValueError(f"unknown data.task {data.task!r}; valid: builtin, openr1")
 
 
-def tokenised_once(path: str, tokenizer, root: Path, data, require_trace: bool):
+def tokenised_once(path: str, tokenizer, root: Path, data: DataConfig, require_trace: bool):
     """`load_openr1` of `path` through the on-disk cache (data/cache.py), tokenised by one process: global rank 0
     first (enough when `root` is on a shared file system), then local rank 0 of each node that still misses it
     (node-local disks); then every rank maps it."""

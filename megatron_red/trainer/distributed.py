@@ -100,7 +100,7 @@ def phase_named_on_failure():
 
 
 def watch_phases(timeout_minutes: float, poll_seconds: float | None = None) -> None:
-    """Start the daemon thread that prints `_timeout_message` once per phase that outlasts `timeout_minutes`."""
+    """Start the daemon thread that prints, once per phase, that the phase has outlasted `timeout_minutes`."""
     _phase.timeout_minutes = timeout_minutes
     poll = poll_seconds if poll_seconds is not None else min(30.0, timeout_minutes * 6)
 

@@ -174,6 +174,7 @@ class RedTrainer:
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
             metrics.update(self.relift_sft_step())
+        set_phase("weight sync")
         self.engine.sync_weights(self.policy)
         timings["time/step_s"] = time.perf_counter() - t0
         metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
