@@ -41,7 +41,9 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=(resume_step or 0) + 1)
-        self.wandb_run = _wandb_run(Path(run_dir), wandb_project, wandb_config) if wandb_project else None
+        self.wandb_run = None
+        if wandb_project:
+            self.wandb_run = _wandb_run(Path(run_dir), wandb_project, wandb_config, resume=resume_step is not None)
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -62,12 +64,12 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
-def _wandb_run(run_dir: Path, project: str, config: dict | None):
-    """A new W&B run, or the one whose id this run directory recorded (resumed)."""
+def _wandb_run(run_dir: Path, project: str, config: dict | None, resume: bool):
+    """The W&B run whose id this run directory recorded when resuming, else a new one."""
     import wandb
 
     id_file = run_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else None
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else None
     run = wandb.init(project=project, id=run_id, resume="allow" if run_id else None, dir=str(run_dir),
                      name=run_dir.name, config=config)
     id_file.write_text(run.id + "\n")
