@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _train(args) -> int:
     from megatron_red.config import load_config
-    from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.trainer.distributed import is_main_process, phase_named_on_failure
     from megatron_red.trainer.red_trainer import RedTrainer
     from megatron_red.trainer.report import plot_runs
 
@@ -24,8 +24,9 @@ def _train(args) -> int:
                   file=sys.stderr)
             return 2
     start = time.perf_counter()
-    trainer = RedTrainer(config, run_dir, resume=bool(args.resume))
-    final = trainer.train()
+    with phase_named_on_failure():
+        trainer = RedTrainer(config, run_dir, resume=bool(args.resume))
+        final = trainer.train()
     if not is_main_process():
         return 0
     png = plot_runs({config.algo.method: run_dir}, run_dir / "dynamics.png")

@@ -32,7 +32,7 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     dtype: str = "auto"
-    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16`."""
+    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16` (`float16`: Hugging Face backend only)."""
     device: str = "auto"
     """`auto` = cuda when available, else cpu."""
     fused_kernel: str = "auto"
@@ -71,6 +71,15 @@ class DataConfig:
     """Offline traces are truncated to this many tokens (counted); the authors truncate to 8192."""
     skip_malformed: bool = False
     """Skip and count malformed rows instead of raising."""
+    eval_fraction: float = 0.0
+    """`openr1` only: hold out this fraction of the distinct prompts of `path` for `trainer.eval_every` (those whose
+    token-id hash sorts first: the same split for every seed and row order). 0 = train on every row."""
+    eval_path: str | None = None
+    """`openr1` only: held-out prompts from a separate file in the same schema (`target` optional, e.g. LUFFY's
+    valid.all.parquet), instead of `eval_fraction`."""
+    cache_dir: str | None = None
+    """`openr1` only: where tokenised files are cached (one rank tokenises, every rank memory-maps the result);
+    None = `.cache/data` beside the run directory."""
     builtin: dict = field(default_factory=dict)
     """Overrides of `BuiltinTaskConfig` fields (seed, num_train, max_steps, ...)."""
     warmup_steps: int = 500
@@ -144,6 +153,15 @@ class TrainerConfig:
     """Held-out problems evaluated (the first N of the test split)."""
     tensorboard: bool = True
     progress: bool = True
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (extra `wandb`); `--resume` continues the same W&B run. W&B's own
+    environment variables apply (WANDB_MODE=offline, WANDB_ENTITY)."""
+    dist_timeout_minutes: float = 60.0
+    """Megatron backend: a collective gives up after this long, with an error naming the phase (rollout, log-probs,
+    update, checkpoint, ...). The longest legitimate wait is a rollout: the other ranks of a model-parallel group
+    wait while its first rank samples. 16k new tokens at the local engine's eager decode step (31 ms for a 1.5B
+    model on an H200, docs/benchmarks.md; 2-3x that expected for a 32B) take 8-25 min per rollout.max_batch_size
+    rows, so 60 min covers two such chunks and grading, and a real hang still surfaces within the hour."""
 
 
 @dataclass

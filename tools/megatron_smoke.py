@@ -1,5 +1,6 @@
 """One-GPU benchmark of the Megatron training step (padded vs packed rows, local-spec vs SDPA attention) and the HF
-backend, on a random Qwen2.5-1.5B-shaped model with the same weights and the same rows.
+backend, on a random Qwen2.5-1.5B-shaped model (`--model-type qwen3 | llama3`: Qwen3-0.6B or Llama-3.2-1B shaped)
+with the same weights and the same rows.
 
 Workloads: `var4k` = 8 rows of variable length up to 4096 tokens (256-token prompts); `red` = RED-shaped groups,
 each one 8192-token offline trace + seven rollouts of ~2k tokens. For every (backend, workload): one forward-only
@@ -37,6 +38,24 @@ def qwen25_15b_config(vocab_size: int, max_len: int):
                        rope_theta=40000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
+def family_config(model_type: str, vocab_size: int, max_len: int):
+    """Qwen2.5-1.5B (default), Qwen3-0.6B (QK-norm, head_dim 128 != hidden / heads) or Llama-3.2-1B (llama3 RoPE
+    scaling) shapes."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    if model_type == "qwen2":
+        return qwen25_15b_config(vocab_size, max_len)
+    if model_type == "qwen3":
+        return Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=128, vocab_size=vocab_size, max_position_embeddings=max_len,
+                           rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=vocab_size, max_position_embeddings=max(max_len, 8193),
+                       rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
+                       rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192))
+
+
 def make_rows(lengths: list[int], prompts: list[int], vocab: int, seed: int):
     from megatron_red.models.base import SequenceBatch
 
@@ -64,7 +83,7 @@ def model_flops(config, batch) -> float:
     """Training FLOPs of the real tokens (see the module docstring)."""
     h, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, config.num_key_value_heads
-    d = h // heads
+    d = getattr(config, "head_dim", None) or h // heads
     matmul_params = layers * (h * (heads + 2 * kv) * d + heads * d * h + 3 * h * f)
     lengths = batch.attention_mask.sum(1).double()
     tokens, loss_tokens = float(lengths.sum()), float(batch.loss_mask.sum())
@@ -146,6 +165,8 @@ def main():
     parser.add_argument("--skip-local", action="store_true", help="skip megatron's unfused local-spec attention")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--out", help="also write the table to this Markdown file")
+    parser.add_argument("--model-type", default="qwen2", choices=("qwen2", "qwen3", "llama3"),
+                        help="model family (random weights): Qwen2.5-1.5B, Qwen3-0.6B or Llama-3.2-1B shaped")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("megatron_smoke needs a CUDA GPU")
@@ -163,13 +184,13 @@ def main():
     dist.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
     torch.manual_seed(0)
-    config = qwen25_15b_config(args.vocab, 16384)
+    config = family_config(args.model_type, args.vocab, 16384)
     state = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     batches = workloads(args.vocab, args.groups)
     optim = OptimConfig(lr=1e-6)
     fused = not args.no_fused_kernel
     n_params = sum(v.numel() for v in state.values()) / 1e9
-    header = (f"card: {torch.cuda.get_device_name()} | Qwen2.5-1.5B-shaped, {n_params:.2f}B random | "
+    header = (f"card: {torch.cuda.get_device_name()} | {args.model_type}-shaped, {n_params:.2f}B random | "
               f"torch {torch.__version__} | TE {'yes' if transformer_engine_available() else 'no'} | packed varlen "
               f"kernel: {'torch varlen_attn' if _varlen_attn is not None else 'SDPA per sequence'} | "
               f"Megatron fused LM head {fused} | padded micro-batch {args.padded_rows} rows, packed "

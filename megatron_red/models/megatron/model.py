@@ -1,11 +1,12 @@
-"""Build a megatron-core `GPTModel` that computes the same function as a Hugging Face Qwen2 / Llama model.
+"""Build a megatron-core `GPTModel` that computes the same function as a Hugging Face Qwen2 / Llama / Qwen3 model.
 
-Both architectures are pre-norm decoders with RMSNorm, SwiGLU MLPs, rotary position embeddings and grouped-query
-attention; Qwen2 adds a bias to the q/k/v projections. The Transformer Engine layer spec is used when TE is
-importable (fused kernels on GPU); otherwise megatron-core's local spec (`get_gpt_layer_local_spec`) with the
-attention named by `model.attention`: our `SDPACoreAttention` (torch SDPA; flash / memory-efficient kernels on GPU,
-packed sequences) or megatron's own unfused `DotProductAttention` (baddbmm + softmax + bmm) — see local_spec.py.
-Both run without TE, apex or flash-attn.
+The three families are one pre-norm decoder with RMSNorm, SwiGLU MLPs, rotary position embeddings and grouped-query
+attention (models/architectures.py); Qwen2 adds a bias to the q/k/v projections, Qwen3 an RMSNorm over each query and
+key head (megatron's `qk_layernorm`), Llama 3.x a frequency-dependent RoPE scaling (megatron's `rope_scaling`).
+The Transformer Engine layer spec is used when TE is importable (fused kernels on GPU); otherwise megatron-core's
+local spec (`get_gpt_layer_local_spec`) with the attention named by `model.attention`: our `SDPACoreAttention` (torch
+SDPA; flash / memory-efficient kernels on GPU, packed sequences) or megatron's own unfused `DotProductAttention`
+(baddbmm + softmax + bmm) — see local_spec.py. Both run without TE, apex or flash-attn.
 
 The vocabulary is padded to a multiple of 128 x TP so that every tensor-parallel rank holds an equal, aligned
 shard of the embedding and LM head; the padded rows are zero and excluded from log-probs via `valid_vocab_size`.
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+from megatron_red.models.architectures import check_supported, rope_parameters
+
 VOCAB_PAD_MULTIPLE = 128
 SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
@@ -26,7 +28,7 @@ SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 class HFArchitecture:
     """The architecture fields of a Hugging Face config that the Megatron model must reproduce.
 
-    model_type:           "qwen2" or "llama".
+    model_type:           "qwen2", "llama" or "qwen3".
     hidden_size:          model width.
     num_layers:           number of decoder layers.
     num_attention_heads:  query heads.
@@ -34,11 +36,13 @@ class HFArchitecture:
     head_dim:             per-head width (kv_channels in Megatron).
     ffn_hidden_size:      SwiGLU intermediate size.
     vocab_size:           real (unpadded) vocabulary size.
-    rms_norm_eps:         RMSNorm epsilon.
+    rms_norm_eps:         RMSNorm epsilon (also of Qwen3's per-head q/k norms).
     rope_theta:           rotary base.
-    qkv_bias:             bias on q/k/v projections (always for Qwen2; `attention_bias` for Llama).
+    qkv_bias:             bias on q/k/v projections (always for Qwen2; `attention_bias` for Llama and Qwen3).
     tie_word_embeddings:  LM head shares the input embedding.
     max_position_embeddings: longest sequence the model is built for.
+    qk_layernorm:         RMSNorm over each query and key head before RoPE (Qwen3).
+    rope_scaling_factor:  Llama-3 RoPE scaling factor; None = plain RoPE.
     """
 
     model_type: str
@@ -54,21 +58,14 @@ class HFArchitecture:
     qkv_bias: bool
     tie_word_embeddings: bool
     max_position_embeddings: int
+    qk_layernorm: bool = False
+    rope_scaling_factor: float | None = None
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "HFArchitecture":
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported by the Megatron backend; "
-                             f"expected one of {SUPPORTED_MODEL_TYPES}")
-        if getattr(hf_config, "mlp_bias", False):
-            raise ValueError("Llama configs with mlp_bias=True are not supported")
-        rope_scaling = getattr(hf_config, "rope_scaling", None)
-        rope_params = getattr(hf_config, "rope_parameters", None) or {}
-        rope_type = (rope_scaling or {}).get("rope_type", rope_params.get("rope_type", "default"))
-        if rope_type not in ("default", None):
-            raise ValueError(f"rope type {rope_type!r} is not supported (only plain RoPE)")
-        rope_theta = getattr(hf_config, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
+        check_supported(hf_config, megatron=True)
+        model_type = hf_config.model_type
+        rope = rope_parameters(hf_config)
         heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         qkv_bias = True if model_type == "qwen2" else bool(getattr(hf_config, "attention_bias", False))
@@ -77,9 +74,11 @@ class HFArchitecture:
             num_attention_heads=heads,
             num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
             head_dim=head_dim, ffn_hidden_size=hf_config.intermediate_size, vocab_size=hf_config.vocab_size,
-            rms_norm_eps=hf_config.rms_norm_eps, rope_theta=float(rope_theta), qkv_bias=qkv_bias,
+            rms_norm_eps=hf_config.rms_norm_eps, rope_theta=float(rope["rope_theta"]), qkv_bias=qkv_bias,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             max_position_embeddings=hf_config.max_position_embeddings,
+            qk_layernorm=model_type == "qwen3",
+            rope_scaling_factor=float(rope["factor"]) if rope["rope_type"] == "llama3" else None,
         )
 
 
@@ -135,7 +134,7 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
         normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
@@ -143,7 +142,7 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         params_dtype=params_dtype, pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization, variable_seq_lengths=True,
         sequence_parallel=sequence_parallel,
         # No experts here; megatron-core rejects variable_seq_lengths with its default MoE dispatcher anyway.
@@ -166,15 +165,18 @@ def build_gpt_model(arch: HFArchitecture, config, *, pre_process: bool, post_pro
     from megatron_red.models.megatron.local_spec import local_block_spec, local_layer_spec, resolve_attention
 
     attention = resolve_attention(attention, transformer_engine_available())
+    rope_scaling = {} if arch.rope_scaling_factor is None else dict(rope_scaling=True,
+                                                                     rope_scaling_factor=arch.rope_scaling_factor)
     if attention == "te":
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     else:
-        spec = local_block_spec(local_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"), attention),
-                                config)
+        spec = local_block_spec(local_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                                          qk_layernorm=arch.qk_layernorm),
+                                                 attention), config)
     return GPTModel(
         config=config, transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope", rotary_base=arch.rope_theta,
+        position_embedding_type="rope", rotary_base=arch.rope_theta, **rope_scaling,
     )

@@ -24,10 +24,9 @@ from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
 from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
 from megatron_red.models.megatron.weights import export_hf_state_dict, import_hf_state_dict
 from megatron_red.models.optim import OptimConfig, lr_multiplier
+from megatron_red.models.precision import DTYPES
 from megatron_red.parallel.packing import micro_batch_rows
 from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -36,8 +35,10 @@ class MegatronConfig:
 
     tensor_model_parallel_size:   TP degree (must divide heads and key/value groups).
     pipeline_model_parallel_size: PP degree (must divide the layers). DP = world size / (TP x PP).
-    dtype:                        parameter / compute dtype ("bfloat16", "float16" or "float32"); with 16-bit
-                                  params the optimiser keeps fp32 master weights and reduces grads in fp32.
+    dtype:                        parameter / compute dtype ("bfloat16" or "float32"); with bf16 params the
+                                  optimiser keeps fp32 master weights and reduces grads in fp32. "float16" is
+                                  refused: it needs loss scaling, which this backend does not wire into the
+                                  schedule, and a dynamic scaler's skipped steps would drop whole RED steps.
     use_distributed_optimizer:    shard optimiser state over DP (megatron-core DistributedOptimizer); False uses
                                   the plain (replicated) optimiser.
     fused_kernel:                 compute log-probs / entropies with the fused LM-head Triton kernel.
@@ -49,6 +50,8 @@ class MegatronConfig:
     max_tokens_per_micro_batch:   > 0: pack rows into THD micro-batches of at most this many tokens
                                   (first-fit-decreasing, parallel/packing.py) instead of micro_batch_size rows.
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
+    dist_timeout_minutes:         time-out of the TP / PP / DP process groups megatron-core creates (its own
+                                  default is 30 min, whatever the world's); `trainer.dist_timeout_minutes`.
     """
 
     tensor_model_parallel_size: int = 1
@@ -62,10 +65,14 @@ class MegatronConfig:
     attention: str = "auto"
     max_tokens_per_micro_batch: int = 0
     seed: int = 1234
+    dist_timeout_minutes: float = 60.0
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "float16":
+            raise ValueError("model.dtype=float16 is not supported by the Megatron backend (it would need loss "
+                             "scaling); use bfloat16, or float32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
         if self.max_tokens_per_micro_batch < 0:
@@ -105,7 +112,8 @@ class MegatronPolicy(PolicyBackend):
             raise ValueError("MegatronPolicy needs torch.distributed to be initialised (torchrun)")
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                                         pipeline_model_parallel_size=config.pipeline_model_parallel_size)
+                                         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                                         distributed_timeout_minutes=config.dist_timeout_minutes)
         elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
               or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
             raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
@@ -116,7 +124,7 @@ class MegatronPolicy(PolicyBackend):
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
-        dtype = _DTYPES[config.dtype]
+        dtype = DTYPES[config.dtype]
         tconfig = make_transformer_config(
             self.arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
             pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
@@ -142,7 +150,7 @@ class MegatronPolicy(PolicyBackend):
                 optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
                 adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=max(optim.grad_clip, 0.0),
                 use_distributed_optimizer=config.use_distributed_optimizer, params_dtype=dtype,
-                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16),
+                bf16=dtype == torch.bfloat16),
             [self.model])
         self.step = 0
         self._set_lr()
