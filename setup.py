@@ -30,6 +30,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "vllm": ["vllm>=0.10"],
         "bridge": ["megatron-bridge>=0.2"],
+        "wandb": ["wandb>=0.17"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["megatron-red=megatron_red.cli:main"]},

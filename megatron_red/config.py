@@ -32,12 +32,23 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     dtype: str = "auto"
-    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16`."""
+    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16` (`float16`: Hugging Face backend only)."""
     device: str = "auto"
     """`auto` = cuda when available, else cpu."""
     fused_kernel: str = "auto"
     """LM head + log-prob + entropy through the fused Triton kernel: `auto` (on for CUDA), `on`, `off`."""
     gradient_checkpointing: bool = False
+    """Recompute every decoder layer in backward (full recompute): much less activation memory, ~1/3 more compute."""
+    recompute_modules: tuple[str, ...] = ()
+    """Megatron backend: recompute only these submodules of each layer (selective recompute): `core_attn` (the
+    attention scores; only worth it with `attention: local`), `mlp`, `layernorm`. Exclusive with
+    gradient_checkpointing."""
+    attention: str = "auto"
+    """Megatron backend core attention: `auto` (Transformer Engine's fused attention when TE is installed, else
+    `sdpa`), `te`, `sdpa` (torch scaled_dot_product_attention: flash / memory-efficient kernels, packed sequences)
+    or `local` (megatron's unfused DotProductAttention; stores [heads, s, s] scores, no packing)."""
+    sequence_parallel: bool = False
+    """Megatron backend, TP > 1: split norm / residual activations along the sequence over the TP ranks."""
     tensor_model_parallel_size: int = 1
     """Megatron backend only."""
     pipeline_model_parallel_size: int = 1
@@ -60,6 +71,15 @@ class DataConfig:
     """Offline traces are truncated to this many tokens (counted); the authors truncate to 8192."""
     skip_malformed: bool = False
     """Skip and count malformed rows instead of raising."""
+    eval_fraction: float = 0.0
+    """`openr1` only: hold out this fraction of the distinct prompts of `path` for `trainer.eval_every` (those whose
+    token-id hash sorts first: the same split for every seed and row order). 0 = train on every row."""
+    eval_path: str | None = None
+    """`openr1` only: held-out prompts from a separate file in the same schema (`target` optional, e.g. LUFFY's
+    valid.all.parquet), instead of `eval_fraction`."""
+    cache_dir: str | None = None
+    """`openr1` only: where tokenised files are cached (one rank tokenises, every rank memory-maps the result);
+    None = `.cache/data` beside the run directory."""
     builtin: dict = field(default_factory=dict)
     """Overrides of `BuiltinTaskConfig` fields (seed, num_train, max_steps, ...)."""
     warmup_steps: int = 500
@@ -116,6 +136,10 @@ class TrainerConfig:
     steps: int = 150
     prompts_per_step: int = 8
     micro_batch_size: int = 32
+    max_tokens_per_micro_batch: int = 0
+    """Megatron backend: > 0 packs the step's rows (rollouts and traces, real tokens only) into micro-batches of at
+    most this many tokens (first-fit-decreasing, THD layout) instead of `micro_batch_size` right-padded rows; must
+    hold the longest row (prompt + response / trace). 0 = no packing."""
     seed: int = 0
     out_dir: str = "runs/red"
     save_every: int = 50
@@ -135,6 +159,15 @@ class TrainerConfig:
     """Held-out problems evaluated (the first N of the test split)."""
     tensorboard: bool = True
     progress: bool = True
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (extra `wandb`); `--resume` continues the same W&B run. W&B's own
+    environment variables apply (WANDB_MODE=offline, WANDB_ENTITY)."""
+    dist_timeout_minutes: float = 60.0
+    """Megatron backend: a collective gives up after this long, with an error naming the phase (rollout, log-probs,
+    update, checkpoint, ...). The longest legitimate wait is a rollout: the other ranks of a model-parallel group
+    wait while its first rank samples. 16k new tokens at the local engine's eager decode step (31 ms for a 1.5B
+    model on an H200, docs/benchmarks.md; 2-3x that expected for a 32B) take 8-25 min per rollout.max_batch_size
+    rows, so 60 min covers two such chunks and grading, and a real hang still surfaces within the hour."""
 
 
 @dataclass

@@ -28,7 +28,10 @@ step() {
     profile_backward) run profile_backward 130 python3 tools/profile_kernel_backward.py --out "$OUT/profile_backward.md" ;;
     cuda_tests) run cuda_tests 100 python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_kernels.py \
                   tests/test_rollout_local.py tests/test_hf_policy.py ;;
-    megatron_smoke) run megatron_smoke 90 python3 tools/megatron_smoke.py ;;
+    megatron_smoke) run megatron_smoke 450 python3 tools/megatron_smoke.py --out "$OUT/megatron_smoke.md" ;;
+    megatron_families) run megatron_families 150 bash -c "python3 tools/megatron_smoke.py --model-type qwen3 \
+                         --groups 1 --skip-local --skip-hf && python3 tools/megatron_smoke.py --model-type llama3 \
+                         --groups 1 --skip-local --skip-hf" ;;
     megatron_train) run megatron_train 100 env CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --standalone --nproc_per_node=1 \
                       -m megatron_red.cli train model.backend=megatron trainer.steps=3 trainer.save_every=2 \
                       trainer.eval_problems=16 trainer.tensorboard=false data.warmup_steps=20 \

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from megatron_red.config import TrainerConfig
 from megatron_red.models.hf_checkpoint import INDEX_FILE, is_hf_checkpoint, save_state_dict
+from megatron_red.models.precision import DTYPES
 from megatron_red.trainer.checkpoint import HF_CONFIG_DIR, HF_DIR, latest_checkpoint
 from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
 
 EXPORT_MARKER = "megatron_red_export.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -77,7 +78,7 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype | No
         if not is_megatron_checkpoint(str(checkpoint)):
             raise FileNotFoundError(f"{checkpoint}: neither policy.pt (Hugging Face backend) nor a Megatron "
                                     f"checkpoint")
-        init_distributed(single_process=True)
+        init_distributed(TrainerConfig.dist_timeout_minutes, single_process=True)
     if is_main_process() and out.is_dir():  # an earlier export here: none of its weights may survive
         for stale in [*out.glob("model-*.safetensors"), out / INDEX_FILE, out / EXPORT_MARKER]:
             stale.unlink(missing_ok=True)

@@ -29,10 +29,10 @@ from megatron_red.objectives import EntropyRatioController, RedLossConfig
 from megatron_red.rollout.base import SamplingParams
 from megatron_red.trainer import checkpoint
 from megatron_red.trainer.build import build_engine, build_policy, build_task
-from megatron_red.trainer.distributed import DataParallel, NullMetricsLog, is_main_process
+from megatron_red.trainer.distributed import DataParallel, NullMetricsLog, init_distributed, is_main_process, set_phase
 from megatron_red.trainer.evaluate import evaluate_heldout
 from megatron_red.trainer.groups import Group, build_batch
-from megatron_red.trainer.metrics import MetricsLog
+from megatron_red.trainer.metrics import MetricsLog, require_wandb
 from megatron_red.trainer.update import policy_update
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
@@ -48,11 +48,17 @@ class RedTrainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, resume: bool = False):
         if config.algo.method not in method_names():
             raise ValueError(f"unknown algo.method {config.algo.method!r}; valid: {', '.join(method_names())}")
+        if config.trainer.wandb_project:
+            require_wandb()  # on every rank, before any of them waits for rank 0
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.task = build_task(config)
+        if config.model.backend == "megatron":
+            init_distributed(config.trainer.dist_timeout_minutes)  # the data cache is built by one rank
+        set_phase("data")
+        self.task = build_task(config, cache_dir=self.run_dir.parent / ".cache")
         self.tokenizer = self.task.tokenizer
+        set_phase("model load")
         self.policy = build_policy(config, self.task, cache_dir=self.run_dir.parent / ".cache")
         self.engine = build_engine(config, self.policy, self.tokenizer)
         self.dp = DataParallel.for_backend(config.model.backend)
@@ -86,7 +92,8 @@ class RedTrainer:
         self.log = NullMetricsLog()
         if is_main_process():
             self.log = MetricsLog(self.run_dir, resume_step=self.step if checkpoint_dir else None,
-                                  tensorboard=config.trainer.tensorboard)
+                                  tensorboard=config.trainer.tensorboard, wandb_project=config.trainer.wandb_project,
+                                  wandb_config=config_to_dict(config))
 
     # ------------------------------------------------------------------ schedule
     def loss_config(self, step: int) -> RedLossConfig:
@@ -115,11 +122,13 @@ class RedTrainer:
                         trace_reward=self.trace_reward(ex) if uses_trace else 0.0) for ex in examples]
 
         # 1-2. G on-policy rollouts per prompt, rewarded by the verifier.
+        set_phase("rollout")
         if loss_cfg.online_rl:
             completions = self.engine.generate([ex.prompt_ids for ex in examples], cfg.rollout.n,
                                                self.sampling_params(self.step))
             timings["time/rollout_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
+            set_phase("reward")
             for group, ex, comps in zip(groups, examples, completions):
                 group.responses = [c.token_ids for c in comps]
                 group.rewards = self.reward([c.token_ids for c in comps], ex.answer)
@@ -151,6 +160,7 @@ class RedTrainer:
 
         # 4. pi_old and the entropies at rollout time (forward only), then w (Eq. 9-11).
         t2 = time.perf_counter()
+        set_phase("log-probs")
         old_logprobs, entropy = self.policy.logprobs_entropy(batch, cfg.trainer.micro_batch_size)
         batch.fields["old_logprobs"] = old_logprobs
         timings["time/logprob_s"] = time.perf_counter() - t2
@@ -162,11 +172,13 @@ class RedTrainer:
 
         # 5-6. the policy loss over micro-batches, normalised with the step's global counts, and one update.
         t3 = time.perf_counter()
+        set_phase("update")
         metrics.update(self.update(batch, loss_cfg, w))
         timings["time/update_s"] = time.perf_counter() - t3
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
             metrics.update(self.relift_sft_step())
+        set_phase("weight sync")
         self.engine.sync_weights(self.policy)
         timings["time/step_s"] = time.perf_counter() - t0
         metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
@@ -253,6 +265,7 @@ class RedTrainer:
             bar.close()
         if checkpoint.latest_checkpoint(self.run_dir) is None or self.step % cfg.save_every:
             self.save()
+        set_phase("hf export")
         checkpoint.save_hf_model(self.policy, self.tokenizer, self.run_dir / checkpoint.HF_DIR)
         final = self.evaluate()
         self.log.log(self.step, {"final": True, **final})
@@ -260,6 +273,7 @@ class RedTrainer:
         return final
 
     def save(self) -> Path:
+        set_phase("checkpoint")
         return checkpoint.save_checkpoint(self.run_dir, self.step, self.policy, {
             "stream": self.stream.state_dict(), "controller": self.controller.state_dict(),
             "relift_buffer": self.relift_buffer}, tokenizer=self.tokenizer, save_hf=self.config.trainer.save_hf,
@@ -269,6 +283,7 @@ class RedTrainer:
         cfg = self.config.trainer
         if not self.task.test:
             return {}
+        set_phase("evaluation")
         return evaluate_heldout(self.engine, self.tokenizer, self.task.test[: cfg.eval_problems],
                                 self.task.reward_fn, n=cfg.eval_samples, temperature=cfg.eval_temperature,
                                 max_new_tokens=self.config.rollout.max_new_tokens, seed=cfg.seed,

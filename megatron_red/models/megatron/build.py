@@ -16,9 +16,8 @@ import torch.distributed as dist
 from megatron_red.models.hf_checkpoint import HFCheckpoint, is_hf_checkpoint
 from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
 from megatron_red.models.megatron.weights import HFExport
+from megatron_red.models.precision import dtype_name, resolve_dtype
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def load_hf_config(path: str | Path):
@@ -44,10 +43,10 @@ def fused_kernel_enabled(mode: str) -> bool:
 def build_megatron_policy(config, task, cache_dir: Path) -> MegatronPolicy:
     """The `MegatronPolicy` of a `RunConfig` (joins the torchrun world first). Without `model.path`, the tiny
     built-in student (warmed up once by global rank 0 with the Hugging Face backend) is the checkpoint."""
-    from megatron_red.trainer.build import resolve_dtype, warmed_up_student
+    from megatron_red.trainer.build import warmed_up_student
     from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
 
-    init_distributed()
+    init_distributed(config.trainer.dist_timeout_minutes)
     path = config.model.path
     if path is None:
         if is_main_process():
@@ -60,9 +59,11 @@ def build_megatron_policy(config, task, cache_dir: Path) -> MegatronPolicy:
     megatron_config = MegatronConfig(
         tensor_model_parallel_size=m.tensor_model_parallel_size,
         pipeline_model_parallel_size=m.pipeline_model_parallel_size,
-        dtype=_DTYPE_NAMES[resolve_dtype(m.dtype, device)], use_distributed_optimizer=m.use_distributed_optimizer,
+        dtype=dtype_name(resolve_dtype(m.dtype, device)), use_distributed_optimizer=m.use_distributed_optimizer,
         fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
-        seed=config.trainer.seed)
+        recompute_modules=m.recompute_modules, sequence_parallel=m.sequence_parallel, attention=m.attention,
+        max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch, seed=config.trainer.seed,
+        dist_timeout_minutes=config.trainer.dist_timeout_minutes)
     return MegatronPolicy(hf_config, HFCheckpoint(path), megatron_config, config.optim)
 
 
