@@ -116,11 +116,27 @@ def _reference_shard(full_name, param, hf, arch, tp, tp_rank, layer_of):
     return full
 
 
-def _logits_head(*, hidden_states, output_layer, output_weight, context, **_unused):
-    """Test-only last-stage hook: the full-vocabulary logits (gathered over TP), real vocabulary only."""
-    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=True)
-    logits = logits.transpose(0, 1)[..., :VOCAB].contiguous()
-    return logits, logits
+def _megatron_logits(model, input_ids):
+    """Test-only forward through the two stages by hand (stage 0's hidden states sent point to point): the
+    full-vocabulary logits [b, L, V] (gathered over TP) on the last stage, None on the first."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    b, length = input_ids.shape
+    position_ids = torch.arange(length).expand_as(input_ids)
+    pp_group, stage = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()
+    with torch.no_grad():
+        if stage > 0:
+            hidden = torch.empty(length, b, model.config.hidden_size)
+            dist.recv(hidden, src=dist.get_global_rank(pp_group, stage - 1), group=pp_group)
+            model.set_input_tensor(hidden)
+        out = model(input_ids, position_ids, None)
+        if stage < PP - 1:
+            dist.send(out.contiguous(), dst=dist.get_global_rank(pp_group, stage + 1), group=pp_group)
+            return None
+        parts = [torch.empty_like(out) for _ in range(TP)]
+        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+        return torch.cat(parts, dim=-1)[..., :VOCAB]
 
 
 def _worker(rank, world_size, checkpoint, out, input_ids):
@@ -130,13 +146,11 @@ def _worker(rank, world_size, checkpoint, out, input_ids):
     from megatron.core import parallel_state as ps
     from safetensors.torch import load_file
 
-    from megatron_red.models.base import SequenceBatch
     from megatron_red.models.hf_checkpoint import HFCheckpoint, StateDictWeights
     from megatron_red.models.megatron import load_hf_config
     from megatron_red.models.megatron.model import HFArchitecture
     from megatron_red.models.megatron.policy import MegatronConfig, build_megatron_model, save_hf_pretrained
     from megatron_red.models.megatron.weights import load_hf_weights
-    from megatron_red.parallel.pipeline import run_pipeline
 
     torch.set_num_threads(1)
     hf_config = load_hf_config(checkpoint)
@@ -171,10 +185,8 @@ def _worker(rank, world_size, checkpoint, out, input_ids):
         out_info["error"] = str(e)
     del hf, broken
 
-    batch = SequenceBatch(input_ids, torch.ones_like(input_ids), torch.ones(input_ids.shape[0],
-                                                                            input_ids.shape[1] - 1))
-    results = run_pipeline(model, [batch], _logits_head)
-    out_info["logits"] = results[0][0].numpy() if results else None
+    logits = _megatron_logits(model, input_ids)
+    out_info["logits"] = None if logits is None else logits.numpy()
 
     with PeakRSS() as export:
         save_hf_pretrained(model, hf_config, out, max_shard_bytes=64 * MiB)
