@@ -20,13 +20,12 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from test_eval import DATA_DIR
+from shared_files import EVAL_DATA, needs_shared
 from test_megatron import read_hf_weights
 from trainer_fixtures import cli, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
-needs_eval_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason=f"shared eval data not at {DATA_DIR}")
 RUN = ["trainer.steps=2", "trainer.save_every=1", "trainer.eval_problems=2"]
 
 
@@ -40,9 +39,9 @@ def _eval(model: str, out: Path) -> dict:
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--model", model, "--out", str(out), "--benchmarks", "math500", "--data-dir", DATA_DIR,
-                              "--limit", "2", "--max-new-tokens", "8", "--prompt-style", "plain", "--device", "cpu",
-                              "--grade-workers", "1", "--no-progress"])
+    args = parser.parse_args(["--model", model, "--out", str(out), "--benchmarks", "math500",
+                              "--data-dir", str(EVAL_DATA), "--limit", "2", "--max-new-tokens", "8",
+                              "--prompt-style", "plain", "--device", "cpu", "--grade-workers", "1", "--no-progress"])
     assert run(args) == 0
     return json.loads((out / "results.json").read_text())
 
@@ -62,7 +61,7 @@ def _assert_hf_dir(path: Path, weights: dict[str, torch.Tensor]) -> None:
         assert torch.equal(state[k], v), k
 
 
-@needs_eval_data
+@needs_shared  # the eval benchmarks
 def test_hf_backend_train_export_eval(root):
     from megatron_red.cli import main
     from megatron_red.trainer.build import warmed_up_student
@@ -117,7 +116,7 @@ def _megatron_worker(rank, world_size, run_dir, export_dir):
     return weights
 
 
-@needs_eval_data
+@needs_shared  # the eval benchmarks
 def test_megatron_backend_train_export_eval(root):
     run_dir, exported = root / "megatron_run", root / "megatron_export"
     weights = run_distributed(_megatron_worker, 2, str(run_dir), str(exported))[0]
