@@ -170,7 +170,7 @@ class HFPolicy(PolicyBackend):
 
     # ---- optimiser ----------------------------------------------------------------------------------------
 
-    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         grad_norm = clip_grad_norm(self.model.parameters(), self.optim_config.grad_clip)
         scheduled = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
@@ -178,7 +178,8 @@ class HFPolicy(PolicyBackend):
         self.optimizer.step()
         for group, lr in zip(self.optimizer.param_groups, scheduled):
             group["lr"] = lr
-        self.scheduler.step()
+        if advance_schedule:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
