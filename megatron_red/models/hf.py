@@ -54,6 +54,10 @@ class HFPolicy(PolicyBackend):
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(device=self.device, dtype=torch.float32)
         self.model.config.use_cache = False
+        # transformers builds the input embedding with padding_idx = pad_token_id, which zeroes the gradient of the
+        # pad row wherever the pad id is an input. Padded positions get no gradient anyway (masked out), but a
+        # sampled pad token is a real token of a response; the megatron backend has no such rule, so neither do we.
+        self.model.get_input_embeddings().padding_idx = None
         if gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
                 self.model.activation_checkpointing_enable({"use_reentrant": False})
