@@ -118,8 +118,8 @@ def test_mismatch_and_tis_against_an_engine_sampling_at_another_temperature(root
 
 def test_dynamic_sampling_trains_groups_with_signal_and_resumes_exactly(root, monkeypatch):
     # GRPO: no trace in the group, so a group without reward variance is common at this size.
-    run = ["algo.method=grpo", "rollout.dynamic_sampling=true", "rollout.dynamic_sampling_max_rounds=6", "trainer.steps=4",
-           "trainer.save_every=2", "optim.total_steps=4", "optim.warmup_steps=1"]
+    run = ["algo.method=grpo", "rollout.dynamic_sampling=true", "rollout.dynamic_sampling_max_rounds=6",
+           "trainer.steps=4", "trainer.save_every=2", "optim.total_steps=4", "optim.warmup_steps=1"]
     trained: list[list] = []
     build_batch = red_trainer.build_batch
 
@@ -219,3 +219,19 @@ def test_resume_at_another_data_parallel_size_is_refused(root):
     torch.save(state, latest / "trainer.pt")
     with pytest.raises(ValueError, match="data-parallel size 2, this run has 1"):
         _trainer(root, "dp_resume", "trainer.steps=2", resume=True)
+
+
+def test_build_batch_aligns_behaviour_logprobs_with_the_targets():
+    from megatron_red.trainer.groups import Group, build_batch
+
+    groups = [Group([5, 6], responses=[[7, 8, 9], [10]], rewards=[1.0, 0.0], behaviour_logprobs=[[-1, -2, -3], [-4]],
+                    trace_ids=[11, 12], trace_reward=1.0)]
+    batch = build_batch(groups, offline_in_group=True, std_normalize=True, pad_token_id=0)
+    # Rows: trace, then the responses; position t holds the log-prob of target token t + 1.
+    assert batch.fields["behaviour_logprobs"].tolist() == [[0, 0, 0, 0], [0, -1, -2, -3], [0, -4, 0, 0]]
+    assert (batch.fields["behaviour_logprobs"] != 0).float().le(batch.loss_mask).all()
+    assert "behaviour_logprobs" not in build_batch([dataclasses.replace(groups[0], behaviour_logprobs=None)],
+                                                   offline_in_group=True, std_normalize=True, pad_token_id=0).fields
+    with pytest.raises(ValueError, match="behaviour log-probs"):
+        build_batch([dataclasses.replace(groups[0], behaviour_logprobs=[[-1], [-4]])], offline_in_group=True,
+                    std_normalize=True, pad_token_id=0)

@@ -134,7 +134,8 @@ class RedTrainer:
 
     # ------------------------------------------------------------------ one RED step
     def red_step(self, examples, loss_cfg: RedLossConfig) -> dict:
-        """One step on `examples`: this data-parallel replica's share of the step's prompts."""
+        """One step on `examples`: this data-parallel replica's share of the step's prompts (dynamic sampling may
+        draw more from the stream)."""
         cfg, tok, dp = self.config, self.tokenizer, self.dp
         timings, metrics = {}, {}
         t0 = time.perf_counter()
@@ -225,7 +226,7 @@ class RedTrainer:
         return rollouts
 
     def keep_groups_with_signal(self, rollouts: Rollouts, loss_cfg: RedLossConfig) -> dict:
-        """Dynamic sampling: drop the groups whose rewards are all equal (zero advantages) and sample further
+        """Dynamic sampling: drop the groups whose members' rewards are all equal (zero advantages) and sample further
         batches of prompts from the stream until the step has `trainer.prompts_per_step` groups with signal, or
         `rollout.dynamic_sampling_max_rounds` extra rounds are spent; then the step is completed with dropped
         groups (earliest first), so it always keeps its batch size. Replaces `rollouts.groups`.
