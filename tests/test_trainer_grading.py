@@ -53,10 +53,17 @@ def _worker(rank, world_size, run_dir, student):
     trainer.policy.logprobs_entropy = recording_forward
     metrics = trainer.red_step(trainer.dp.shard(trainer.stream.next_batch()), trainer.loss_config(0))
     ps.destroy_model_parallel()
-    batch, (old, entropy), temperature = batches[0]
-    return {"graded": len(graded), "metrics": metrics, "temperature": temperature, "old": old, "entropy": entropy,
-            "input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask,
-            "fields": {k: v for k, v in batch.fields.items() if k != "old_logprobs"}}
+    batch, (old, _), temperature = batches[0]
+    # numpy, not torch tensors: a tensor sent through the result queue is shared through this process, which may
+    # have exited by the time the parent reads it.
+    tensors = {"old": old, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+               "loss_mask": batch.loss_mask, **{k: v for k, v in batch.fields.items() if k != "old_logprobs"}}
+    return {"graded": len(graded), "metrics": metrics, "temperature": temperature,
+            **{k: v.numpy() for k, v in tensors.items()}}
+
+
+def _as_tensors(result: dict) -> dict:
+    return {k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in result.items()}
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +76,16 @@ def student(tmp_path_factory) -> str:
 
 
 def test_rewards_graded_once_per_model_parallel_group(tmp_path, student):
-    rank0, rank1 = run_distributed(_worker, 2, str(tmp_path / "tp2"), student)
-    fields = rank0["fields"]
-    is_offline = fields["is_offline"]
+    rank0, rank1 = (_as_tensors(r) for r in run_distributed(_worker, 2, str(tmp_path / "tp2"), student))
+    is_offline = rank0["is_offline"]
     completions, traces = int((~is_offline).sum()), int(is_offline.sum())
     assert (completions, traces) == (2 * 3, 2)
     # One grading per completion and per trace, on the source rank only.
     assert rank0["graded"] == completions + traces and rank1["graded"] == 0
-    assert fields["rewards"][~is_offline].max() == 1.0 and fields["rewards"][is_offline].min() == 1.0
-    for key in ("rewards", "advantages", "group_accuracy", "is_offline", "behaviour_logprobs"):
-        assert torch.equal(rank1["fields"][key], fields[key]), key
-    assert torch.equal(rank1["input_ids"], rank0["input_ids"]) and fields["advantages"].abs().max() > 0
+    assert rank0["rewards"][~is_offline].max() == 1.0 and rank0["rewards"][is_offline].min() == 1.0
+    for key in ("rewards", "advantages", "group_accuracy", "is_offline", "behaviour_logprobs", "input_ids"):
+        assert torch.equal(rank1[key], rank0[key]), key
+    assert rank0["advantages"].abs().max() > 0
     assert rank0["metrics"]["reward/mean"] == rank1["metrics"]["reward/mean"] > 0
 
     # pi_old and H_rl at the sampling temperature, against float64 on the step's tokens.

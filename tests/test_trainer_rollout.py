@@ -235,3 +235,10 @@ def test_build_batch_aligns_behaviour_logprobs_with_the_targets():
     with pytest.raises(ValueError, match="behaviour log-probs"):
         build_batch([dataclasses.replace(groups[0], behaviour_logprobs=[[-1], [-4]])], offline_in_group=True,
                     std_normalize=True, pad_token_id=0)
+
+
+def test_a_luffy_shift_with_a_detached_denominator_fails_before_any_work(root):
+    with pytest.raises(ValueError, match="not LUFFY's shaping"):
+        RedTrainer(tiny_config(root / "refused", "algo.method=luffy", "algo.loss={detach_pi_offline: true}"),
+                   root / "refused")
+    assert not (root / "refused").exists()

@@ -69,6 +69,8 @@ class RedTrainer:
         if config.algo.method not in method_names():
             raise ValueError(f"unknown algo.method {config.algo.method!r}; valid: {', '.join(method_names())}")
         self.config = config
+        for step in (0, config.trainer.steps - 1):  # a bad `algo.loss` override fails now, not after the warm-up
+            self.loss_config(step)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task = build_task(config)
