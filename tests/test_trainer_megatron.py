@@ -61,8 +61,9 @@ def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = Non
     With dynamic sampling, "a length not divisible by 4" pays more often, so that more groups (whose correct trace
     is a member) are paid throughout and get dropped."""
     verify = trainer.task.reward_fn
-    modulus, paid = (4, 1) if trainer.config.rollout.dynamic_sampling else (2, 0)
-    trainer.task.reward_fn = lambda texts, answers: [max(float(r), float((len(t) % modulus == 0) != paid))
+    dynamic = trainer.config.rollout.dynamic_sampling
+    paid = (lambda t: len(t) % 4 != 0) if dynamic else (lambda t: len(t) % 2 == 0)
+    trainer.task.reward_fn = lambda texts, answers: [max(float(r), float(paid(t)))
                                                      for r, t in zip(verify(texts, answers), texts)]
     if per_prompt_seeds:
         trainer.engine = PerPromptSeeds(trainer.engine)

@@ -145,12 +145,12 @@ class ModelParallel:
             return cls()
         return cls(group, dist.get_global_rank(group, 0))
 
-    def from_source(self, fn, *args):
-        """`fn(*args)` computed on the source rank only and broadcast (picklable) to every rank of the group;
-        with no group, just `fn(*args)`. Collective: every rank of the group calls it."""
+    def from_source(self, fn):
+        """`fn()` computed on the source rank only and broadcast (picklable) to every rank of the group; with no
+        group, just `fn()`. Collective: every rank of the group calls it."""
         if self.group is None:
-            return fn(*args)
-        holder = [fn(*args) if dist.get_rank() == self.src else None]
+            return fn()
+        holder = [fn() if dist.get_rank() == self.src else None]
         dist.broadcast_object_list(holder, src=self.src, group=self.group)
         return holder[0]
 
