@@ -37,6 +37,8 @@ step() {
                       trainer.eval_problems=16 trainer.tensorboard=false data.warmup_steps=20 \
                       trainer.out_dir=/tmp/mg_gpu/run ;;
     bench_rollout) run bench_rollout 130 python3 tools/bench_rollout.py --new-tokens 256 ;;
+    rollout_mismatch) run rollout_mismatch 150 python3 tools/rollout_mismatch.py --steps 4 --temperature 0.7 \
+                        --tis-cap 2 data.warmup_steps=50 model.fused_kernel=on ;;
     *) echo "unknown step $1" ;;
   esac
 }
