@@ -97,6 +97,9 @@ class RolloutConfig:
     n: int = 7
     """G: on-policy samples per prompt; the group is these plus the prompt's offline trace."""
     temperature: float = 1.0
+    """Sampling temperature. Every forward of an RL step (pi_old, pi, H_rl, H_sft) divides the logits by it too, so
+    the loss and the entropies describe the distribution that was sampled; SFT-only updates (the `sft` method,
+    SFT->GRPO's first stage, ReLIFT's SFT steps) fit the traces at 1. Evaluation uses `trainer.eval_temperature`."""
     top_p: float = 1.0
     max_new_tokens: int = 192
     max_batch_size: int = 256
@@ -104,6 +107,21 @@ class RolloutConfig:
     cuda_graph: bool = False
     """Local engine on CUDA: replay the decode step as a CUDA graph (15.6x HF generate on an H200 vs 2.9x eager); one
     graph is captured per (rows, prompt + new tokens) shape, so varying prompt lengths cost captures and memory."""
+    dynamic_sampling: bool = False
+    """Dynamic sampling (DAPO; the RED authors' code drops groups whose accuracy std over the 8 members is 0): a
+    group whose rewards are all equal (the trace's included when it is a member) has zero advantages, so it is
+    dropped, and further batches of `trainer.prompts_per_step` prompts are sampled until the step has that many
+    groups with signal (surplus ones are not trained). The extra prompts come from the prompt stream, so a resumed
+    run replays them."""
+    dynamic_sampling_max_rounds: int = 6
+    """Dynamic sampling: extra sampling rounds a step may take (the authors' code: 6). When they are spent, the step
+    is completed with dropped groups (earliest first), as it would have been without dynamic sampling, so it keeps
+    its batch size."""
+
+    def __post_init__(self):
+        if self.dynamic_sampling_max_rounds < 0:
+            raise ValueError(f"rollout.dynamic_sampling_max_rounds must be >= 0, got "
+                             f"{self.dynamic_sampling_max_rounds}")
 
 
 @dataclass
@@ -127,6 +145,14 @@ class AlgoConfig:
     """ReLIFT: all-fail prompts (with their traces) collected before one SFT step on them."""
     bread_prefix_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     """BREAD: expert-prefix lengths (fractions of the trace) tried, shortest first, on all-fail prompts."""
+    tis_cap: float | None = None
+    """Truncated importance sampling on on-policy tokens, for every method: each token's surrogate is weighted by
+    sg(min(pi_old / pi_behaviour, tis_cap)), pi_behaviour being the rollout engine's log-prob (verl's
+    `tis_imp_ratio_cap`; 2 is a common cap). None = off, the paper's objective. See objectives/loss.py."""
+
+    def __post_init__(self):
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"algo.tis_cap must be > 0 (or null for off), got {self.tis_cap}")
 
 
 @dataclass

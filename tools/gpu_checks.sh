@@ -47,6 +47,8 @@ a, b = load(\"/tmp/mg_gpu/run/hf\"), load(\"/tmp/mg_gpu/export\")
 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \"export != run/hf\"
 print(len(a), \"tensors equal, dtype\", next(iter(a.values())).dtype)"' ;;
     bench_rollout) run bench_rollout 130 python3 tools/bench_rollout.py --new-tokens 256 ;;
+    rollout_mismatch) run rollout_mismatch 150 python3 tools/rollout_mismatch.py --steps 4 --temperature 0.7 \
+                        --tis-cap 2 data.warmup_steps=50 model.fused_kernel=on ;;
     *) echo "unknown step $1" ;;
   esac
 }

@@ -49,6 +49,10 @@ class HFPolicy(PolicyBackend):
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(device=self.device, dtype=torch.float32)
         self.model.config.use_cache = False
+        # transformers builds the input embedding with padding_idx = pad_token_id, which zeroes the gradient of the
+        # pad row wherever the pad id is an input. Padded positions get no gradient anyway (masked out), but a
+        # sampled pad token is a real token of a response; the megatron backend has no such rule, so neither do we.
+        self.model.get_input_embeddings().padding_idx = None
         if gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
                 self.model.activation_checkpointing_enable({"use_reentrant": False})
@@ -165,7 +169,7 @@ class HFPolicy(PolicyBackend):
 
     # ---- optimiser ----------------------------------------------------------------------------------------
 
-    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         grad_norm = clip_grad_norm(self.model.parameters(), self.optim_config.grad_clip)
         scheduled = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
@@ -173,7 +177,8 @@ class HFPolicy(PolicyBackend):
         self.optimizer.step()
         for group, lr in zip(self.optimizer.param_groups, scheduled):
             group["lr"] = lr
-        self.scheduler.step()
+        if advance_schedule:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

@@ -7,6 +7,10 @@ give w (Eq. 9-11) — is reduced over the DP group first, and logged metrics are
 of all ranks. With one process (the Hugging Face backend, or Megatron at DP = 1) every helper is the identity,
 so the single-process step is unchanged.
 
+The TP x PP ranks of one replica (its model-parallel group) must train on identical rows. Anything on the way that
+is not bit-deterministic — above all grading, whose time-outs depend on the wall clock — is computed once, on the
+group's source rank, and shared (`ModelParallel.from_source`).
+
 Only the global rank 0 writes run files (metrics, config, TensorBoard, progress bar, checkpoint pointer).
 
 Time-outs: every collective gives up after `trainer.dist_timeout_minutes`. The trainer records which phase each rank
@@ -74,6 +78,10 @@ _phase = _Phase()
 def set_phase(name: str) -> None:
     """Record the phase this rank has entered, for time-out messages."""
     _phase.name, _phase.since = name, time.monotonic()
+
+
+def current_phase() -> str:
+    return _phase.name
 
 
 def _minutes_in_phase() -> float:
@@ -212,6 +220,39 @@ class DataParallel:
         if dist.get_backend(self.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+@dataclass
+class ModelParallel:
+    """The model-parallel group of this process: the TP x PP ranks that hold one replica's shards.
+
+    group: the process group; None when it is this process alone (one rank, or Megatron at TP = PP = 1).
+    src:   global rank of the group's source, its first rank.
+    """
+
+    group: dist.ProcessGroup | None = None
+    src: int = 0
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "ModelParallel":
+        """Megatron: megatron-core's model-parallel group; any other backend runs one rank per replica."""
+        if backend != "megatron":
+            return cls()
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return cls()
+        return cls(group, dist.get_global_rank(group, 0))
+
+    def from_source(self, fn):
+        """`fn()` computed on the source rank only and broadcast (picklable) to every rank of the group; with no
+        group, just `fn()`. Collective: every rank of the group calls it."""
+        if self.group is None:
+            return fn()
+        holder = [fn() if dist.get_rank() == self.src else None]
+        dist.broadcast_object_list(holder, src=self.src, group=self.group)
+        return holder[0]
 
 
 class NullMetricsLog:

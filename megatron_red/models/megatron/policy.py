@@ -223,7 +223,7 @@ class MegatronPolicy(PolicyBackend):
             group["lr"] = self.learning_rate * lr_scale * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.optim.weight_decay * group.get("wd_mult", 1.0)
 
-    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         _sum_over_dp_finalize([self.model])
         self._set_lr(lr_scale)
         if self.optim.grad_clip > 0:
@@ -236,7 +236,8 @@ class MegatronPolicy(PolicyBackend):
             raise RuntimeError("megatron optimizer step skipped (non-finite gradients)")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self.step += 1
+        if advance_schedule:
+            self.step += 1
         return float(grad_norm)
 
     @property
