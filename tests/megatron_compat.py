@@ -133,7 +133,11 @@ def install() -> None:
     # Tied embeddings: the last pipeline stage moves its copy with `weight.data.cuda()` before syncing it.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
+    from megatron.core.inference import communication_utils
     from megatron.core.inference.contexts import dynamic_context
+
+    # Inference's pipeline send / receive / broadcast assert CUDA tensors (NCCL); gloo moves CPU tensors.
+    communication_utils._is_cuda = lambda tensor: None
 
     # megatron appends K/V to the paged cache with a CUDA-only Triton kernel when Triton is importable; its own
     # torch indexing path is the same operation.

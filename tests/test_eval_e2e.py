@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from megatron_red.eval import EvalConfig, build_engine, evaluate
+from megatron_red.config import RolloutConfig
+from megatron_red.eval import EvalConfig, evaluate
+from megatron_red.rollout.build import build_engine
 from megatron_red.eval.command import add_arguments, load_model_and_tokenizer, run
 from megatron_red.eval.runner import CACHE_FILE
 from megatron_red.rewards import configure_grader
@@ -93,7 +95,7 @@ class Interrupting:
 
 def test_interrupted_eval_resumes_to_the_same_results(checkpoint, tmp_path):
     model, tokenizer = load_model_and_tokenizer(checkpoint, "cpu")
-    engine = build_engine("local", model, tokenizer, max_batch_size=64)
+    engine = build_engine("local", model, tokenizer, RolloutConfig(max_batch_size=64))
 
     def config(out):
         return EvalConfig(model_id=os.path.realpath(checkpoint), out_dir=str(out), benchmarks=["aime24"],

@@ -26,8 +26,9 @@ from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
 from megatron_red.objectives import EntropyRatioController, RedLossConfig
 from megatron_red.rollout.base import SamplingParams
+from megatron_red.rollout.build import build_engine
 from megatron_red.trainer import checkpoint
-from megatron_red.trainer.build import build_engine, build_policy, build_task
+from megatron_red.trainer.build import build_policy, build_task, engine_kind, rollout_max_sequence_length
 from megatron_red.trainer.distributed import DataParallel, NullMetricsLog, is_main_process
 from megatron_red.trainer.evaluate import evaluate_heldout
 from megatron_red.trainer.groups import Group, build_batch
@@ -53,7 +54,8 @@ class RedTrainer:
         self.task = build_task(config)
         self.tokenizer = self.task.tokenizer
         self.policy = build_policy(config, self.task, cache_dir=self.run_dir.parent / ".cache")
-        self.engine = build_engine(config, self.policy, self.tokenizer)
+        self.engine = build_engine(engine_kind(config), self.policy, self.tokenizer, config.rollout,
+                                   max_sequence_length=rollout_max_sequence_length(config))
         self.dp = DataParallel.for_backend(config.model.backend)
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
             raise ValueError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
