@@ -14,9 +14,10 @@ from megatron_red.rollout.build import build_engine
 from megatron_red.eval.command import add_arguments, load_model_and_tokenizer, run
 from megatron_red.eval.runner import CACHE_FILE
 from megatron_red.rewards import configure_grader
+from shared_files import needs_shared
 from test_eval import DATA_DIR, build_tiny_tokenizer, corpus
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason=f"shared eval data not at {DATA_DIR}")
+pytestmark = needs_shared
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,26 @@ def _hf_run(run_dir: Path, student: str, per_prompt_seeds: bool):
     return read_lines(run_dir), {k: v.detach().clone() for k, v in trainer.policy.model.state_dict().items()}
 
 
-def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_seeds, pinned_w):
+def _own_parameters(policy, reference: dict[str, torch.Tensor]):
+    """Per Megatron parameter, max |this rank's own copy - `reference` (HF weights) laid out as this rank's shard|,
+    and the rank's own copies of the replicated (not TP-split) parameters.
+
+    Read from the rank's local parameters, not through the export's all-gather. The layout is the import path's,
+    which test_megatron.py checks against the HF model's forward. The run is over, so the model is overwritten to
+    lay the reference out.
+    """
+    from megatron_red.models.megatron.weights import import_hf_state_dict, unwrap_model
+
+    model = unwrap_model(policy.model)
+    own = {name: p.detach().clone() for name, p in model.named_parameters()}
+    replicated = {name: own[name].numpy() for name, p in model.named_parameters()
+                  if not getattr(p, "tensor_model_parallel", False)}
+    import_hf_state_dict(model, reference, policy.arch, policy.tp_group)
+    errors = {name: (own[name] - p.detach()).abs().max().item() for name, p in model.named_parameters()}
+    return errors, replicated
+
+
+def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_seeds, pinned_w, reference=None):
     import megatron_compat
     megatron_compat.install()
     from megatron.core import parallel_state as ps
@@ -103,8 +122,9 @@ def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_s
     trainer.red_step = recording_step
     trainer.train()
     weights = {k: v.numpy() for k, v in trainer.policy.hf_state_dict().items()}
+    own = _own_parameters(trainer.policy, reference) if reference is not None else None
     ps.destroy_model_parallel()
-    return weights, prompts, computed_w
+    return weights, prompts, computed_w, own
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +177,15 @@ def test_tensor_parallel_run_with_resume_matches_hf(root, student):
     overrides = ["model.backend=megatron", f"model.path={student}", "model.tensor_model_parallel_size=2",
                  "model.use_distributed_optimizer=false"]
     pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
-    (weights, prompts, computed_w), (weights_1, prompts_1, _) = run_distributed(
-        _megatron_worker, 2, str(run_dir), overrides, 1, False, pinned_w)
+    (weights, prompts, computed_w, (errors, replicated)), (_, prompts_1, _, (errors_1, replicated_1)) = \
+        run_distributed(_megatron_worker, 2, str(run_dir), overrides, 1, False, pinned_w, hf_weights)
     assert prompts == prompts_1 and [len(p) for p in prompts] == [2]  # both TP ranks: the resumed step's 2 prompts
-    assert weights.keys() == weights_1.keys() and all((weights[k] == weights_1[k]).all() for k in weights)
+    # Each TP rank's own shards and replicated copies (rank 1's are not in rank 0's export) equal the HF run's,
+    # and the replicated copies, each rank updating its own from the same gradients, stay bitwise equal.
+    assert errors.keys() == errors_1.keys() and 0 < len(replicated) < len(errors)
+    assert {(r, k): e for r, rank in enumerate((errors, errors_1)) for k, e in rank.items() if e > 1e-5} == {}
+    assert replicated.keys() == replicated_1.keys()
+    assert [k for k in replicated if not (replicated[k] == replicated_1[k]).all()] == []
     _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["latest", "step_000001", "step_000002"]
@@ -173,7 +198,7 @@ def test_data_parallel_step_matches_full_batch(root, student):
     run_dir = root / "megatron_dp2"
     overrides = ["model.backend=megatron", f"model.path={student}", "model.use_distributed_optimizer=true"]
     pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
-    (weights, prompts, computed_w), (_, prompts_1, computed_w_1) = run_distributed(
+    (weights, prompts, computed_w, _), (_, prompts_1, computed_w_1, _) = run_distributed(
         _megatron_worker, 2, str(run_dir), overrides, None, True, pinned_w)
     assert computed_w == computed_w_1  # the replicas agree on w: it comes from the all-reduced entropies
     _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
