@@ -83,8 +83,9 @@ class RolloutConfig:
     max_batch_size: int = 256
     """Rows decoded at once (local engine) / megatron's max_requests (megatron engine)."""
     cuda_graph: bool = False
-    """Local engine on CUDA: replay the decode step as a CUDA graph (15.6x HF generate on an H200 vs 2.9x eager); one
-    graph is captured per (rows, prompt + new tokens) shape, so varying prompt lengths cost captures and memory."""
+    """On CUDA, replay decode steps as CUDA graphs. Local engine: one graph per (rows, prompt + new tokens) shape
+    (15.6x HF generate on an H200 vs 2.9x eager). Megatron engine: megatron's "local" graphs for a few decode batch
+    sizes, captured when the KV cache is (re)built, i.e. once per rollout phase with release_kv_cache."""
     max_sequence_length: int | None = None
     """Megatron engine: longest prompt + response it accepts (sizes its block tables). None = data.max_prompt_tokens
     + max_new_tokens (+ the longest BREAD prefix); longer requests are refused with an error naming this option."""

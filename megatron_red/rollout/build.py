@@ -73,5 +73,5 @@ def _megatron_engine(policy, tokenizer, rollout, max_sequence_length: int | None
     return MegatronEngine(
         policy.model, valid_vocab_size=policy.arch.vocab_size, eos_token_id=tokenizer.eos_token_id,
         max_requests=rollout.max_batch_size, max_sequence_length=length, block_size_tokens=rollout.kv_block_size,
-        kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching, cuda_graph=rollout.cuda_graph,
-        release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group)
+        kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
+        cuda_graph=rollout.cuda_graph and next(policy.model.parameters()).is_cuda, release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group)

@@ -112,8 +112,8 @@ class MegatronEngine(RolloutEngine):
     kv_buffer_gb:        KV cache per GPU (rollout.kv_buffer_gb); None = room for `max_requests` sequences of
                          `max_sequence_length`. Smaller buffers make megatron pause and re-prefill rows.
     prefix_caching:      the G samples of a prompt share its full KV blocks (rollout.prefix_caching).
-    cuda_graph:          megatron's "local" CUDA graphs for decode steps; the model must be built with
-                         `cuda_graph_impl="local"` (rollout.cuda_graph).
+    cuda_graph:          megatron's "local" CUDA graphs for decode steps, switched on while generating; the
+                         model must be built with them (`MegatronConfig.inference_cuda_graphs`; rollout.cuda_graph).
     release_kv_cache:    `suspend()` frees the KV cache (else it stays allocated between phases).
     mp_group:            the model-parallel group (TP x PP) whose ranks must sample identically.
     """
@@ -129,9 +129,9 @@ class MegatronEngine(RolloutEngine):
         if max_requests < 1 or block_size_tokens < 1 or max_sequence_length < 2:
             raise ValueError(f"max_requests, block_size_tokens must be >= 1 and max_sequence_length >= 2; got "
                              f"{max_requests}, {block_size_tokens}, {max_sequence_length}")
-        if cuda_graph and config.cuda_graph_impl != "local":
-            raise ValueError("rollout.cuda_graph with the megatron engine needs a model built with "
-                             "cuda_graph_impl='local'")
+        if cuda_graph and config.inference_cuda_graph_scope.name == "none":
+            raise ValueError("rollout.cuda_graph with the megatron engine needs a model built with megatron's "
+                             "local CUDA graphs (MegatronConfig.inference_cuda_graphs)")
         self.device = next(model.parameters()).device
         self.valid_vocab_size = int(valid_vocab_size)
         self.eos_token_id = int(eos_token_id)
@@ -189,6 +189,13 @@ class MegatronEngine(RolloutEngine):
             self._engine.resume()
         return self._engine
 
+    def _toggle_cuda_graphs(self, implementation: str) -> None:
+        """megatron's CUDA-graph managers on ("local") while generating, off ("none") for training forwards."""
+        if self.cuda_graph:
+            from megatron.core.transformer.utils import toggle_cuda_graphs
+
+            toggle_cuda_graphs(self.model, implementation)
+
     def suspend(self) -> None:
         """Release the KV cache and CUDA graphs until the next `generate` (no-op before the first)."""
         if self._engine is not None:
@@ -234,6 +241,7 @@ class MegatronEngine(RolloutEngine):
         first_id, self._next_request_id = self._next_request_id, self._next_request_id + len(rows)
         was_training = self.model.training
         self.model.eval()
+        self._toggle_cuda_graphs("local")
         try:
             with InferenceMode.active():
                 engine = self._ready_engine()
@@ -250,6 +258,7 @@ class MegatronEngine(RolloutEngine):
                         generated[request.request_id - first_id] = list(request.generated_tokens)
                 call = self._sampler.finish()
         finally:
+            self._toggle_cuda_graphs("none")
             self.model.train(was_training)
         completions = self._completions(call, generated, params)
         self._check_model_parallel_agreement(call["tokens"])

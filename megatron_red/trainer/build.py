@@ -197,6 +197,7 @@ def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
         pipeline_model_parallel_size=m.pipeline_model_parallel_size,
         dtype=_DTYPE_NAMES[resolve_dtype(m.dtype, device)], use_distributed_optimizer=m.use_distributed_optimizer,
         fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
-        seed=config.trainer.seed, offload_optimizer=config.rollout.offload_optimizer)
+        seed=config.trainer.seed, offload_optimizer=config.rollout.offload_optimizer,
+        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
     return MegatronPolicy(hf_config, state, megatron_config, config.optim)
 

@@ -97,8 +97,12 @@ def transformer_engine_available() -> bool:
 
 def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size: int = 1,
                             pipeline_model_parallel_size: int = 1, params_dtype: torch.dtype = torch.float32,
-                            use_cpu_initialization: bool = False, recompute_activations: bool = False):
+                            use_cpu_initialization: bool = False, recompute_activations: bool = False,
+                            cuda_graph_impl: str = "none"):
     """A `TransformerConfig` for `arch` with dropout off and every fusion that needs apex/TE disabled.
+
+    `cuda_graph_impl="local"` gives the layers megatron's CUDA-graph managers, which its inference engine uses
+    for decode steps (training toggles them off: `megatron_red.rollout.megatron`).
 
     `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row, so pipeline
     stages exchange activation shapes per micro-batch.
@@ -127,7 +131,7 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         use_cpu_initialization=use_cpu_initialization, variable_seq_lengths=True,
         # No experts here; megatron-core rejects variable_seq_lengths with its default MoE dispatcher anyway.
-        moe_token_dispatcher_type="alltoall",
+        moe_token_dispatcher_type="alltoall", cuda_graph_impl=cuda_graph_impl,
         **recompute,
     )
 

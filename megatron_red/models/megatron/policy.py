@@ -46,6 +46,8 @@ class MegatronConfig:
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
     offload_optimizer:            move optimiser state to host memory and free the gradient buffers during
                                   the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
+    inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
+                                  inference engine's decode steps (off while training; GPU only).
     """
 
     tensor_model_parallel_size: int = 1
@@ -57,6 +59,7 @@ class MegatronConfig:
     use_transformer_engine: bool | None = None
     seed: int = 1234
     offload_optimizer: bool = False
+    inference_cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -89,13 +92,15 @@ def build_sharded_model(hf_config, hf_state_dict: dict[str, torch.Tensor], confi
         raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
     arch = HFArchitecture.from_hf_config(hf_config)
     on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    if on_gpu:  # megatron's CUDA-graph managers need a graph-safe RNG tracker
+        tensor_parallel.model_parallel_cuda_manual_seed(config.seed,
+                                                        use_cudagraphable_rng=config.inference_cuda_graphs)
     dtype = _DTYPES[config.dtype]
     tconfig = make_transformer_config(
         arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
-        use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations)
+        use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
+        cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
     tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
     use_te = config.use_transformer_engine
     if use_te is None:
@@ -110,6 +115,10 @@ def build_sharded_model(hf_config, hf_state_dict: dict[str, torch.Tensor], confi
     if on_gpu:
         model = model.cuda(torch.cuda.current_device())
     import_hf_state_dict(model, hf_state_dict, arch, ps.get_tensor_model_parallel_group())
+    if config.inference_cuda_graphs:
+        from megatron.core.transformer.utils import toggle_cuda_graphs
+
+        toggle_cuda_graphs(model, "none")  # eager training; the inference engine turns them on while it runs
     return arch, model, tconfig
 
 
