@@ -133,3 +133,17 @@ def test_triton_paged_attention_matches_unpaged_under_interpreter():
     errors = json.loads(proc.stdout.split("ERRORS", 1)[1])
     assert set(errors) == {n for c in CASES for n in (c[0], c[0] + "_padding_rows")}
     assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_triton_paged_attention_on_cuda(dtype, tolerance):
+    """The compiled kernel (not the interpreter): fp32 with IEEE products, bf16 inputs as the engine runs them."""
+    from megatron_red.kernels.paged_attention import paged_attention_triton
+
+    def on_cuda(q, kc, vc, bt, cu, kv, scale, max_q):
+        args = [t.cuda() for t in (q.to(dtype), kc.to(dtype), vc.to(dtype), bt, cu, kv)]
+        return paged_attention_triton(*args, scale, max_q).float().cpu()
+
+    errors = case_errors(on_cuda)
+    assert max(errors.values()) <= tolerance, errors

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+import traceback
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -96,38 +97,43 @@ class _Ids:
 
 
 def bench_megatron(args, sharded, prompts, device, rows: list) -> None:
-    from megatron_red.config import RolloutConfig
-    from megatron_red.rollout.build import build_engine
-
-    n = args.samples_per_prompt
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=0)
     for cuda_graph in ([False, True] if device.type == "cuda" else [False]):
         name = "megatron engine" + (" + CUDA graphs" if cuda_graph else " (eager)")
         print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
-        rollout = RolloutConfig(max_batch_size=args.batch, kv_block_size=args.kv_block_size, cuda_graph=cuda_graph)
-        engine = build_engine("megatron", sharded, _Ids(), rollout,
-                              max_sequence_length=args.prompt_len + args.new_tokens)
-        engine.generate(prompts[:1], n, SamplingParams(max_new_tokens=4, seed=0))  # warm-up: build, capture
-        before = engine.prefix_cache_stats()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        out, seconds = timed(lambda: engine.generate(prompts, n, params), device)
-        assert all(len(c.token_ids) == args.new_tokens for cs in out for c in cs)
-        after = engine.prefix_cache_stats()
-        skipped = after["skipped"] - before["skipped"]
-        total = skipped + after["computed"] - before["computed"]
-        notes = [peak_note(device), f"KV {engine.kv_buffer_gb:.1f} GiB",
-                 f"prefix: {skipped}/{total} prompt tokens skipped"]
-        if device.type == "cuda":
-            held = torch.cuda.memory_allocated(device)
-            engine.suspend()
-            gc.collect()
-            notes.append(f"suspend() freed {gib(held - torch.cuda.memory_allocated(device))}")
-        rows.append(("rollout", name, seconds, args.batch * args.new_tokens / seconds, "; ".join(filter(None, notes))))
-        del engine, out
+        try:
+            rows.append(megatron_row(args, sharded, prompts, device, name, cuda_graph, params))
+        except Exception as e:  # noqa: BLE001 - a failed variant is a row of the table, the others still run
+            traceback.print_exc()
+            rows.append(("rollout", name, float("nan"), float("nan"), f"failed: {type(e).__name__}: {e}"[:160]))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def megatron_row(args, sharded, prompts, device, name, cuda_graph, params):
+    from megatron_red.config import RolloutConfig
+    from megatron_red.rollout.build import build_engine
+
+    n = args.samples_per_prompt
+    rollout = RolloutConfig(max_batch_size=args.batch, kv_block_size=args.kv_block_size, cuda_graph=cuda_graph)
+    engine = build_engine("megatron", sharded, _Ids(), rollout, max_sequence_length=args.prompt_len + args.new_tokens)
+    engine.generate(prompts[:1], n, SamplingParams(max_new_tokens=4, seed=0))  # warm-up: build, capture
+    before = engine.prefix_cache_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out, seconds = timed(lambda: engine.generate(prompts, n, params), device)
+    assert all(len(c.token_ids) == args.new_tokens for cs in out for c in cs)
+    after = engine.prefix_cache_stats()
+    skipped = after["skipped"] - before["skipped"]
+    total = skipped + after["computed"] - before["computed"]
+    notes = [peak_note(device), f"KV {engine.kv_buffer_gb:.1f} GiB", f"prefix: {skipped}/{total} prompt tokens skipped"]
+    if device.type == "cuda":
+        held = torch.cuda.memory_allocated(device)
+        engine.suspend()
+        gc.collect()
+        notes.append(f"suspend() freed {gib(held - torch.cuda.memory_allocated(device))}")
+    return ("rollout", name, seconds, args.batch * args.new_tokens / seconds, "; ".join(filter(None, notes)))
 
 
 def bench_shape(args, config, model, sharded, device, rows: list) -> None:

@@ -112,10 +112,11 @@ class RedTrainer:
         groups = [Group(ex.prompt_ids, trace_ids=ex.trace_ids if uses_trace else None,
                         trace_reward=self.trace_reward(ex) if uses_trace else 0.0) for ex in examples]
 
-        # 1-2. G on-policy rollouts per prompt, rewarded by the verifier.
+        # 1-2. G on-policy rollouts per prompt, rewarded by the verifier (the policy is the actor: models/base.py).
         if loss_cfg.online_rl:
-            completions = self.engine.generate([ex.prompt_ids for ex in examples], cfg.rollout.n,
-                                               self.sampling_params(self.step))
+            self.policy.prepare_for_inference()
+            completions = self.policy.infer([ex.prompt_ids for ex in examples], cfg.rollout.n,
+                                            self.sampling_params(self.step))
             timings["time/rollout_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             for group, ex, comps in zip(groups, examples, completions):
@@ -138,6 +139,7 @@ class RedTrainer:
                 # One buffer for all replicas: its SFT step is taken (and split) by all of them at once.
                 self.relift_buffer += dp.gather([self._index[ex.uid] for ex, g in zip(examples, groups)
                                                  if max(g.rewards) == 0])
+            self.policy.finish_inference()
         if uses_trace:
             trace_rewards = dp.gather([g.trace_reward for g in groups])
             metrics["offline/trace_reward"] = sum(trace_rewards) / len(trace_rewards)
@@ -149,7 +151,7 @@ class RedTrainer:
 
         # 4. pi_old and the entropies at rollout time (forward only), then w (Eq. 9-11).
         t2 = time.perf_counter()
-        old_logprobs, entropy = self.policy.logprobs_entropy(batch, cfg.trainer.micro_batch_size)
+        old_logprobs, entropy = self.policy.get_inference_log_probs(batch, cfg.trainer.micro_batch_size)
         batch.fields["old_logprobs"] = old_logprobs
         timings["time/logprob_s"] = time.perf_counter() - t2
         is_offline = batch.fields["is_offline"]
@@ -160,12 +162,13 @@ class RedTrainer:
 
         # 5-6. the policy loss over micro-batches, normalised with the step's global counts, and one update.
         t3 = time.perf_counter()
+        self.policy.prepare_for_training()
         metrics.update(self.update(batch, loss_cfg, w))
         timings["time/update_s"] = time.perf_counter() - t3
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
             metrics.update(self.relift_sft_step())
-        self.engine.sync_weights(self.policy)
+        self.policy.finish_training()
         timings["time/step_s"] = time.perf_counter() - t0
         metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
         return {**metrics, **timings}
@@ -205,7 +208,7 @@ class RedTrainer:
                 prompt = ex.prompt_ids + prefix
                 params = self.sampling_params(self.step)
                 params.seed = params.seed * 7919 + 1 + i * len(self.config.algo.bread_prefix_fractions) + j
-                comps = self.engine.generate([prompt], self.config.rollout.n, params)[0]
+                comps = self.policy.infer([prompt], self.config.rollout.n, params)[0]
                 rewards = self.reward([prefix + c.token_ids for c in comps], ex.answer)
                 if max(rewards) > 0:
                     group.prompt_ids, group.responses, group.rewards = prompt, [c.token_ids for c in comps], rewards
@@ -265,7 +268,10 @@ class RedTrainer:
         cfg = self.config.trainer
         if not self.task.test:
             return {}
-        return evaluate_heldout(self.engine, self.tokenizer, self.task.test[: cfg.eval_problems],
-                                self.task.reward_fn, n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                                max_new_tokens=self.config.rollout.max_new_tokens, seed=cfg.seed,
-                                hard_min_difficulty=self.task.hard_min_difficulty)
+        try:
+            return evaluate_heldout(self.policy.rollout_engine, self.tokenizer, self.task.test[: cfg.eval_problems],
+                                    self.task.reward_fn, n=cfg.eval_samples, temperature=cfg.eval_temperature,
+                                    max_new_tokens=self.config.rollout.max_new_tokens, seed=cfg.seed,
+                                    hard_min_difficulty=self.task.hard_min_difficulty)
+        finally:
+            self.policy.finish_inference()

@@ -44,7 +44,7 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float, micro_batch_
             mb.fields["group_accuracy"], w, loss_cfg, entropy=entropy, num_sequences=num_sequences,
             num_tokens=num_tokens)
 
-    per_micro = policy.forward_backward(batch, micro_batch_size, loss_fn)
+    per_micro = policy.get_loss_and_metrics(batch, False, micro_batch_size, loss_fn)
     per_micro = dp.gather(per_micro)  # every replica's micro-batches, for the step's metrics
     grad_norm = policy.optimizer_step(lr_scale)
     out = {"train/grad_norm": grad_norm, "train/lr": policy.learning_rate * lr_scale}
