@@ -27,6 +27,7 @@ DEFAULTS = [
     "model.num_kv_heads=2", "model.intermediate_size=8960", "model.max_position_embeddings=4096",
     "data.warmup_steps=1", "data.warmup_batch_size=16", "trainer.prompts_per_step=64", "rollout.n=8",
     "rollout.max_new_tokens=512", "rollout.max_batch_size=512", "rollout.kv_block_size=64",
+    "rollout.max_sequence_length=1024",
     "trainer.micro_batch_size=16", "trainer.eval_every=0", "trainer.tensorboard=false", "trainer.progress=false",
 ]
 
