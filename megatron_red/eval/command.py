@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="megatron engine: TP degree")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="megatron engine: PP degree")
     parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="megatron engine: longest prompt + response (default: the model's context length)")
+                        help="megatron engine: longest prompt + response (default: the longest response of the run "
+                             "+ 2048 prompt tokens, at most the model's context length)")
     parser.add_argument("--kv-buffer-gb", type=float, default=None,
                         help="megatron engine: KV cache per GPU (default: --batch-size full-length sequences)")
     parser.add_argument("--kv-block-size", type=int, default=256, help="megatron engine: tokens per KV block")
@@ -71,8 +72,12 @@ def load_model_and_tokenizer(path: str, device: str):
     return model, tokenizer
 
 
-def load_megatron_engine(args: argparse.Namespace):
-    """Under torchrun: this rank's TP x PP shard of the checkpoint, megatron-core's engine over it, the tokenizer."""
+PROMPT_ALLOWANCE = 2048  # prompt tokens the megatron engine leaves room for by default (benchmark prompts are shorter)
+
+
+def load_megatron_engine(args: argparse.Namespace, max_new_tokens: int):
+    """Under torchrun: this rank's TP x PP shard of the checkpoint, megatron-core's engine over it, the tokenizer.
+    `max_new_tokens`: the longest response of the run (sizes the engine with the prompt allowance)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -95,8 +100,9 @@ def load_megatron_engine(args: argparse.Namespace):
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype, seed=args.seed))
     del state
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    length = args.max_sequence_length or min(sharded.arch.max_position_embeddings, max_new_tokens + PROMPT_ALLOWANCE)
     rollout = RolloutConfig(max_batch_size=args.batch_size, kv_buffer_gb=args.kv_buffer_gb,
-                            kv_block_size=args.kv_block_size, max_sequence_length=args.max_sequence_length)
+                            kv_block_size=args.kv_block_size, max_sequence_length=length)
     return build_engine("megatron", sharded, tokenizer, rollout), tokenizer
 
 
@@ -112,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from megatron_red.eval.report import to_markdown
-    from megatron_red.rollout.build import build_engine
-    from megatron_red.eval.runner import EvalConfig, evaluate
+    from megatron_red.eval.runner import EvalConfig, effective_specs, evaluate
     from megatron_red.rewards import configure_grader
+    from megatron_red.rollout.build import build_engine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -131,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     writer, share = True, None
     try:
         if args.engine == "megatron":
-            engine, tokenizer = load_megatron_engine(args)
+            engine, tokenizer = load_megatron_engine(args, max(s.max_new_tokens for s in effective_specs(config)))
             writer, share = torch.distributed.get_rank() == 0, _broadcast_from_rank0
         else:
             from megatron_red.config import RolloutConfig

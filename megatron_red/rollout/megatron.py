@@ -222,12 +222,12 @@ class MegatronEngine(RolloutEngine):
         if longest + params.max_new_tokens > self.max_sequence_length:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
                              f"engine's max_sequence_length={self.max_sequence_length}; raise "
-                             f"rollout.max_sequence_length")
+                             f"rollout.max_sequence_length (eval: --max-sequence-length)")
         needed = math.ceil((longest + params.max_new_tokens) / self.block_size_tokens)
         if needed > self.num_blocks - 1:
             raise ValueError(f"one sequence of {longest + params.max_new_tokens} tokens needs {needed} KV blocks of "
                              f"{self.block_size_tokens} tokens but the KV buffer ({self.kv_buffer_gb:.3g} GB) holds "
-                             f"{self.num_blocks - 1}; raise rollout.kv_buffer_gb to at least "
+                             f"{self.num_blocks - 1}; raise rollout.kv_buffer_gb (eval: --kv-buffer-gb) to at least "
                              f"{(needed + 1) * self.block_bytes / 2**30:.3g}")
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
