@@ -29,7 +29,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "vllm": ["vllm>=0.10"],
         "bridge": ["megatron-bridge>=0.2"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "wandb": ["wandb>=0.17"],
+        # wandb in dev so CI runs the W&B offline-mode test (tests/test_wandb.py) instead of skipping it.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17"],
     },
     entry_points={"console_scripts": ["megatron-red=megatron_red.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""`megatron-red`: train | compare | plot | eval."""
+"""`megatron-red`: train | compare | plan | plot | eval."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _train(args) -> int:
     from megatron_red.config import load_config
-    from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.trainer.distributed import is_main_process, phase_named_on_failure
     from megatron_red.trainer.red_trainer import RedTrainer
     from megatron_red.trainer.report import plot_runs
 
@@ -24,8 +24,9 @@ def _train(args) -> int:
                   file=sys.stderr)
             return 2
     start = time.perf_counter()
-    trainer = RedTrainer(config, run_dir, resume=bool(args.resume))
-    final = trainer.train()
+    with phase_named_on_failure():
+        trainer = RedTrainer(config, run_dir, resume=bool(args.resume))
+        final = trainer.train()
     if not is_main_process():
         return 0
     png = plot_runs({config.algo.method: run_dir}, run_dir / "dynamics.png")
@@ -77,6 +78,15 @@ def _compare(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from megatron_red.config import load_config
+    from megatron_red.trainer.plan import describe, plan_for_config, run_architecture
+
+    config = load_config(args.config, args.overrides)
+    print(describe(plan_for_config(config, args.world_size), run_architecture(config), args.gpu_memory_gib))
+    return 0
+
+
 def _plot(args) -> int:
     from megatron_red.trainer.report import plot_runs
 
@@ -103,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--out", default="runs/compare")
     compare.add_argument("overrides", nargs="*", metavar="section.key=value")
     compare.set_defaults(func=_compare)
+
+    plan = sub.add_parser("plan", help="per-GPU memory of a Megatron run by part, and whether it fits a card")
+    plan.add_argument("config", help="YAML recipe (see examples/red/)")
+    plan.add_argument("--world-size", type=int, default=8, help="GPUs in the run (DP = world size / (TP x PP))")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one card (H100: 80, H200: 141)")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value")
+    plan.set_defaults(func=_plan)
 
     plot = sub.add_parser("plot", help="Figure-6-style dynamics plot of one or more runs")
     plot.add_argument("run_dirs", nargs="+")

@@ -119,6 +119,9 @@ def install() -> None:
 
     # Dropout is 0 in every test model; the tracker only swaps CUDA RNG states around it.
     mpu_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    # Activation recompute saves / restores the CUDA RNG state around each checkpoint; the CPU one stands in.
+    mpu_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mpu_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
     # megatron's gradient clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`: report CPU tensors as CUDA.
     tensor_type = torch.Tensor.type

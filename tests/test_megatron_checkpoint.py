@@ -86,7 +86,7 @@ def _bf16_worker(rank, world_size, hf_config, hf_state, distributed_optimizer, p
     from megatron_red.models.megatron.weights import unwrap_model
 
     policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
-        dtype="bfloat16", use_distributed_optimizer=distributed_optimizer, use_transformer_engine=False), OPTIM)
+        dtype="bfloat16", use_distributed_optimizer=distributed_optimizer, attention="sdpa"), OPTIM)
     batch = make_batch()
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
 

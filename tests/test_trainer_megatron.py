@@ -7,11 +7,12 @@ the local engine); both draw row r's t-th token with the seed's uniform u[r, t],
 - TP = 2 (DP = 1): the same seeds give the same rollouts, so every logged number of every step (loss, H_rl,
   H_sft, w, rewards, grad norm, token counts) and the final weights must match the HF run; the Megatron run is
   stopped after step 1 and resumed from its dist_checkpointing checkpoint, which must not change anything.
-- DP = 2 (TP = 1, distributed optimiser): each replica rolls out and trains on half of the step's prompts, and
-  counts / entropies / metrics are reduced over the replicas, so the step must equal the full-batch step. The
-  production engine seeds a replica's whole batch (seed per step and DP rank), so both runs here sample through
-  `PerPromptSeeds`, which seeds each prompt by its tokens: a prompt's rollouts then do not depend on which replica
-  drew it, and the HF run is the reference again.
+- DP = 2 (TP = 1, distributed optimiser), with dynamic sampling: each replica rolls out and trains on half of the
+  step's prompts, and counts / entropies / metrics are reduced over the replicas, so the step must equal the
+  full-batch step; dynamic sampling's drops and extra rounds must be decided alike on both replicas and give the
+  single-process run's batch. The production engine seeds a replica's whole batch (seed per step and DP rank), so
+  both runs here sample through `PerPromptSeeds`, which seeds each prompt by its tokens: a prompt's rollouts then do
+  not depend on which replica drew it, and the HF run is the reference again.
 
 w = clip(|dH_sft / dH_rl|, 1, G) divides two relative entropy changes of ~1e-4 (a near-uniform toy student), which
 turns the ~1e-7 float32 differences between the backends' entropies into ~1% differences of w. So the Megatron run
@@ -62,9 +63,13 @@ class PerPromptSeeds(RolloutEngine):
 
 def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = None, computed_w: list | None = None):
     """At this size the student never solves a problem, so every GRPO group would be uniform; "the text has an
-    even number of characters" or'ed into the verifier's reward gives the groups signal (as in test_trainer_e2e)."""
+    even number of characters" or'ed into the verifier's reward gives the groups signal (as in test_trainer_e2e).
+    With dynamic sampling, "a length not divisible by 4" pays more often, so that more groups (whose correct trace
+    is a member) are paid throughout and get dropped."""
     verify = trainer.task.reward_fn
-    trainer.task.reward_fn = lambda texts, answers: [max(float(r), float(len(t) % 2 == 0))
+    dynamic = trainer.config.rollout.dynamic_sampling
+    paid = (lambda t: len(t) % 4 != 0) if dynamic else (lambda t: len(t) % 2 == 0)
+    trainer.task.reward_fn = lambda texts, answers: [max(float(r), float(paid(t)))
                                                      for r, t in zip(verify(texts, answers), texts)]
     if per_prompt_seeds:
         trainer.engine = trainer.policy.rollout_engine = PerPromptSeeds(trainer.engine)
@@ -79,10 +84,11 @@ def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = Non
     return trainer
 
 
-def _hf_run(run_dir: Path, student: str, per_prompt_seeds: bool):
+def _hf_run(run_dir: Path, student: str, per_prompt_seeds: bool, *extra: str):
     from megatron_red.trainer.red_trainer import RedTrainer
 
-    trainer = _prepare(RedTrainer(tiny_config(run_dir, *COMMON, f"model.path={student}"), run_dir), per_prompt_seeds)
+    trainer = _prepare(RedTrainer(tiny_config(run_dir, *COMMON, f"model.path={student}", *extra), run_dir),
+                       per_prompt_seeds)
     trainer.train()
     return read_lines(run_dir), {k: v.detach().clone() for k, v in trainer.policy.model.state_dict().items()}
 
@@ -204,15 +210,18 @@ def test_tensor_parallel_run_with_resume_matches_hf(root, student):
 
 
 def test_data_parallel_step_matches_full_batch(root, student):
-    hf_lines, hf_weights = _hf_run(root / "hf_per_prompt", student, per_prompt_seeds=True)
+    dynamic = ["rollout.dynamic_sampling=true"]
+    hf_lines, hf_weights = _hf_run(root / "hf_per_prompt", student, True, *dynamic)
+    assert any(line["dynamic/extra_rounds"] for line in hf_lines[:-1]), "nothing dropped: pick another reward"
     run_dir = root / "megatron_dp2"
-    overrides = ["model.backend=megatron", f"model.path={student}", "model.use_distributed_optimizer=true"]
+    overrides = ["model.backend=megatron", f"model.path={student}", "model.use_distributed_optimizer=true", *dynamic]
     pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
     (weights, prompts, computed_w, _), (_, prompts_1, computed_w_1, _) = run_distributed(
         _megatron_worker, 2, str(run_dir), overrides, None, True, pinned_w)
     assert computed_w == computed_w_1  # the replicas agree on w: it comes from the all-reduced entropies
     _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
-    # The replicas split each step's two prompts: one each, together the step's batch.
+    # The replicas split each step's two prompts: one each, together the step's batch (the first sampling round;
+    # dynamic sampling's extra prompts are drawn inside the step).
     assert [len(p) for p in prompts] == [len(p) for p in prompts_1] == [1] * STEPS
     assert all(set(a).isdisjoint(b) for a, b in zip(prompts, prompts_1))
     assert len(step_lines(run_dir)) == STEPS and (run_dir / "config.yaml").exists()

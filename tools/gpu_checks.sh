@@ -30,7 +30,10 @@ step() {
     profile_backward) run profile_backward 130 python3 tools/profile_kernel_backward.py --out "$OUT/profile_backward.md" ;;
     cuda_tests) run cuda_tests 100 python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_kernels.py \
                   tests/test_rollout_local.py tests/test_hf_policy.py tests/test_paged_attention.py ;;
-    megatron_smoke) run megatron_smoke 90 python3 tools/megatron_smoke.py ;;
+    megatron_smoke) run megatron_smoke 450 python3 tools/megatron_smoke.py --out "$OUT/megatron_smoke.md" ;;
+    megatron_families) run megatron_families 150 bash -c "python3 tools/megatron_smoke.py --model-type qwen3 \
+                         --groups 1 --skip-local --skip-hf && python3 tools/megatron_smoke.py --model-type llama3 \
+                         --groups 1 --skip-local --skip-hf" ;;
     megatron_train) run megatron_train 100 env CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --standalone --nproc_per_node=1 \
                       -m megatron_red.cli train model.backend=megatron trainer.steps=3 trainer.save_every=2 \
                       trainer.eval_problems=16 trainer.tensorboard=false data.warmup_steps=20 \
@@ -43,6 +46,8 @@ step() {
       run megatron_rollout 270 python3 tools/bench_rollout.py --skip-hf-generate --skip-train
       run red_step_megatron 150 env CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --standalone --nproc_per_node=1 \
         tools/bench_red_step.py --steps 2 ;;
+    rollout_mismatch) run rollout_mismatch 150 python3 tools/rollout_mismatch.py --steps 4 --temperature 0.7 \
+                        --tis-cap 2 data.warmup_steps=50 model.fused_kernel=on ;;
     *) echo "unknown step $1" ;;
   esac
 }

@@ -109,9 +109,10 @@ class PolicyBackend(ABC):
         global counts). Returns the metrics of each micro-batch."""
 
     @abstractmethod
-    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         """Clip gradients, step optimiser and learning-rate schedule, zero gradients; return the pre-clip grad norm.
-        `lr_scale` multiplies the scheduled learning rate for this step only (SFT updates run at their own rate)."""
+        `lr_scale` multiplies the scheduled learning rate for this step only (SFT updates run at their own rate);
+        `advance_schedule=False` leaves the schedule where it is (a step outside the scheduled count)."""
 
     @abstractmethod
     def state_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""The local rollout engine: batched, KV-cached sampling from a Hugging Face Qwen2 / Llama module in plain torch.
+"""The local rollout engine: batched, KV-cached sampling from a Hugging Face Qwen2 / Llama / Qwen3 module in torch.
 
 It runs the HF module's own sub-modules (embeddings, rotary table, projections, MLPs, norms, head) through its
 own decode loop rather than `model.generate`, so that it can keep a pre-allocated ("static") KV cache, keep every
@@ -11,6 +11,9 @@ per-token decision on the device, and replay each decode step as one CUDA graph:
   (on the CPU, so the same seed gives the same draws on any device); a row that emitted EOS emits pad after;
 - the host checks "all rows finished" only every `sync_every` steps; nothing else leaves the device per token.
 
+The rotary table is the module's own, so Llama-3 RoPE scaling comes with it; Qwen3's per-head q/k norms are
+applied before RoPE, as in its attention.
+
 Behaviour log-probs: the log-probability of each sampled token under the distribution it was drawn from
 (`rollout.sampling.sampling_logprobs`: temperature, then top-k and the top-p nucleus, renormalised). Tokens after
 EOS get log-prob 0 and are not returned.
@@ -22,10 +25,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from megatron_red.models.architectures import check_supported
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens
-
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
 
 class LocalEngine(RolloutEngine):
@@ -47,11 +49,7 @@ class LocalEngine(RolloutEngine):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  cuda_graph: bool = False, sync_every: int = 16):
         config = model.config
-        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} is not supported; "
-                             f"expected one of {SUPPORTED_MODEL_TYPES}")
-        if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"])):
-            raise ValueError("sliding-window attention layers are not supported by the local engine")
+        check_supported(config)
         if max_batch_size < 1 or sync_every < 1:
             raise ValueError(f"max_batch_size and sync_every must be >= 1, got {max_batch_size}, {sync_every}")
         source_param = next(model.parameters())
@@ -71,6 +69,7 @@ class LocalEngine(RolloutEngine):
         self.sync_every = sync_every
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._qk_norm = config.model_type == "qwen3"
         self._state: _DecodeState | None = None
 
     def sync_weights(self, policy) -> None:
@@ -199,8 +198,11 @@ class LocalEngine(RolloutEngine):
         for i, layer in enumerate(decoder.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(b, length, -1, self._head_dim)
+            k = attn.k_proj(x).view(b, length, -1, self._head_dim)
+            if self._qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = attn.v_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             state.keys[i].index_copy_(2, slots, k)

@@ -21,13 +21,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
-from megatron_red.models.megatron.model import (HFArchitecture, build_gpt_model, make_transformer_config,
-                                                transformer_engine_available)
+from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
 from megatron_red.models.megatron.weights import export_hf_state_dict, import_hf_state_dict
 from megatron_red.models.optim import OptimConfig, lr_multiplier
+from megatron_red.models.precision import DTYPES
+from megatron_red.parallel.packing import micro_batch_rows
 from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -36,14 +35,23 @@ class MegatronConfig:
 
     tensor_model_parallel_size:   TP degree (must divide heads and key/value groups).
     pipeline_model_parallel_size: PP degree (must divide the layers). DP = world size / (TP x PP).
-    dtype:                        parameter / compute dtype ("bfloat16", "float16" or "float32"); with 16-bit
-                                  params the optimiser keeps fp32 master weights and reduces grads in fp32.
+    dtype:                        parameter / compute dtype ("bfloat16" or "float32"); with bf16 params the
+                                  optimiser keeps fp32 master weights and reduces grads in fp32. "float16" is
+                                  refused: it needs loss scaling, which this backend does not wire into the
+                                  schedule, and a dynamic scaler's skipped steps would drop whole RED steps.
     use_distributed_optimizer:    shard optimiser state over DP (megatron-core DistributedOptimizer); False uses
                                   the plain (replicated) optimiser.
     fused_kernel:                 compute log-probs / entropies with the fused LM-head Triton kernel.
     recompute_activations:        full activation recomputation per layer (long sequences on small memory).
-    use_transformer_engine:       Transformer Engine layer spec; None = when TE is importable.
+    recompute_modules:            selective recomputation of these submodules of each layer instead
+                                  ("core_attn", "mlp", "layernorm"); empty = none.
+    sequence_parallel:            split norm / residual activations along the sequence over the TP ranks.
+    attention:                    "auto" | "te" | "sdpa" | "local" (model.attention; see local_spec.py).
+    max_tokens_per_micro_batch:   > 0: pack rows into THD micro-batches of at most this many tokens
+                                  (first-fit-decreasing, parallel/packing.py) instead of micro_batch_size rows.
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
+    dist_timeout_minutes:         time-out of the TP / PP / DP process groups megatron-core creates (its own
+                                  default is 30 min, whatever the world's); `trainer.dist_timeout_minutes`.
     offload_optimizer:            move optimiser state to host memory and free the gradient buffers during
                                   the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
     inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
@@ -56,16 +64,32 @@ class MegatronConfig:
     use_distributed_optimizer: bool = True
     fused_kernel: bool = False
     recompute_activations: bool = False
-    use_transformer_engine: bool | None = None
+    recompute_modules: tuple[str, ...] = ()
+    sequence_parallel: bool = False
+    attention: str = "auto"
+    max_tokens_per_micro_batch: int = 0
     seed: int = 1234
+    dist_timeout_minutes: float = 60.0
     offload_optimizer: bool = False
     inference_cuda_graphs: bool = False
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "float16":
+            raise ValueError("model.dtype=float16 is not supported by the Megatron backend (it would need loss "
+                             "scaling); use bfloat16, or float32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
+        if self.attention == "local" and self.max_tokens_per_micro_batch:
+            raise ValueError("model.attention=local (megatron's DotProductAttention) cannot run packed micro-batches "
+                             "(trainer.max_tokens_per_micro_batch > 0); use sdpa or te")
+        if self.sequence_parallel and self.max_tokens_per_micro_batch % self.tensor_model_parallel_size:
+            raise ValueError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
+                             f"{self.max_tokens_per_micro_batch} must be a multiple of TP="
+                             f"{self.tensor_model_parallel_size} (packs are padded to a multiple of TP)")
 
 
 def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
@@ -86,7 +110,8 @@ def build_sharded_model(hf_config, hf_state_dict: dict[str, torch.Tensor], confi
         raise ValueError("the Megatron backend needs torch.distributed to be initialised (torchrun)")
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                                     pipeline_model_parallel_size=config.pipeline_model_parallel_size)
+                                     pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                                     distributed_timeout_minutes=config.dist_timeout_minutes)
     elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
           or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
         raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
@@ -95,19 +120,17 @@ def build_sharded_model(hf_config, hf_state_dict: dict[str, torch.Tensor], confi
     if on_gpu:  # megatron's CUDA-graph managers need a graph-safe RNG tracker
         tensor_parallel.model_parallel_cuda_manual_seed(config.seed,
                                                         use_cudagraphable_rng=config.inference_cuda_graphs)
-    dtype = _DTYPES[config.dtype]
+    dtype = DTYPES[config.dtype]
     tconfig = make_transformer_config(
         arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
         use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
+        recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel,
         cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
     tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
-    use_te = config.use_transformer_engine
-    if use_te is None:
-        use_te = transformer_engine_available()
     model = build_gpt_model(arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage(), use_transformer_engine=use_te)
-    # The local spec's RMSNorm (torch.nn.RMSNorm) ignores params_dtype and is built in fp32. megatron's 16-bit
+                            post_process=ps.is_pipeline_last_stage(), attention=config.attention)
+    # The local spec's RMSNorm (local_spec.py, like torch.nn.RMSNorm) is built in fp32. megatron's 16-bit
     # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
     # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
     # saving. Cast the whole model, as megatron's own Float16Module does.
@@ -157,7 +180,7 @@ class MegatronPolicy(PolicyBackend):
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.mp_group = ps.get_model_parallel_group()
-        dtype = _DTYPES[config.dtype]
+        dtype = DTYPES[config.dtype]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=config.use_distributed_optimizer, average_in_collective=False)
@@ -167,7 +190,7 @@ class MegatronPolicy(PolicyBackend):
                 optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
                 adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=max(optim.grad_clip, 0.0),
                 use_distributed_optimizer=config.use_distributed_optimizer, params_dtype=dtype,
-                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16),
+                bf16=dtype == torch.bfloat16),
             [self.model])
         self.step = 0
         self._adam_offloaded = False
@@ -222,14 +245,15 @@ class MegatronPolicy(PolicyBackend):
 
     def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group)
+        return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group,
+                                         max_tokens=self.config.max_tokens_per_micro_batch)
 
     def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
                          temperature: float = 1.0) -> list[dict[str, float]]:
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        metrics = run_pipeline(self.model, batch.micro_batches(micro_batch_size), self._head(temperature),
-                               loss_fn=loss_fn)
+        budget = self.config.max_tokens_per_micro_batch
+        rows = micro_batch_rows(batch, micro_batch_size, budget)
+        metrics = run_pipeline(self.model, [batch.select(r) for r in rows], self._head(temperature),
+                               loss_fn=loss_fn, packed=bool(budget))
         # Only the last stage ran loss_fn; every rank returns its metrics.
         if dist.get_world_size(self.pp_group) > 1:
             holder = [metrics]
@@ -246,7 +270,7 @@ class MegatronPolicy(PolicyBackend):
             group["lr"] = self.learning_rate * lr_scale * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.optim.weight_decay * group.get("wd_mult", 1.0)
 
-    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         _sum_over_dp_finalize([self.model])
         self._set_lr(lr_scale)
         if self.optim.grad_clip > 0:
@@ -259,7 +283,8 @@ class MegatronPolicy(PolicyBackend):
             raise RuntimeError("megatron optimizer step skipped (non-finite gradients)")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self.step += 1
+        if advance_schedule:
+            self.step += 1
         return float(grad_norm)
 
     @property

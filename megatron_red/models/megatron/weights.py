@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron weight conversion for Qwen2 / Llama, with tensor and pipeline sharding.
+"""Hugging Face <-> Megatron weight conversion for Qwen2 / Llama / Qwen3, with tensor and pipeline sharding.
 
 Megatron fuses and shards some projections differently from Hugging Face:
 
@@ -33,6 +33,9 @@ _LAYER_DIRECT = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",  # Transformer Engine spec
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    # Qwen3's per-head RMSNorm gains (head_dim wide): every TP rank holds the whole vector.
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 
 
