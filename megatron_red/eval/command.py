@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-buffer-gb", type=float, default=None,
                         help="megatron engine: KV cache per GPU (default: --batch-size full-length sequences)")
     parser.add_argument("--kv-block-size", type=int, default=256, help="megatron engine: tokens per KV block")
+    parser.add_argument("--dist-timeout-minutes", type=float, default=60.0,
+                        help="megatron engine: time-out of collectives (as trainer.dist_timeout_minutes)")
     parser.add_argument("--dump-problems", action="store_true", help="write problems.jsonl with every sample")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,7 +91,7 @@ def load_megatron_engine(args: argparse.Namespace, max_new_tokens: int):
     if not under_torchrun():
         raise ValueError("--engine megatron runs under torchrun, e.g. torchrun --nproc_per_node=2 -m "
                          "megatron_red.cli eval --engine megatron --tensor-model-parallel-size 2 ...")
-    init_distributed()
+    init_distributed(args.dist_timeout_minutes)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if torch.distributed.get_world_size() != tp * pp:
         raise ValueError(f"--engine megatron evaluates with one model-parallel group: launch "
@@ -97,7 +99,8 @@ def load_megatron_engine(args: argparse.Namespace, max_new_tokens: int):
     hf_config, state = load_hf_checkpoint(args.model)
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     sharded = ShardedModel.from_hf(hf_config, state, MegatronConfig(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype, seed=args.seed))
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype, seed=args.seed,
+        dist_timeout_minutes=args.dist_timeout_minutes))
     del state
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     length = args.max_sequence_length or min(sharded.arch.max_position_embeddings, max_new_tokens + PROMPT_ALLOWANCE)
