@@ -52,6 +52,10 @@ class MegatronConfig:
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
     dist_timeout_minutes:         time-out of the TP / PP / DP process groups megatron-core creates (its own
                                   default is 30 min, whatever the world's); `trainer.dist_timeout_minutes`.
+    offload_optimizer:            move optimiser state to host memory and free the gradient buffers during
+                                  the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
+    inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
+                                  inference engine's decode steps (off while training; GPU only).
     """
 
     tensor_model_parallel_size: int = 1
@@ -66,6 +70,8 @@ class MegatronConfig:
     max_tokens_per_micro_batch: int = 0
     seed: int = 1234
     dist_timeout_minutes: float = 60.0
+    offload_optimizer: bool = False
+    inference_cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.dtype == "float16":
@@ -93,6 +99,68 @@ def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
     finalize_model_grads(model_chunks, num_tokens=None, **kwargs)
 
 
+def build_sharded_model(hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig):
+    """This rank's `GPTModel` stage (TP x PP shard) holding the Hugging Face weights, in `config.dtype`, on the
+    current CUDA device (else the CPU); no optimiser. Initialises megatron-core's parallel state if it is not
+    already (torch.distributed must be). Returns (HFArchitecture, model, TransformerConfig)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if not dist.is_initialized():
+        raise ValueError("the Megatron backend needs torch.distributed to be initialised (torchrun)")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
+                                     pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                                     distributed_timeout_minutes=config.dist_timeout_minutes)
+    elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
+          or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
+        raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+    arch = HFArchitecture.from_hf_config(hf_config)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:  # megatron's CUDA-graph managers need a graph-safe RNG tracker
+        tensor_parallel.model_parallel_cuda_manual_seed(config.seed,
+                                                        use_cudagraphable_rng=config.inference_cuda_graphs)
+    dtype = DTYPES[config.dtype]
+    tconfig = make_transformer_config(
+        arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
+        use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
+        recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel,
+        cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
+    tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
+    model = build_gpt_model(arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage(), attention=config.attention)
+    # The local spec's RMSNorm (local_spec.py, like torch.nn.RMSNorm) is built in fp32. megatron's 16-bit
+    # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
+    # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
+    # saving. Cast the whole model, as megatron's own Float16Module does.
+    model = model.to(dtype=dtype)
+    if on_gpu:
+        model = model.cuda(torch.cuda.current_device())
+    import_hf_state_dict(model, hf_state_dict, arch, ps.get_tensor_model_parallel_group())
+    if config.inference_cuda_graphs:
+        from megatron.core.transformer.utils import toggle_cuda_graphs
+
+        toggle_cuda_graphs(model, "none")  # eager training; the inference engine turns them on while it runs
+    return arch, model, tconfig
+
+
+@dataclass
+class ShardedModel:
+    """This rank's `GPTModel` stage without an optimiser, for inference (`megatron-red eval --engine megatron`)."""
+
+    arch: HFArchitecture
+    model: torch.nn.Module
+    mp_group: dist.ProcessGroup
+
+    @classmethod
+    def from_hf(cls, hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig) -> "ShardedModel":
+        from megatron.core import parallel_state as ps
+
+        arch, model, _ = build_sharded_model(hf_config, hf_state_dict, config)
+        return cls(arch, model.eval(), ps.get_model_parallel_group())
+
+
 class MegatronPolicy(PolicyBackend):
     """A Qwen2 / Llama policy sharded with megatron-core; see the module docstring for loss normalisation.
 
@@ -104,43 +172,15 @@ class MegatronPolicy(PolicyBackend):
     def __init__(self, hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig,
                  optim: OptimConfig):
         from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        if not dist.is_initialized():
-            raise ValueError("MegatronPolicy needs torch.distributed to be initialised (torchrun)")
-        if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                                         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-                                         distributed_timeout_minutes=config.dist_timeout_minutes)
-        elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
-              or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
-            raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+        self.arch, model, tconfig = build_sharded_model(hf_config, hf_state_dict, config)
         self.hf_config, self.config, self.optim = hf_config, config, optim
-        self.arch = HFArchitecture.from_hf_config(hf_config)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
-        on_gpu = torch.cuda.is_available()
-        if on_gpu:
-            tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+        self.mp_group = ps.get_model_parallel_group()
         dtype = DTYPES[config.dtype]
-        tconfig = make_transformer_config(
-            self.arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
-            pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
-            use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
-            recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel)
-        tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
-        model = build_gpt_model(self.arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
-                                post_process=ps.is_pipeline_last_stage(), attention=config.attention)
-        # The local spec's RMSNorm (local_spec.py, like torch.nn.RMSNorm) is built in fp32. megatron's 16-bit
-        # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
-        # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
-        # saving. Cast the whole model, as megatron's own Float16Module does.
-        model = model.to(dtype=dtype)
-        if on_gpu:
-            model = model.cuda(torch.cuda.current_device())
-        import_hf_state_dict(model, hf_state_dict, self.arch, self.tp_group)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=config.use_distributed_optimizer, average_in_collective=False)
@@ -153,7 +193,50 @@ class MegatronPolicy(PolicyBackend):
                 bf16=dtype == torch.bfloat16),
             [self.model])
         self.step = 0
+        self._adam_offloaded = False
         self._set_lr()
+
+    # -- actor hooks (models/base.py; docs/architecture.md) -------------------------------------------------------
+    def prepare_for_inference(self) -> None:
+        if self.config.offload_optimizer:
+            self.offload_adam_states()
+
+    def prepare_for_training(self) -> None:
+        self.onload_adam_states()
+
+    def offload_adam_states(self) -> None:
+        """Adam moments (and a 16-bit model's fp32 master weights) to host memory; gradient buffers freed.
+
+        megatron-core's `offload_to_cpu` moves every tensor its inner optimiser holds, master weights included; in
+        an fp32 model those are the model's own parameters (or views into them), so there only the state moves.
+        """
+        if self._adam_offloaded:
+            return
+        if self.config.dtype == "float32":
+            for opt in self.optimizer.chained_optimizers:
+                for state in opt.optimizer.state.values():
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and value.is_cuda:
+                            state[key] = value.cpu()
+        else:
+            self.optimizer.offload_to_cpu()
+        self.model.offload_grad_buffers()
+        self._adam_offloaded = True
+
+    def onload_adam_states(self) -> None:
+        if not self._adam_offloaded:
+            return
+        self.model.restore_grad_buffers()
+        if self.config.dtype == "float32":
+            device = next(self.model.parameters()).device
+            for opt in self.optimizer.chained_optimizers:
+                for state in opt.optimizer.state.values():
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and key != "step":
+                            state[key] = value.to(device)
+        else:
+            self.optimizer.restore_from_cpu()
+        self._adam_offloaded = False
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _head(self, temperature: float) -> LogprobHead:
