@@ -92,8 +92,9 @@ class DataConfig:
 class RolloutConfig:
     """On-policy sampling (paper: G = 7 rollouts + 1 offline trace, temperature 1.0, top-p 1.0)."""
 
-    engine: str = "local"
-    """`local` (torch, KV-cached; CPU and one GPU), `vllm` or `megatron` (GPU, when installed)."""
+    engine: str = "auto"
+    """`auto` (= `local` for model.backend=hf, `megatron` for model.backend=megatron), `local` (torch, KV-cached;
+    CPU and one GPU; HF backend), `megatron` (megatron-core's dynamic engine on the policy's own TP x PP shards)."""
     n: int = 7
     """G: on-policy samples per prompt; the group is these plus the prompt's offline trace."""
     temperature: float = 1.0
@@ -103,10 +104,28 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 192
     max_batch_size: int = 256
-    """Rows decoded at once by the local engine."""
+    """Rows decoded at once (local engine) / megatron's max_requests (megatron engine)."""
     cuda_graph: bool = False
-    """Local engine on CUDA: replay the decode step as a CUDA graph (15.6x HF generate on an H200 vs 2.9x eager); one
-    graph is captured per (rows, prompt + new tokens) shape, so varying prompt lengths cost captures and memory."""
+    """On CUDA, replay decode steps as CUDA graphs. Local engine: one graph per (rows, prompt + new tokens) shape
+    (15.6x HF generate on an H200 vs 2.9x eager). Megatron engine: megatron's "local" graphs for a few decode batch
+    sizes, captured when the KV cache is (re)built, i.e. once per rollout phase with release_kv_cache."""
+    max_sequence_length: int | None = None
+    """Megatron engine: longest prompt + response it accepts (sizes its block tables). None = data.max_prompt_tokens
+    + max_new_tokens (+ the longest BREAD prefix); longer requests are refused with an error naming this option."""
+    kv_buffer_gb: float | None = None
+    """Megatron engine: KV-cache memory per GPU. None = room for max_batch_size sequences of max_sequence_length;
+    less makes megatron pause and re-prefill rows; too little for one sequence is an error naming this option."""
+    kv_block_size: int = 256
+    """Megatron engine: tokens per KV block. Prefix sharing works in whole blocks (prompts shorter than a block share
+    nothing); flash-attn needs a multiple of 256, megatron_red's paged attention takes any size."""
+    prefix_caching: bool = True
+    """Megatron engine: the G samples of a prompt share its full KV blocks (one prefill per block)."""
+    release_kv_cache: bool = True
+    """Megatron engine: free the KV cache after each rollout phase (finish_inference) and rebuild it for the next;
+    False keeps it allocated through training."""
+    offload_optimizer: bool = False
+    """Megatron backend: move Adam state (and fp32 master weights of a 16-bit model) to host memory and free the
+    gradient buffers while generating, for a larger KV cache."""
     dynamic_sampling: bool = False
     """Dynamic sampling (DAPO; the RED authors' code drops groups whose accuracy std over the 8 members is 0): a
     group whose rewards are all equal (the trace's included when it is a member) has zero advantages, so it is

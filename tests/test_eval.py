@@ -354,7 +354,9 @@ def test_prompt_styles(tokenizer):
 
 
 def test_build_engine_errors():
-    from megatron_red.eval import build_engine
+    import torch
+
+    from megatron_red.rollout.build import build_engine
 
     with pytest.raises(ValueError, match="unknown engine"):
         build_engine("tensorrt", None, None)
@@ -363,5 +365,7 @@ def test_build_engine_errors():
     except ImportError:
         with pytest.raises(ImportError, match="needs vLLM"):
             build_engine("vllm", None, None)
-    with pytest.raises(NotImplementedError, match="not wired"):
-        build_engine("megatron", None, None)
+    with pytest.raises(ValueError, match="Hugging Face causal LM"):
+        build_engine("local", torch.nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="MegatronPolicy"):
+        build_engine("megatron", torch.nn.Linear(2, 2), None)

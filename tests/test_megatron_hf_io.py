@@ -149,7 +149,7 @@ def _worker(rank, world_size, checkpoint, out, input_ids):
     from megatron_red.models.hf_checkpoint import HFCheckpoint, StateDictWeights
     from megatron_red.models.megatron import load_hf_config
     from megatron_red.models.megatron.model import HFArchitecture
-    from megatron_red.models.megatron.policy import MegatronConfig, build_megatron_model, save_hf_pretrained
+    from megatron_red.models.megatron.policy import MegatronConfig, build_sharded_model, save_hf_pretrained
     from megatron_red.models.megatron.weights import load_hf_weights
 
     torch.set_num_threads(1)
@@ -157,7 +157,7 @@ def _worker(rank, world_size, checkpoint, out, input_ids):
     arch = HFArchitecture.from_hf_config(hf_config)
     config = MegatronConfig(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP, dtype="float32")
     with PeakRSS() as build:
-        model = build_megatron_model(hf_config, config)
+        _, model, _ = build_sharded_model(hf_config, None, config)
     with PeakRSS() as load:
         load_hf_weights(model, HFCheckpoint(checkpoint), arch, ps.get_tensor_model_parallel_group())
     built = (load.before - build.before) * 1024  # resident growth of building the stage (its parameters)

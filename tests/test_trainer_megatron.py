@@ -1,6 +1,9 @@
 """`RedTrainer` on the Megatron backend under torch.distributed (CPU, gloo, fp32) against the single-process
 Hugging Face backend, on the built-in task at toy size (RED: rollouts + offline trace, entropy-ratio weight w).
 
+The Megatron runs sample with the megatron engine on the policy's own shards (rollout/megatron.py; the HF run with
+the local engine); both draw row r's t-th token with the seed's uniform u[r, t], so equal logits give equal samples.
+
 - TP = 2 (DP = 1): the same seeds give the same rollouts, so every logged number of every step (loss, H_rl,
   H_sft, w, rewards, grad norm, token counts) and the final weights must match the HF run; the Megatron run is
   stopped after step 1 and resumed from its dist_checkpointing checkpoint, which must not change anything.
@@ -55,6 +58,9 @@ class PerPromptSeeds(RolloutEngine):
     def sync_weights(self, policy) -> None:
         self.engine.sync_weights(policy)
 
+    def suspend(self) -> None:
+        self.engine.suspend()
+
 
 def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = None, computed_w: list | None = None):
     """At this size the student never solves a problem, so every GRPO group would be uniform; "the text has an
@@ -67,7 +73,7 @@ def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = Non
     trainer.task.reward_fn = lambda texts, answers: [max(float(r), float(paid(t)))
                                                      for r, t in zip(verify(texts, answers), texts)]
     if per_prompt_seeds:
-        trainer.engine = PerPromptSeeds(trainer.engine)
+        trainer.engine = trainer.policy.rollout_engine = PerPromptSeeds(trainer.engine)
     if pinned_w is not None:  # see the module docstring
         update = trainer.controller.update
 
@@ -128,6 +134,10 @@ def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_s
         return red_step(examples, loss_cfg)
 
     trainer.red_step = recording_step
+    from megatron_red.rollout.megatron import MegatronEngine
+
+    engine = trainer.policy.rollout_engine
+    assert isinstance(getattr(engine, "engine", engine), MegatronEngine)  # sampling from the policy's own shards
     trainer.train()
     weights = {k: v.numpy() for k, v in hf_weights(trainer.policy).items()}
     own = _own_parameters(trainer.policy, reference) if reference is not None else None

@@ -4,7 +4,10 @@ Benchmarks default to the paper's suite; `--benchmarks` takes a subset.
 
 Example:
     megatron-red eval --model runs/red --benchmarks math500,aime24 --limit 50 --out runs/eval1
-Rerunning with the same --out resumes from the generation cache.
+Rerunning with the same --out resumes from the generation cache. Students too large for one GPU generate with
+megatron-core's engine on TP x PP shards (every process reads and holds one shard; rank 0 grades and writes):
+    torchrun --nproc_per_node=4 -m megatron_red.cli eval --engine megatron --tensor-model-parallel-size 2 \
+        --pipeline-model-parallel-size 2 --model runs/red --out runs/eval1
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import os
 import sys
 
 from megatron_red.eval.benchmarks import BENCHMARKS, SUITES
-from megatron_red.eval.engines import ENGINE_KINDS
 from megatron_red.eval.prompting import PROMPT_STYLES
+from megatron_red.rollout.build import ENGINE_KINDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "plain: problem text and a request for a boxed answer")
     parser.add_argument("--system-prompt-file", default=None,
                         help="system prompt for chat-think (default: DATA_DIR/luffy_system_prompt.txt)")
-    parser.add_argument("--engine", default="local", choices=ENGINE_KINDS)
+    parser.add_argument("--engine", default="local", choices=ENGINE_KINDS,
+                        help="local: torch decode loop on one device; megatron: megatron-core's dynamic engine on "
+                             "TP x PP shards, under torchrun (one process per shard)")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="megatron engine: TP degree")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="megatron engine: PP degree")
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="megatron engine: longest prompt + response (default: the longest response of the run "
+                             "+ 2048 prompt tokens, at most the model's context length)")
+    parser.add_argument("--kv-buffer-gb", type=float, default=None,
+                        help="megatron engine: KV cache per GPU (default: --batch-size full-length sequences)")
+    parser.add_argument("--kv-block-size", type=int, default=256, help="megatron engine: tokens per KV block")
+    parser.add_argument("--dist-timeout-minutes", type=float, default=60.0,
+                        help="megatron engine: time-out of collectives (as trainer.dist_timeout_minutes)")
     parser.add_argument("--dump-problems", action="store_true", help="write problems.jsonl with every sample")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0)
@@ -92,13 +107,55 @@ def load_model_and_tokenizer(path: str, device: str):
     return model, tokenizer
 
 
+PROMPT_ALLOWANCE = 2048  # prompt tokens the megatron engine leaves room for by default (benchmark prompts are shorter)
+
+
+def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_tokens: int):
+    """Under torchrun: this rank's TP x PP shard of the Hugging Face model in `model_dir` (only that shard is read),
+    megatron-core's engine over it, the tokenizer. `max_new_tokens`: the longest response of the run (sizes the
+    engine with the prompt allowance)."""
+    import torch
+
+    from megatron_red.config import RolloutConfig
+    from megatron_red.models.hf_checkpoint import HFCheckpoint
+    from megatron_red.models.megatron import MegatronConfig, ShardedModel, load_hf_config
+    from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.distributed import init_distributed, under_torchrun
+
+    if not under_torchrun():
+        raise ValueError("--engine megatron runs under torchrun, e.g. torchrun --nproc_per_node=2 -m "
+                         "megatron_red.cli eval --engine megatron --tensor-model-parallel-size 2 ...")
+    init_distributed(args.dist_timeout_minutes)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if torch.distributed.get_world_size() != tp * pp:
+        raise ValueError(f"--engine megatron evaluates with one model-parallel group: launch "
+                         f"{tp} x {pp} = {tp * pp} processes, not {torch.distributed.get_world_size()}")
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    sharded = ShardedModel.from_hf(load_hf_config(model_dir), HFCheckpoint(model_dir), MegatronConfig(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype, seed=args.seed,
+        dist_timeout_minutes=args.dist_timeout_minutes))
+    tokenizer = load_tokenizer_for_eval(model_dir)
+    length = args.max_sequence_length or min(sharded.arch.max_position_embeddings, max_new_tokens + PROMPT_ALLOWANCE)
+    rollout = RolloutConfig(max_batch_size=args.batch_size, kv_buffer_gb=args.kv_buffer_gb,
+                            kv_block_size=args.kv_block_size, max_sequence_length=length)
+    return build_engine("megatron", sharded, tokenizer, rollout), tokenizer
+
+
+def _broadcast_from_rank0(obj):
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from megatron_red.eval.engines import build_engine
     from megatron_red.eval.report import to_markdown
-    from megatron_red.eval.runner import EvalConfig, evaluate
+    from megatron_red.eval.runner import EvalConfig, effective_specs, evaluate
     from megatron_red.rewards import configure_grader
+    from megatron_red.rollout.build import build_engine
     from megatron_red.trainer.export import resolve_hf_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,10 +175,18 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.grade_workers is not None:
         configure_grader(args.grade_workers)
+    writer, share = True, None
     try:
-        model, tokenizer = load_model_and_tokenizer(model_dir, device)
-        engine = build_engine(args.engine, model, tokenizer, max_batch_size=args.batch_size)
-        report = evaluate(engine, tokenizer, config)
+        if args.engine == "megatron":
+            engine, tokenizer = load_megatron_engine(args, model_dir,
+                                                     max(s.max_new_tokens for s in effective_specs(config)))
+            writer, share = torch.distributed.get_rank() == 0, _broadcast_from_rank0
+        else:
+            from megatron_red.config import RolloutConfig
+
+            model, tokenizer = load_model_and_tokenizer(model_dir, device)
+            engine = build_engine(args.engine, model, tokenizer, RolloutConfig(max_batch_size=args.batch_size))
+        report = evaluate(engine, tokenizer, config, writer=writer, share=share)
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
         print(f"megatron-red eval: error: {e}", file=sys.stderr)
         return 2
@@ -129,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; finished samples are cached in {args.out}: rerun the same command to resume",
               file=sys.stderr)
         return 130
+    if report is None:  # a megatron rank other than 0: it generated, rank 0 graded and wrote
+        return 0
     print(to_markdown(report))
     print(f"generated {report.generated_samples} samples, reused {report.cache.used} from the cache")
     for kind, path in report.files.items():

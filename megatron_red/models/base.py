@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
 @dataclass
@@ -82,8 +85,16 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, SequenceBatch], tuple[torch.Tenso
 class PolicyBackend(ABC):
     """A trainable policy. Implementations: `HFPolicy` (models/hf.py), `MegatronPolicy` (models/megatron/).
 
-    Both also expose `hf_config`, the transformers config of the model (written next to exported weights).
+    Besides the training primitives below, a policy is the *actor* of an RL step, with the phase hooks of
+    NeMo-Aligner's GPT actor (`prepare_for_inference` / `infer` / `finish_inference`, `get_inference_log_probs`,
+    `prepare_for_training` / `get_loss_and_metrics` / `finish_training`, `offload_adam_states` /
+    `onload_adam_states`; docs/architecture.md maps each to NeMo-Aligner's). The defaults here fit a policy
+    whose rollout engine samples from its own module; the Megatron backend adds memory management between phases.
+    Both backends also expose `hf_config`, the transformers config of the model (written next to exported weights).
     """
+
+    rollout_engine: "RolloutEngine | None" = None
+    """The engine `infer` samples with; attached by `megatron_red.rollout.build.build_engine`."""
 
     @abstractmethod
     def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
@@ -122,6 +133,55 @@ class PolicyBackend(ABC):
     @abstractmethod
     def learning_rate(self) -> float:
         ...
+
+    # -- actor hooks --------------------------------------------------------------------------------------------
+    def prepare_for_inference(self) -> None:
+        """Before a rollout phase (sampling, rewards): nothing to do by default."""
+
+    def infer(self, prompts: list[list[int]], n: int, params: "SamplingParams") -> list[list["Completion"]]:
+        """`n` sampled completions per prompt, with behaviour log-probs, from the attached rollout engine."""
+        if self.rollout_engine is None:
+            raise RuntimeError("no rollout engine attached (megatron_red.rollout.build.build_engine attaches one)")
+        return self.rollout_engine.generate(prompts, n, params)
+
+    def finish_inference(self) -> None:
+        """After the rollout phase: the engine releases its generation-only memory (KV cache, graphs)."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.suspend()
+
+    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi_old of the step (and the token entropies): `logprobs_entropy` with no gradient."""
+        return self.logprobs_entropy(batch, micro_batch_size, temperature)
+
+    def prepare_for_training(self) -> None:
+        """Before the update: nothing to do by default."""
+
+    def get_loss_and_metrics(self, batch: SequenceBatch, forward_only: bool, micro_batch_size: int, loss_fn: LossFn,
+                             temperature: float = 1.0) -> list[dict[str, float]]:
+        """The loss of every micro-batch of `batch` and its metrics; with `forward_only=False` its gradients are
+        accumulated (`forward_backward`), with True nothing is (log-probs and entropies without gradient)."""
+        if not forward_only:
+            return self.forward_backward(batch, micro_batch_size, loss_fn, temperature)
+        logprobs, entropy = self.logprobs_entropy(batch, micro_batch_size, temperature)
+        metrics, row = [], 0
+        for mb in batch.micro_batches(micro_batch_size):
+            rows, width = len(mb), mb.loss_mask.shape[1]
+            _, out = loss_fn(logprobs[row:row + rows, :width], entropy[row:row + rows, :width], mb)
+            metrics.append(out)
+            row += rows
+        return metrics
+
+    def finish_training(self) -> None:
+        """After the optimiser step: the rollout engine samples from the new weights from now on."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.sync_weights(self)
+
+    def offload_adam_states(self) -> None:
+        """Move optimiser state to host memory (for the rollout phase); no-op by default."""
+
+    def onload_adam_states(self) -> None:
+        """Bring optimiser state back after `offload_adam_states`; no-op by default."""
 
     def save_checkpoint(self, directory: str) -> None:
         """Write the training state into `directory` (already created, not yet visible to readers).

@@ -122,14 +122,13 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
     from megatron_red.models.hf import HFPolicy
 
     if config.model.backend == "megatron":
-        from megatron_red.models.megatron import build_megatron_policy
-
         return build_megatron_policy(config, task, cache_dir)
     if config.model.backend != "hf":
         raise ValueError(f"unknown model.backend {config.model.backend!r}; valid: hf, megatron")
     megatron_only = {"trainer.max_tokens_per_micro_batch": config.trainer.max_tokens_per_micro_batch,
                      "model.recompute_modules": config.model.recompute_modules,
-                     "model.sequence_parallel": config.model.sequence_parallel}
+                     "model.sequence_parallel": config.model.sequence_parallel,
+                     "rollout.offload_optimizer": config.rollout.offload_optimizer}
     used = [name for name, value in megatron_only.items() if value]
     if used:
         raise ValueError(f"{', '.join(used)} need model.backend=megatron")
@@ -187,18 +186,55 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     return path
 
 
-def build_engine(config: RunConfig, policy, tokenizer):
-    kind = config.rollout.engine
-    if kind == "local" and config.model.backend == "megatron":
-        from megatron_red.models.megatron import MegatronRolloutEngine
+def engine_kind(config: RunConfig) -> str:
+    """`rollout.engine` with `auto` resolved: the local engine for the HF backend, megatron's for Megatron."""
+    kind, backend = config.rollout.engine, config.model.backend
+    if kind == "auto":
+        return "megatron" if backend == "megatron" else "local"
+    if kind == "local" and backend == "megatron":
+        raise ValueError("model.backend=megatron samples with its own shards: rollout.engine=megatron (or auto)")
+    if kind == "megatron" and backend != "megatron":
+        raise ValueError("rollout.engine=megatron needs model.backend=megatron")
+    return kind
 
-        return MegatronRolloutEngine(policy, eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id,
-                                     max_batch_size=config.rollout.max_batch_size)
-    if kind == "local":
-        from megatron_red.rollout.local import LocalEngine
 
-        return LocalEngine(policy.model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           max_batch_size=config.rollout.max_batch_size, device=policy.device,
-                           cuda_graph=config.rollout.cuda_graph and policy.device.type == "cuda")
-    raise ValueError(f"rollout.engine {kind!r} is not available in this release; valid: local")
+def rollout_max_sequence_length(config: RunConfig) -> int:
+    """`rollout.max_sequence_length`, or the longest request a run makes: prompt + response, with BREAD's longest
+    expert prefix in the prompt."""
+    if config.rollout.max_sequence_length is not None:
+        return config.rollout.max_sequence_length
+    prefix = 0
+    if config.algo.method == "bread":
+        prefix = int(max(config.algo.bread_prefix_fractions, default=0.0) * config.data.max_trace_tokens)
+    return config.data.max_prompt_tokens + prefix + config.rollout.max_new_tokens
+
+
+def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
+    """The `MegatronPolicy` of a `RunConfig` (joins the torchrun world first). Without `model.path`, the tiny
+    built-in student (warmed up once by global rank 0 with the Hugging Face backend) is the checkpoint."""
+    from megatron_red.models.hf_checkpoint import HFCheckpoint
+    from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, fused_kernel_enabled, load_hf_config
+    from megatron_red.models.precision import dtype_name
+    from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
+
+    init_distributed(config.trainer.dist_timeout_minutes)
+    path = config.model.path
+    if path is None:
+        if is_main_process():
+            warmed_up_student(config, task, cache_dir)
+        barrier()
+        path = warmed_up_student(config, task, cache_dir)  # cached by rank 0: only resolves the directory
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    m = config.model
+    hf_config = load_hf_config(path)
+    megatron_config = MegatronConfig(
+        tensor_model_parallel_size=m.tensor_model_parallel_size,
+        pipeline_model_parallel_size=m.pipeline_model_parallel_size,
+        dtype=dtype_name(resolve_dtype(m.dtype, device)), use_distributed_optimizer=m.use_distributed_optimizer,
+        fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
+        recompute_modules=m.recompute_modules, sequence_parallel=m.sequence_parallel, attention=m.attention,
+        max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch, seed=config.trainer.seed,
+        dist_timeout_minutes=config.trainer.dist_timeout_minutes, offload_optimizer=config.rollout.offload_optimizer,
+        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
+    return MegatronPolicy(hf_config, HFCheckpoint(path), megatron_config, config.optim)  # each rank reads its shard
+

@@ -102,14 +102,14 @@ def _export_megatron(checkpoint: Path, out: Path, hf_config, dtype, tp: int, pp:
     import torch.distributed as dist
 
     from megatron_red.models.megatron.checkpoint import load_model_weights
-    from megatron_red.models.megatron.policy import MegatronConfig, build_megatron_model, save_hf_pretrained
+    from megatron_red.models.megatron.policy import MegatronConfig, build_sharded_model, save_hf_pretrained
 
     if tp * pp != dist.get_world_size():
         raise ValueError(f"--tp {tp} x --pp {pp} must equal the number of processes ({dist.get_world_size()}); "
                          f"run under torchrun --nproc_per_node={tp * pp}, or change --tp / --pp")
-    model = build_megatron_model(hf_config, MegatronConfig(tensor_model_parallel_size=tp,
-                                                           pipeline_model_parallel_size=pp,
-                                                           dtype=_training_dtype(hf_config)))
+    _, model, _ = build_sharded_model(hf_config, None, MegatronConfig(tensor_model_parallel_size=tp,
+                                                                      pipeline_model_parallel_size=pp,
+                                                                      dtype=_training_dtype(hf_config)))
     load_model_weights(model, str(checkpoint))
     save_hf_pretrained(model, hf_config, str(out), dtype)
 

@@ -34,8 +34,9 @@ from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
 from megatron_red.objectives import EntropyRatioController, RedLossConfig, behaviour_mismatch
 from megatron_red.rollout.base import SamplingParams
+from megatron_red.rollout.build import build_engine
 from megatron_red.trainer import checkpoint
-from megatron_red.trainer.build import build_engine, build_policy, build_task
+from megatron_red.trainer.build import build_policy, build_task, engine_kind, rollout_max_sequence_length
 from megatron_red.trainer.distributed import (DataParallel, ModelParallel, NullMetricsLog, current_phase,
                                               init_distributed, is_main_process, set_phase)
 from megatron_red.trainer.evaluate import evaluate_heldout
@@ -84,7 +85,8 @@ class RedTrainer:
         self.tokenizer = self.task.tokenizer
         set_phase("model load")
         self.policy = build_policy(config, self.task, cache_dir=self.run_dir.parent / ".cache")
-        self.engine = build_engine(config, self.policy, self.tokenizer)
+        self.engine = build_engine(engine_kind(config), self.policy, self.tokenizer, config.rollout,
+                                   max_sequence_length=rollout_max_sequence_length(config))
         self.dp = DataParallel.for_backend(config.model.backend)
         self.mp = ModelParallel.for_backend(config.model.backend)
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
@@ -162,10 +164,12 @@ class RedTrainer:
         # 1-2. G on-policy rollouts per prompt, graded once per model-parallel group (BREAD re-rolls all-fail
         #      prompts from expert prefixes); dynamic sampling tops the step up with groups that have signal.
         set_phase("rollout")
-        if loss_cfg.online_rl:
+        if loss_cfg.online_rl:  # the policy is the actor (models/base.py): sampling between its inference hooks
+            self.policy.prepare_for_inference()
             rollouts = self.roll_out(examples, loss_cfg)
             if cfg.rollout.dynamic_sampling:
                 metrics.update(self.keep_groups_with_signal(rollouts, loss_cfg))
+            self.policy.finish_inference()
             groups = rollouts.groups
             metrics.update(self.rollout_metrics(rollouts))
             timings["time/rollout_s"] = time.perf_counter() - t0
@@ -185,7 +189,8 @@ class RedTrainer:
         # 4. pi_old and the entropies at rollout time (forward only), then w (Eq. 9-11).
         t2 = time.perf_counter()
         set_phase("log-probs")
-        old_logprobs, entropy = self.policy.logprobs_entropy(batch, cfg.trainer.micro_batch_size, temperature)
+        old_logprobs, entropy = self.policy.get_inference_log_probs(batch, cfg.trainer.micro_batch_size,
+                                                                    temperature)
         batch.fields["old_logprobs"] = old_logprobs
         timings["time/logprob_s"] = time.perf_counter() - t2
         if "behaviour_logprobs" in batch.fields:
@@ -199,13 +204,14 @@ class RedTrainer:
         # 5-6. the policy loss over micro-batches, normalised with the step's global counts, and one update.
         t3 = time.perf_counter()
         set_phase("update")
+        self.policy.prepare_for_training()
         metrics.update(self.update(batch, loss_cfg, w, temperature))
         timings["time/update_s"] = time.perf_counter() - t3
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
             metrics.update(self.relift_sft_step())
         set_phase("weight sync")
-        self.engine.sync_weights(self.policy)
+        self.policy.finish_training()
         timings["time/step_s"] = time.perf_counter() - t0
         metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
         return {**metrics, **timings}
@@ -222,8 +228,8 @@ class RedTrainer:
         the all-fail prompts, BREAD re-rolls them from expert prefixes."""
         n = self.config.rollout.n
         trace_rewards = self.trace_rewards(examples) if loss_cfg.offline_in_group else [0.0] * len(examples)
-        completions = self.engine.generate([ex.prompt_ids for ex in examples], n,
-                                           self.sampling_params(self.step, round_))
+        completions = self.policy.infer([ex.prompt_ids for ex in examples], n,
+                                        self.sampling_params(self.step, round_))
         rewards = self.grade([c.token_ids for comps in completions for c in comps],
                              [ex.answer for ex, comps in zip(examples, completions) for _ in comps])
         groups, start = [], 0
@@ -347,7 +353,7 @@ class RedTrainer:
                 break
             prefixes = [examples[i].trace_ids[: int(len(examples[i].trace_ids) * fraction)] for i in failing]
             prompts = [examples[i].prompt_ids + prefix for i, prefix in zip(failing, prefixes)]
-            completions = self.engine.generate(prompts, n, self.sampling_params(self.step, round_, prefix=p))
+            completions = self.policy.infer(prompts, n, self.sampling_params(self.step, round_, prefix=p))
             rewards = self.grade([prefix + c.token_ids for prefix, comps in zip(prefixes, completions) for c in comps],
                                  [examples[i].answer for i, comps in zip(failing, completions) for _ in comps])
             still_failing, start = [], 0
@@ -418,10 +424,13 @@ class RedTrainer:
         if not self.task.test:
             return {}
         set_phase("evaluation")
-        return evaluate_heldout(self.engine, self.tokenizer, self.task.test[: cfg.eval_problems],
-                                self.task.reward_fn, n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                                max_new_tokens=self.config.rollout.max_new_tokens, seed=cfg.seed,
-                                hard_min_difficulty=self.task.hard_min_difficulty)
+        try:
+            return evaluate_heldout(self.engine, self.tokenizer, self.task.test[: cfg.eval_problems],
+                                    self.task.reward_fn, n=cfg.eval_samples, temperature=cfg.eval_temperature,
+                                    max_new_tokens=self.config.rollout.max_new_tokens, seed=cfg.seed,
+                                    hard_min_difficulty=self.task.hard_min_difficulty)
+        finally:
+            self.policy.finish_inference()  # the engine's KV cache is not kept through training
 
 
 def _fill(group: Group, completions, rewards: list[float]) -> Group:

@@ -48,7 +48,7 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float, micro_batch_
             mb.fields["group_accuracy"], w, loss_cfg, entropy=entropy, num_sequences=num_sequences,
             num_tokens=num_tokens, behaviour_logprobs=mb.fields.get("behaviour_logprobs"))
 
-    per_micro = policy.forward_backward(batch, micro_batch_size, loss_fn, temperature=temperature)
+    per_micro = policy.get_loss_and_metrics(batch, False, micro_batch_size, loss_fn, temperature=temperature)
     per_micro = dp.gather(per_micro)  # every replica's micro-batches, for the step's metrics
     lr = policy.learning_rate * lr_scale  # the rate this step uses (the schedule moves on inside optimizer_step)
     grad_norm = policy.optimizer_step(lr_scale, advance_schedule=advance_schedule)

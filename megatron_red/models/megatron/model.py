@@ -99,7 +99,8 @@ def transformer_engine_available() -> bool:
 def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size: int = 1,
                             pipeline_model_parallel_size: int = 1, params_dtype: torch.dtype = torch.float32,
                             use_cpu_initialization: bool = False, recompute_activations: bool = False,
-                            recompute_modules: tuple[str, ...] = (), sequence_parallel: bool = False):
+                            recompute_modules: tuple[str, ...] = (), sequence_parallel: bool = False,
+                            cuda_graph_impl: str = "none"):
     """A `TransformerConfig` for `arch` with dropout off and every fusion that needs apex/TE disabled.
 
     `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row (or packed to a token
@@ -107,7 +108,9 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
     Activation recompute: `recompute_activations` recomputes every layer in backward (megatron's full, uniform,
     one layer per checkpoint); `recompute_modules` recomputes only those submodules of each layer (megatron's
     selective: "core_attn", "mlp", "layernorm"). `sequence_parallel` splits the norm / residual activations over
-    the tensor-parallel ranks along the sequence (needs TP > 1).
+    the tensor-parallel ranks along the sequence (needs TP > 1). `cuda_graph_impl="local"` gives the layers
+    megatron's CUDA-graph managers, which its inference engine uses for decode steps (training toggles them off:
+    `megatron_red.rollout.megatron`).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -146,7 +149,7 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
         use_cpu_initialization=use_cpu_initialization, variable_seq_lengths=True,
         sequence_parallel=sequence_parallel,
         # No experts here; megatron-core rejects variable_seq_lengths with its default MoE dispatcher anyway.
-        moe_token_dispatcher_type="alltoall",
+        moe_token_dispatcher_type="alltoall", cuda_graph_impl=cuda_graph_impl,
         **recompute,
     )
 

@@ -54,6 +54,10 @@ class MegatronConfig:
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
     dist_timeout_minutes:         time-out of the TP / PP / DP process groups megatron-core creates (its own
                                   default is 30 min, whatever the world's); `trainer.dist_timeout_minutes`.
+    offload_optimizer:            move optimiser state to host memory and free the gradient buffers during
+                                  the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
+    inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
+                                  inference engine's decode steps (off while training; GPU only).
     """
 
     tensor_model_parallel_size: int = 1
@@ -68,6 +72,8 @@ class MegatronConfig:
     max_tokens_per_micro_batch: int = 0
     seed: int = 1234
     dist_timeout_minutes: float = 60.0
+    offload_optimizer: bool = False
+    inference_cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.dtype == "float16":
@@ -95,11 +101,13 @@ def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
     finalize_model_grads(model_chunks, num_tokens=None, **kwargs)
 
 
-def build_megatron_model(hf_config, config: MegatronConfig, weights=None) -> torch.nn.Module:
-    """This rank's `GPTModel` stage for `hf_config` (initialising megatron-core's parallel state if needed), with
-    its shard of the weights read from `weights` (an HF checkpoint directory, a state dict or an `HFCheckpoint`;
-    see `load_hf_weights`). Without `weights` the parameters are left uninitialised, for a dist checkpoint to fill.
-    """
+def build_sharded_model(hf_config, weights, config: MegatronConfig):
+    """This rank's `GPTModel` stage (TP x PP shard) holding the Hugging Face weights, in `config.dtype`, on the
+    current CUDA device (else the CPU); no optimiser. Initialises megatron-core's parallel state if it is not
+    already (torch.distributed must be). Returns (HFArchitecture, model, TransformerConfig).
+
+    weights: an HF checkpoint directory or `HFCheckpoint` (each rank reads only its shard, lazily), or an in-memory
+    state dict; see `load_hf_weights`. None leaves the parameters uninitialised, for a dist checkpoint to fill."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -114,14 +122,16 @@ def build_megatron_model(hf_config, config: MegatronConfig, weights=None) -> tor
         raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
     arch = HFArchitecture.from_hf_config(hf_config)
     on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    if on_gpu:  # megatron's CUDA-graph managers need a graph-safe RNG tracker
+        tensor_parallel.model_parallel_cuda_manual_seed(config.seed,
+                                                        use_cudagraphable_rng=config.inference_cuda_graphs)
     dtype = DTYPES[config.dtype]
     tconfig = make_transformer_config(
         arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
         use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
-        recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel)
+        recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel,
+        cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
     tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
     tconfig.perform_initialization = False  # every weight is loaded next: random init would only cost time
     model = build_gpt_model(arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
@@ -135,7 +145,28 @@ def build_megatron_model(hf_config, config: MegatronConfig, weights=None) -> tor
         model = model.cuda(torch.cuda.current_device())
     if weights is not None:
         load_hf_weights(model, as_hf_weights(weights), arch, ps.get_tensor_model_parallel_group())
-    return model
+    if config.inference_cuda_graphs:
+        from megatron.core.transformer.utils import toggle_cuda_graphs
+
+        toggle_cuda_graphs(model, "none")  # eager training; the inference engine turns them on while it runs
+    return arch, model, tconfig
+
+
+@dataclass
+class ShardedModel:
+    """This rank's `GPTModel` stage without an optimiser, for inference (`megatron-red eval --engine megatron`)."""
+
+    arch: HFArchitecture
+    model: torch.nn.Module
+    mp_group: dist.ProcessGroup
+
+    @classmethod
+    def from_hf(cls, hf_config, weights, config: MegatronConfig) -> "ShardedModel":
+        """`weights` as for `build_sharded_model`."""
+        from megatron.core import parallel_state as ps
+
+        arch, model, _ = build_sharded_model(hf_config, weights, config)
+        return cls(arch, model.eval(), ps.get_model_parallel_group())
 
 
 def save_hf_pretrained(model: torch.nn.Module, hf_config, path: str, dtype: torch.dtype | None = None,
@@ -162,7 +193,7 @@ class MegatronPolicy(PolicyBackend):
 
     Must be constructed on every rank of an initialised `torch.distributed` world; initialises megatron-core's
     parallel state if it is not already. `weights`: the Hugging Face weights (a checkpoint directory, read lazily,
-    each rank reading only its shard; or an in-memory state dict), see `build_megatron_model`.
+    each rank reading only its shard; or an in-memory state dict), see `build_sharded_model`.
     """
 
     def __init__(self, hf_config, weights, config: MegatronConfig, optim: OptimConfig):
@@ -170,13 +201,12 @@ class MegatronPolicy(PolicyBackend):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        model = build_megatron_model(hf_config, config, weights)
+        self.arch, model, tconfig = build_sharded_model(hf_config, weights, config)
         self.hf_config, self.config, self.optim = hf_config, config, optim
-        self.arch = HFArchitecture.from_hf_config(hf_config)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.mp_group = ps.get_model_parallel_group()
         dtype = DTYPES[config.dtype]
-        tconfig = unwrap_model(model).config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=config.use_distributed_optimizer, average_in_collective=False)
@@ -189,7 +219,50 @@ class MegatronPolicy(PolicyBackend):
                 bf16=dtype == torch.bfloat16),
             [self.model])
         self.step = 0
+        self._adam_offloaded = False
         self._set_lr()
+
+    # -- actor hooks (models/base.py; docs/architecture.md) -------------------------------------------------------
+    def prepare_for_inference(self) -> None:
+        if self.config.offload_optimizer:
+            self.offload_adam_states()
+
+    def prepare_for_training(self) -> None:
+        self.onload_adam_states()
+
+    def offload_adam_states(self) -> None:
+        """Adam moments (and a 16-bit model's fp32 master weights) to host memory; gradient buffers freed.
+
+        megatron-core's `offload_to_cpu` moves every tensor its inner optimiser holds, master weights included; in
+        an fp32 model those are the model's own parameters (or views into them), so there only the state moves.
+        """
+        if self._adam_offloaded:
+            return
+        if self.config.dtype == "float32":
+            for opt in self.optimizer.chained_optimizers:
+                for state in opt.optimizer.state.values():
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and value.is_cuda:
+                            state[key] = value.cpu()
+        else:
+            self.optimizer.offload_to_cpu()
+        self.model.offload_grad_buffers()
+        self._adam_offloaded = True
+
+    def onload_adam_states(self) -> None:
+        if not self._adam_offloaded:
+            return
+        self.model.restore_grad_buffers()
+        if self.config.dtype == "float32":
+            device = next(self.model.parameters()).device
+            for opt in self.optimizer.chained_optimizers:
+                for state in opt.optimizer.state.values():
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and key != "step":
+                            state[key] = value.to(device)
+        else:
+            self.optimizer.restore_from_cpu()
+        self._adam_offloaded = False
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _head(self, temperature: float) -> LogprobHead:
