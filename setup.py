@@ -15,6 +15,7 @@ setup(
         "megatron-core>=0.19,<0.20",
         "psutil>=5.9",  # megatron-core's dist-checkpointing writer workers need it (not in its own requirements)
         "transformers>=4.51",
+        "safetensors>=0.4.3",  # lazy sliced reads of Hugging Face checkpoints (get_slice)
         "sentencepiece>=0.2",
         "math-verify[antlr4_13_2]>=0.7",
         "pyarrow>=15",

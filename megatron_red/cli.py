@@ -1,4 +1,4 @@
-"""`megatron-red`: train | compare | plan | plot | eval."""
+"""`megatron-red`: train | compare | plan | plot | eval | export."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,7 @@ def _train(args) -> int:
     print(f"metrics:    {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
     print(f"plots:      {png}")
     print(f"checkpoint: {run_dir / 'checkpoints' / (run_dir / 'checkpoints' / 'latest').read_text().strip()}")
+    print(f"model:      {run_dir / 'hf'} (Hugging Face; megatron-red eval --model {run_dir})")
     return 0
 
 
@@ -96,6 +97,17 @@ def _plot(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.models.precision import DTYPES
+    from megatron_red.trainer.export import export_checkpoint
+
+    out = export_checkpoint(args.path, args.out, dtype=DTYPES.get(args.dtype), tp=args.tp, pp=args.pp)
+    if is_main_process():
+        print(f"Hugging Face model: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-red", description="RED: RLVR with offline teacher traces")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,10 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     eval_command.add_arguments(evaluate)
     evaluate.set_defaults(func=eval_command.run)
 
+    export = sub.add_parser("export", help="a run's (latest checkpoint's) or a checkpoint's model as a Hugging Face "
+                                           "directory: safetensors shards + index + config + tokenizer")
+    export.add_argument("path", metavar="RUN_OR_CKPT", help="run directory or checkpoints/step_N directory")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (auto: the training parameters' dtype)")
+    export.add_argument("--tp", type=int, default=1, help="Megatron checkpoints: tensor-parallel size to load at")
+    export.add_argument("--pp", type=int, default=1, help="Megatron checkpoints: pipeline-parallel size to load at "
+                                                          "(--tp x --pp = processes; torchrun for more than one)")
+    export.set_defaults(func=_export)
+
     args = parser.parse_args(argv)
+    from megatron_red.trainer.checkpoint import DiskSpaceError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, DiskSpaceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -189,6 +189,12 @@ class TrainerConfig:
     out_dir: str = "runs/red"
     save_every: int = 50
     """Write a checkpoint every N steps (and always at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints kept in RUN_DIR/checkpoints: older ones are deleted once a newer one is complete (the
+    newest is never deleted before the next is complete). 0 keeps them all."""
+    save_hf: bool = False
+    """Also write a Hugging Face export (`hf/`) into every checkpoint. The run's final model is always written to
+    RUN_DIR/hf (safetensors shards + index + config + tokenizer), whatever this is."""
     eval_every: int = 50
     """Held-out evaluation every N steps (0 = only at the end)."""
     eval_samples: int = 2

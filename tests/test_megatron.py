@@ -115,6 +115,30 @@ def as_tensors(obj):
     return obj
 
 
+def hf_weights(policy) -> dict[str, torch.Tensor]:
+    """The policy's Hugging Face weights on every rank of its model replica. Test-only (tiny models): the package
+    streams them to one writer rank (`HFExport`) and never gathers a model; here the writer broadcasts them."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_red.models.megatron import HFExport
+
+    holder = [dict(HFExport(policy.model, policy.arch, policy.tp_group, policy.pp_group))]
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
+    return holder[0]
+
+
+def read_hf_weights(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face checkpoint directory (safetensors files), in memory."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for file in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(file).items()}
+
+
 def _worker(rank, world_size, cases, tp, pp, batch, micro_batch_size, fused_kernel):
     """One result per (hf_config, hf_state) case, each built, exported, run and stepped in turn."""
     import megatron_compat
@@ -128,7 +152,7 @@ def _worker(rank, world_size, cases, tp, pp, batch, micro_batch_size, fused_kern
         policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype="float32",
             use_distributed_optimizer=False, fused_kernel=fused_kernel), OPTIM)
-        exported = policy.hf_state_dict()
+        exported = hf_weights(policy)
         # Each data-parallel rank trains on its own rows; the loss uses the global token count.
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         rows = torch.arange(dp_rank, len(batch), dp)
@@ -136,7 +160,7 @@ def _worker(rank, world_size, cases, tp, pp, batch, micro_batch_size, fused_kern
         logprobs, entropy = policy.logprobs_entropy(local, micro_batch_size)
         metrics = policy.forward_backward(local, micro_batch_size, pg_loss_fn(float(batch.loss_mask.sum())))
         grad_norm = policy.optimizer_step()
-        stepped = policy.hf_state_dict()
+        stepped = hf_weights(policy)
         ps.destroy_model_parallel()
         results.append(portable(dict(exported=exported, rows=rows, logprobs=logprobs, entropy=entropy,
                                      metrics=metrics, grad_norm=grad_norm, stepped=stepped)))

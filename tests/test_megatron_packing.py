@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from test_megatron import (OPTIM, VOCAB, as_tensors, hf_logprobs_entropy, hf_reference_step, pg_loss_fn, portable,
-                           tiny_hf_config, tiny_hf_model)
+from test_megatron import (OPTIM, VOCAB, as_tensors, hf_logprobs_entropy, hf_reference_step, hf_weights, pg_loss_fn,
+                           portable, tiny_hf_config, tiny_hf_model)
 
 pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
@@ -206,7 +206,7 @@ def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_c
         logprobs, entropy = policy.logprobs_entropy(batch, 2)
         metrics = policy.forward_backward(batch, 2, loss_fn)
         grad_norm = policy.optimizer_step()
-        out[name] = dict(logprobs=logprobs, entropy=entropy, grad_norm=grad_norm, stepped=policy.hf_state_dict(),
+        out[name] = dict(logprobs=logprobs, entropy=entropy, grad_norm=grad_norm, stepped=hf_weights(policy),
                          loss=sum(m["loss"] for m in metrics), micro_batches=len(metrics))
     out["attention"] = _attention_checks(ps.get_tensor_model_parallel_group())
     out["memory"] = _memory_counts(plan_config, plan_state, batch)

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from test_megatron import hf_weights
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")
@@ -177,7 +178,7 @@ def _update_checks(policy, hf_config, hf_state, tp, pp, optim, batch):
             trained = p.get_loss_and_metrics(batch, False, 4, loss_fn)
             norms.append((p.optimizer_step(), [m["loss"] for m in forward_only], [m["loss"] for m in trained]))
             p.finish_training()
-    weights = [{k: v.clone() for k, v in p.hf_state_dict().items()} for p in (policy, plain)]
+    weights = [hf_weights(p) for p in (policy, plain)]
     same = all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     return {"freed": freed, "norms": norms, "same_weights": same}
 

@@ -89,12 +89,13 @@ def test_rewards_graded_once_per_model_parallel_group(tmp_path, student):
     assert rank0["metrics"]["reward/mean"] == rank1["metrics"]["reward/mean"] > 0
 
     # pi_old and H_rl at the sampling temperature, against float64 on the step's tokens.
-    from megatron_red.models.megatron import load_hf_checkpoint
+    from megatron_red.models.megatron import load_hf_config
     from megatron_red.trainer.groups import masked_row_mean
+    from test_megatron import read_hf_weights
     from transformers import AutoModelForCausalLM
 
     assert rank0["temperature"] == rank1["temperature"] == 0.7
-    hf_config, state = load_hf_checkpoint(student)
+    hf_config, state = load_hf_config(student), read_hf_weights(student)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float64)
     model.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
     model.tie_weights()

@@ -35,6 +35,7 @@ import torch
 
 from dist_utils import run_distributed
 from megatron_red.rollout.base import RolloutEngine
+from test_megatron import hf_weights, read_hf_weights
 from trainer_fixtures import read_lines, step_lines, tiny_config
 
 pytest.importorskip("megatron.core")
@@ -101,13 +102,14 @@ def _own_parameters(policy, reference: dict[str, torch.Tensor]):
     which test_megatron.py checks against the HF model's forward. The run is over, so the model is overwritten to
     lay the reference out.
     """
-    from megatron_red.models.megatron.weights import import_hf_state_dict, unwrap_model
+    from megatron_red.models.hf_checkpoint import StateDictWeights
+    from megatron_red.models.megatron.weights import load_hf_weights, unwrap_model
 
     model = unwrap_model(policy.model)
     own = {name: p.detach().clone() for name, p in model.named_parameters()}
     replicated = {name: own[name].numpy() for name, p in model.named_parameters()
                   if not getattr(p, "tensor_model_parallel", False)}
-    import_hf_state_dict(model, reference, policy.arch, policy.tp_group)
+    load_hf_weights(model, StateDictWeights(reference), policy.arch, policy.tp_group)
     errors = {name: (own[name] - p.detach()).abs().max().item() for name, p in model.named_parameters()}
     return errors, replicated
 
@@ -137,7 +139,7 @@ def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_s
     engine = trainer.policy.rollout_engine
     assert isinstance(getattr(engine, "engine", engine), MegatronEngine)  # sampling from the policy's own shards
     trainer.train()
-    weights = {k: v.numpy() for k, v in trainer.policy.hf_state_dict().items()}
+    weights = {k: v.numpy() for k, v in hf_weights(trainer.policy).items()}
     own = _own_parameters(trainer.policy, reference) if reference is not None else None
     ps.destroy_model_parallel()
     return weights, prompts, computed_w, own
@@ -177,9 +179,7 @@ def _assert_runs_match(hf_lines, hf_weights, mg_lines, mg_weights, computed_w, s
     assert computed_w == pytest.approx(recomputed, rel=1e-12)
     assert computed_w == pytest.approx([line["entropy/w"] for line in hf_lines[:-1]], rel=2e-2)
 
-    from megatron_red.models.megatron import load_hf_checkpoint
-
-    _, start = load_hf_checkpoint(student)
+    start = read_hf_weights(student)
     assert set(mg_weights) == set(start) and "lm_head.weight" not in start  # tied head, exported once
     for key in start:
         torch.testing.assert_close(torch.from_numpy(mg_weights[key]), hf_weights[key], atol=1e-5, rtol=0, msg=key)

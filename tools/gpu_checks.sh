@@ -38,6 +38,16 @@ step() {
                       -m megatron_red.cli train model.backend=megatron trainer.steps=3 trainer.save_every=2 \
                       trainer.eval_problems=16 trainer.tensorboard=false data.warmup_steps=20 \
                       trainer.out_dir=/tmp/mg_gpu/run ;;
+    # After megatron_train: its checkpoint exported (dist_checkpointing model-only load on the GPU, streamed export)
+    # must equal the run's own hf/ written at the end of training.
+    megatron_export) run megatron_export 90 bash -c 'torchrun --standalone --nproc_per_node=1 -m megatron_red.cli \
+                       export /tmp/mg_gpu/run --out /tmp/mg_gpu/export && python3 -c "
+import glob, torch
+from safetensors.torch import load_file
+load = lambda d: {k: v for f in sorted(glob.glob(d + \"/*.safetensors\")) for k, v in load_file(f).items()}
+a, b = load(\"/tmp/mg_gpu/run/hf\"), load(\"/tmp/mg_gpu/export\")
+assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \"export != run/hf\"
+print(len(a), \"tensors equal, dtype\", next(iter(a.values())).dtype)"' ;;
     bench_rollout) run bench_rollout 130 python3 tools/bench_rollout.py --shapes 64x256 --engines local ;;
     # Issue 9 (under 8 minutes): the megatron engine (paged attention in Triton, no flash-attn) beside LocalEngine
     # at 64 x 512 and 512 x 1024 on the 1.5B shape, then one-GPU RED steps timed by phase with peak memory.
@@ -55,6 +65,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(bench_kernels cuda_tests megatron_smoke bench_rollout profile_backward megatron_train \
-                                  megatron_rollout)
+                                  megatron_export megatron_rollout)
 for s in "${steps[@]}"; do step "$s"; done
 echo "all done in ${SECONDS}s"

@@ -90,6 +90,7 @@ class PolicyBackend(ABC):
     `prepare_for_training` / `get_loss_and_metrics` / `finish_training`, `offload_adam_states` /
     `onload_adam_states`; docs/architecture.md maps each to NeMo-Aligner's). The defaults here fit a policy
     whose rollout engine samples from its own module; the Megatron backend adds memory management between phases.
+    Both backends also expose `hf_config`, the transformers config of the model (written next to exported weights).
     """
 
     rollout_engine: "RolloutEngine | None" = None
@@ -123,8 +124,10 @@ class PolicyBackend(ABC):
         ...
 
     @abstractmethod
-    def save_pretrained(self, path: str) -> None:
-        """Export the weights in Hugging Face format (a directory loadable with `from_pretrained`)."""
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Export the weights in Hugging Face format (a directory loadable with `from_pretrained`: safetensors
+        shards + `model.safetensors.index.json` + config.json), cast to `dtype` if given. Collective on sharded
+        backends; no rank holds the whole model."""
 
     @property
     @abstractmethod
@@ -187,3 +190,26 @@ class PolicyBackend(ABC):
 
     def load_checkpoint(self, directory: str) -> None:
         self.load_state_dict(torch.load(f"{directory}/policy.pt", map_location="cpu", weights_only=False))
+
+    def checkpoint_nbytes(self, with_hf: bool = False) -> int:
+        """About how many bytes `save_checkpoint` writes, plus a `save_pretrained` export when `with_hf`
+        (collective on sharded backends)."""
+        seen = set()
+
+        def nbytes(obj) -> int:
+            if isinstance(obj, torch.Tensor):  # tensors sharing storage (a tied head) are saved once
+                key = (obj.untyped_storage().data_ptr(), obj.storage_offset())
+                if key in seen:
+                    return 0
+                seen.add(key)
+                return obj.numel() * obj.element_size()
+            if isinstance(obj, dict):
+                return sum(nbytes(v) for v in obj.values())
+            if isinstance(obj, (list, tuple)):
+                return sum(nbytes(v) for v in obj)
+            return 0
+
+        state = self.state_dict()
+        total = nbytes(state)
+        seen.clear()
+        return total + (nbytes(state["model"]) if with_hf else 0)

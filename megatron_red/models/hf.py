@@ -200,8 +200,14 @@ class HFPolicy(PolicyBackend):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def save_pretrained(self, path: str) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
+    @property
+    def hf_config(self):
+        return self.model.config
+
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        from megatron_red.models.hf_checkpoint import save_state_dict
+
+        save_state_dict(self.model.state_dict(), self.model.config, path, dtype)
 
 
 def _check_args(micro_batch_size: int, temperature: float) -> None:

@@ -212,7 +212,8 @@ def rollout_max_sequence_length(config: RunConfig) -> int:
 def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
     """The `MegatronPolicy` of a `RunConfig` (joins the torchrun world first). Without `model.path`, the tiny
     built-in student (warmed up once by global rank 0 with the Hugging Face backend) is the checkpoint."""
-    from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, fused_kernel_enabled, load_hf_checkpoint
+    from megatron_red.models.hf_checkpoint import HFCheckpoint
+    from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, fused_kernel_enabled, load_hf_config
     from megatron_red.models.precision import dtype_name
     from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
 
@@ -225,7 +226,7 @@ def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
         path = warmed_up_student(config, task, cache_dir)  # cached by rank 0: only resolves the directory
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     m = config.model
-    hf_config, state = load_hf_checkpoint(path)
+    hf_config = load_hf_config(path)
     megatron_config = MegatronConfig(
         tensor_model_parallel_size=m.tensor_model_parallel_size,
         pipeline_model_parallel_size=m.pipeline_model_parallel_size,
@@ -235,5 +236,5 @@ def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
         max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch, seed=config.trainer.seed,
         dist_timeout_minutes=config.trainer.dist_timeout_minutes, offload_optimizer=config.rollout.offload_optimizer,
         inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
-    return MegatronPolicy(hf_config, state, megatron_config, config.optim)
+    return MegatronPolicy(hf_config, HFCheckpoint(path), megatron_config, config.optim)  # each rank reads its shard
 

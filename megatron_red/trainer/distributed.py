@@ -41,20 +41,26 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init_distributed(timeout_minutes: float) -> None:
+def init_distributed(timeout_minutes: float, single_process: bool = False) -> None:
     """Join the `torchrun` world (NCCL on CUDA, gloo on CPU) unless a process group already exists, with collectives
     that time out after `timeout_minutes` (`trainer.dist_timeout_minutes`); on CUDA, bind this process to GPU
-    `LOCAL_RANK`."""
+    `LOCAL_RANK`. Outside torchrun, `single_process` makes a world of this process alone (a tool that needs
+    megatron-core's parallel state, e.g. `megatron-red export`); otherwise that is an error."""
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if dist.is_initialized():
         return
-    if not under_torchrun():
-        raise ValueError("model.backend=megatron runs under torchrun (WORLD_SIZE / RANK / MASTER_ADDR unset); "
-                         "e.g. torchrun --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron ...")
     if timeout_minutes <= 0:
         raise ValueError(f"trainer.dist_timeout_minutes must be > 0, got {timeout_minutes}")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not under_torchrun():
+        if single_process:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(minutes=timeout_minutes))
+            return
+        raise ValueError("model.backend=megatron runs under torchrun (WORLD_SIZE / RANK / MASTER_ADDR unset); "
+                         "e.g. torchrun --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron ...")
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     watch_phases(timeout_minutes)
 
 
@@ -138,6 +144,15 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """Global rank 0's `obj` (picklable) on every rank; `obj` itself with one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 @dataclass

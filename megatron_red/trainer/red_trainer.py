@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,7 @@ class RedTrainer:
         self._trace_reward: dict[str, float] = {}
         self.reward_seconds = 0.0  # grading time of the current step
         self.step = 0
+        checkpoint.check_keep_last(config.trainer.keep_last)
         checkpoint_dir = checkpoint.latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint_dir is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint there (checkpoints/latest missing)")
@@ -116,6 +118,8 @@ class RedTrainer:
             self.relift_buffer = state["relift_buffer"]
             self.engine.sync_weights(self.policy)
             if is_main_process():
+                # The final model of the finished run, if any, is not this run's final model any more.
+                shutil.rmtree(self.run_dir / checkpoint.HF_DIR, ignore_errors=True)
                 print(f"[resume] {checkpoint_dir} (step {self.step})")
         elif is_main_process():
             with open(self.run_dir / "config.yaml", "w", encoding="utf-8") as f:
@@ -401,6 +405,8 @@ class RedTrainer:
             bar.close()
         if checkpoint.latest_checkpoint(self.run_dir) is None or self.step % cfg.save_every:
             self.save()
+        set_phase("hf export")
+        checkpoint.save_hf_model(self.policy, self.tokenizer, self.run_dir / checkpoint.HF_DIR)
         final = self.evaluate()
         self.log.log(self.step, {"final": True, **final})
         self.log.close()
@@ -410,7 +416,8 @@ class RedTrainer:
         set_phase("checkpoint")
         return checkpoint.save_checkpoint(self.run_dir, self.step, self.policy, {
             "stream": self.stream.state_dict(), "controller": self.controller.state_dict(),
-            "relift_buffer": self.relift_buffer, "data_parallel_size": self.dp.size})
+            "relift_buffer": self.relift_buffer, "data_parallel_size": self.dp.size}, tokenizer=self.tokenizer,
+            save_hf=self.config.trainer.save_hf, keep_last=self.config.trainer.keep_last)
 
     def evaluate(self) -> dict:
         cfg = self.config.trainer

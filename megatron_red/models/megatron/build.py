@@ -1,7 +1,8 @@
 """Inputs of the Megatron backend (`model.backend=megatron`): Hugging Face checkpoints and the fused-kernel switch.
 
-Every rank loads the full Hugging Face checkpoint (config + safetensors) and keeps its TP x PP shard
-(`policy.build_sharded_model`). Rollouts sample from those shards (`megatron_red.rollout.megatron`).
+Every rank reads only its TP x PP shard of the Hugging Face checkpoint: `load_hf_config` gives the config, and
+`HFCheckpoint` (models/hf_checkpoint.py) the lazily opened weights that `policy.build_sharded_model` slices
+(`weights.load_hf_weights`). Rollouts sample from those shards (`megatron_red.rollout.megatron`).
 """
 from __future__ import annotations
 
@@ -9,20 +10,16 @@ from pathlib import Path
 
 import torch
 
+from megatron_red.models.hf_checkpoint import is_hf_checkpoint
 
-def load_hf_checkpoint(path: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
-    """(transformers config, full state dict on CPU) of a local checkpoint directory of `*.safetensors` files."""
-    from safetensors.torch import load_file
+
+def load_hf_config(path: str | Path):
+    """The transformers config of a local checkpoint directory (its weights are read lazily, see HFCheckpoint)."""
     from transformers import AutoConfig
 
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not (path / "config.json").exists() or not files:
+    if not is_hf_checkpoint(path):
         raise ValueError(f"{path}: expected a Hugging Face checkpoint directory (config.json + *.safetensors)")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file), device="cpu"))
-    return AutoConfig.from_pretrained(str(path), local_files_only=True), state
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def fused_kernel_enabled(mode: str) -> bool:

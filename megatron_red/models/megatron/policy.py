@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
+from megatron_red.models.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSpec, as_hf_weights,
+                                              write_hf_checkpoint)
 from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
-from megatron_red.models.megatron.weights import export_hf_state_dict, import_hf_state_dict
+from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
 from megatron_red.models.precision import DTYPES
 from megatron_red.parallel.packing import micro_batch_rows
@@ -99,10 +101,13 @@ def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
     finalize_model_grads(model_chunks, num_tokens=None, **kwargs)
 
 
-def build_sharded_model(hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig):
+def build_sharded_model(hf_config, weights, config: MegatronConfig):
     """This rank's `GPTModel` stage (TP x PP shard) holding the Hugging Face weights, in `config.dtype`, on the
     current CUDA device (else the CPU); no optimiser. Initialises megatron-core's parallel state if it is not
-    already (torch.distributed must be). Returns (HFArchitecture, model, TransformerConfig)."""
+    already (torch.distributed must be). Returns (HFArchitecture, model, TransformerConfig).
+
+    weights: an HF checkpoint directory or `HFCheckpoint` (each rank reads only its shard, lazily), or an in-memory
+    state dict; see `load_hf_weights`. None leaves the parameters uninitialised, for a dist checkpoint to fill."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -128,6 +133,7 @@ def build_sharded_model(hf_config, hf_state_dict: dict[str, torch.Tensor], confi
         recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel,
         cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
     tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
+    tconfig.perform_initialization = False  # every weight is loaded next: random init would only cost time
     model = build_gpt_model(arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
                             post_process=ps.is_pipeline_last_stage(), attention=config.attention)
     # The local spec's RMSNorm (local_spec.py, like torch.nn.RMSNorm) is built in fp32. megatron's 16-bit
@@ -137,7 +143,8 @@ def build_sharded_model(hf_config, hf_state_dict: dict[str, torch.Tensor], confi
     model = model.to(dtype=dtype)
     if on_gpu:
         model = model.cuda(torch.cuda.current_device())
-    import_hf_state_dict(model, hf_state_dict, arch, ps.get_tensor_model_parallel_group())
+    if weights is not None:
+        load_hf_weights(model, as_hf_weights(weights), arch, ps.get_tensor_model_parallel_group())
     if config.inference_cuda_graphs:
         from megatron.core.transformer.utils import toggle_cuda_graphs
 
@@ -154,28 +161,47 @@ class ShardedModel:
     mp_group: dist.ProcessGroup
 
     @classmethod
-    def from_hf(cls, hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig) -> "ShardedModel":
+    def from_hf(cls, hf_config, weights, config: MegatronConfig) -> "ShardedModel":
+        """`weights` as for `build_sharded_model`."""
         from megatron.core import parallel_state as ps
 
-        arch, model, _ = build_sharded_model(hf_config, hf_state_dict, config)
+        arch, model, _ = build_sharded_model(hf_config, weights, config)
         return cls(arch, model.eval(), ps.get_model_parallel_group())
+
+
+def save_hf_pretrained(model: torch.nn.Module, hf_config, path: str, dtype: torch.dtype | None = None,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Collective over all ranks: write the Hugging Face checkpoint of a TP x PP-sharded `model` into `path`
+    (safetensors shards + index + config.json), streamed tensor by tensor (`HFExport`) by global rank 0; the
+    other data-parallel replicas hold the same weights and only wait."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() == 0:
+        export = HFExport(model, HFArchitecture.from_hf_config(hf_config), ps.get_tensor_model_parallel_group(),
+                          ps.get_pipeline_model_parallel_group())
+        if export.is_writer:
+            specs = [TensorSpec(s.name, s.shape, dtype or s.dtype) for s in export.specs]
+            write_hf_checkpoint(path, hf_config, specs, export, max_shard_bytes)
+        else:
+            for _ in export:  # serves this rank's shards to the writer
+                pass
+    dist.barrier()
 
 
 class MegatronPolicy(PolicyBackend):
     """A Qwen2 / Llama policy sharded with megatron-core; see the module docstring for loss normalisation.
 
     Must be constructed on every rank of an initialised `torch.distributed` world; initialises megatron-core's
-    parallel state if it is not already. `hf_state_dict` holds the full Hugging Face weights (each rank keeps
-    its shard).
+    parallel state if it is not already. `weights`: the Hugging Face weights (a checkpoint directory, read lazily,
+    each rank reading only its shard; or an in-memory state dict), see `build_sharded_model`.
     """
 
-    def __init__(self, hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig,
-                 optim: OptimConfig):
+    def __init__(self, hf_config, weights, config: MegatronConfig, optim: OptimConfig):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        self.arch, model, tconfig = build_sharded_model(hf_config, hf_state_dict, config)
+        self.arch, model, tconfig = build_sharded_model(hf_config, weights, config)
         self.hf_config, self.config, self.optim = hf_config, config, optim
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
@@ -315,19 +341,20 @@ class MegatronPolicy(PolicyBackend):
 
         load_checkpoint(self, directory)
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full Hugging Face weights on every rank (CPU)."""
-        return export_hf_state_dict(self.model, self.arch, self.tp_group, self.pp_group)
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Collective: the Hugging Face checkpoint, streamed tensor by tensor (see `save_hf_pretrained`)."""
+        save_hf_pretrained(self.model, self.hf_config, path, dtype)
 
-    def save_pretrained(self, path: str) -> None:
-        from transformers import AutoModelForCausalLM
+    def checkpoint_nbytes(self, with_hf: bool = False) -> int:
+        """Collective: parameters (their dtype) + fp32 main copy when 16-bit + two fp32 Adam moments (+ the
+        parameters again for a Hugging Face export), over one model replica (a tied LM head counts twice)."""
+        from megatron.core import parallel_state as ps
 
-        weights = self.hf_state_dict()
-        if dist.get_rank() == 0:
-            hf_model = AutoModelForCausalLM.from_config(self.hf_config)
-            missing, unexpected = hf_model.load_state_dict(weights, strict=False)
-            allowed = {"lm_head.weight"} if self.arch.tie_word_embeddings else set()
-            if set(missing) - allowed or unexpected:
-                raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
-            hf_model.save_pretrained(path)
-        dist.barrier()
+        local = sum(p.numel() for p in unwrap_model(self.model).parameters())
+        total = torch.tensor([float(local)])
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, group=ps.get_model_parallel_group())
+        itemsize = DTYPES[self.config.dtype].itemsize
+        per_param = itemsize + (4 if itemsize < 4 else 0) + 8 + (itemsize if with_hf else 0)
+        return int(total.item()) * per_param
