@@ -39,7 +39,8 @@ def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
         raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
     if m.gradient_checkpointing and m.recompute_modules:
         raise ValueError("choose model.gradient_checkpointing or model.recompute_modules, not both")
-    engine_kind(config)  # the megatron engine (anything else is refused, naming the option)
+    if engine_kind(config) != "megatron":  # conflicting choices are refused there, naming the option
+        raise ValueError(f"plan models the megatron rollout engine; got rollout.engine={config.rollout.engine!r}")
     attention = m.attention
     if attention == "auto":
         attention = "te" if transformer_engine_available() else "sdpa"
@@ -97,8 +98,10 @@ def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: Ru
         if config is not None:
             prompts = -(-config.trainer.prompts_per_step // lay.data_parallel_size)
             rows = prompts * config.rollout.n
+            waves = -(-rows // ro.requests)
             lines.append(f"rows generated per step by each model-parallel group: {prompts} prompts x "
-                         f"{config.rollout.n} = {rows} ({-(-rows // ro.requests)} x {ro.requests} decoded together)")
+                         f"{config.rollout.n} = {rows}, in {waves} wave{'s' if waves > 1 else ''} of up to "
+                         f"{ro.requests}")
     lines += ["", plan.table(card_gib), ""]
     for phase in plan.phases():
         worst = max(plan.peak(s, phase) for s in plan.parts)

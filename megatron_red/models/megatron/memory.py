@@ -91,9 +91,13 @@ class Rollout:
     step_tokens: int = 16384
     """Tokens of one engine step (megatron's max_tokens)."""
     offload_optimizer: bool = False
+    """Gradients and Adam state leave the GPU while generating (rollout.offload_optimizer)."""
     release_kv_cache: bool = True
+    """The KV buffer is freed while training (rollout.release_kv_cache)."""
     cuda_graph: bool = False
+    """megatron's static logits buffer exists (rollout.cuda_graph)."""
     top_p: float = 1.0
+    """< 1 adds the nucleus filter's temporaries to the sampler's."""
 
 
 @dataclass
