@@ -84,7 +84,7 @@ def _plan(args) -> int:
     from megatron_red.trainer.plan import describe, plan_for_config, run_architecture
 
     config = load_config(args.config, args.overrides)
-    print(describe(plan_for_config(config, args.world_size), run_architecture(config), args.gpu_memory_gib))
+    print(describe(plan_for_config(config, args.world_size), run_architecture(config), args.gpu_memory_gib, config))
     return 0
 
 

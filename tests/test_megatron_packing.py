@@ -9,7 +9,10 @@ One 4-process spawn (TP=2 x PP=2, one layout, several checks): SDPACoreAttention
 DotProductAttention on each TP rank's heads (values and gradients, padding mask, GQA, decode); the policy with
 packed micro-batches + selective recompute gives the same log-probs, entropies and one-step update as the padded
 policy (both sequence-parallel), and both equal the single-process Hugging Face model; `plan`'s weight, gradient and
-optimizer bytes equal those of a bf16 policy's real objects (distributed optimizer, tied embeddings across stages).
+optimizer bytes equal those of a bf16 policy's real objects (distributed optimizer, tied embeddings across stages),
+and its KV-cache term equals the buffer megatron-core's `DynamicInferenceContext` allocates when the rollout engine
+built from the same run config generates on that policy (the default buffer and an explicit kv_buffer_gb that is
+not a whole number of blocks).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_red.models.base import SequenceBatch  # noqa: E402
-from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan  # noqa: E402
+from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan, sequences_held  # noqa: E402
 from megatron_red.models.megatron.model import HFArchitecture  # noqa: E402
 from megatron_red.models.megatron.local_spec import dense_attention, varlen_attention  # noqa: E402
 from megatron_red.parallel.packing import (micro_batch_rows, packed_micro_batch, padded_micro_batch,  # noqa: E402
@@ -187,7 +190,8 @@ def dist_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_config, plan_state):
+def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_config, plan_state, rollouts,
+                    rollout_length):
     import megatron_compat
     megatron_compat.install()
     from megatron.core import parallel_state as ps
@@ -209,17 +213,24 @@ def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_c
         out[name] = dict(logprobs=logprobs, entropy=entropy, grad_norm=grad_norm, stepped=hf_weights(policy),
                          loss=sum(m["loss"] for m in metrics), micro_batches=len(metrics))
     out["attention"] = _attention_checks(ps.get_tensor_model_parallel_group())
-    out["memory"] = _memory_counts(plan_config, plan_state, batch)
+    out["memory"] = _memory_counts(plan_config, plan_state, batch, rollouts, rollout_length)
     ps.destroy_model_parallel()
     return portable(out)
 
 
-def _memory_counts(hf_config, hf_state, batch) -> dict:
+def _memory_counts(hf_config, hf_state, batch, rollouts, rollout_length) -> dict:
     """Bytes of this rank's weights, fp32 gradients and optimiser state (fp32 master copies and Adam moments),
-    counted from the real objects of a bf16 policy with the distributed optimiser after one step."""
+    counted from the real objects of a bf16 policy with the distributed optimiser after one step; and, for each
+    RolloutConfig, the KV buffer (bytes, blocks), max_requests and max_tokens of megatron's DynamicInferenceContext
+    while the engine `build_engine` makes of it generates on that policy."""
     from megatron.core import parallel_state as ps
 
     from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
+    from megatron_red.rollout.base import SamplingParams
+    from megatron_red.rollout.build import build_engine
+
+    class Tokens:
+        eos_token_id, pad_token_id = 1, 0
 
     policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
         tensor_model_parallel_size=2, pipeline_model_parallel_size=2, dtype="bfloat16",
@@ -238,10 +249,23 @@ def _memory_counts(hf_config, hf_state, batch) -> dict:
                 optimizer += sum(v.numel() * v.element_size() for k, v in opt.optimizer.state[p].items()
                                  if torch.is_tensor(v) and k != "step")
     counts["optimizer"] = optimizer
+    counts["kv"] = []
+    for rollout in rollouts:
+        engine = build_engine("megatron", policy, Tokens(), rollout, max_sequence_length=rollout_length)
+        engine.generate([[5, 6, 7]], 1, SamplingParams(max_new_tokens=2, seed=0))
+        context = engine._engine.context
+        counts["kv"].append(dict(bytes=engine.kv_cache.numel() * engine.kv_cache.element_size(),
+                                 blocks=context.kv_block_allocator.total_count, max_requests=context.max_requests,
+                                 max_tokens=context.max_tokens))
+        engine.suspend()
     return counts
 
 
-def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf():
+def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf(tmp_path):
+    from megatron_red.config import load_config
+    from megatron_red.trainer.build import rollout_max_sequence_length
+    from megatron_red.trainer.plan import plan_for_config
+
     config = tiny_hf_config("qwen2")
     model = tiny_hf_model(config)
     hf_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -249,7 +273,15 @@ def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf():
     budget = 32
     plan_config = tiny_hf_config("llama")  # tied embeddings: the last stage keeps a copy
     plan_state = tiny_hf_model(plan_config, seed=1).state_dict()
-    results = run_distributed(_packing_worker, 4, config, hf_state, batch, budget, plan_config, plan_state)
+    plan_config.save_pretrained(tmp_path)  # the architecture `plan` reads
+    # 3 rows round up to megatron's 4 (a multiple of TP); blocks of 4 tokens, 2 layers and 1 KV head per GPU: 512 B.
+    run = [f"model.path={tmp_path}", "model.backend=megatron", "model.dtype=bfloat16",
+           "model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2", "data.max_prompt_tokens=24",
+           "rollout.max_new_tokens=16", "rollout.max_batch_size=3", "rollout.kv_block_size=4"]
+    runs = [load_config(None, run), load_config(None, run + [f"rollout.kv_buffer_gb={37.5 * 512 / 2**30!r}"])]
+    plans = [plan_for_config(r, 4) for r in runs]
+    results = run_distributed(_packing_worker, 4, config, hf_state, batch, budget, plan_config, plan_state,
+                              [r.rollout for r in runs], rollout_max_sequence_length(runs[0]))
 
     with torch.no_grad():
         ref_lp, ref_ent = hf_logprobs_entropy(model, batch)
@@ -278,6 +310,13 @@ def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf():
                            Workload(tokens_per_micro_batch=64, max_sequence_length=16))
         for part in ("weights", "gradients", "optimizer"):
             assert plan.parts[measured["stage"]][part] == measured[part], (measured["stage"], part)
+        # the KV term is the buffer megatron allocates: 4 rows x 10 blocks + the dummy by default, 37 blocks of 37.5
+        for kv_plan, kv in zip(plans, measured["kv"]):
+            assert kv_plan.parts[measured["stage"]]["KV cache"] == kv["bytes"] == kv_plan.kv_blocks * 512
+            assert (kv_plan.kv_blocks, kv_plan.workload.rollout.requests, kv_plan.workload.rollout.step_tokens) == \
+                (kv["blocks"], kv["max_requests"], kv["max_tokens"])
+        assert [p.kv_blocks for p in plans] == [41, 37]
+        assert sequences_held(plans[0].kv_blocks, 40, 4) == 4  # the default buffer holds every row at full length
 
 
 @pytest.mark.parametrize("recipe,architecture,world_size", [
@@ -286,25 +325,36 @@ def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf():
     ("qwen25_32b_16gpu", "qwen2.5-32b", 16),
 ])
 def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
-    """`megatron-red plan` on each shipped recipe (architecture only, no weights): the layout it documents fits an
-    80 GiB card, and the weights row is the recipe's parameters per GPU in bf16."""
+    """`megatron-red plan` on each shipped recipe (architecture only, no weights): both phases of the layout it
+    documents fit an 80 GiB card, the weights row is the recipe's parameters per GPU in bf16, the default KV buffer
+    holds max_batch_size sequences, and the rollout options move the parts between the phases."""
     from megatron_red.cli import main
     from megatron_red.config import load_config
     from megatron_red.models.megatron.memory import stage_parameter_numel
-    from megatron_red.trainer.plan import run_architecture
+    from megatron_red.trainer.plan import plan_for_config, run_architecture
 
     path = f"examples/red/{recipe}.yaml"
     overrides = [f"model.path=examples/red/architectures/{architecture}"]
     assert main(["plan", "--world-size", str(world_size), path, *overrides]) == 0
     out = capsys.readouterr().out
-    assert "of 80 GiB: fits" in out
+    assert "generation peak" in out and "of 80 GiB: fits\ntraining peak" in out and out.endswith("of 80 GiB: fits\n")
     config = load_config(path, overrides)
     m = config.model
     weights = stage_parameter_numel(run_architecture(config), m.tensor_model_parallel_size,
                                     m.pipeline_model_parallel_size, 0) * 2 / 2**30
-    assert f"| weights | {weights:.2f} |" in out
+    assert f"| weights | generation + training | {weights:.2f} |" in out
+    if config.rollout.kv_buffer_gb is None:
+        assert f"holds {config.rollout.max_batch_size} sequences of " in out
     if m.tensor_model_parallel_size * m.pipeline_model_parallel_size > 1:
         assert main(["plan", "--world-size", "3", path, *overrides]) == 2  # not a multiple of TP x PP
+    assert main(["plan", path, *overrides, "model.backend=hf"]) == 2  # plan models the Megatron backend only
+
+    base, offload, keep = (plan_for_config(load_config(path, overrides + extra), world_size) for extra in
+                           ([], ["rollout.offload_optimizer=true"], ["rollout.release_kv_cache=false"]))
+    p = base.parts[0]
+    assert offload.peak(0, "generation") == pytest.approx(base.peak(0, "generation") - p["gradients"] - p["optimizer"])
+    assert offload.peak(0, "training") == base.peak(0, "training")
+    assert keep.peak(0, "training") == pytest.approx(base.peak(0, "training") + p["KV cache"])
 
 
 def test_megatron_only_options_rejected_on_the_hf_backend(tmp_path):

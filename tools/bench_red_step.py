@@ -7,9 +7,11 @@ shares the weights, so this is the cost of nothing), and the phase switches (`pr
 `finish_inference` / `prepare_for_training`: KV-cache release and rebuild, CUDA-graph capture, optimiser offload).
 The first step builds the engine and is reported separately.
 
-Default: the built-in task with a Qwen2.5-1.5B-shaped student (28 layers, hidden 1536, 12 / 2 heads, FFN 8960;
-the built-in tokenizer's 256-token vocabulary, so the LM head is cheap), random init plus one warm-up SFT step,
-64 prompts x 8 samples of 512 new tokens. Overrides are `key=value` pairs as for `megatron-red train`:
+Default workload: the built-in task with a Qwen2.5-1.5B-shaped student (28 layers, hidden 1536, 12 / 2 heads, FFN
+8960; the built-in tokenizer's 256-token vocabulary, so the LM head is cheap), random init plus one warm-up SFT step,
+64 prompts x 8 samples of 512 new tokens, 2 steps (about 1.5 minutes on an H200, most of it the first step's set-up).
+Each step also prints the engine-vs-trainer log-prob mismatch of its on-policy tokens (mismatch/* metrics). Needs
+CUDA. Overrides are `key=value` pairs as for `megatron-red train`:
 
     torchrun --standalone --nproc_per_node=1 tools/bench_red_step.py [--steps 3] [key=value ...]
 """
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="RED steps (the first one is the warm-up)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_red_step.py needs a CUDA GPU (none is visible to torch); run it under torchrun on one")
 
     from megatron_red.config import load_config
     from megatron_red.trainer.distributed import is_main_process
@@ -83,6 +87,8 @@ def main() -> None:
         clock.seconds["step"] = time.perf_counter() - start
         clock.tokens = metrics.get("tokens/step", 0)
         clock.length = metrics.get("response/mean_length", 0.0)
+        clock.mismatch = (metrics.get("mismatch/logprob_abs_mean", float("nan")),
+                          metrics.get("mismatch/logprob_abs_max", float("nan")))
         trainer.step += 1
         clocks.append(clock)
     if is_main_process():
@@ -96,7 +102,8 @@ def main() -> None:
                                         for c in clocks))
         for i, c in enumerate(clocks):
             print(f"step {i + 1}: {c.tokens} trained tokens, mean response length {c.length:.0f}, generate "
-                  f"{100 * c.seconds['generate'] / c.seconds['step']:.0f}% of the step")
+                  f"{100 * c.seconds['generate'] / c.seconds['step']:.0f}% of the step; |log pi_old - log "
+                  f"pi_behaviour| mean {c.mismatch[0]:.2e}, max {c.mismatch[1]:.2e}")
 
 
 if __name__ == "__main__":

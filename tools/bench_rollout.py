@@ -11,7 +11,13 @@ resident); megatron rows also report the KV buffer, the prompt tokens prefix sha
 `suspend()` returned to the allocator. `--quick` shrinks everything to a small model (and `--device cpu --quick`
 is a smoke test of the local engine; the megatron engine needs CUDA).
 
+Default workload: HF generate (first shape only), LocalEngine and the megatron engine each eager and with CUDA
+graphs, at 64 x 512 and 512 x 1024, then the training step. `--engines` picks variants: `local` / `megatron` (eager
+and graphed) or `local-eager`, `local-graph`, `megatron-eager`, `megatron-graph`.
+
     python tools/bench_rollout.py                      # H100 / H200, about 3-4 minutes
+    python tools/bench_rollout.py --skip-hf-generate --skip-train --engines local-graph,megatron-graph
+                                                       # tools/gpu_checks.sh's megatron_rollout step, ~1.3 minutes
     python tools/bench_rollout.py --device cpu --quick # smoke test
 """
 from __future__ import annotations
@@ -63,7 +69,7 @@ def bench_rollout(args, config, device, dtype, rows: list) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
-    sharded = build_megatron_model(config, model, dtype) if "megatron" in args.engines else None
+    sharded = build_megatron_model(config, model, dtype) if graph_modes(args, "megatron", device) else None
     for batch, new in args.shapes:
         args.batch, args.new_tokens = batch, new
         bench_shape(args, config, model, sharded, device, rows)
@@ -96,16 +102,30 @@ class _Ids:
     eos_token_id, pad_token_id = -1, 0  # EOS disabled: every row decodes all its new tokens
 
 
+def shape_of(args) -> str:
+    """A rollout row's work: rows x new tokens."""
+    return f"{args.batch}x{args.new_tokens}"
+
+
+def graph_modes(args, engine: str, device) -> list[bool]:
+    """The CUDA-graph settings (False = eager) that `--engines` asks of `engine` (graphs only on CUDA)."""
+    modes = []
+    for cuda_graph, mode in ((False, "eager"), (True, "graph")):
+        if (engine in args.engines or f"{engine}-{mode}" in args.engines) and (device.type == "cuda" or not cuda_graph):
+            modes.append(cuda_graph)
+    return modes
+
+
 def bench_megatron(args, sharded, prompts, device, rows: list) -> None:
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=0)
-    for cuda_graph in ([False, True] if device.type == "cuda" else [False]):
+    for cuda_graph in graph_modes(args, "megatron", device):
         name = "megatron engine" + (" + CUDA graphs" if cuda_graph else " (eager)")
         print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
         try:
             rows.append(megatron_row(args, sharded, prompts, device, name, cuda_graph, params))
         except Exception as e:  # noqa: BLE001 - a failed variant is a row of the table, the others still run
             traceback.print_exc()
-            rows.append(("rollout", name, float("nan"), float("nan"), f"failed: {type(e).__name__}: {e}"[:160]))
+            rows.append((shape_of(args), name, float("nan"), float("nan"), f"failed: {type(e).__name__}: {e}"[:160]))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -133,7 +153,7 @@ def megatron_row(args, sharded, prompts, device, name, cuda_graph, params):
         engine.suspend()
         gc.collect()
         notes.append(f"suspend() freed {gib(held - torch.cuda.memory_allocated(device))}")
-    return ("rollout", name, seconds, args.batch * args.new_tokens / seconds, "; ".join(filter(None, notes)))
+    return (shape_of(args), name, seconds, args.batch * args.new_tokens / seconds, "; ".join(filter(None, notes)))
 
 
 def bench_shape(args, config, model, sharded, device, rows: list) -> None:
@@ -155,26 +175,24 @@ def bench_shape(args, config, model, sharded, device, rows: list) -> None:
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
                 top_k=0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0), device)
         assert out.shape[1] == args.prompt_len + args.new_tokens
-        rows.append(("rollout", "HF generate", seconds, new_tokens / seconds, ""))
+        rows.append((shape_of(args), "HF generate", seconds, new_tokens / seconds, ""))
 
-    graph_modes = [False, True] if device.type == "cuda" else [False]
     prompt_lists, n = unique.tolist(), args.samples_per_prompt
-    if "local" in args.engines:
-        for cuda_graph in graph_modes:
-            engine = LocalEngine(model, eos_token_id=-1, pad_token_id=0, max_batch_size=args.batch,
-                                 cuda_graph=cuda_graph)
-            name = "LocalEngine" + (" + CUDA graph" if cuda_graph else " (eager)")
-            print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
-            engine.generate(prompt_lists[:2], 1, SamplingParams(max_new_tokens=4, seed=0))  # warm-up
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            out, seconds = timed(lambda: engine.generate(prompt_lists, n, params), device)
-            assert all(len(c.token_ids) == args.new_tokens for cs in out for c in cs)
-            rows.append(("rollout", name, seconds, new_tokens / seconds, peak_note(device)))
-            del engine, out
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for cuda_graph in graph_modes(args, "local", device):
+        engine = LocalEngine(model, eos_token_id=-1, pad_token_id=0, max_batch_size=args.batch,
+                             cuda_graph=cuda_graph)
+        name = "LocalEngine" + (" + CUDA graph" if cuda_graph else " (eager)")
+        print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
+        engine.generate(prompt_lists[:2], 1, SamplingParams(max_new_tokens=4, seed=0))  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out, seconds = timed(lambda: engine.generate(prompt_lists, n, params), device)
+        assert all(len(c.token_ids) == args.new_tokens for cs in out for c in cs)
+        rows.append((shape_of(args), name, seconds, new_tokens / seconds, peak_note(device)))
+        del engine, out
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if sharded is not None:
         bench_megatron(args, sharded, prompt_lists, device, rows)
 
@@ -231,7 +249,9 @@ def main() -> None:
                                          "quick 8x32)")
     parser.add_argument("--prompt-len", type=int, help="rollout prompt tokens (default 128; quick 16)")
     parser.add_argument("--samples-per-prompt", type=int, default=8, help="rows per prompt (RED's G)")
-    parser.add_argument("--engines", default="local,megatron", help="comma-separated: local, megatron")
+    parser.add_argument("--engines", default="local,megatron",
+                        help="comma-separated: local, megatron (eager and CUDA graph), or local-eager, local-graph, "
+                             "megatron-eager, megatron-graph")
     parser.add_argument("--kv-block-size", type=int, default=64,
                         help="megatron engine: KV block tokens (prefix sharing is per full block)")
     parser.add_argument("--skip-hf-generate", action="store_true", help="skip the (slow) HF generate baseline")
@@ -249,8 +269,14 @@ def main() -> None:
             setattr(args, name, quick if args.quick else full)
     args.shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     args.engines = args.engines.split(",")
+    known = {"local", "megatron", "local-eager", "local-graph", "megatron-eager", "megatron-graph"}
+    if set(args.engines) - known:
+        parser.error(f"unknown --engines {sorted(set(args.engines) - known)}; known: {sorted(known)}")
     if args.device == "cpu":
-        args.engines = [e for e in args.engines if e != "megatron"]  # megatron-core's engine needs CUDA
+        args.engines = [e for e in args.engines if not e.startswith("megatron")]  # megatron's engine needs CUDA
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_rollout.py needs a CUDA GPU for --device cuda (none is visible to torch); "
+                         "`--device cpu --quick` smoke-tests the local engine")
 
     if args.train_steps < 1 or args.micro_batch < 1:
         parser.error("--train-steps and --micro-batch must be >= 1")
@@ -273,11 +299,16 @@ def main() -> None:
         print(f"{work:8} {impl:34} {seconds:9.3f} {rate:11.0f}  {note}")
     if device.type == "cpu":
         print("(megatron engine rows need CUDA)")
-    hf = next((r[3] for r in rows if r[1] == "HF generate"), None)
-    if hf:
-        for work, impl, _, rate, _ in rows:
-            if impl.startswith("LocalEngine"):
-                print(f"{impl}: {rate / hf:.1f}x HF generate (target >= 10x)")
+    rates = {(work, impl): rate for work, impl, _, rate, _ in rows}
+    for (work, impl), rate in rates.items():
+        if impl.startswith("LocalEngine") and (work, "HF generate") in rates:
+            print(f"{work} {impl}: {rate / rates[work, 'HF generate']:.1f}x HF generate (target >= 10x)")
+        local = {"megatron engine (eager)": "LocalEngine (eager)",
+                 "megatron engine + CUDA graphs": "LocalEngine + CUDA graph"}.get(impl)
+        if local and (work, local) in rates:
+            print(f"{work} {impl}: {rate / rates[work, local]:.2f}x {local}")
+        if impl.startswith("megatron engine") and work == "512x1024":
+            print(f"{work} {impl}: {rate:.0f} tokens/s (issue 9 target >= 25000 on one H200)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ step's wall time and the bf16 dense peak (`--peak-tflops`, 989 for H100 / H200 S
 "Planned" is `megatron-red plan`'s activation + LM-head term for the largest micro-batch of the run;
 "measured" is the step's peak allocation minus what was allocated before it (weights, gradients, optimiser state).
 
+Default workload: both workloads with `--groups 2` RED-shaped groups, for Megatron SDPA padded (2 rows per
+micro-batch) and packed (16k-token budget), Megatron local-spec attention padded, and the HF backend (about 2.5
+minutes on an H200; tools/gpu_checks.sh runs `--groups 1`, about 1.2 minutes).
+
 Run: `python tools/megatron_smoke.py [--out FILE.md]` (CUDA; megatron-core; no Transformer Engine needed).
 """
 from __future__ import annotations
@@ -155,7 +159,7 @@ def run(name, policy, batch, mbs, config, peak_tflops, plan=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--groups", type=int, default=2, help="RED-shaped groups in the `red` workload")
     parser.add_argument("--padded-rows", type=int, default=2, help="rows per padded micro-batch")
@@ -169,7 +173,7 @@ def main():
                         help="model family (random weights): Qwen2.5-1.5B, Qwen3-0.6B or Llama-3.2-1B shaped")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("megatron_smoke needs a CUDA GPU")
+        raise SystemExit("megatron_smoke.py needs a CUDA GPU (none is visible to torch)")
 
     from transformers import AutoModelForCausalLM
 
@@ -185,7 +189,9 @@ def main():
     torch.cuda.set_device(0)
     torch.manual_seed(0)
     config = family_config(args.model_type, args.vocab, 16384)
-    state = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    with torch.device("cuda"):  # random init on the GPU (seconds, not a minute of CPU), then kept on the host
+        state = {k: v.detach().cpu() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    torch.cuda.empty_cache()
     batches = workloads(args.vocab, args.groups)
     optim = OptimConfig(lr=1e-6)
     fused = not args.no_fused_kernel

@@ -7,6 +7,9 @@ the cap. On CPU in fp32 the local engine samples from the trained module itself 
 the bf16 engine (optionally CUDA-graphed) and the trainer's bf16 forward with the fused LM head are two numerical
 paths, and this table is their gap.
 
+Default workload: the embedded default config (the built-in task's tiny 4-layer student, HF backend, 8 prompts x 7
+samples of up to 192 new tokens per step), 4 steps. `model.device=cuda` insists on the GPU (an error without one).
+
   python tools/rollout_mismatch.py --steps 4 --temperature 0.7 --tis-cap 2 data.warmup_steps=50
 """
 from __future__ import annotations
@@ -34,6 +37,11 @@ def main() -> None:
     if args.tis_cap is not None:
         overrides.append(f"algo.tis_cap={args.tis_cap}")
     config = load_config(args.config, overrides)
+    if config.model.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("rollout_mismatch.py: model.device=cuda needs a CUDA GPU (none is visible to torch)")
     trainer = RedTrainer(config, run_dir)
     print(f"policy on {getattr(trainer.policy, 'device', 'megatron')}, engine {type(trainer.engine).__name__}, "
           f"method {config.algo.method}, temperature {args.temperature}, tis_cap {args.tis_cap}")

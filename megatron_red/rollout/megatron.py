@@ -26,12 +26,24 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_red.models.megatron.memory import (default_kv_buffer_gb, kv_block_bytes, kv_buffer_blocks,
+                                                 kv_heads_per_rank)
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.megatron_attention import select_inference_attention
 from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens, sampling_logprobs
 
-# megatron's per-step token budget (it also bounds a prompt: chunked prefill stays off, see `_request_params`).
+# megatron's per-step token budget (it also bounds a prompt: chunked prefill stays off).
 DEFAULT_STEP_TOKENS = 16384
+
+
+def engine_max_requests(max_batch_size: int, tensor_model_parallel_size: int) -> int:
+    """megatron's max_requests for rollout.max_batch_size rows: rounded up to a multiple of TP (its requirement)."""
+    return -(-max_batch_size // tensor_model_parallel_size) * tensor_model_parallel_size
+
+
+def engine_step_tokens(max_requests: int, max_sequence_length: int) -> int:
+    """megatron's max_tokens: the tokens one engine step runs (at least one whole prompt, one per request)."""
+    return max(DEFAULT_STEP_TOKENS, max_sequence_length, max_requests)
 
 
 class _NoDetokenizer:
@@ -137,18 +149,17 @@ class MegatronEngine(RolloutEngine):
         self.eos_token_id = int(eos_token_id)
         self.mp_group = mp_group
         tp = config.tensor_model_parallel_size
-        self.max_requests = -(-max_requests // tp) * tp
+        self.max_requests = engine_max_requests(max_requests, tp)
         self.max_sequence_length = max_sequence_length
         self.block_size_tokens = block_size_tokens
         self.attention = select_inference_attention(self.device)
-        kv_heads = max(1, config.num_query_groups // tp)
-        self.block_bytes = 2 * len(model.decoder.layers) * block_size_tokens * kv_heads * config.kv_channels * \
-            config.params_dtype.itemsize
-        blocks_per_row = math.ceil(max_sequence_length / block_size_tokens)
-        if kv_buffer_gb is None:  # every row at full length, plus megatron's dummy block
-            kv_buffer_gb = (self.max_requests * blocks_per_row + 1) * self.block_bytes / 2**30
+        self.block_bytes = kv_block_bytes(len(model.decoder.layers), kv_heads_per_rank(config.num_query_groups, tp),
+                                          config.kv_channels, block_size_tokens, config.params_dtype.itemsize)
+        if kv_buffer_gb is None:
+            kv_buffer_gb = default_kv_buffer_gb(self.max_requests, max_sequence_length, block_size_tokens,
+                                                self.block_bytes)
         self.kv_buffer_gb = kv_buffer_gb
-        self.num_blocks = max(2, int(kv_buffer_gb * 2**30) // self.block_bytes)
+        self.num_blocks = kv_buffer_blocks(kv_buffer_gb, self.block_bytes)  # what megatron's context allocates
         self.prefix_caching = prefix_caching
         self.cuda_graph = cuda_graph
         self.release_kv_cache = release_kv_cache
@@ -164,7 +175,7 @@ class MegatronEngine(RolloutEngine):
         return InferenceConfig(
             block_size_tokens=self.block_size_tokens, buffer_size_gb=self.kv_buffer_gb,
             max_requests=self.max_requests,
-            max_tokens=max(DEFAULT_STEP_TOKENS, self.max_sequence_length, self.max_requests),
+            max_tokens=engine_step_tokens(self.max_requests, self.max_sequence_length),
             max_sequence_length=self.max_sequence_length, num_cuda_graphs=4 if self.cuda_graph else None,
             use_cuda_graphs_for_non_decode_steps=False, materialize_only_last_token_logits=True,
             enable_prefix_caching=self.prefix_caching, use_flashinfer_fused_rope=False,
