@@ -15,6 +15,7 @@ setup(
         "megatron-core>=0.19,<0.20",
         "psutil>=5.9",  # megatron-core's dist-checkpointing writer workers need it (not in its own requirements)
         "transformers>=4.51",
+        "safetensors>=0.4.3",  # lazy sliced reads of Hugging Face checkpoints (get_slice)
         "sentencepiece>=0.2",
         "math-verify[antlr4_13_2]>=0.7",
         "pyarrow>=15",
@@ -29,7 +30,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "vllm": ["vllm>=0.10"],
         "bridge": ["megatron-bridge>=0.2"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "wandb": ["wandb>=0.17"],
+        # wandb in dev so CI runs the W&B offline-mode test (tests/test_wandb.py) instead of skipping it.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17"],
     },
     entry_points={"console_scripts": ["megatron-red=megatron_red.cli:main"]},
 )

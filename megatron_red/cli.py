@@ -1,4 +1,4 @@
-"""`megatron-red`: train | compare | plot | eval."""
+"""`megatron-red`: train | compare | plan | plot | eval | export."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _train(args) -> int:
     from megatron_red.config import load_config
-    from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.trainer.distributed import is_main_process, phase_named_on_failure
     from megatron_red.trainer.evaluate import describe_heldout, evaluate_before_training
     from megatron_red.trainer.red_trainer import RedTrainer
     from megatron_red.trainer.report import initial_metrics, plot_runs
@@ -25,9 +25,10 @@ def _train(args) -> int:
                   file=sys.stderr)
             return 2
     start = time.perf_counter()
-    trainer = RedTrainer(config, run_dir, resume=bool(args.resume))
-    evaluate_before_training(trainer)
-    final = trainer.train()
+    with phase_named_on_failure():
+        trainer = RedTrainer(config, run_dir, resume=bool(args.resume))
+        evaluate_before_training(trainer)
+        final = trainer.train()
     if not is_main_process():
         return 0
     png = plot_runs({config.algo.method: run_dir}, run_dir / "dynamics.png")
@@ -48,6 +49,7 @@ def _train(args) -> int:
     print(f"metrics:    {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
     print(f"plots:      {png}")
     print(f"checkpoint: {run_dir / 'checkpoints' / (run_dir / 'checkpoints' / 'latest').read_text().strip()}")
+    print(f"model:      {run_dir / 'hf'} (Hugging Face; megatron-red eval --model {run_dir})")
     return 0
 
 
@@ -184,12 +186,32 @@ def _compare(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from megatron_red.config import load_config
+    from megatron_red.trainer.plan import describe, plan_for_config, run_architecture
+
+    config = load_config(args.config, args.overrides)
+    print(describe(plan_for_config(config, args.world_size), run_architecture(config), args.gpu_memory_gib, config))
+    return 0
+
+
 def _plot(args) -> int:
     from megatron_red.trainer.report import plot_runs
 
     runs = {Path(d).name: d for d in args.run_dirs}
     png = plot_runs(runs, args.out or Path(args.run_dirs[0]) / "dynamics.png")
     print(png)
+    return 0
+
+
+def _export(args) -> int:
+    from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.models.precision import DTYPES
+    from megatron_red.trainer.export import export_checkpoint
+
+    out = export_checkpoint(args.path, args.out, dtype=DTYPES.get(args.dtype), tp=args.tp, pp=args.pp)
+    if is_main_process():
+        print(f"Hugging Face model: {out}")
     return 0
 
 
@@ -213,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("overrides", nargs="*", metavar="section.key=value")
     compare.set_defaults(func=_compare)
 
+    plan = sub.add_parser("plan", help="per-GPU memory of a Megatron run by part, and whether it fits a card")
+    plan.add_argument("config", help="YAML recipe (see examples/red/)")
+    plan.add_argument("--world-size", type=int, default=8, help="GPUs in the run (DP = world size / (TP x PP))")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one card (H100: 80, H200: 141)")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value")
+    plan.set_defaults(func=_plan)
+
     plot = sub.add_parser("plot", help="Figure-6-style dynamics plot of one or more runs")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("--out")
@@ -224,10 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     eval_command.add_arguments(evaluate)
     evaluate.set_defaults(func=eval_command.run)
 
+    export = sub.add_parser("export", help="a run's (latest checkpoint's) or a checkpoint's model as a Hugging Face "
+                                           "directory: safetensors shards + index + config + tokenizer")
+    export.add_argument("path", metavar="RUN_OR_CKPT", help="run directory or checkpoints/step_N directory")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (auto: the training parameters' dtype)")
+    export.add_argument("--tp", type=int, default=1, help="Megatron checkpoints: tensor-parallel size to load at")
+    export.add_argument("--pp", type=int, default=1, help="Megatron checkpoints: pipeline-parallel size to load at "
+                                                          "(--tp x --pp = processes; torchrun for more than one)")
+    export.set_defaults(func=_export)
+
     args = parser.parse_args(argv)
+    from megatron_red.trainer.checkpoint import DiskSpaceError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, DiskSpaceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

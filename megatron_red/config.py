@@ -32,12 +32,23 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     dtype: str = "auto"
-    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16`."""
+    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16` (`float16`: Hugging Face backend only)."""
     device: str = "auto"
     """`auto` = cuda when available, else cpu."""
     fused_kernel: str = "auto"
     """LM head + log-prob + entropy through the fused Triton kernel: `auto` (on for CUDA), `on`, `off`."""
     gradient_checkpointing: bool = False
+    """Recompute every decoder layer in backward (full recompute): much less activation memory, ~1/3 more compute."""
+    recompute_modules: tuple[str, ...] = ()
+    """Megatron backend: recompute only these submodules of each layer (selective recompute): `core_attn` (the
+    attention scores; only worth it with `attention: local`), `mlp`, `layernorm`. Exclusive with
+    gradient_checkpointing."""
+    attention: str = "auto"
+    """Megatron backend core attention: `auto` (Transformer Engine's fused attention when TE is installed, else
+    `sdpa`), `te`, `sdpa` (torch scaled_dot_product_attention: flash / memory-efficient kernels, packed sequences)
+    or `local` (megatron's unfused DotProductAttention; stores [heads, s, s] scores, no packing)."""
+    sequence_parallel: bool = False
+    """Megatron backend, TP > 1: split norm / residual activations along the sequence over the TP ranks."""
     tensor_model_parallel_size: int = 1
     """Megatron backend only."""
     pipeline_model_parallel_size: int = 1
@@ -60,6 +71,15 @@ class DataConfig:
     """Offline traces are truncated to this many tokens (counted); the authors truncate to 8192."""
     skip_malformed: bool = False
     """Skip and count malformed rows instead of raising."""
+    eval_fraction: float = 0.0
+    """`openr1` only: hold out this fraction of the distinct prompts of `path` for `trainer.eval_every` (those whose
+    token-id hash sorts first: the same split for every seed and row order). 0 = train on every row."""
+    eval_path: str | None = None
+    """`openr1` only: held-out prompts from a separate file in the same schema (`target` optional, e.g. LUFFY's
+    valid.all.parquet), instead of `eval_fraction`."""
+    cache_dir: str | None = None
+    """`openr1` only: where tokenised files are cached (one rank tokenises, every rank memory-maps the result);
+    None = `.cache/data` beside the run directory."""
     builtin: dict = field(default_factory=dict)
     """Overrides of `BuiltinTaskConfig` fields (seed, num_train, max_steps, ...)."""
     warmup_steps: int = 500
@@ -72,18 +92,55 @@ class DataConfig:
 class RolloutConfig:
     """On-policy sampling (paper: G = 7 rollouts + 1 offline trace, temperature 1.0, top-p 1.0)."""
 
-    engine: str = "local"
-    """`local` (torch, KV-cached; CPU and one GPU), `vllm` or `megatron` (GPU, when installed)."""
+    engine: str = "auto"
+    """`auto` (= `local` for model.backend=hf, `megatron` for model.backend=megatron), `local` (torch, KV-cached;
+    CPU and one GPU; HF backend), `megatron` (megatron-core's dynamic engine on the policy's own TP x PP shards)."""
     n: int = 7
     """G: on-policy samples per prompt; the group is these plus the prompt's offline trace."""
     temperature: float = 1.0
+    """Sampling temperature. Every forward of an RL step (pi_old, pi, H_rl, H_sft) divides the logits by it too, so
+    the loss and the entropies describe the distribution that was sampled; SFT-only updates (the `sft` method,
+    SFT->GRPO's first stage, ReLIFT's SFT steps) fit the traces at 1. Evaluation uses `trainer.eval_temperature`."""
     top_p: float = 1.0
     max_new_tokens: int = 192
     max_batch_size: int = 256
-    """Rows decoded at once by the local engine."""
+    """Rows decoded at once (local engine) / megatron's max_requests (megatron engine)."""
     cuda_graph: bool = False
-    """Local engine on CUDA: replay the decode step as a CUDA graph (15.6x HF generate on an H200 vs 2.9x eager); one
-    graph is captured per (rows, prompt + new tokens) shape, so varying prompt lengths cost captures and memory."""
+    """On CUDA, replay decode steps as CUDA graphs. Local engine: one graph per (rows, prompt + new tokens) shape
+    (15.6x HF generate on an H200 vs 2.9x eager). Megatron engine: megatron's "local" graphs for a few decode batch
+    sizes, captured when the KV cache is (re)built, i.e. once per rollout phase with release_kv_cache."""
+    max_sequence_length: int | None = None
+    """Megatron engine: longest prompt + response it accepts (sizes its block tables). None = data.max_prompt_tokens
+    + max_new_tokens (+ the longest BREAD prefix); longer requests are refused with an error naming this option."""
+    kv_buffer_gb: float | None = None
+    """Megatron engine: KV-cache memory per GPU. None = room for max_batch_size sequences of max_sequence_length;
+    less makes megatron pause and re-prefill rows; too little for one sequence is an error naming this option."""
+    kv_block_size: int = 256
+    """Megatron engine: tokens per KV block. Prefix sharing works in whole blocks (prompts shorter than a block share
+    nothing); flash-attn needs a multiple of 256, megatron_red's paged attention takes any size."""
+    prefix_caching: bool = True
+    """Megatron engine: the G samples of a prompt share its full KV blocks (one prefill per block)."""
+    release_kv_cache: bool = True
+    """Megatron engine: free the KV cache after each rollout phase (finish_inference) and rebuild it for the next;
+    False keeps it allocated through training."""
+    offload_optimizer: bool = False
+    """Megatron backend: move Adam state (and fp32 master weights of a 16-bit model) to host memory and free the
+    gradient buffers while generating, for a larger KV cache."""
+    dynamic_sampling: bool = False
+    """Dynamic sampling (DAPO; the RED authors' code drops groups whose accuracy std over the 8 members is 0): a
+    group whose rewards are all equal (the trace's included when it is a member) has zero advantages, so it is
+    dropped, and further batches of `trainer.prompts_per_step` prompts are sampled until the step has that many
+    groups with signal (surplus ones are not trained). The extra prompts come from the prompt stream, so a resumed
+    run replays them."""
+    dynamic_sampling_max_rounds: int = 6
+    """Dynamic sampling: extra sampling rounds a step may take (the authors' code: 6). When they are spent, the step
+    is completed with dropped groups (earliest first), as it would have been without dynamic sampling, so it keeps
+    its batch size."""
+
+    def __post_init__(self):
+        if self.dynamic_sampling_max_rounds < 0:
+            raise ValueError(f"rollout.dynamic_sampling_max_rounds must be >= 0, got "
+                             f"{self.dynamic_sampling_max_rounds}")
 
 
 @dataclass
@@ -107,6 +164,14 @@ class AlgoConfig:
     """ReLIFT: all-fail prompts (with their traces) collected before one SFT step on them."""
     bread_prefix_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     """BREAD: expert-prefix lengths (fractions of the trace) tried, shortest first, on all-fail prompts."""
+    tis_cap: float | None = None
+    """Truncated importance sampling on on-policy tokens, for every method: each token's surrogate is weighted by
+    sg(min(pi_old / pi_behaviour, tis_cap)), pi_behaviour being the rollout engine's log-prob (verl's
+    `tis_imp_ratio_cap`; 2 is a common cap). None = off, the paper's objective. See objectives/loss.py."""
+
+    def __post_init__(self):
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"algo.tis_cap must be > 0 (or null for off), got {self.tis_cap}")
 
 
 @dataclass
@@ -116,10 +181,20 @@ class TrainerConfig:
     steps: int = 150
     prompts_per_step: int = 8
     micro_batch_size: int = 32
+    max_tokens_per_micro_batch: int = 0
+    """Megatron backend: > 0 packs the step's rows (rollouts and traces, real tokens only) into micro-batches of at
+    most this many tokens (first-fit-decreasing, THD layout) instead of `micro_batch_size` right-padded rows; must
+    hold the longest row (prompt + response / trace). 0 = no packing."""
     seed: int = 0
     out_dir: str = "runs/red"
     save_every: int = 50
     """Write a checkpoint every N steps (and always at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints kept in RUN_DIR/checkpoints: older ones are deleted once a newer one is complete (the
+    newest is never deleted before the next is complete). 0 keeps them all."""
+    save_hf: bool = False
+    """Also write a Hugging Face export (`hf/`) into every checkpoint. The run's final model is always written to
+    RUN_DIR/hf (safetensors shards + index + config + tokenizer), whatever this is."""
     eval_every: int = 50
     """Held-out evaluation every N steps (0 = only at the end)."""
     eval_samples: int = 2
@@ -129,6 +204,15 @@ class TrainerConfig:
     """Held-out problems evaluated (the first N of the test split)."""
     tensorboard: bool = True
     progress: bool = True
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (extra `wandb`); `--resume` continues the same W&B run. W&B's own
+    environment variables apply (WANDB_MODE=offline, WANDB_ENTITY)."""
+    dist_timeout_minutes: float = 60.0
+    """Megatron backend: a collective gives up after this long, with an error naming the phase (rollout, log-probs,
+    update, checkpoint, ...). The longest legitimate wait is a rollout: the other ranks of a model-parallel group
+    wait while its first rank samples. 16k new tokens at the local engine's eager decode step (31 ms for a 1.5B
+    model on an H200, docs/benchmarks.md; 2-3x that expected for a 32B) take 8-25 min per rollout.max_batch_size
+    rows, so 60 min covers two such chunks and grading, and a real hang still surfaces within the hour."""
 
 
 @dataclass

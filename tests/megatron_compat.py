@@ -8,13 +8,14 @@ package, and only test processes (never the pytest parent) call it.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import types
 
 import torch
 
-_CUDA_ALLOCATORS = ("zeros", "ones", "empty", "full", "tensor", "arange")
+_CUDA_ALLOCATORS = ("zeros", "ones", "empty", "full", "tensor", "arange", "empty_like", "zeros_like")
 # megatron-core modules that allocate tensors with a literal `device="cuda"`.
 _MODULES_WITH_CUDA_TENSORS = (
     "megatron.core.pipeline_parallel.schedules",
@@ -25,6 +26,17 @@ _MODULES_WITH_CUDA_TENSORS = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
+    # The dynamic inference engine (rollout/megatron.py): pinned host buffers and device tensors.
+    "megatron.core.inference.contexts.dynamic_context",
+    "megatron.core.inference.contexts.gpu_view",
+    "megatron.core.inference.contexts.kv_block_allocator",
+    "megatron.core.inference.contexts.attention_context.mha_metadata",
+    "megatron.core.inference.text_generation_controllers.text_generation_controller",
+    "megatron.core.inference.engines.dynamic_engine",
+    "megatron.core.inference.model_inference_wrappers.abstract_model_inference_wrapper",
+    "megatron.core.inference.sampling.torch_sampling",
+    "megatron.core.inference.communication_utils",
+    "megatron.core.inference.batch_dimensions_utils",
 )
 
 
@@ -48,9 +60,45 @@ class _TorchOnCPU(types.ModuleType):
             def factory(*args, __fn=attr, **kwargs):
                 if "device" in kwargs:
                     kwargs["device"] = _cpu_device(kwargs["device"])
+                kwargs.pop("pin_memory", None)  # page-locked host memory needs a CUDA driver
                 return __fn(*args, **kwargs)
             return factory
         return attr
+
+
+class _Event:
+    """A CUDA event on the CPU: work is synchronous, so every event has completed."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class _Stream(_Event):
+    """A CUDA stream on the CPU (work is synchronous)."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def record_event(self, event=None):
+        return event or _Event()
 
 
 def install() -> None:
@@ -59,13 +107,21 @@ def install() -> None:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda: None
     # Gradient sync waits on CUDA-graph events via the current stream; there are none on the CPU.
-    torch.cuda.current_stream = lambda *a, **k: types.SimpleNamespace(wait_event=lambda event: None,
-                                                                      wait_stream=lambda stream: None)
+    torch.cuda.current_stream = lambda *a, **k: _Stream()
+    # The dynamic inference engine times steps with events, copies on a side stream and pins host buffers.
+    torch.cuda.Event = _Event
+    torch.cuda.Stream = _Stream
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.memory_stats = lambda *a, **k: collections.defaultdict(int)
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
 
     from megatron.core.tensor_parallel import random as mpu_random
 
     # Dropout is 0 in every test model; the tracker only swaps CUDA RNG states around it.
     mpu_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    # Activation recompute saves / restores the CUDA RNG state around each checkpoint; the CPU one stands in.
+    mpu_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mpu_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
     # megatron's gradient clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`: report CPU tensors as CUDA.
     tensor_type = torch.Tensor.type
@@ -79,6 +135,16 @@ def install() -> None:
     torch.Tensor.type = type_as_cuda
     # Tied embeddings: the last pipeline stage moves its copy with `weight.data.cuda()` before syncing it.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+    from megatron.core.inference import communication_utils
+    from megatron.core.inference.contexts import dynamic_context
+
+    # Inference's pipeline send / receive / broadcast assert CUDA tensors (NCCL); gloo moves CPU tensors.
+    communication_utils._is_cuda = lambda tensor: None
+
+    # megatron appends K/V to the paged cache with a CUDA-only Triton kernel when Triton is importable; its own
+    # torch indexing path is the same operation.
+    dynamic_context.triton_append_key_value_cache = None
 
     proxy = _TorchOnCPU()
     for module_name in _MODULES_WITH_CUDA_TENSORS:

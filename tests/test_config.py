@@ -39,7 +39,7 @@ def test_every_example_recipe_loads(path):
 
 
 def test_qwen_recipe_values():
-    config = load_config(next(p for p in EXAMPLES if p.name.startswith("qwen25")))
+    config = load_config(next(p for p in EXAMPLES if p.name == "qwen25_math_1p5b_1gpu.yaml"))
     assert config.data.task == "openr1" and config.model.dtype == "bfloat16"
     assert config.model.gradient_checkpointing is True
     assert config.optim.lr == pytest.approx(2e-6) and config.optim.min_lr_ratio == pytest.approx(0.1)

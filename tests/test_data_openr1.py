@@ -1,6 +1,7 @@
 """OpenR1 schema: tools/prepare_data.py -> load_openr1 round trip (parquet and jsonl), malformed rows, truncation.
 
-Expected values come from the shared gsm8k file read directly and from the tokenizer called on its own.
+Expected values come from the shared gsm8k file read directly (the `needs_shared` tests) or from synthetic rows
+(malformed rows, drop and truncation counts), and from the tokenizer called on its own.
 """
 import importlib.util
 import json
@@ -12,12 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_red.data import load_openr1, read_rows, train_sentencepiece, write_openr1
+from shared_files import SHARED_DATA, needs_shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data")
-GSM8K = os.path.join(SHARED, "train", "gsm8k_train.jsonl")
-SYSTEM_PROMPT_FILE = os.path.join(SHARED, "eval", "luffy_system_prompt.txt")
-pytestmark = pytest.mark.skipif(not os.path.exists(GSM8K), reason="shared data not present")
+GSM8K = str(SHARED_DATA / "train" / "gsm8k_train.jsonl")
+SYSTEM_PROMPT_FILE = str(SHARED_DATA / "eval" / "luffy_system_prompt.txt")
 
 
 def load_tool():
@@ -34,22 +34,23 @@ def gsm8k_rows(n):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def gsm8k_tokenizer():
     texts = [r["problem"] + "\n" + r["solution"] for r in gsm8k_rows(200)]
     with open(SYSTEM_PROMPT_FILE, encoding="utf-8") as f:
         texts.append(f.read())
     return train_sentencepiece(texts, 600)
 
 
+@needs_shared
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
-def test_prepare_then_load_round_trip(tmp_path, tokenizer, fmt):
+def test_prepare_then_load_round_trip(tmp_path, gsm8k_tokenizer, fmt):
     out = str(tmp_path / f"gsm8k.{fmt}")
     stats = load_tool().prepare([GSM8K], out, fmt=fmt, limit=20, system_prompt_path=SYSTEM_PROMPT_FILE)
     assert stats.written == 20 and stats.per_file == {"gsm8k_train": 20}
     with open(SYSTEM_PROMPT_FILE, encoding="utf-8") as f:
         system_prompt = f.read().strip()
 
-    examples, load_stats = load_openr1(out, tokenizer, max_prompt_tokens=4096, max_trace_tokens=4096)
+    examples, load_stats = load_openr1(out, gsm8k_tokenizer, max_prompt_tokens=4096, max_trace_tokens=4096)
     assert (load_stats.rows, load_stats.kept, load_stats.dropped_prompts, load_stats.truncated_traces) == (20, 20, 0, 0)
     for i, (ex, src) in enumerate(zip(examples, gsm8k_rows(20))):
         assert ex.uid == f"gsm8k:{i}"
@@ -58,9 +59,9 @@ def test_prepare_then_load_round_trip(tmp_path, tokenizer, fmt):
         expected_trace = (f"<think>\n{src['solution'].strip()}\n</think>\n\n"
                           f"The final answer is \\boxed{{{src['answer']}}}.")
         assert ex.trace_text == expected_trace
-        assert ex.prompt_ids == tokenizer.encode(ex.prompt_text)
-        assert ex.trace_ids == tokenizer.encode(expected_trace) + [tokenizer.eos_token_id]
-        assert tokenizer.decode(ex.trace_ids) == expected_trace
+        assert ex.prompt_ids == gsm8k_tokenizer.encode(ex.prompt_text)
+        assert ex.trace_ids == gsm8k_tokenizer.encode(expected_trace) + [gsm8k_tokenizer.eos_token_id]
+        assert gsm8k_tokenizer.decode(ex.trace_ids) == expected_trace
 
     rows = read_rows(out)
     assert rows[0]["reward_model"]["ground_truth"] == gsm8k_rows(1)[0]["answer"]
@@ -68,8 +69,9 @@ def test_prepare_then_load_round_trip(tmp_path, tokenizer, fmt):
     assert rows[0]["data_source"] == "gsm8k_train"
 
 
+@needs_shared
 def test_prepare_cli_two_inputs(tmp_path, capsys):
-    aime = os.path.join(SHARED, "train", "aime_1983_2023_solutions.jsonl")
+    aime = str(SHARED_DATA / "train" / "aime_1983_2023_solutions.jsonl")
     out = str(tmp_path / "mix.jsonl")
     load_tool().main([GSM8K, aime, "--out", out, "--format", "jsonl", "--limit", "3",
                       "--system-prompt", SYSTEM_PROMPT_FILE])
@@ -79,12 +81,26 @@ def test_prepare_cli_two_inputs(tmp_path, capsys):
     assert rows[3]["extra_info"]["year"] == 1983
 
 
-def good_row(i=0):
+def good_row(i=0, padding=0, steps=1):
+    """A well-formed row; `padding` extra sentences lengthen the prompt, `steps` the trace."""
+    question = f"What is {i}+1?" + " Show each step." * padding
+    thought = ", ".join(f"{i}+{k}={i + k}" for k in range(1, steps + 1))
     return {
-        "prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": f"What is {i}+1?"}],
-        "target": [{"role": "assistant", "content": f"<think>\n{i}+1={i + 1}\n</think>\n\n\\boxed{{{i + 1}}}"}],
+        "prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": question}],
+        "target": [{"role": "assistant", "content": f"<think>\n{thought}\n</think>\n\n\\boxed{{{i + 1}}}"}],
         "reward_model": {"ground_truth": str(i + 1)},
     }
+
+
+def varied_rows(n):
+    """Rows whose prompt and trace lengths vary, with different periods."""
+    return [good_row(i, padding=i % 5, steps=1 + (3 * i) % 7) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A SentencePiece model trained on the synthetic rows (byte fallback encodes any other text)."""
+    return train_sentencepiece([m["content"] for r in varied_rows(40) for m in r["prompt"] + r["target"]], 400)
 
 
 MALFORMED = {
@@ -140,7 +156,7 @@ def test_invalid_json_line_and_flattened_parquet_column(tmp_path, tokenizer):
 
 def test_drop_and_truncation_counts(tmp_path, tokenizer):
     out = str(tmp_path / "g.parquet")
-    load_tool().prepare([GSM8K], out, "parquet", 40, SYSTEM_PROMPT_FILE)
+    write_openr1(varied_rows(40), out, "parquet")
     full, _ = load_openr1(out, tokenizer, 10**6, 10**6)
     prompt_lens = sorted(len(e.prompt_ids) for e in full)
     max_prompt = prompt_lens[len(prompt_lens) // 2]

@@ -31,9 +31,9 @@ from megatron_red.eval.prompting import load_system_prompt, prompt_ids
 from megatron_red.eval.runner import CACHE_FILE
 from megatron_red.rewards import configure_grader
 from megatron_red.rollout.base import Completion, RolloutEngine
+from shared_files import EVAL_DATA, needs_shared
 
-DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "eval")
-needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason=f"shared eval data not at {DATA_DIR}")
+DATA_DIR = str(EVAL_DATA)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -162,7 +162,7 @@ def test_luffy_parquet_layout_is_deduplicated(tmp_path):
     assert [p.problem for p in load_benchmark(BENCHMARKS["aime24"], str(tmp_path))] == ["P0", "P1"]
 
 
-@needs_data
+@needs_shared
 def test_shared_files_load_and_parquet_agrees_with_jsonl():
     sizes = {"aime24": 30, "aime25": 30, "amc": 83, "math500": 500, "minerva": 272, "olympiadbench": 675}
     for name, size in sizes.items():
@@ -183,8 +183,6 @@ def test_shared_files_load_and_parquet_agrees_with_jsonl():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not os.path.isdir(DATA_DIR):
-        pytest.skip(f"shared eval data not at {DATA_DIR}")
     configure_grader(2)
     return build_tiny_tokenizer(corpus())
 
@@ -210,6 +208,7 @@ def read_results(out_dir):
         return json.load(f)
 
 
+@needs_shared
 def test_metrics_match_independent_count(tokenizer, tmp_path):
     config = make_config(tmp_path)
     engine = make_engine(tokenizer, config)
@@ -258,6 +257,7 @@ def test_metrics_match_independent_count(tokenizer, tmp_path):
     assert sum(r["correct"] for r in dump if r["benchmark"] == "aime24") == round(expected_acc[0] * 5 * 32)
 
 
+@needs_shared
 def test_resume_after_interruption_gives_same_table(tokenizer, tmp_path):
     reference = make_config(tmp_path / "ref")
     evaluate(make_engine(tokenizer, reference), tokenizer, reference)
@@ -278,6 +278,7 @@ def test_resume_after_interruption_gives_same_table(tokenizer, tmp_path):
     assert evaluate(again, tokenizer, config).generated_samples == 0 and again.calls == 0
 
 
+@needs_shared
 def test_truncated_last_line_is_reported_and_regenerated(tokenizer, tmp_path):
     config = make_config(tmp_path)
     evaluate(make_engine(tokenizer, config), tokenizer, config)
@@ -299,6 +300,7 @@ def test_truncated_last_line_is_reported_and_regenerated(tokenizer, tmp_path):
     assert any("1 corrupt line" in str(w.message) for w in caught)
 
 
+@needs_shared
 def test_foreign_cache_lines_are_reported_not_used(tokenizer, tmp_path):
     config = make_config(tmp_path)
     evaluate(make_engine(tokenizer, config), tokenizer, config)
@@ -323,6 +325,7 @@ def test_foreign_cache_lines_are_reported_not_used(tokenizer, tmp_path):
     assert report.cache.used == 0 and report.generated_samples == 5 * 32 + 5
 
 
+@needs_shared
 def test_bad_config_is_rejected(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(make_engine(tokenizer, make_config(tmp_path)), tokenizer, make_config(tmp_path, batch_size=0))
@@ -330,6 +333,7 @@ def test_bad_config_is_rejected(tokenizer, tmp_path):
         evaluate(make_engine(tokenizer, make_config(tmp_path)), tokenizer, make_config(tmp_path, n=0))
 
 
+@needs_shared
 def test_prompt_styles(tokenizer):
     from megatron_red.eval.prompting import PLAIN_INSTRUCTION, format_prompt
 
@@ -350,7 +354,9 @@ def test_prompt_styles(tokenizer):
 
 
 def test_build_engine_errors():
-    from megatron_red.eval import build_engine
+    import torch
+
+    from megatron_red.rollout.build import build_engine
 
     with pytest.raises(ValueError, match="unknown engine"):
         build_engine("tensorrt", None, None)
@@ -359,5 +365,7 @@ def test_build_engine_errors():
     except ImportError:
         with pytest.raises(ImportError, match="needs vLLM"):
             build_engine("vllm", None, None)
-    with pytest.raises(NotImplementedError, match="not wired"):
-        build_engine("megatron", None, None)
+    with pytest.raises(ValueError, match="Hugging Face causal LM"):
+        build_engine("local", torch.nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="MegatronPolicy"):
+        build_engine("megatron", torch.nn.Linear(2, 2), None)

@@ -1,6 +1,7 @@
 """`megatron-red eval` end to end on CPU: a tiny random Qwen2 checkpoint with a locally trained BPE tokenizer,
 10 problems each of MATH500 and AIME24 (the paper's protocol: n = 1 and n = 32), 16 new tokens, sampled by the
-LocalEngine; then a rerun (all cached) and an interrupted run resumed, both giving the same results."""
+LocalEngine; then a rerun (all cached) and an interrupted run resumed, both giving the same results; and
+`--engine megatron` at TP = 2 (two gloo processes, as under torchrun) giving the local engine's samples and scores."""
 import argparse
 import json
 import os
@@ -8,13 +9,17 @@ import os
 import pytest
 import torch
 
-from megatron_red.eval import EvalConfig, build_engine, evaluate
+from dist_utils import run_distributed
+from megatron_red.config import RolloutConfig
+from megatron_red.eval import EvalConfig, evaluate
 from megatron_red.eval.command import add_arguments, load_model_and_tokenizer, run
 from megatron_red.eval.runner import CACHE_FILE
 from megatron_red.rewards import configure_grader
+from megatron_red.rollout.build import build_engine
+from shared_files import needs_shared
 from test_eval import DATA_DIR, build_tiny_tokenizer, corpus
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason=f"shared eval data not at {DATA_DIR}")
+pytestmark = needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +83,37 @@ def test_eval_command_end_to_end(checkpoint, tmp_path, capsys):
     assert json.load(open(os.path.join(out, "results.json")))["benchmarks"] == results["benchmarks"]
 
 
+def _megatron_eval_worker(rank, world_size, args):
+    import megatron_compat
+    megatron_compat.install()
+    from megatron.core import parallel_state as ps
+
+    configure_grader(2)
+    code = run(args)
+    ps.destroy_model_parallel()
+    return code
+
+
+def test_eval_megatron_engine_matches_local(checkpoint, tmp_path):
+    """Both engines sample row r's t-th token with the seed's uniform u[r, t]: same samples, same scores."""
+    pytest.importorskip("megatron.core")
+    extra = ["--limit", "2", "--n", "4"]
+    local, mega = str(tmp_path / "local"), str(tmp_path / "megatron")
+    assert run(cli_args(checkpoint, local, *extra)) == 0
+    args = cli_args(checkpoint, mega, *extra, "--engine", "megatron", "--tensor-model-parallel-size", "2",
+                    "--kv-block-size", "8")
+    assert run_distributed(_megatron_eval_worker, 2, args) == [0, 0]
+    # Samples compared by text and length (a grading reason can differ: "timeout" on a loaded machine).
+    samples = [[(row["benchmark"], row["idx"], s["text"], s["num_tokens"], s["finished"])
+                for line in open(os.path.join(out, "problems.jsonl")) for row in [json.loads(line)]
+                for s in row["samples"]] for out in (local, mega)]
+    assert samples[0] == samples[1] and len(samples[0]) == 2 * 2 * 4
+    results = [json.load(open(os.path.join(out, "results.json")))["benchmarks"] for out in (local, mega)]
+    for key in ("num_problems", "n", "mean_length", "truncation_rate", "sampling"):
+        assert [r[key] for r in results[0].values()] == [r[key] for r in results[1].values()]
+    assert sum(1 for _ in open(os.path.join(mega, CACHE_FILE))) == 2 * 2 * 4  # written once (rank 0)
+
+
 class Interrupting:
     """Wraps the real engine and stops the run at its `stop_at`-th call, as Ctrl-C would."""
 
@@ -93,7 +129,7 @@ class Interrupting:
 
 def test_interrupted_eval_resumes_to_the_same_results(checkpoint, tmp_path):
     model, tokenizer = load_model_and_tokenizer(checkpoint, "cpu")
-    engine = build_engine("local", model, tokenizer, max_batch_size=64)
+    engine = build_engine("local", model, tokenizer, RolloutConfig(max_batch_size=64))
 
     def config(out):
         return EvalConfig(model_id=os.path.realpath(checkpoint), out_dir=str(out), benchmarks=["aime24"],

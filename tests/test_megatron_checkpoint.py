@@ -11,7 +11,8 @@ import torch
 import transformers
 
 from dist_utils import run_distributed
-from test_megatron import OPTIM, VOCAB, as_tensors, make_batch, pg_loss_fn, portable, tiny_hf_config, tiny_hf_model
+from test_megatron import (OPTIM, VOCAB, as_tensors, hf_weights, make_batch, pg_loss_fn, portable, tiny_hf_config,
+                           tiny_hf_model)
 
 pytest.importorskip("megatron.core")
 
@@ -36,14 +37,14 @@ def _worker(rank, world_size, hf_config, hf_state, tp, path, save):
     out = {}
     if save:
         train_step()
-        out["saved"] = policy.hf_state_dict()
+        out["saved"] = hf_weights(policy)
         save_checkpoint(policy, path, trainer_state={"controller": {"h_rl": 0.5}})
     else:
         out["trainer_state"] = load_checkpoint(policy, path)
-        out["loaded"] = policy.hf_state_dict()
+        out["loaded"] = hf_weights(policy)
         out["step"] = policy.step
     train_step()
-    out["next"] = policy.hf_state_dict()
+    out["next"] = hf_weights(policy)
     ps.destroy_model_parallel()
     return portable(out)
 
@@ -86,7 +87,7 @@ def _bf16_worker(rank, world_size, hf_config, hf_state, distributed_optimizer, p
     from megatron_red.models.megatron.weights import unwrap_model
 
     policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
-        dtype="bfloat16", use_distributed_optimizer=distributed_optimizer, use_transformer_engine=False), OPTIM)
+        dtype="bfloat16", use_distributed_optimizer=distributed_optimizer, attention="sdpa"), OPTIM)
     batch = make_batch()
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
 
@@ -95,7 +96,7 @@ def _bf16_worker(rank, world_size, hf_config, hf_state, distributed_optimizer, p
         policy.optimizer_step()
 
     def weights():  # bf16 has no numpy dtype; fp32 holds every bf16 value exactly
-        return {k: v.float() for k, v in policy.hf_state_dict().items()}
+        return {k: v.float() for k, v in hf_weights(policy).items()}
 
     out = {"param_dtypes": sorted({str(p.dtype) for p in unwrap_model(policy.model).parameters()})}
     if save:

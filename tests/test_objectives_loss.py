@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
-from megatron_red.objectives import PRESETS, RedLossConfig, group_advantages, red_policy_loss
+from megatron_red.objectives import (PRESETS, RedLossConfig, behaviour_mismatch, group_advantages, red_policy_loss,
+                                     tis_weights)
 
 
-def _reference(lp, old, adv, mask, offline, rbar, w, cfg, ent, num_sequences=None, num_tokens=None):
-    """Loss and d loss / d logprobs, token by token, in python floats."""
+def _reference(lp, old, adv, mask, offline, rbar, w, cfg, ent, num_sequences=None, num_tokens=None, behaviour=None):
+    """Loss and d loss / d logprobs, token by token, in python floats. With cfg.tis_cap, each on-policy token's
+    value and gradient are multiplied by the constant min(exp(old - behaviour), cap)."""
     B, T = len(lp), len(lp[0])
     lengths = [sum(mask[b]) for b in range(B)]
     n_seq = num_sequences if num_sequences is not None else max(sum(1 for n in lengths if n > 0), 1)
@@ -34,6 +36,8 @@ def _reference(lp, old, adv, mask, offline, rbar, w, cfg, ent, num_sequences=Non
                     continue
                 r = math.exp(x - old[b][t])
                 c = cfg.srft_positive_coef * math.exp(H) if (cfg.srft and A > 0) else 1.0
+                if cfg.tis_cap is not None:
+                    c *= min(math.exp(old[b][t] - behaviour[b][t]), cfg.tis_cap)
                 unclipped, clipped = r * A, min(max(r, 1 - eps), 1 + eps) * A
                 value, dvalue = (unclipped, r * A) if unclipped <= clipped else (clipped, 0.0)
                 parts["on"] += k * c * value
@@ -49,7 +53,7 @@ def _reference(lp, old, adv, mask, offline, rbar, w, cfg, ent, num_sequences=Non
                     d = pi + (1 - pi) * rb if shift == "accuracy_aware" else pi + cfg.luffy_gamma
                     slope = (1 - rb) if shift == "accuracy_aware" else 1.0
                     r = pi / d
-                    dr = r if cfg.detach_pi_offline else pi * (d - pi * slope) / d**2
+                    dr = r if cfg.detaches_pi_offline() else pi * (d - pi * slope) / d**2
                 parts["off"] += k * w * r * A
                 grad[b][t] += k * w * dr * A
             if cfg.sft_nll_coef > 0:
@@ -83,12 +87,13 @@ def _configs():
     red = RedLossConfig.red()
     out += [dataclasses.replace(red, normalization=n) for n in ("token_mean", "constant")]
     out += [dataclasses.replace(red, detach_pi_offline=False), dataclasses.replace(red, policy_shift="one")]
-    out += [dataclasses.replace(RedLossConfig.luffy(), detach_pi_offline=True, max_response_length=11)]
+    # The accident issue 13 found: RED with LUFFY's shift swapped in keeps LUFFY's undetached denominator.
+    out += [dataclasses.replace(red, policy_shift="luffy", max_response_length=11)]
     return out
 
 
 @pytest.mark.parametrize("cfg", _configs(), ids=lambda c: f"{c.name}-{c.policy_shift}-{c.normalization}-"
-                         f"{'detach' if c.detach_pi_offline else 'grad'}")
+                         f"{'detach' if c.detaches_pi_offline() else 'grad'}")
 def test_loss_and_gradient_match_float64_loop(cfg):
     lp, old, adv, mask, is_offline, rbar, ent = _batch()
     w = 2.5
@@ -210,14 +215,14 @@ def test_fully_masked_batch_is_zero_not_nan():
 def test_presets_and_from_name():
     assert [RedLossConfig.from_name(n).name for n in PRESETS] == list(PRESETS)
     red = RedLossConfig.red()
-    assert (red.policy_shift, red.entropy_regulation, red.offline_in_group, red.detach_pi_offline,
+    assert (red.policy_shift, red.entropy_regulation, red.offline_in_group, red.detaches_pi_offline(),
             red.normalization, red.clip_eps) == ("accuracy_aware", True, True, True, "sequence_mean", 0.2)
     assert RedLossConfig.red_entropy_only().policy_shift == "on_policy"
     assert RedLossConfig.red_entropy_only().entropy_regulation
     assert not RedLossConfig.red_policy_shift_only().entropy_regulation
     assert not RedLossConfig.grpo().offline_in_group
     luffy = RedLossConfig.luffy()
-    assert (luffy.policy_shift, luffy.std_normalize, luffy.detach_pi_offline) == ("luffy", False, False)
+    assert (luffy.policy_shift, luffy.std_normalize, luffy.detaches_pi_offline()) == ("luffy", False, False)
     sft = RedLossConfig.sft()
     assert (sft.online_rl, sft.offline_in_group, sft.sft_nll_coef) == (False, False, 1.0)
     with pytest.raises(ValueError, match="red_policy_shift_only"):
@@ -252,3 +257,107 @@ def test_srft_field_and_preset_share_a_name():
     assert RedLossConfig().srft is False
     assert RedLossConfig.srft().srft is True
     assert dataclasses.replace(RedLossConfig.srft(), name="x").srft is True
+
+
+# ------------------------------------------------------------------------------ LUFFY's detach rule (issue 13)
+
+
+@pytest.mark.parametrize("cfg", [RedLossConfig(policy_shift="luffy"),
+                                 dataclasses.replace(RedLossConfig.red(), policy_shift="luffy"),
+                                 RedLossConfig.luffy()], ids=["field", "red_with_luffy_shift", "preset"])
+def test_luffy_shift_has_luffys_gradient_however_it_is_configured(cfg):
+    """f(pi) = pi / (pi + gamma): d f / d log pi = pi * gamma / (pi + gamma)^2, which needs the denominator's
+    gradient. The detached denominator would give f itself, pi / (pi + gamma)."""
+    pi, gamma = 0.3, cfg.luffy_gamma
+    leaf = torch.tensor([[math.log(pi)]], dtype=torch.float64, requires_grad=True)
+    cfg = dataclasses.replace(cfg, normalization="token_mean", entropy_regulation=False)
+    loss, _ = red_policy_loss(leaf, leaf.detach(), torch.tensor([1.0], dtype=torch.float64),
+                              torch.ones(1, 1, dtype=torch.bool), torch.tensor([True]),
+                              torch.zeros(1, dtype=torch.float64), 1.0, cfg)
+    loss.backward()
+    assert leaf.grad.item() == pytest.approx(-pi * gamma / (pi + gamma) ** 2, rel=1e-12)
+
+
+def test_luffy_shift_with_a_detached_denominator_is_refused():
+    with pytest.raises(ValueError, match="not LUFFY's shaping"):
+        RedLossConfig(policy_shift="luffy", detach_pi_offline=True)
+    with pytest.raises(ValueError, match="not LUFFY's shaping"):
+        dataclasses.replace(RedLossConfig.luffy(), detach_pi_offline=True)
+    # The other shifts keep their explicit choice; None is the shift's own rule.
+    assert not RedLossConfig(detach_pi_offline=False).detaches_pi_offline()
+    assert RedLossConfig().detaches_pi_offline() and RedLossConfig(policy_shift="one").detaches_pi_offline()
+
+
+# ------------------------------------------------------------------- truncated importance sampling, mismatch
+
+
+def _behaviour(old, seed=11):
+    """Engine log-probs near pi_old, with one token far below it (ratio e^3, beyond any cap used here)."""
+    g = torch.Generator().manual_seed(seed)
+    behaviour = old + 0.5 * torch.randn(old.shape, generator=g, dtype=old.dtype)
+    behaviour[0, 1] = old[0, 1] - 3.0
+    return behaviour
+
+
+@pytest.mark.parametrize("cfg", [dataclasses.replace(RedLossConfig.red(), tis_cap=2.0),
+                                 dataclasses.replace(RedLossConfig.grpo(), tis_cap=1.5),
+                                 dataclasses.replace(RedLossConfig.srft(), tis_cap=1.2)], ids=lambda c: c.name)
+def test_tis_loss_and_gradient_match_float64_loop(cfg):
+    lp, old, adv, mask, is_offline, rbar, ent = _batch()
+    behaviour = _behaviour(old)
+    leaf = lp.clone().requires_grad_()
+    loss, metrics = red_policy_loss(leaf, old, adv, mask, is_offline, rbar, 2.5, cfg, entropy=ent,
+                                    behaviour_logprobs=behaviour)
+    loss.backward()
+    want, want_grad, parts = _reference(lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), is_offline.tolist(),
+                                        rbar.tolist(), 2.5, cfg, ent.tolist(), behaviour=behaviour.tolist())
+    assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-14)
+    assert metrics["loss_on_policy"] == pytest.approx(parts["on"], rel=1e-10, abs=1e-14)
+    torch.testing.assert_close(leaf.grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-9, atol=1e-14)
+    # The weights' metrics over the on-policy tokens, and the cap binds on some of them.
+    weights = [min(math.exp(old[b, t].item() - behaviour[b, t].item()), cfg.tis_cap)
+               for b in range(lp.shape[0]) for t in range(lp.shape[1]) if mask[b, t] and not is_offline[b]]
+    assert metrics["tis_weight_mean"] == pytest.approx(sum(weights) / len(weights), rel=1e-12)
+    assert metrics["tis_capped_fraction"] == pytest.approx(sum(x == cfg.tis_cap for x in weights) / len(weights))
+    assert 0 < metrics["tis_capped_fraction"] < 1
+
+
+def test_tis_weights_respect_the_cap_and_carry_no_gradient():
+    old = torch.tensor([[0.0, -1.0, -2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    behaviour = torch.tensor([[0.0, -3.0, -float("inf"), -0.4]], dtype=torch.float64)
+    weights = tis_weights(old, behaviour, 2.0)
+    assert weights.tolist() == [[1.0, 2.0, 2.0, pytest.approx(math.exp(-0.1), rel=1e-12)]]
+    assert not weights.requires_grad
+
+
+def test_tis_off_or_without_mismatch_leaves_the_loss_unchanged():
+    lp, old, adv, mask, is_offline, rbar, ent = _batch(seed=2)
+    red = RedLossConfig.red()
+    results = []
+    for cfg, behaviour in ((red, None), (red, _behaviour(old)), (dataclasses.replace(red, tis_cap=2.0), old)):
+        leaf = lp.clone().requires_grad_()
+        loss, _ = red_policy_loss(leaf, old, adv, mask, is_offline, rbar, 1.5, cfg, behaviour_logprobs=behaviour)
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_tis_needs_behaviour_logprobs_and_a_positive_cap():
+    lp, old, adv, mask, is_offline, rbar, _ = _batch()
+    with pytest.raises(ValueError, match="behaviour_logprobs"):
+        red_policy_loss(lp, old, adv, mask, is_offline, rbar, 1.0, RedLossConfig(tis_cap=2.0))
+    with pytest.raises(ValueError, match="tis_cap"):
+        RedLossConfig(tis_cap=0.0)
+
+
+def test_behaviour_mismatch_against_a_loop():
+    lp, old, _, mask, is_offline, _, _ = _batch()
+    behaviour = _behaviour(old)
+    on_policy = mask & ~is_offline.unsqueeze(-1)
+    deltas = [abs(old[b, t].item() - behaviour[b, t].item()) for b in range(lp.shape[0]) for t in range(lp.shape[1])
+              if on_policy[b, t]]
+    total, worst, outside, tokens = behaviour_mismatch(old, behaviour, on_policy).tolist()
+    assert total == pytest.approx(sum(deltas), rel=1e-12) and worst == pytest.approx(max(deltas), rel=1e-12)
+    assert outside == sum(math.exp(d) > 2.0 for d in deltas) > 0 and tokens == len(deltas)
+    assert behaviour_mismatch(old, old, on_policy).tolist() == [0.0, 0.0, 0.0, len(deltas)]

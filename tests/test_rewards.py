@@ -2,7 +2,9 @@
 
 The expected grades are the mathematical truth of each pair (written down by hand), not math-verify's output.
 """
+import math
 import os
+import re
 import signal
 import time
 
@@ -21,6 +23,7 @@ from megatron_red.rewards import (
 )
 from megatron_red.rewards.extraction import answer_text, last_boxed
 from megatron_red.rewards.grader_worker import CRASH_TEXT_ENV
+from shared_files import EVAL_DATA, needs_shared
 
 POWER_TOWER = "\\boxed{9^{9^{9^{9}}}}"
 
@@ -63,6 +66,25 @@ CASES = [
     (b"\\boxed{6}", "6", "correct"),  # valid UTF-8 bytes are text
     ("\\boxed{E_{1},E_{2}}", "E_{1},E_{2}", "unparsable_gold"),  # never 1 for a gold math-verify cannot read
     ("\\boxed{1}", "", "unparsable_gold"),
+    # Python-style scientific golds (as Minerva copies write them) are numbers, not expressions in Euler's e.
+    ("\\boxed{6 \\times 10^{13}}", "6e13", "correct"),
+    ("\\boxed{2.55 \\times 10^{-10}}", "2.55e-10", "correct"),
+    ("\\boxed{4.5 \\times 10^{33}}", "4.5e33", "correct"),
+    ("\\boxed{-3.2 \\cdot 10^{5}}", "-3.2E+05", "correct"),
+    ("\\boxed{60000000000000}", "6e13", "correct"),
+    ("The answer is $6 \\times 10^{13}$.", "6e13", "correct"),
+    ("\\boxed{6e13}", "6e13", "correct"),
+    ("\\boxed{6e13}", "6 \\times 10^{13}", "correct"),  # the same form in a prediction is the same number
+    ("\\boxed{6 \\times 10^{12}}", "6e13", "wrong"),
+    ("\\boxed{2.56 \\times 10^{-10}}", "2.55e-10", "wrong"),
+    ("\\boxed{6}", "6e13", "wrong"),
+    ("\\boxed{78e}", "6e13", "wrong"),  # 6 * e * 13, the reading math-verify gives the bare gold
+    # Golds that merely contain an e are untouched.
+    ("\\boxed{2e}", "2e", "correct"),
+    ("\\boxed{e^{2}}", "e^2", "correct"),
+    ("\\boxed{20}", "2e", "wrong"),
+    ("\\boxed{2e + 1}", "2e + 1", "correct"),
+    ("\\boxed{3}", "2e + 1", "wrong"),
 ]
 
 
@@ -86,6 +108,29 @@ def test_accepted_alternatives():
     responses = ["\\boxed{0.02}", "\\boxed{0.02}", "\\boxed{6630}", "\\boxed{6631}"]
     golds = [["0.01", "0.02"], "0.01", ("6630.65", "6630"), ["6630.65", "6630"]]
     assert grade_math(responses, golds) == [1.0, 0.0, 1.0, 0.0]
+
+
+@needs_shared
+def test_python_style_minerva_golds_accept_the_same_number_in_latex():
+    """LUFFY's copy of Minerva writes golds as Python floats (`4.5e33`), deepscaler's copy of the same problems mostly
+    as LaTeX (`4.5 \\times 10^{33}`). The LaTeX gold, answered as a prediction, must be graded correct against the
+    Python-style gold exactly when the two are the same number (compared here as Python floats)."""
+    from megatron_red.eval import BENCHMARKS, load_benchmark, load_problems
+
+    latex_gold = {p.problem: p.golds[0] for p in load_benchmark(BENCHMARKS["minerva"], str(EVAL_DATA))}
+    python_style = re.compile(r"[0-9.]+e-?[0-9]+")
+    latex_number = re.compile(r"(-?[0-9.]+)\s*(?:\\times\s*10\^\{?(-?[0-9]+)\}?)?")
+    pairs = []  # (LaTeX prediction, Python-style gold, same number)
+    for problem in load_problems(str(EVAL_DATA / "luffy_valid.all.parquet"), "minerva"):
+        gold, latex = problem.golds[0], latex_gold[problem.problem]
+        number = latex_number.fullmatch(latex)
+        if python_style.fullmatch(gold) and number:
+            value = float(number[1]) * 10.0 ** int(number[2] or 0)
+            pairs.append((latex, gold, math.isclose(value, float(gold), rel_tol=1e-12)))
+    # 49 such pairs; in 3 the two copies disagree (e.g. 2.45e6 against 7.353 \times 10^{14}).
+    assert (len(pairs), sum(same for *_, same in pairs)) == (49, 46)
+    grades = grade_math([f"\\boxed{{{latex}}}" for latex, _, _ in pairs], [gold for _, gold, _ in pairs])
+    assert [(latex, gold) for (latex, gold, same), g in zip(pairs, grades) if g != same] == []
 
 
 def test_extraction_helpers():

@@ -3,6 +3,7 @@
 `masked_row_mean` against hand-computed float64 references."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -166,13 +167,13 @@ def test_relift_buffer_persists_below_size(root):
     assert all(0 <= i < len(trainer.task.train) for i in trainer.relift_buffer)
 
 
-def test_bread_tries_every_prefix_of_all_fail_prompts(root):
+def test_bread_rerolls_all_failed_prompts_in_one_call_per_prefix_length(root):
     trainer = _trainer(root, "bread_tries", "algo.method=bread")
-    calls: list[int] = []
+    calls: list[tuple[int, int, int]] = []  # (step, prompts, seed) of each engine call
     generate = trainer.engine.generate
 
     def counting_generate(prompts, n, params):
-        calls.append(trainer.step)
+        calls.append((trainer.step, len(prompts), params.seed))
         return generate(prompts, n, params)
 
     trainer.engine.generate = counting_generate
@@ -180,35 +181,71 @@ def test_bread_tries_every_prefix_of_all_fail_prompts(root):
     lines = step_lines(trainer.run_dir)
     fractions = len(trainer.config.algo.bread_prefix_fractions)
     assert sum(line["reward/all_fail_prompts"] for line in lines) > 0, "no all-fail prompt: the test exercises nothing"
-    for step, line in enumerate(lines):
+    for step, line in enumerate(lines):  # (the held-out evaluation runs at step STEPS)
+        step_calls = [(n, seed) for s, n, seed in calls if s == step]
+        # The rollouts, then one call per prefix length for every prompt still failing, with the step's seeds.
+        assert step_calls[0] == (2, trainer.sampling_params(step).seed)
+        rerolls = step_calls[1:]
+        assert [seed for _, seed in rerolls] == [trainer.sampling_params(step, 0, prefix=p).seed
+                                                 for p in range(1, len(rerolls) + 1)]
+        failing = [n for n, _ in rerolls]
+        assert failing == sorted(failing, reverse=True) and all(n > 0 for n in failing)
         if line["bread/branched_prompts"] == 0:
-            # One rollout call, then one re-roll per prefix length for each all-fail prompt.
-            assert calls.count(step) == 1 + fractions * line["reward/all_fail_prompts"]
+            assert failing == [line["reward/all_fail_prompts"]] * fractions or line["reward/all_fail_prompts"] == 0
         else:
-            assert calls.count(step) <= 1 + fractions * line["reward/all_fail_prompts"]
+            assert failing[0] == line["reward/all_fail_prompts"] and len(failing) <= fractions
 
 
 def test_bread_branches_from_the_shortest_successful_prefix(root):
     # With the full trace as the longest prefix the answer is in the context, so that prefix always succeeds.
     trainer = _trainer(root, "bread_branch", "algo.method=bread", "algo.bread_prefix_fractions=[0.1, 1.0]")
-    examples = trainer.stream.next_batch()
+    examples = trainer.task.train[:3]
     n = trainer.config.rollout.n
     groups = [Group(list(ex.prompt_ids), responses=[[1]] * n, rewards=[0.0] * n) for ex in examples]
     groups[1].rewards = [0.0, 1.0, 0.0]  # a prompt with a success is left alone
-    kept = (list(groups[1].prompt_ids), list(groups[1].responses), list(groups[1].rewards))
+    before = [dataclasses.replace(g) for g in groups]
 
-    assert trainer.branch_from_expert_prefixes(groups, examples) == 1
-    assert (groups[1].prompt_ids, groups[1].responses, groups[1].rewards) == kept
+    calls = []
+    generate = trainer.engine.generate
 
-    ex, group, params = examples[0], groups[0], trainer.sampling_params(trainer.step)
-    short = ex.trace_ids[: int(len(ex.trace_ids) * 0.1)]
-    short_rewards = trainer.reward([short + c.token_ids for c in
-                                    trainer.engine.generate([ex.prompt_ids + short], n, params)[0]], ex.answer)
-    chosen = short if max(short_rewards) > 0 else ex.trace_ids
-    assert group.prompt_ids == ex.prompt_ids + chosen  # the prefix is context ...
-    assert len(group.responses) == n and max(group.rewards) > 0
-    # ... and each response is graded with the prefix in front of it.
-    assert group.rewards == trainer.reward([chosen + r for r in group.responses], ex.answer)
+    def recording_generate(prompts, n, params):
+        calls.append((prompts, params.seed))
+        return generate(prompts, n, params)
+
+    trainer.engine.generate = recording_generate
+    branched = trainer.branch_from_expert_prefixes(groups, examples)
+    trainer.engine.generate = generate
+    assert groups == before  # the sampled groups are kept as they were (the step's reward metrics use them)
+    assert branched[1] is groups[1]
+
+    # Replay: the shortest prefix for both failing prompts in one call, then the full trace for those still
+    # failing, with the implementation's seeds.
+    failing, chosen, expected = [0, 2], {}, {}
+    for p, fraction in enumerate((0.1, 1.0), start=1):
+        if not failing:
+            break
+        prefixes = [examples[i].trace_ids[: int(len(examples[i].trace_ids) * fraction)] for i in failing]
+        params = trainer.sampling_params(trainer.step, 0, prefix=p)
+        prompts = [examples[i].prompt_ids + prefix for i, prefix in zip(failing, prefixes)]
+        assert calls.pop(0) == (prompts, params.seed)
+        completions = generate(prompts, n, params)
+        still = []
+        for i, prefix, comps in zip(failing, prefixes, completions):
+            rewards = trainer.grade([prefix + c.token_ids for c in comps], [examples[i].answer] * n)
+            if max(rewards) > 0:
+                chosen[i], expected[i] = prefix, (comps, rewards)
+            else:
+                still.append(i)
+        failing = still
+    assert not calls and not failing and set(chosen) == {0, 2}
+    for i in (0, 2):
+        comps, rewards = expected[i]
+        group = branched[i]
+        assert group.prompt_ids == examples[i].prompt_ids + chosen[i]  # the prefix is context ...
+        assert group.responses == [c.token_ids for c in comps] and group.rewards == rewards and max(rewards) > 0
+        assert group.behaviour_logprobs == [c.logprobs for c in comps]
+        # ... and each response is graded with the prefix in front of it.
+        assert group.rewards == trainer.grade([chosen[i] + r for r in group.responses], [examples[i].answer] * n)
 
 
 # ---------------------------------------------------------------------------------------------- build_batch

@@ -1,14 +1,18 @@
 """`RedTrainer` on the Megatron backend under torch.distributed (CPU, gloo, fp32) against the single-process
 Hugging Face backend, on the built-in task at toy size (RED: rollouts + offline trace, entropy-ratio weight w).
 
+The Megatron runs sample with the megatron engine on the policy's own shards (rollout/megatron.py; the HF run with
+the local engine); both draw row r's t-th token with the seed's uniform u[r, t], so equal logits give equal samples.
+
 - TP = 2 (DP = 1): the same seeds give the same rollouts, so every logged number of every step (loss, H_rl,
   H_sft, w, rewards, grad norm, token counts) and the final weights must match the HF run; the Megatron run is
   stopped after step 1 and resumed from its dist_checkpointing checkpoint, which must not change anything.
-- DP = 2 (TP = 1, distributed optimiser): each replica rolls out and trains on half of the step's prompts, and
-  counts / entropies / metrics are reduced over the replicas, so the step must equal the full-batch step. The
-  production engine seeds a replica's whole batch (seed per step and DP rank), so both runs here sample through
-  `PerPromptSeeds`, which seeds each prompt by its tokens: a prompt's rollouts then do not depend on which replica
-  drew it, and the HF run is the reference again.
+- DP = 2 (TP = 1, distributed optimiser), with dynamic sampling: each replica rolls out and trains on half of the
+  step's prompts, and counts / entropies / metrics are reduced over the replicas, so the step must equal the
+  full-batch step; dynamic sampling's drops and extra rounds must be decided alike on both replicas and give the
+  single-process run's batch. The production engine seeds a replica's whole batch (seed per step and DP rank), so
+  both runs here sample through `PerPromptSeeds`, which seeds each prompt by its tokens: a prompt's rollouts then do
+  not depend on which replica drew it, and the HF run is the reference again.
 
 w = clip(|dH_sft / dH_rl|, 1, G) divides two relative entropy changes of ~1e-4 (a near-uniform toy student), which
 turns the ~1e-7 float32 differences between the backends' entropies into ~1% differences of w. So the Megatron run
@@ -31,6 +35,7 @@ import torch
 
 from dist_utils import run_distributed
 from megatron_red.rollout.base import RolloutEngine
+from test_megatron import hf_weights, read_hf_weights
 from trainer_fixtures import read_lines, step_lines, tiny_config
 
 pytest.importorskip("megatron.core")
@@ -53,15 +58,22 @@ class PerPromptSeeds(RolloutEngine):
     def sync_weights(self, policy) -> None:
         self.engine.sync_weights(policy)
 
+    def suspend(self) -> None:
+        self.engine.suspend()
+
 
 def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = None, computed_w: list | None = None):
     """At this size the student never solves a problem, so every GRPO group would be uniform; "the text has an
-    even number of characters" or'ed into the verifier's reward gives the groups signal (as in test_trainer_e2e)."""
+    even number of characters" or'ed into the verifier's reward gives the groups signal (as in test_trainer_e2e).
+    With dynamic sampling, "a length not divisible by 4" pays more often, so that more groups (whose correct trace
+    is a member) are paid throughout and get dropped."""
     verify = trainer.task.reward_fn
-    trainer.task.reward_fn = lambda texts, answers: [max(float(r), float(len(t) % 2 == 0))
+    dynamic = trainer.config.rollout.dynamic_sampling
+    paid = (lambda t: len(t) % 4 != 0) if dynamic else (lambda t: len(t) % 2 == 0)
+    trainer.task.reward_fn = lambda texts, answers: [max(float(r), float(paid(t)))
                                                      for r, t in zip(verify(texts, answers), texts)]
     if per_prompt_seeds:
-        trainer.engine = PerPromptSeeds(trainer.engine)
+        trainer.engine = trainer.policy.rollout_engine = PerPromptSeeds(trainer.engine)
     if pinned_w is not None:  # see the module docstring
         update = trainer.controller.update
 
@@ -73,15 +85,36 @@ def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = Non
     return trainer
 
 
-def _hf_run(run_dir: Path, student: str, per_prompt_seeds: bool):
+def _hf_run(run_dir: Path, student: str, per_prompt_seeds: bool, *extra: str):
     from megatron_red.trainer.red_trainer import RedTrainer
 
-    trainer = _prepare(RedTrainer(tiny_config(run_dir, *COMMON, f"model.path={student}"), run_dir), per_prompt_seeds)
+    trainer = _prepare(RedTrainer(tiny_config(run_dir, *COMMON, f"model.path={student}", *extra), run_dir),
+                       per_prompt_seeds)
     trainer.train()
     return read_lines(run_dir), {k: v.detach().clone() for k, v in trainer.policy.model.state_dict().items()}
 
 
-def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_seeds, pinned_w):
+def _own_parameters(policy, reference: dict[str, torch.Tensor]):
+    """Per Megatron parameter, max |this rank's own copy - `reference` (HF weights) laid out as this rank's shard|,
+    and the rank's own copies of the replicated (not TP-split) parameters.
+
+    Read from the rank's local parameters, not through the export's all-gather. The layout is the import path's,
+    which test_megatron.py checks against the HF model's forward. The run is over, so the model is overwritten to
+    lay the reference out.
+    """
+    from megatron_red.models.hf_checkpoint import StateDictWeights
+    from megatron_red.models.megatron.weights import load_hf_weights, unwrap_model
+
+    model = unwrap_model(policy.model)
+    own = {name: p.detach().clone() for name, p in model.named_parameters()}
+    replicated = {name: own[name].numpy() for name, p in model.named_parameters()
+                  if not getattr(p, "tensor_model_parallel", False)}
+    load_hf_weights(model, StateDictWeights(reference), policy.arch, policy.tp_group)
+    errors = {name: (own[name] - p.detach()).abs().max().item() for name, p in model.named_parameters()}
+    return errors, replicated
+
+
+def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_seeds, pinned_w, reference=None):
     import megatron_compat
     megatron_compat.install()
     from megatron.core import parallel_state as ps
@@ -101,10 +134,15 @@ def _megatron_worker(rank, world_size, run_dir, overrides, stop_at, per_prompt_s
         return red_step(examples, loss_cfg)
 
     trainer.red_step = recording_step
+    from megatron_red.rollout.megatron import MegatronEngine
+
+    engine = trainer.policy.rollout_engine
+    assert isinstance(getattr(engine, "engine", engine), MegatronEngine)  # sampling from the policy's own shards
     trainer.train()
-    weights = {k: v.numpy() for k, v in trainer.policy.hf_state_dict().items()}
+    weights = {k: v.numpy() for k, v in hf_weights(trainer.policy).items()}
+    own = _own_parameters(trainer.policy, reference) if reference is not None else None
     ps.destroy_model_parallel()
-    return weights, prompts, computed_w
+    return weights, prompts, computed_w, own
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +179,7 @@ def _assert_runs_match(hf_lines, hf_weights, mg_lines, mg_weights, computed_w, s
     assert computed_w == pytest.approx(recomputed, rel=1e-12)
     assert computed_w == pytest.approx([line["entropy/w"] for line in hf_lines[:-1]], rel=2e-2)
 
-    from megatron_red.models.megatron import load_hf_checkpoint
-
-    _, start = load_hf_checkpoint(student)
+    start = read_hf_weights(student)
     assert set(mg_weights) == set(start) and "lm_head.weight" not in start  # tied head, exported once
     for key in start:
         torch.testing.assert_close(torch.from_numpy(mg_weights[key]), hf_weights[key], atol=1e-5, rtol=0, msg=key)
@@ -157,10 +193,15 @@ def test_tensor_parallel_run_with_resume_matches_hf(root, student):
     overrides = ["model.backend=megatron", f"model.path={student}", "model.tensor_model_parallel_size=2",
                  "model.use_distributed_optimizer=false"]
     pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
-    (weights, prompts, computed_w), (weights_1, prompts_1, _) = run_distributed(
-        _megatron_worker, 2, str(run_dir), overrides, 1, False, pinned_w)
+    (weights, prompts, computed_w, (errors, replicated)), (_, prompts_1, _, (errors_1, replicated_1)) = \
+        run_distributed(_megatron_worker, 2, str(run_dir), overrides, 1, False, pinned_w, hf_weights)
     assert prompts == prompts_1 and [len(p) for p in prompts] == [2]  # both TP ranks: the resumed step's 2 prompts
-    assert weights.keys() == weights_1.keys() and all((weights[k] == weights_1[k]).all() for k in weights)
+    # Each TP rank's own shards and replicated copies (rank 1's are not in rank 0's export) equal the HF run's,
+    # and the replicated copies, each rank updating its own from the same gradients, stay bitwise equal.
+    assert errors.keys() == errors_1.keys() and 0 < len(replicated) < len(errors)
+    assert {(r, k): e for r, rank in enumerate((errors, errors_1)) for k, e in rank.items() if e > 1e-5} == {}
+    assert replicated.keys() == replicated_1.keys()
+    assert [k for k in replicated if not (replicated[k] == replicated_1[k]).all()] == []
     _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["latest", "step_000001", "step_000002"]
@@ -169,15 +210,18 @@ def test_tensor_parallel_run_with_resume_matches_hf(root, student):
 
 
 def test_data_parallel_step_matches_full_batch(root, student):
-    hf_lines, hf_weights = _hf_run(root / "hf_per_prompt", student, per_prompt_seeds=True)
+    dynamic = ["rollout.dynamic_sampling=true"]
+    hf_lines, hf_weights = _hf_run(root / "hf_per_prompt", student, True, *dynamic)
+    assert any(line["dynamic/extra_rounds"] for line in hf_lines[:-1]), "nothing dropped: pick another reward"
     run_dir = root / "megatron_dp2"
-    overrides = ["model.backend=megatron", f"model.path={student}", "model.use_distributed_optimizer=true"]
+    overrides = ["model.backend=megatron", f"model.path={student}", "model.use_distributed_optimizer=true", *dynamic]
     pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
-    (weights, prompts, computed_w), (_, prompts_1, computed_w_1) = run_distributed(
+    (weights, prompts, computed_w, _), (_, prompts_1, computed_w_1, _) = run_distributed(
         _megatron_worker, 2, str(run_dir), overrides, None, True, pinned_w)
     assert computed_w == computed_w_1  # the replicas agree on w: it comes from the all-reduced entropies
     _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
-    # The replicas split each step's two prompts: one each, together the step's batch.
+    # The replicas split each step's two prompts: one each, together the step's batch (the first sampling round;
+    # dynamic sampling's extra prompts are drawn inside the step).
     assert [len(p) for p in prompts] == [len(p) for p in prompts_1] == [1] * STEPS
     assert all(set(a).isdisjoint(b) for a, b in zip(prompts, prompts_1))
     assert len(step_lines(run_dir)) == STEPS and (run_dir / "config.yaml").exists()

@@ -15,9 +15,10 @@ import torch
 
 from megatron_red.config import load_config
 from megatron_red.trainer.red_trainer import RedTrainer
+from shared_files import SHARED_DATA, needs_shared
 from trainer_fixtures import REPO_ROOT, parameters, read_lines, step_lines
 
-GSM8K = REPO_ROOT.parent / "shared" / "data" / "train" / "gsm8k_train.jsonl"
+GSM8K = SHARED_DATA / "train" / "gsm8k_train.jsonl"
 ROWS = 6
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = (
@@ -25,7 +26,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-pytestmark = pytest.mark.skipif(not GSM8K.exists(), reason=f"{GSM8K} (the shared GSM8K file) is not here")
+pytestmark = needs_shared
 
 
 def _prepare_data_tool():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -57,34 +56,29 @@ def reference(root):
 
 
 def test_sigkill_then_resume_matches_uninterrupted(root, reference):
-    run_dir = root / "killed"
+    """Killed after step 3 is logged: the latest checkpoint is step 2, and metrics.jsonl already has step 3's line."""
+    run_dir, marker = root / "killed", root / "killed.paused"
     log = open(root / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_red.cli", "train", *RUN, f"trainer.out_dir={run_dir}"],
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "pause_at_step.py"), "3", str(marker),
+                             "train", *RUN, f"trainer.out_dir={run_dir}"],
                             cwd=REPO_ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    logged = 0
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists():
-                lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-                logged = max((r["step"] for r in lines), default=0)
-                if logged >= 3:
-                    break
-            time.sleep(0.005)
-        alive = proc.poll() is None
-        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        paused = marker.exists()
+        proc.kill()  # SIGKILL
     finally:
         proc.wait()
         log.close()
-    assert alive, f"the run ended before it could be killed (rc {proc.returncode}):\n{(root / 'killed.log').read_text()[-3000:]}"
-    assert 3 <= logged <= 4, f"killed at step {logged}, wanted after the step-2 checkpoint and before the end"
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest in ("step_000002", "step_000004")
+    assert paused, f"the run never reached step 3 (rc {proc.returncode}):\n{(root / 'killed.log').read_text()[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    assert [r["step"] for r in read_lines(run_dir)] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
     result = cli("train", "--resume", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"[resume] {run_dir / 'checkpoints' / latest}" in result.stdout
+    assert f"[resume] {run_dir / 'checkpoints' / 'step_000002'}" in result.stdout
     _assert_same_run(run_dir, reference)
 
 

@@ -1,12 +1,23 @@
-"""Benchmark the Hugging Face backend on one GPU: rollout (HF `generate` vs `LocalEngine`) and one training step
+"""Benchmark rollouts on one GPU: HF `generate`, `LocalEngine` and the megatron engine (megatron-core's dynamic
+engine on a `GPTModel`, `megatron_red.rollout.megatron`), side by side on the same weights; and one training step
 (`HFPolicy`, fused LM-head kernel on vs off).
 
-Default shapes are the anchors of docs/targets.md: a randomly initialised Qwen2.5-1.5B-shaped model in bf16 with
-sdpa attention; batch 64, 128-token prompts, 512 new tokens, sampling at temperature 1; a training step on
-4 x 4096 tokens. Every row decodes all its new tokens (EOS is disabled) so both engines do the same work.
-`--quick` shrinks everything to a small model (and `--device cpu --quick` is a smoke test).
+Default shapes are the anchors of docs/targets.md: a randomly initialised Qwen2.5-1.5B-shaped model in bf16;
+128-token prompts, each sampled `--samples-per-prompt` times (RED's G), at temperature 1; rows x new tokens
+64 x 512 and 512 x 1024 (`--shapes`); a training step on 4 x 4096 tokens. Every row decodes all its new tokens
+(EOS is disabled) so all engines do the same work. Each rollout row reports generated tokens/s and the peak of
+allocated GPU memory during the timed call (the HF and megatron copies of the weights, ~3 GiB each, are both
+resident); megatron rows also report the KV buffer, the prompt tokens prefix sharing skipped, and the memory
+`suspend()` returned to the allocator. `--quick` shrinks everything to a small model (and `--device cpu --quick`
+is a smoke test of the local engine; the megatron engine needs CUDA).
 
-    python tools/bench_rollout.py                      # H100 / H200, about 2-3 minutes
+Default workload: HF generate (first shape only), LocalEngine and the megatron engine each eager and with CUDA
+graphs, at 64 x 512 and 512 x 1024, then the training step. `--engines` picks variants: `local` / `megatron` (eager
+and graphed) or `local-eager`, `local-graph`, `megatron-eager`, `megatron-graph`.
+
+    python tools/bench_rollout.py                      # H100 / H200, about 3-4 minutes
+    python tools/bench_rollout.py --skip-hf-generate --skip-train --engines local-graph,megatron-graph
+                                                       # tools/gpu_checks.sh's megatron_rollout step, ~1.3 minutes
     python tools/bench_rollout.py --device cpu --quick # smoke test
 """
 from __future__ import annotations
@@ -14,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+import traceback
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -45,12 +57,112 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
+def gib(x: float) -> str:
+    return f"{x / 2**30:.1f} GiB"
+
+
+def peak_note(device) -> str:
+    return f"peak {gib(torch.cuda.max_memory_allocated(device))}" if device.type == "cuda" else ""
+
+
 def bench_rollout(args, config, device, dtype, rows: list) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    sharded = build_megatron_model(config, model, dtype) if graph_modes(args, "megatron", device) else None
+    for batch, new in args.shapes:
+        args.batch, args.new_tokens = batch, new
+        bench_shape(args, config, model, sharded, device, rows)
+        args.skip_hf_generate = True  # the slow baseline once, at the first shape
+    del model, sharded
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_megatron_model(config, model, dtype):
+    """The same weights as a megatron-core `GPTModel` (one process group of one rank), with megatron's CUDA-graph
+    managers when on CUDA (off until an engine switches them on)."""
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_red.models.megatron import MegatronConfig, ShardedModel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29512")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    names = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+    return ShardedModel.from_hf(config, model.state_dict(), MegatronConfig(
+        dtype=names[dtype], inference_cuda_graphs=torch.cuda.is_available()))
+
+
+class _Ids:
+    eos_token_id, pad_token_id = -1, 0  # EOS disabled: every row decodes all its new tokens
+
+
+def shape_of(args) -> str:
+    """A rollout row's work: rows x new tokens."""
+    return f"{args.batch}x{args.new_tokens}"
+
+
+def graph_modes(args, engine: str, device) -> list[bool]:
+    """The CUDA-graph settings (False = eager) that `--engines` asks of `engine` (graphs only on CUDA)."""
+    modes = []
+    for cuda_graph, mode in ((False, "eager"), (True, "graph")):
+        if (engine in args.engines or f"{engine}-{mode}" in args.engines) and (device.type == "cuda" or not cuda_graph):
+            modes.append(cuda_graph)
+    return modes
+
+
+def bench_megatron(args, sharded, prompts, device, rows: list) -> None:
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=0)
+    for cuda_graph in graph_modes(args, "megatron", device):
+        name = "megatron engine" + (" + CUDA graphs" if cuda_graph else " (eager)")
+        print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
+        try:
+            rows.append(megatron_row(args, sharded, prompts, device, name, cuda_graph, params))
+        except Exception as e:  # noqa: BLE001 - a failed variant is a row of the table, the others still run
+            traceback.print_exc()
+            rows.append((shape_of(args), name, float("nan"), float("nan"), f"failed: {type(e).__name__}: {e}"[:160]))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def megatron_row(args, sharded, prompts, device, name, cuda_graph, params):
+    from megatron_red.config import RolloutConfig
+    from megatron_red.rollout.build import build_engine
+
+    n = args.samples_per_prompt
+    rollout = RolloutConfig(max_batch_size=args.batch, kv_block_size=args.kv_block_size, cuda_graph=cuda_graph)
+    engine = build_engine("megatron", sharded, _Ids(), rollout, max_sequence_length=args.prompt_len + args.new_tokens)
+    engine.generate(prompts[:1], n, SamplingParams(max_new_tokens=4, seed=0))  # warm-up: build, capture
+    before = engine.prefix_cache_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out, seconds = timed(lambda: engine.generate(prompts, n, params), device)
+    assert all(len(c.token_ids) == args.new_tokens for cs in out for c in cs)
+    after = engine.prefix_cache_stats()
+    skipped = after["skipped"] - before["skipped"]
+    total = skipped + after["computed"] - before["computed"]
+    notes = [peak_note(device), f"KV {engine.kv_buffer_gb:.1f} GiB", f"prefix: {skipped}/{total} prompt tokens skipped"]
+    if device.type == "cuda":
+        held = torch.cuda.memory_allocated(device)
+        engine.suspend()
+        gc.collect()
+        notes.append(f"suspend() freed {gib(held - torch.cuda.memory_allocated(device))}")
+    return (shape_of(args), name, seconds, args.batch * args.new_tokens / seconds, "; ".join(filter(None, notes)))
+
+
+def bench_shape(args, config, model, sharded, device, rows: list) -> None:
+    if args.batch % args.samples_per_prompt:
+        raise SystemExit(f"rows {args.batch} must be a multiple of --samples-per-prompt {args.samples_per_prompt}")
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(1, config.vocab_size, (args.batch, args.prompt_len), generator=g)
+    unique = torch.randint(1, config.vocab_size, (args.batch // args.samples_per_prompt, args.prompt_len),
+                           generator=g)
+    prompts = unique.repeat_interleave(args.samples_per_prompt, dim=0)  # HF generate: the same rows
     new_tokens = args.batch * args.new_tokens
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=0)
 
@@ -63,28 +175,26 @@ def bench_rollout(args, config, device, dtype, rows: list) -> None:
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
                 top_k=0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0), device)
         assert out.shape[1] == args.prompt_len + args.new_tokens
-        rows.append(("rollout", "HF generate", seconds, new_tokens / seconds, ""))
+        rows.append((shape_of(args), "HF generate", seconds, new_tokens / seconds, ""))
 
-    graph_modes = [False, True] if device.type == "cuda" else [False]
-    tokens = {}
-    for cuda_graph in graph_modes:
-        engine = LocalEngine(model, eos_token_id=-1, pad_token_id=0, max_batch_size=args.batch, cuda_graph=cuda_graph)
+    prompt_lists, n = unique.tolist(), args.samples_per_prompt
+    for cuda_graph in graph_modes(args, "local", device):
+        engine = LocalEngine(model, eos_token_id=-1, pad_token_id=0, max_batch_size=args.batch,
+                             cuda_graph=cuda_graph)
         name = "LocalEngine" + (" + CUDA graph" if cuda_graph else " (eager)")
-        print(f"{name} ...", flush=True)
-        prompt_lists = prompts.tolist()
+        print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
         engine.generate(prompt_lists[:2], 1, SamplingParams(max_new_tokens=4, seed=0))  # warm-up
-        out, seconds = timed(lambda: engine.generate(prompt_lists, 1, params), device)
-        tokens[cuda_graph] = [c.token_ids for cs in out for c in cs]
-        assert all(len(t) == args.new_tokens for t in tokens[cuda_graph])
-        rows.append(("rollout", name, seconds, new_tokens / seconds, ""))
-        del engine
-    if len(tokens) == 2:
-        same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
-        print(f"eager vs CUDA graph: {same}/{len(tokens[False])} rows identical (same seed)", flush=True)
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out, seconds = timed(lambda: engine.generate(prompt_lists, n, params), device)
+        assert all(len(c.token_ids) == args.new_tokens for cs in out for c in cs)
+        rows.append((shape_of(args), name, seconds, new_tokens / seconds, peak_note(device)))
+        del engine, out
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if sharded is not None:
+        bench_megatron(args, sharded, prompt_lists, device, rows)
 
 
 def bench_train(args, config, device, rows: list) -> None:
@@ -135,9 +245,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small model and shapes")
-    parser.add_argument("--batch", type=int, help="rollout rows (default 64; quick 8)")
+    parser.add_argument("--shapes", help="rollout rows x new tokens, comma-separated (default 64x512,512x1024; "
+                                         "quick 8x32)")
     parser.add_argument("--prompt-len", type=int, help="rollout prompt tokens (default 128; quick 16)")
-    parser.add_argument("--new-tokens", type=int, help="new tokens per row (default 512; quick 32)")
+    parser.add_argument("--samples-per-prompt", type=int, default=8, help="rows per prompt (RED's G)")
+    parser.add_argument("--engines", default="local,megatron",
+                        help="comma-separated: local, megatron (eager and CUDA graph), or local-eager, local-graph, "
+                             "megatron-eager, megatron-graph")
+    parser.add_argument("--kv-block-size", type=int, default=64,
+                        help="megatron engine: KV block tokens (prefix sharing is per full block)")
     parser.add_argument("--skip-hf-generate", action="store_true", help="skip the (slow) HF generate baseline")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--train-batch", type=int, help="training sequences (default 4; quick 2)")
@@ -147,10 +263,20 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2, help="timed steps after one warm-up step (>= 1)")
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
     args = parser.parse_args()
-    for name, full, quick in (("batch", 64, 8), ("prompt_len", 128, 16), ("new_tokens", 512, 32),
+    for name, full, quick in (("shapes", "64x512,512x1024", "8x32"), ("prompt_len", 128, 16),
                               ("train_batch", 4, 2), ("train_len", 4096, 128)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    args.shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    args.engines = args.engines.split(",")
+    known = {"local", "megatron", "local-eager", "local-graph", "megatron-eager", "megatron-graph"}
+    if set(args.engines) - known:
+        parser.error(f"unknown --engines {sorted(set(args.engines) - known)}; known: {sorted(known)}")
+    if args.device == "cpu":
+        args.engines = [e for e in args.engines if not e.startswith("megatron")]  # megatron's engine needs CUDA
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_rollout.py needs a CUDA GPU for --device cuda (none is visible to torch); "
+                         "`--device cpu --quick` smoke-tests the local engine")
 
     if args.train_steps < 1 or args.micro_batch < 1:
         parser.error("--train-steps and --micro-batch must be >= 1")
@@ -171,11 +297,18 @@ def main() -> None:
     print(f"\n{'work':8} {'implementation':34} {'seconds':>9} {'tokens/s':>11}  notes")
     for work, impl, seconds, rate, note in rows:
         print(f"{work:8} {impl:34} {seconds:9.3f} {rate:11.0f}  {note}")
-    hf = next((r[3] for r in rows if r[1] == "HF generate"), None)
-    if hf:
-        for work, impl, _, rate, _ in rows:
-            if impl.startswith("LocalEngine"):
-                print(f"{impl}: {rate / hf:.1f}x HF generate (target >= 10x)")
+    if device.type == "cpu":
+        print("(megatron engine rows need CUDA)")
+    rates = {(work, impl): rate for work, impl, _, rate, _ in rows}
+    for (work, impl), rate in rates.items():
+        if impl.startswith("LocalEngine") and (work, "HF generate") in rates:
+            print(f"{work} {impl}: {rate / rates[work, 'HF generate']:.1f}x HF generate (target >= 10x)")
+        local = {"megatron engine (eager)": "LocalEngine (eager)",
+                 "megatron engine + CUDA graphs": "LocalEngine + CUDA graph"}.get(impl)
+        if local and (work, local) in rates:
+            print(f"{work} {impl}: {rate / rates[work, local]:.2f}x {local}")
+        if impl.startswith("megatron engine") and work == "512x1024":
+            print(f"{work} {impl}: {rate:.0f} tokens/s (issue 9 target >= 25000 on one H200)")
 
 
 if __name__ == "__main__":

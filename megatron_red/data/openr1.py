@@ -107,22 +107,27 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
     return value
 
 
-def _parse_row(row: dict[str, Any]) -> tuple[list[dict[str, str]], str, str | list[str], int | None]:
-    """(prompt messages, trace text, answer, difficulty) of a row, or _Malformed."""
+def _parse_row(row: dict[str, Any], require_trace: bool = True
+               ) -> tuple[list[dict[str, str]], str, str | list[str], int | None]:
+    """(prompt messages, trace text, answer, difficulty) of a row, or _Malformed. Without `require_trace`, a row
+    with no `target` column (held-out files such as LUFFY's valid.all.parquet) has the empty trace."""
     if "__json_error__" in row:
         raise _Malformed("(json)", row["__json_error__"])
-    for column in ("prompt", "target"):
+    has_trace = require_trace or row.get("target") is not None
+    for column in ("prompt", "target") if has_trace else ("prompt",):
         if column not in row:
             raise _Malformed(column, "missing column")
     prompt = _messages(row["prompt"], "prompt")
     if not any(m["role"] == "user" for m in prompt):
         raise _Malformed("prompt", "no user message")
-    target = _messages(row["target"], "target")
-    if len(target) != 1 or target[0]["role"] != "assistant":
-        raise _Malformed("target", "expected exactly one assistant message")
-    trace = target[0]["content"]
-    if not trace.strip():
-        raise _Malformed("target", "empty trace")
+    trace = ""
+    if has_trace:
+        target = _messages(row["target"], "target")
+        if len(target) != 1 or target[0]["role"] != "assistant":
+            raise _Malformed("target", "expected exactly one assistant message")
+        trace = target[0]["content"]
+        if not trace.strip():
+            raise _Malformed("target", "empty trace")
 
     if "reward_model" in row:
         reward_model = row["reward_model"]
@@ -152,6 +157,7 @@ def load_openr1(
     max_prompt_tokens: int,
     max_trace_tokens: int,
     skip_malformed: bool = False,
+    require_trace: bool = True,
 ) -> tuple[list[RedExample], LoadStats]:
     """Load OpenR1-schema file(s) into tokenized `RedExample`s.
 
@@ -162,7 +168,7 @@ def load_openr1(
     max_trace_tokens, so the policy learns where a finished answer stops; a longer trace is cut to
     max_trace_tokens with no EOS, since appending one would teach stopping mid-reasoning.
     A malformed row raises ValueError naming file, row (0-based) and column, or is counted and skipped when
-    skip_malformed=True.
+    skip_malformed=True. require_trace=False accepts rows without a `target` (held-out prompts): their trace is empty.
     """
     if max_prompt_tokens < 1 or max_trace_tokens < 1:
         raise ValueError(f"max_prompt_tokens and max_trace_tokens must be >= 1, got {max_prompt_tokens}, {max_trace_tokens}")
@@ -175,7 +181,7 @@ def load_openr1(
         for i, row in enumerate(read_rows(p)):
             stats.rows += 1
             try:
-                messages, trace, answer, difficulty = _parse_row(row)
+                messages, trace, answer, difficulty = _parse_row(row, require_trace)
             except _Malformed as e:
                 message = f"{p}: row {i}: {e}"
                 if not skip_malformed:
@@ -195,7 +201,9 @@ def load_openr1(
         if len(prompt_ids) > max_prompt_tokens:
             stats.dropped_prompts += 1
             continue
-        if len(trace_ids) + 1 <= max_trace_tokens:
+        if not trace and not require_trace:
+            trace_ids = []  # a held-out prompt without a trace
+        elif len(trace_ids) + 1 <= max_trace_tokens:
             trace_ids = trace_ids + [tokenizer.eos_token_id]
         else:
             trace_ids = trace_ids[:max_trace_tokens]

@@ -20,7 +20,7 @@ class PromptStream:
             raise ValueError("PromptStream needs at least one example")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.examples = list(examples)
+        self.examples = examples  # not copied: a memory-mapped dataset (data/cache.py) stays mapped
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0

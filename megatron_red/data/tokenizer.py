@@ -2,7 +2,8 @@
 
 `Tokenizer` is what the rest of the system may call: `encode` (never adds special tokens: the data layer
 appends EOS itself where a trace ends), `decode`, the special ids, `vocab_size`, `render_prompt` (the prompt
-template, so a prompt looks the same at training, rollout and evaluation time) and `save`.
+template, so a prompt looks the same at training, rollout and evaluation time), `save` and `fingerprint` (what the
+tokenised-data cache is keyed by).
 
 Two implementations:
 - `HFTokenizer` wraps a transformers tokenizer (real students such as Qwen2.5-Math) and uses its chat template.
@@ -12,6 +13,7 @@ Two implementations:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -80,6 +82,18 @@ class Tokenizer(ABC):
     def save(self, directory: str) -> None:
         """Write the tokenizer so that `load_tokenizer(directory)` rebuilds an identical one."""
 
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A hash that changes whenever `encode`, `render_prompt` or the special ids could give something else."""
+
+
+def _sha256(*parts: str | bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
 
 class HFTokenizer(Tokenizer):
     """A transformers tokenizer with megatron_red's prompt templates.
@@ -135,6 +149,13 @@ class HFTokenizer(Tokenizer):
         if self.template == "chat-think" and not text.rstrip().endswith("<think>"):
             text += "<think>\n"
         return text
+
+    def fingerprint(self) -> str:
+        backend = getattr(self.hf, "backend_tokenizer", None)  # a fast tokenizer serialises its whole pipeline
+        vocab = backend.to_str() if backend is not None else json.dumps(sorted(self.hf.get_vocab().items()))
+        return _sha256("hf", type(self.hf).__name__, vocab, str(getattr(self.hf, "chat_template", None)),
+                       self.template, str(self.system_prompt),
+                       json.dumps([self.eos_token_id, self.pad_token_id, self.bos_token_id]))
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -203,6 +224,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def render_prompt(self, problem: str | Messages) -> str:
         return plain_prompt(as_messages(problem, self.system_prompt))
+
+    def fingerprint(self) -> str:
+        return _sha256("sentencepiece", self.model_proto, str(self.system_prompt))
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -13,7 +13,6 @@ from megatron_red.eval.benchmarks import (
     resolve_benchmarks,
 )
 from megatron_red.eval.cache import GenerationCache, fingerprint
-from megatron_red.eval.engines import build_engine
 from megatron_red.eval.metrics import BenchmarkResult, avg_at_k, overall, pass_at_k, summarize_benchmark
 from megatron_red.eval.runner import EvalConfig, EvalReport, evaluate
 
@@ -27,7 +26,6 @@ __all__ = [
     "GenerationCache",
     "Problem",
     "avg_at_k",
-    "build_engine",
     "evaluate",
     "fingerprint",
     "load_benchmark",

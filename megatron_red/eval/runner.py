@@ -7,6 +7,7 @@ import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from megatron_red.eval.benchmarks import BenchmarkSpec, Problem, load_benchmark, resolve_benchmarks
 from megatron_red.eval.cache import CachedSample, CacheStats, GenerationCache, fingerprint
@@ -96,8 +97,14 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True)
 
 
-def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderPool | None = None) -> EvalReport:
-    """Generates what the cache lacks, grades everything, writes the reports and returns them."""
+def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderPool | None = None,
+             writer: bool = True, share: Callable[[object], object] | None = None) -> EvalReport | None:
+    """Generates what the cache lacks, grades everything, writes the reports and returns them.
+
+    With a model-parallel engine every rank calls this and they generate together: `share` hands every rank the
+    writer's object (a broadcast), so all work from the writer's cache; only the `writer` appends to the cache,
+    grades, writes and returns the report (the others return None).
+    """
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     specs = effective_specs(config)
@@ -117,7 +124,10 @@ def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderP
                 config.model_id, spec.temperature, spec.top_p, spec.max_new_tokens, ids)
 
     cache = GenerationCache(os.path.join(config.out_dir, CACHE_FILE))
-    done, stats = cache.load(expected, {s.name: s.n for s in specs})
+    done, stats = cache.load(expected, {s.name: s.n for s in specs}) if writer else ({}, CacheStats())
+    if share is not None:
+        keys = share(set(done) if writer else None)
+        done = done if writer else dict.fromkeys(keys)
 
     # Work: problems grouped by how many samples they still lack (all n, except after a partial interruption).
     work: dict[tuple[str, tuple[int, ...]], list[Problem]] = defaultdict(list)
@@ -129,7 +139,7 @@ def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderP
     total = sum(s.n * len(problems[s.name]) for s in specs)
     generated = 0
     spec_by_name = {s.name: s for s in specs}
-    bar = _progress(total, len(done), config.progress)
+    bar = _progress(total, len(done), config.progress and writer)
     tokens, start = 0, time.monotonic()
     try:
         for (name, missing), todo in work.items():
@@ -151,7 +161,8 @@ def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderP
                             text=tokenizer.decode(c.token_ids, skip_special_tokens=True),
                             num_tokens=len(c.token_ids), finished=bool(c.finished),
                         ))
-                cache.append(new)
+                if writer:
+                    cache.append(new)
                 for s in new:
                     done[(s.benchmark, s.idx, s.sample)] = s
                     tokens += s.num_tokens
@@ -160,6 +171,8 @@ def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderP
                 bar.set_postfix(tok_s=f"{tokens / max(time.monotonic() - start, 1e-9):.0f}")
     finally:
         bar.close()
+    if not writer:
+        return None
 
     results, dump_rows = [], []
     for spec in specs:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
 @dataclass
@@ -80,7 +83,18 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, SequenceBatch], tuple[torch.Tenso
 
 
 class PolicyBackend(ABC):
-    """A trainable policy. Implementations: `HFPolicy` (models/hf.py), `MegatronPolicy` (models/megatron/)."""
+    """A trainable policy. Implementations: `HFPolicy` (models/hf.py), `MegatronPolicy` (models/megatron/).
+
+    Besides the training primitives below, a policy is the *actor* of an RL step, with the phase hooks of
+    NeMo-Aligner's GPT actor (`prepare_for_inference` / `infer` / `finish_inference`, `get_inference_log_probs`,
+    `prepare_for_training` / `get_loss_and_metrics` / `finish_training`, `offload_adam_states` /
+    `onload_adam_states`; docs/architecture.md maps each to NeMo-Aligner's). The defaults here fit a policy
+    whose rollout engine samples from its own module; the Megatron backend adds memory management between phases.
+    Both backends also expose `hf_config`, the transformers config of the model (written next to exported weights).
+    """
+
+    rollout_engine: "RolloutEngine | None" = None
+    """The engine `infer` samples with; attached by `megatron_red.rollout.build.build_engine`."""
 
     @abstractmethod
     def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
@@ -96,9 +110,10 @@ class PolicyBackend(ABC):
         global counts). Returns the metrics of each micro-batch."""
 
     @abstractmethod
-    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         """Clip gradients, step optimiser and learning-rate schedule, zero gradients; return the pre-clip grad norm.
-        `lr_scale` multiplies the scheduled learning rate for this step only (SFT updates run at their own rate)."""
+        `lr_scale` multiplies the scheduled learning rate for this step only (SFT updates run at their own rate);
+        `advance_schedule=False` leaves the schedule where it is (a step outside the scheduled count)."""
 
     @abstractmethod
     def state_dict(self) -> dict:
@@ -109,13 +124,64 @@ class PolicyBackend(ABC):
         ...
 
     @abstractmethod
-    def save_pretrained(self, path: str) -> None:
-        """Export the weights in Hugging Face format (a directory loadable with `from_pretrained`)."""
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Export the weights in Hugging Face format (a directory loadable with `from_pretrained`: safetensors
+        shards + `model.safetensors.index.json` + config.json), cast to `dtype` if given. Collective on sharded
+        backends; no rank holds the whole model."""
 
     @property
     @abstractmethod
     def learning_rate(self) -> float:
         ...
+
+    # -- actor hooks --------------------------------------------------------------------------------------------
+    def prepare_for_inference(self) -> None:
+        """Before a rollout phase (sampling, rewards): nothing to do by default."""
+
+    def infer(self, prompts: list[list[int]], n: int, params: "SamplingParams") -> list[list["Completion"]]:
+        """`n` sampled completions per prompt, with behaviour log-probs, from the attached rollout engine."""
+        if self.rollout_engine is None:
+            raise RuntimeError("no rollout engine attached (megatron_red.rollout.build.build_engine attaches one)")
+        return self.rollout_engine.generate(prompts, n, params)
+
+    def finish_inference(self) -> None:
+        """After the rollout phase: the engine releases its generation-only memory (KV cache, graphs)."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.suspend()
+
+    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi_old of the step (and the token entropies): `logprobs_entropy` with no gradient."""
+        return self.logprobs_entropy(batch, micro_batch_size, temperature)
+
+    def prepare_for_training(self) -> None:
+        """Before the update: nothing to do by default."""
+
+    def get_loss_and_metrics(self, batch: SequenceBatch, forward_only: bool, micro_batch_size: int, loss_fn: LossFn,
+                             temperature: float = 1.0) -> list[dict[str, float]]:
+        """The loss of every micro-batch of `batch` and its metrics; with `forward_only=False` its gradients are
+        accumulated (`forward_backward`), with True nothing is (log-probs and entropies without gradient)."""
+        if not forward_only:
+            return self.forward_backward(batch, micro_batch_size, loss_fn, temperature)
+        logprobs, entropy = self.logprobs_entropy(batch, micro_batch_size, temperature)
+        metrics, row = [], 0
+        for mb in batch.micro_batches(micro_batch_size):
+            rows, width = len(mb), mb.loss_mask.shape[1]
+            _, out = loss_fn(logprobs[row:row + rows, :width], entropy[row:row + rows, :width], mb)
+            metrics.append(out)
+            row += rows
+        return metrics
+
+    def finish_training(self) -> None:
+        """After the optimiser step: the rollout engine samples from the new weights from now on."""
+        if self.rollout_engine is not None:
+            self.rollout_engine.sync_weights(self)
+
+    def offload_adam_states(self) -> None:
+        """Move optimiser state to host memory (for the rollout phase); no-op by default."""
+
+    def onload_adam_states(self) -> None:
+        """Bring optimiser state back after `offload_adam_states`; no-op by default."""
 
     def save_checkpoint(self, directory: str) -> None:
         """Write the training state into `directory` (already created, not yet visible to readers).
@@ -124,3 +190,26 @@ class PolicyBackend(ABC):
 
     def load_checkpoint(self, directory: str) -> None:
         self.load_state_dict(torch.load(f"{directory}/policy.pt", map_location="cpu", weights_only=False))
+
+    def checkpoint_nbytes(self, with_hf: bool = False) -> int:
+        """About how many bytes `save_checkpoint` writes, plus a `save_pretrained` export when `with_hf`
+        (collective on sharded backends)."""
+        seen = set()
+
+        def nbytes(obj) -> int:
+            if isinstance(obj, torch.Tensor):  # tensors sharing storage (a tied head) are saved once
+                key = (obj.untyped_storage().data_ptr(), obj.storage_offset())
+                if key in seen:
+                    return 0
+                seen.add(key)
+                return obj.numel() * obj.element_size()
+            if isinstance(obj, dict):
+                return sum(nbytes(v) for v in obj.values())
+            if isinstance(obj, (list, tuple)):
+                return sum(nbytes(v) for v in obj)
+            return 0
+
+        state = self.state_dict()
+        total = nbytes(state)
+        seen.clear()
+        return total + (nbytes(state["model"]) if with_hf else 0)

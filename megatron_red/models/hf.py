@@ -1,4 +1,4 @@
-"""The Hugging Face policy backend: a transformers causal LM (Qwen2 / Llama architectures) on one device.
+"""The Hugging Face policy backend: a transformers causal LM (Qwen2 / Llama / Qwen3 architectures) on one device.
 
 Log-probs and entropies are computed from the decoder's final hidden states at the loss-mask positions only
 (response and trace tokens), so the LM head never runs on prompt or padding tokens. The head is either the
@@ -16,10 +16,10 @@ from typing import Literal
 
 import torch
 
+from megatron_red.models.architectures import check_supported
 from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
 from megatron_red.models.optim import OptimConfig, build_optimizer, clip_grad_norm
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 FusedKernelMode = Literal["auto", "on", "off"]
 
 
@@ -38,22 +38,21 @@ class HFPolicy(PolicyBackend):
     def __init__(self, model: torch.nn.Module, optim_config: OptimConfig | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False):
-        model_type = getattr(model.config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+        check_supported(model.config)
         if fused_kernel not in ("auto", "on", "off"):
             raise ValueError(f"fused_kernel must be 'auto', 'on' or 'off', got {fused_kernel!r}")
-        if getattr(model.config, "attention_dropout", 0.0):
-            # pi / pi_old must compare one deterministic function; dropout would make the ratio noise.
-            raise ValueError(f"attention_dropout must be 0, got {model.config.attention_dropout}")
         lm_head = model.get_output_embeddings()
         if getattr(lm_head, "bias", None) is not None:
-            raise ValueError("an LM head with a bias is not supported (Qwen2 and Llama heads have none)")
+            raise ValueError("an LM head with a bias is not supported (Qwen2, Llama and Qwen3 heads have none)")
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(device=self.device, dtype=torch.float32)
         self.model.config.use_cache = False
+        # transformers builds the input embedding with padding_idx = pad_token_id, which zeroes the gradient of the
+        # pad row wherever the pad id is an input. Padded positions get no gradient anyway (masked out), but a
+        # sampled pad token is a real token of a response; the megatron backend has no such rule, so neither do we.
+        self.model.get_input_embeddings().padding_idx = None
         if gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
                 self.model.activation_checkpointing_enable({"use_reentrant": False})
@@ -170,7 +169,7 @@ class HFPolicy(PolicyBackend):
 
     # ---- optimiser ----------------------------------------------------------------------------------------
 
-    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         grad_norm = clip_grad_norm(self.model.parameters(), self.optim_config.grad_clip)
         scheduled = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
@@ -178,7 +177,8 @@ class HFPolicy(PolicyBackend):
         self.optimizer.step()
         for group, lr in zip(self.optimizer.param_groups, scheduled):
             group["lr"] = lr
-        self.scheduler.step()
+        if advance_schedule:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -200,8 +200,14 @@ class HFPolicy(PolicyBackend):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def save_pretrained(self, path: str) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
+    @property
+    def hf_config(self):
+        return self.model.config
+
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        from megatron_red.models.hf_checkpoint import save_state_dict
+
+        save_state_dict(self.model.state_dict(), self.model.config, path, dtype)
 
 
 def _check_args(micro_batch_size: int, temperature: float) -> None:

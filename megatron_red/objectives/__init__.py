@@ -8,16 +8,21 @@ One RED step, as the trainer drives it (config = RedLossConfig.from_name(name)):
   2. w = EntropyRatioController(G).update(H_rl, H_sft) if config.entropy_regulation else 1.0, with H the mean
      token entropy (no grad, rollout-time policy) of the on-policy samples and of the offline traces.
   3. red_policy_loss(...) per micro-batch with the step's global num_sequences / num_tokens; sum the losses.
+     With config.tis_cap it also takes the engine's behaviour log-probs (truncated importance sampling,
+     `tis_weights`); `behaviour_mismatch` measures how far they are from pi_old.
 
-Methods of Table 2 that are schedules of the trainer rather than losses:
-  SFT->GRPO  train with RedLossConfig.sft() on the traces, then start GRPO (RedLossConfig.grpo()) from that
-             checkpoint: the trainer needs an init-from-checkpoint option and two runs.
-  ReLIFT     GRPO over on-policy rollouts; prompts whose rollouts all fail go, with their traces, to a buffer;
-             each time it holds 128, one separate optimiser step with the sft() loss on the buffer (its own lr,
-             1e-6), then the buffer is emptied. Needs a buffer of failed prompts and a second loss/lr.
-  BREAD      GRPO; for a prompt whose rollouts all fail, regenerate with the shortest prefix of the expert trace
-             that gives at least one success and train on the continuations only (the prefix is context, masked
-             out of response_mask). Needs prefix search in the rollout loop; the loss is grpo().
+Methods of Table 2 that are schedules of the trainer (megatron_red/trainer/red_trainer.py) rather than losses,
+as it runs them (one run, one optimiser, one learning-rate schedule each):
+  SFT->GRPO  the first `algo.sft_then_grpo_fraction` of `trainer.steps` use sft() at `algo.sft_lr_multiplier` x the
+             scheduled lr, the rest grpo().
+  ReLIFT     grpo() over on-policy rollouts; prompts whose rollouts all fail go, with their traces, to a buffer
+             shared by the data-parallel replicas; once it holds `algo.relift_buffer_size` (default 16), one extra
+             optimiser step with sft() at `algo.sft_lr_multiplier` x the current scheduled lr (it does not advance
+             the schedule, which counts RL steps), then the buffer is emptied.
+  BREAD      grpo(); prompts whose rollouts all fail are re-rolled from prefixes of the expert trace
+             (`algo.bread_prefix_fractions`, shortest first; one engine call per prefix length for all prompts
+             still failing); a prompt takes the first prefix that gives a success and trains on the continuations
+             only (the prefix is context, outside response_mask).
 """
 from megatron_red.objectives.advantages import (
     POLICY_SHIFTS,
@@ -26,7 +31,14 @@ from megatron_red.objectives.advantages import (
     offline_ratio,
 )
 from megatron_red.objectives.entropy_controller import EntropyRatioController
-from megatron_red.objectives.loss import NORMALIZATIONS, PRESETS, RedLossConfig, red_policy_loss
+from megatron_red.objectives.loss import (
+    NORMALIZATIONS,
+    PRESETS,
+    RedLossConfig,
+    behaviour_mismatch,
+    red_policy_loss,
+    tis_weights,
+)
 
 __all__ = [
     "NORMALIZATIONS",
@@ -35,7 +47,9 @@ __all__ = [
     "EntropyRatioController",
     "RedLossConfig",
     "accuracy_aware_pi_offline",
+    "behaviour_mismatch",
     "group_advantages",
     "offline_ratio",
     "red_policy_loss",
+    "tis_weights",
 ]

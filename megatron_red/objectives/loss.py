@@ -3,10 +3,15 @@
 `red_policy_loss` is a pure function of per-token log-probs and per-row group quantities; it is minimised
 (the negative of the objective J). Per token it maximises
   on-policy rows:  min(r * A, clip(r, 1 - eps, 1 + eps) * A),    r = exp(log pi - log pi_old)   (Eq. 1)
+                   times sg(min(pi_old / pi_behaviour, tis_cap)) when truncated importance sampling is on
   offline rows:    w * r_off * A, no clipping,                    r_off = pi / pi_offline         (Eq. 7, 8, 10)
   offline rows:    sft_nll_coef * log pi                          (SFT / SRFT's NLL term)
 and averages the token values with `config.normalization`, using counts that may be global to the whole step
 so that summing the losses of micro-batches (and of data-parallel ranks) gives the loss of the full batch.
+
+pi_old is the trainer's own forward pass before the update; pi_behaviour is what the rollout engine sampled with
+(`Completion.logprobs`). The paper takes them to be equal. They are not, in practice (bf16 kernels, another
+inference stack, top-p renormalisation), so `behaviour_mismatch` measures the gap and `tis_cap` corrects for it.
 """
 from __future__ import annotations
 
@@ -32,8 +37,11 @@ class RedLossConfig:
     """pi_offline of r_off = pi / pi_offline: "accuracy_aware" (Eq. 8), "one", "on_policy" (Eq. 6) or "luffy"."""
     luffy_gamma: float = 0.1
     """gamma of LUFFY's shaping f(pi) = pi / (pi + gamma), used when policy_shift == "luffy"."""
-    detach_pi_offline: bool = True
-    """No gradient through pi_offline (paper Eq. 7). False differentiates it, as the authors' released code does."""
+    detach_pi_offline: bool | None = None
+    """No gradient through pi_offline. None (default) takes the shift's own rule (`detaches_pi_offline`): detached
+    for "accuracy_aware" (paper Eq. 7), differentiated for "luffy" (LUFFY's f(pi) = pi / (pi + gamma) has gradient
+    gamma / (pi + gamma)^2 only through its denominator). False with "accuracy_aware" differentiates it, as the
+    authors' released code does; True with "luffy" is refused (it would not be LUFFY's shaping)."""
     normalization: str = "sequence_mean"
     """"sequence_mean": mean over a sequence's tokens, then over sequences (paper, 1/|o_i|); "token_mean": over
     all tokens of the step; "constant": per sequence sum / max_response_length, then mean over sequences (the
@@ -57,6 +65,9 @@ class RedLossConfig:
     on-policy tokens of rows with A > 0 by srft_positive_coef * sg(exp(H_t))."""
     srft_positive_coef: float = 0.1
     """SRFT's factor on the positive self-rollout term."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (off when None): each on-policy token's surrogate is multiplied by
+    sg(min(pi_old / pi_behaviour, tis_cap)) (see `tis_weights`); needs the engine's behaviour log-probs."""
 
     def __post_init__(self):
         if self.policy_shift not in POLICY_SHIFTS:
@@ -68,6 +79,18 @@ class RedLossConfig:
                 "need clip_eps >= 0, luffy_gamma > 0, max_response_length >= 1, sft_nll_coef >= 0; got "
                 f"{self.clip_eps}, {self.luffy_gamma}, {self.max_response_length}, {self.sft_nll_coef}"
             )
+        if self.policy_shift == "luffy" and self.detach_pi_offline:
+            raise ValueError("policy_shift='luffy' with detach_pi_offline=True is not LUFFY's shaping "
+                             "f(pi) = pi / (pi + gamma), whose gradient needs the undetached denominator; leave "
+                             "detach_pi_offline unset (None)")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"tis_cap must be > 0 (or None for off), got {self.tis_cap}")
+
+    def detaches_pi_offline(self) -> bool:
+        """Whether r_off has no gradient through pi_offline: `detach_pi_offline`, or the shift's rule when None."""
+        if self.detach_pi_offline is None:
+            return self.policy_shift != "luffy"
+        return self.detach_pi_offline
 
     @classmethod
     def red(cls) -> "RedLossConfig":
@@ -97,9 +120,9 @@ class RedLossConfig:
 
     @classmethod
     def luffy(cls) -> "RedLossConfig":
-        """LUFFY: shaping f(pi) = pi / (pi + 0.1) on the trace, nothing detached, r - mean advantages, token sums
-        over the max response length."""
-        return cls(name="luffy", policy_shift="luffy", detach_pi_offline=False, entropy_regulation=False,
+        """LUFFY: shaping f(pi) = pi / (pi + 0.1) on the trace, nothing detached (the shift's rule), r - mean
+        advantages, token sums over the max response length."""
+        return cls(name="luffy", policy_shift="luffy", entropy_regulation=False,
                    std_normalize=False, normalization="constant", max_response_length=8192)
 
     @classmethod
@@ -152,6 +175,36 @@ def _token_weights(mask: torch.Tensor, config: RedLossConfig, num_sequences, num
     return row.unsqueeze(-1) * mask
 
 
+# A token whose sampler/trainer probability ratio leaves [1/2, 2] counts as badly mismatched: |log ratio| > log 2.
+MISMATCH_LOG_RATIO = math.log(2.0)
+
+
+def behaviour_mismatch(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """Sampler-vs-trainer mismatch over the tokens of `mask`, delta = log pi_old - log pi_behaviour.
+
+    Returns float64 [sum |delta|, max |delta|, tokens with exp(delta) outside [1/2, 2], tokens] (max 0 without
+    tokens): sums and a max, so micro-batches and data-parallel ranks combine exactly.
+    """
+    mask = mask.bool()
+    delta = torch.where(mask, old_logprobs.double() - behaviour_logprobs.double(), 0.0).abs().detach()
+    return torch.stack([delta.sum(), delta.max() if delta.numel() else delta.new_zeros(()),
+                        (delta > MISMATCH_LOG_RATIO).sum().double(), mask.sum().double()])
+
+
+def tis_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights sg(min(pi_old / pi_behaviour, cap)) per token.
+
+    Truncated importance sampling (F. Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy
+    RL Training"; verl's `tis_imp_ratio_cap`): the engine sampled from pi_behaviour, the PPO surrogate assumes
+    pi_old, so each on-policy token's surrogate is reweighted by their ratio, truncated from above to bound the
+    variance. Token level, an upper cap only and no gradient, as in verl. Not in the RED paper, which takes
+    pi_behaviour = pi_old (Eq. 1); applied to on-policy tokens only, since the offline trace was not sampled by the
+    engine (its off-policyness is what r_off = pi / pi_offline already models).
+    """
+    return (old_logprobs - behaviour_logprobs).detach().exp().clamp(max=cap)
+
+
 def red_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -165,6 +218,7 @@ def red_policy_loss(
     entropy: torch.Tensor | None = None,
     num_sequences: int | torch.Tensor | None = None,
     num_tokens: int | torch.Tensor | None = None,
+    behaviour_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The RED loss (negative Eq. 10) of a (micro-)batch and its metrics.
 
@@ -180,10 +234,13 @@ def red_policy_loss(
         tokens; NaN when the offline term is not part of the objective): local means; num_on_policy_tokens,
         num_offline_tokens weigh them when averaging calls.
       sft_weight: w as passed.
+      tis_weight_mean, tis_capped_fraction (with `config.tis_cap`): mean truncated weight and fraction of tokens
+        at the cap, over this call's on-policy tokens.
     """
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    for name, t in (("old_logprobs", old_logprobs), ("response_mask", response_mask), ("entropy", entropy)):
+    for name, t in (("old_logprobs", old_logprobs), ("response_mask", response_mask), ("entropy", entropy),
+                    ("behaviour_logprobs", behaviour_logprobs)):
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, logprobs {tuple(logprobs.shape)}")
     for name, t in (("advantages", advantages), ("is_offline", is_offline), ("group_accuracy", group_accuracy)):
@@ -191,6 +248,8 @@ def red_policy_loss(
             raise ValueError(f"{name} must be [B] = [{logprobs.shape[0]}], got shape {tuple(t.shape)}")
     if config.srft and entropy is None:
         raise ValueError("config.srft needs the per-token entropy (entropy=...)")
+    if config.tis_cap is not None and behaviour_logprobs is None:
+        raise ValueError("config.tis_cap needs the rollout engine's log-probs (behaviour_logprobs=...)")
     sft_weight = float(sft_weight)
     if not (sft_weight >= 0 and sft_weight < float("inf")):
         raise ValueError(f"sft_weight must be finite and >= 0, got {sft_weight}")
@@ -211,10 +270,14 @@ def red_policy_loss(
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps, 1.0 + eps) * adv)
     if config.srft:  # SRFT: positive self-rollouts weighted by c * sg(exp(H))
         surrogate = surrogate * torch.where(adv > 0, config.srft_positive_coef * ent.exp(), 1.0)
+    if config.tis_cap is not None:  # truncated importance sampling: sg(min(pi_old / pi_behaviour, C))
+        tis = tis_weights(old_logprobs, behaviour_logprobs, config.tis_cap).to(lp.dtype)
+        tis = torch.where(on_tokens, tis, zero)
+        surrogate = surrogate * tis
     j_on = (surrogate * weight * on_tokens).sum() if config.online_rl else lp.new_zeros(())
 
     # Offline term: w * r_off * A, unclipped (Eq. 10).
-    r_off = offline_ratio(lp, group_accuracy, config.policy_shift, config.luffy_gamma, config.detach_pi_offline)
+    r_off = offline_ratio(lp, group_accuracy, config.policy_shift, config.luffy_gamma, config.detaches_pi_offline())
     j_off = sft_weight * (r_off * adv * weight * off_tokens).sum() if config.offline_in_group else lp.new_zeros(())
 
     # NLL on offline tokens (SFT; SRFT weights it by sg(exp(-H))).
@@ -240,4 +303,10 @@ def red_policy_loss(
             "r_off_mean", "num_on_policy_tokens", "num_offline_tokens")
     metrics = dict(zip(keys, stats))
     metrics["sft_weight"] = sft_weight
+    if config.tis_cap is not None:
+        with torch.no_grad():
+            n = n_on.clamp_min(1).double()
+            metrics["tis_weight_mean"] = float(tis.double().sum() / n)
+            capped = (old_logprobs - behaviour_logprobs) >= math.log(config.tis_cap)
+            metrics["tis_capped_fraction"] = float((capped & on_tokens).sum() / n)
     return loss, metrics

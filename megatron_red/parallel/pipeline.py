@@ -2,12 +2,15 @@
 
 Rollouts and offline teacher traces are scored the same way: each micro-batch goes through the model's pipeline
 stages via `get_forward_backward_func()`; on the last stage an `output_processor` hook of `GPTModel` turns the
-final hidden states into `log pi(target)` and the full-vocabulary entropy without gathering the vocabulary-
-parallel logits (`vocab_parallel_logprobs_entropy`, or the fused LM-head kernel when `fused_kernel` is on).
+final hidden states at the loss-mask positions into `log pi(target)` and the full-vocabulary entropy without
+gathering the vocabulary-parallel logits (`vocab_parallel_logprobs_entropy`, or the fused LM-head kernel when
+`fused_kernel` is on); prompt and padding positions never reach the LM head.
 
 `run_pipeline` is shared by forward-only scoring and by training (`loss_fn` given): one schedule, one head.
-Attention is causal and sequences are right-padded, so real tokens never see padding and no padding mask is
-needed; padded positions are zeroed by `loss_mask` afterwards.
+Micro-batches are right-padded rows (attention is causal, so real tokens never see padding and no padding mask is
+needed) or, with `packed=True`, rows packed into one THD sequence (parallel/packing.py). Packed micro-batches of
+different lengths pass through the pipeline like padded ones of different lengths: megatron-core exchanges the
+activation shape of every micro-batch between stages (`variable_seq_lengths`), so no pack is padded to the budget.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megatron_red.parallel.packing import ModelMicroBatch, micro_batch_rows, packed_micro_batch, padded_micro_batch
 from megatron_red.parallel.vocab_parallel import vocab_parallel_logprobs_entropy
 
 
@@ -42,21 +46,32 @@ class LogprobHead:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
-    def __call__(self, *, hidden_states: torch.Tensor, output_layer, output_weight, context: torch.Tensor,
+    def __call__(self, *, hidden_states: torch.Tensor, output_layer, output_weight, context, config,
                  **_unused) -> tuple[torch.Tensor, torch.Tensor]:
-        """GPTModel `output_processor`: hidden [L, b, h] and targets [b, L-1] -> (logprobs, entropy) [b, L-1]."""
-        targets = context
-        hidden = hidden_states[:-1]  # position t predicts target t = input t+1
+        """GPTModel `output_processor`: hidden [S, B, h] (S / TP with sequence parallelism) and the context
+        (positions [n] into the flattened [S * B] hidden states, targets [n]) -> (logprobs, entropy), each [n]."""
+        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                                   gather_from_sequence_parallel_region)
+
+        positions, targets = context
+        tensor_parallel = self.tp_group is not None and dist.get_world_size(self.tp_group) > 1
+        if config.sequence_parallel:
+            # Every rank needs the whole sequence; each rank's gradient below is already the full one (summed over
+            # TP), so the backward of the gather keeps this rank's slice instead of reduce-scattering.
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
+                                                                 group=self.tp_group)
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, positions)
         weight = output_weight if output_weight is not None else output_layer.weight
         if self.fused_kernel:
             from megatron_red.kernels import fused_linear_logprobs_entropy
 
             # The kernel sums the hidden-state gradient over tp_group itself (ColumnParallelLinear's job otherwise).
-            return fused_linear_logprobs_entropy(hidden.transpose(0, 1), weight, targets, tp_group=self.tp_group,
+            return fused_linear_logprobs_entropy(hidden, weight, targets, tp_group=self.tp_group,
                                                  temperature=self.temperature,
                                                  valid_vocab_size=self.valid_vocab_size)
-        logits, _ = output_layer(hidden, weight=output_weight, runtime_gather_output=False)
-        logits = logits.transpose(0, 1)  # [b, L-1, V_shard]
+        if tensor_parallel:  # the head is column-parallel: the hidden-state gradient is a sum over vocabulary shards
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
+        logits = torch.nn.functional.linear(hidden, weight)  # [n, V_shard]
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return vocab_parallel_logprobs_entropy(logits, targets, tp_group=self.tp_group,
@@ -68,67 +83,75 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def run_pipeline(model: torch.nn.Module, micro_batches: list, head: LogprobHead, *,
-                 loss_fn: Callable | None = None) -> list:
+                 loss_fn: Callable | None = None, packed: bool = False) -> list:
     """Run every micro-batch through the pipeline schedule.
 
     micro_batches: `SequenceBatch`es, the same on every rank of the TP x PP grid.
     loss_fn:       None for forward only; otherwise `loss_fn(logprobs, entropy, micro_batch) -> (loss, metrics)`
-                   and each loss is back-propagated through all stages (gradients accumulate in `model`).
-    Returns, on the last pipeline stage, one entry per micro-batch: `(logprobs, entropy)` detached when
+                   with logprobs / entropy [b, L-1] (zero outside the loss mask) and the micro-batch's rows; each
+                   loss is back-propagated through all stages (gradients accumulate in `model`).
+    packed:        run each micro-batch's rows packed into one THD sequence instead of right-padded.
+    Returns, on the last pipeline stage, one entry per micro-batch: `(logprobs, entropy)` [b, L-1] detached when
     forward only, else the metrics dict; an empty list on the other stages.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     device = _model_device(model)
     forward_only = loss_fn is None
+    # Sequence parallelism splits the sequence over the TP ranks: its length must divide evenly.
+    multiple = dist.get_world_size(head.tp_group) if get_model_config(model).sequence_parallel else 1
+    layout = packed_micro_batch if packed else padded_micro_batch
+    model_batches = [layout(mb, multiple) for mb in micro_batches]
 
-    def last_stage_reduce(micro_batch, output):
-        logprobs, entropy = output
+    def last_stage_reduce(micro_batch: ModelMicroBatch, output):
+        # Back to the rows' right-padded [b, L-1] layout (row-major over the loss mask, as the positions were taken).
+        mask = micro_batch.rows.loss_mask.bool()
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+        logprobs, entropy = (zeros.masked_scatter(mask, o.float()) for o in output)
         if forward_only:
             return torch.zeros((), device=device), torch.ones((), dtype=torch.int), (logprobs.detach(),
                                                                                    entropy.detach())
-        loss, metrics = loss_fn(logprobs, entropy, micro_batch)
+        loss, metrics = loss_fn(logprobs, entropy, micro_batch.rows)
         # A 3-tuple with `calculate_per_token_loss=True` (see policy.py) stops the schedule from dividing the
         # loss by the number of micro-batches: the loss is already normalised with global counts.
         return loss, torch.ones((), dtype=torch.int), metrics
 
     def forward_step(data_iterator, chunk):
         micro_batch = next(data_iterator).to(device)
-        input_ids = micro_batch.input_ids
-        position_ids = torch.arange(input_ids.shape[1], device=device).unsqueeze(0).expand_as(input_ids)
-        output = chunk(input_ids, position_ids, None, output_processor=head,
-                       output_processor_context=input_ids[:, 1:])
+        output = chunk(micro_batch.input_ids, micro_batch.position_ids, None,
+                       packed_seq_params=micro_batch.packed_seq_params(), output_processor=head,
+                       output_processor_context=(micro_batch.head_positions, micro_batch.targets))
         return output, partial(last_stage_reduce, micro_batch)
 
     schedule = get_forward_backward_func()
-    max_len = max(mb.input_ids.shape[1] for mb in micro_batches)
     with torch.set_grad_enabled(not forward_only):
-        return schedule(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
-                        num_microbatches=len(micro_batches), seq_length=max_len,
-                        micro_batch_size=max(len(mb) for mb in micro_batches), forward_only=forward_only)
+        return schedule(forward_step_func=forward_step, data_iterator=iter(model_batches), model=[model],
+                        num_microbatches=len(model_batches),
+                        seq_length=max(mb.input_ids.shape[1] for mb in model_batches),
+                        micro_batch_size=max(mb.input_ids.shape[0] for mb in model_batches),
+                        forward_only=forward_only)
 
 
 def pipeline_logprobs_entropy(model: torch.nn.Module, batch, micro_batch_size: int, head: LogprobHead,
-                              pp_group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+                              pp_group: dist.ProcessGroup | None, *,
+                              max_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward-only fp32 (logprobs, entropy), each [B, L-1] on CPU and zero where `loss_mask` is 0, on every rank.
 
+    Micro-batches of `micro_batch_size` rows, or with `max_tokens` > 0 rows packed by that token budget.
     Computed on the last pipeline stage and broadcast to the other stages of `pp_group`.
     """
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     b, length = batch.input_ids.shape
     device = _model_device(model)
     out = torch.zeros(2, b, length - 1, dtype=torch.float32, device=device)
-    results = run_pipeline(model, batch.micro_batches(micro_batch_size), head)
-    row = 0
-    for logprobs, entropy in results:
-        n, width = logprobs.shape
-        out[0, row:row + n, :width] = logprobs
-        out[1, row:row + n, :width] = entropy
-        row += n
+    rows = micro_batch_rows(batch, micro_batch_size, max_tokens)
+    results = run_pipeline(model, [batch.select(r) for r in rows], head, packed=bool(max_tokens))
+    for r, (logprobs, entropy) in zip(rows, results):
+        width = logprobs.shape[1]
+        index = r.to(device)
+        out[0, index, :width] = logprobs
+        out[1, index, :width] = entropy
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         last = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
         dist.broadcast(out, src=last, group=pp_group)
-    mask = batch.loss_mask.to(device=device, dtype=torch.float32)
-    out = out * mask
     return out[0].cpu(), out[1].cpu()

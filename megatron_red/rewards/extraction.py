@@ -4,7 +4,9 @@ Rules (see `answer_text`):
   * a response with `</think>` is graded on what follows the last `</think>` (the reasoning is not the answer);
   * the last `\\boxed{...}` (or `\\fbox{...}`) wins: math-verify would read several boxes as one set, which fails
     against a single gold, and a model that corrects itself puts the final answer last;
-  * without a complete box, the whole remaining text goes to math-verify's own extraction.
+  * without a complete box, the whole remaining text goes to math-verify's own extraction;
+  * a box, or a gold (`gold_text`), holding just a Python-style number (`6e13`) is read as that number
+    (`scientific_as_latex`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import re
 
 THINK_END = "</think>"
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
+# A number written as a Python float with an exponent (`6e13`, `2.55e-10`, `4.5E+33`), as Minerva copies write golds.
+_SCIENTIFIC_RE = re.compile(r"([+-]?(?:\d+(?:\.\d+)?|\.\d+))[eE]([+-]?\d+)")
 
 
 def clean_text(response: str | bytes) -> str | None:
@@ -55,6 +59,21 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def scientific_as_latex(text: str) -> str:
+    """`6e13` -> `6 \\times 10^{13}`; any text that is not one such number is returned unchanged.
+
+    math-verify reads the bare form as an expression in Euler's e (`6e13` = 6 * e * 13, `2.55e-10` = 2.55e - 10),
+    so a correct `6 \\times 10^{13}` would be graded wrong against it. Only the whole text, without spaces, is
+    rewritten: `2e + 1` stays an expression, while a bare `2e+1` meant as one would read as 20 (no MATH train or
+    MATH500 answer has that form).
+    """
+    match = _SCIENTIFIC_RE.fullmatch(text.strip())
+    if match is None:
+        return text
+    mantissa, exponent = match.groups()
+    return f"{mantissa} \\times 10^{{{int(exponent)}}}"
+
+
 def answer_text(response: str) -> str | None:
     """The text to hand to math-verify's parser, or None when the response holds no answer at all."""
     if THINK_END in response:
@@ -63,13 +82,14 @@ def answer_text(response: str) -> str | None:
         return None
     boxed = last_boxed(response)
     if boxed is not None:
-        return "\\boxed{" + boxed + "}" if boxed.strip() else None
+        return "\\boxed{" + scientific_as_latex(boxed) + "}" if boxed.strip() else None
     return response
 
 
 def gold_text(gold: str) -> str:
-    """A gold answer wrapped for math-verify's LaTeX extraction (`$...$`), unless already delimited or boxed."""
+    """A gold answer wrapped for math-verify's LaTeX extraction (`$...$`), unless already delimited or boxed;
+    a Python-style number (`6e13`) is read as that number."""
     stripped = gold.strip()
     if _BOX_RE.search(stripped) or (len(stripped) >= 2 and stripped.startswith("$") and stripped.endswith("$")):
         return stripped
-    return f"${stripped}$"
+    return f"${scientific_as_latex(stripped)}$"

@@ -7,12 +7,22 @@ from dataclasses import dataclass
 
 @dataclass
 class SamplingParams:
-    """How responses are sampled (paper: temperature 1.0, top-p 1.0 for training rollouts)."""
+    """How responses are sampled (paper: temperature 1.0, top-p 1.0 for training rollouts).
+
+    temperature:     logits are divided by it (> 0; greedy decoding is top_k=1).
+    top_p:           nucleus threshold in (0, 1]; 1 = off.
+    max_new_tokens:  generation budget per response.
+    seed:            seeds the call's uniforms (see rollout/sampling.py); None = a fresh random seed.
+    top_k:           sample among the k most probable tokens; 0 = off (applied before top_p).
+    stop_token_ids:  generation also stops after any of these tokens (included in the response), besides EOS.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int | None = None
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -20,9 +30,9 @@ class Completion:
     """One sampled response.
 
     token_ids:  generated tokens, EOS included when the model stopped on it.
-    logprobs:   behaviour log-probs of `token_ids` under the sampling distribution (temperature / top-p applied
-                as in sampling), same length.
-    finished:   True when generation stopped on EOS, False when cut at max_new_tokens.
+    logprobs:   behaviour log-probs of `token_ids` under the sampling distribution (temperature / top-k / top-p
+                applied as in sampling), same length.
+    finished:   True when generation stopped on EOS or a stop token, False when cut at max_new_tokens.
     """
 
     token_ids: list[int]
@@ -39,3 +49,6 @@ class RolloutEngine(ABC):
 
     def sync_weights(self, policy) -> None:
         """Make the engine sample from `policy`'s current weights (no-op for engines that share the module)."""
+
+    def suspend(self) -> None:
+        """Release generation-only memory (KV cache, graphs) until the next `generate`; no-op by default."""

@@ -1,4 +1,4 @@
-"""The local rollout engine: batched, KV-cached sampling from a Hugging Face Qwen2 / Llama module in plain torch.
+"""The local rollout engine: batched, KV-cached sampling from a Hugging Face Qwen2 / Llama / Qwen3 module in torch.
 
 It runs the HF module's own sub-modules (embeddings, rotary table, projections, MLPs, norms, head) through its
 own decode loop rather than `model.generate`, so that it can keep a pre-allocated ("static") KV cache, keep every
@@ -11,9 +11,12 @@ per-token decision on the device, and replay each decode step as one CUDA graph:
   (on the CPU, so the same seed gives the same draws on any device); a row that emitted EOS emits pad after;
 - the host checks "all rows finished" only every `sync_every` steps; nothing else leaves the device per token.
 
-Behaviour log-probs: the log-probability of each sampled token under the distribution it was drawn from, i.e.
-log_softmax(logits / temperature), and with top_p < 1 restricted to the nucleus (the smallest set of most probable
-tokens whose mass reaches top_p) and renormalised over it. Tokens after EOS get log-prob 0 and are not returned.
+The rotary table is the module's own, so Llama-3 RoPE scaling comes with it; Qwen3's per-head q/k norms are
+applied before RoPE, as in its attention.
+
+Behaviour log-probs: the log-probability of each sampled token under the distribution it was drawn from
+(`rollout.sampling.sampling_logprobs`: temperature, then top-k and the top-p nucleus, renormalised). Tokens after
+EOS get log-prob 0 and are not returned.
 """
 from __future__ import annotations
 
@@ -22,16 +25,16 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from megatron_red.models.architectures import check_supported
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
-
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens
 
 
 class LocalEngine(RolloutEngine):
     """Sampling engine for an HF causal LM.
 
     model:          the HF module (e.g. `HFPolicy.model`).
-    eos_token_id:   a row stops after emitting it.
+    eos_token_id:   a row stops after emitting it (or one of `SamplingParams.stop_token_ids`).
     pad_token_id:   emitted by finished rows (never returned).
     max_batch_size: rows (prompts x n) decoded together; bounds KV-cache memory.
     device, dtype:  where and in which precision to decode (defaults: the model's device; bf16 on CUDA, the model's
@@ -46,11 +49,7 @@ class LocalEngine(RolloutEngine):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  cuda_graph: bool = False, sync_every: int = 16):
         config = model.config
-        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} is not supported; "
-                             f"expected one of {SUPPORTED_MODEL_TYPES}")
-        if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"])):
-            raise ValueError("sliding-window attention layers are not supported by the local engine")
+        check_supported(config)
         if max_batch_size < 1 or sync_every < 1:
             raise ValueError(f"max_batch_size and sync_every must be >= 1, got {max_batch_size}, {sync_every}")
         source_param = next(model.parameters())
@@ -70,6 +69,7 @@ class LocalEngine(RolloutEngine):
         self.sync_every = sync_every
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._qk_norm = config.model_type == "qwen3"
         self._state: _DecodeState | None = None
 
     def sync_weights(self, policy) -> None:
@@ -88,11 +88,9 @@ class LocalEngine(RolloutEngine):
     # ---- public -------------------------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
-        _check_params(prompts, n, params)
+        check_params(prompts, n, params)
         rows = [list(p) for p in prompts for _ in range(n)]  # prompt i's n samples are consecutive rows
-        generator = torch.Generator()
-        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
-        uniforms = torch.rand(len(rows), params.max_new_tokens, generator=generator, dtype=torch.float64)
+        uniforms = draw_uniforms(len(rows), params)
         completions: list[Completion] = []
         was_training = self.model.training
         self.model.eval()
@@ -132,25 +130,26 @@ class LocalEngine(RolloutEngine):
         out_tokens = torch.full((b, max_new), self.pad_token_id, dtype=torch.long, device=self.device)
         out_logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=self.device)
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        stops = torch.tensor((self.eos_token_id, *params.stop_token_ids), device=self.device)
         step = self._captured_step(state) if self.cuda_graph else (lambda: self._decode_step(state))
         for t in range(max_new):
             if t > 0:
                 state.tokens.copy_(out_tokens[:, t - 1:t])
                 logits = step()
                 state.advance()
-            token, logprob = sample_tokens(logits, uniforms[:, t], params.temperature, params.top_p)
+            token, logprob = sample_tokens(logits, uniforms[:, t], params.temperature, params.top_p, params.top_k)
             out_tokens[:, t] = token.masked_fill(finished, self.pad_token_id)
             out_logprobs[:, t] = logprob.masked_fill(finished, 0.0)
-            finished |= token == self.eos_token_id
+            finished |= torch.isin(token, stops)
             if (t + 1) % self.sync_every == 0 and bool(finished.all()):
                 break
-        return self._completions(out_tokens.cpu(), out_logprobs.cpu())
+        return self._completions(out_tokens.cpu(), out_logprobs.cpu(), stops.cpu())
 
-    def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> list[Completion]:
+    def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor, stops: torch.Tensor) -> list[Completion]:
         out = []
-        is_eos = tokens == self.eos_token_id
+        is_stop = torch.isin(tokens, stops)
         for i in range(tokens.shape[0]):
-            hits = is_eos[i].nonzero()
+            hits = is_stop[i].nonzero()
             finished = hits.numel() > 0
             length = int(hits[0]) + 1 if finished else tokens.shape[1]
             out.append(Completion(tokens[i, :length].tolist(), logprobs[i, :length].tolist(), finished))
@@ -199,8 +198,11 @@ class LocalEngine(RolloutEngine):
         for i, layer in enumerate(decoder.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(b, length, -1, self._head_dim)
+            k = attn.k_proj(x).view(b, length, -1, self._head_dim)
+            if self._qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = attn.v_proj(x).view(b, length, -1, self._head_dim).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             state.keys[i].index_copy_(2, slots, k)
@@ -259,37 +261,3 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
-                  top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row of `logits` [b, V] by inverse CDF with `uniforms` [b] in [0, 1); return the tokens
-    and their log-probs under the sampling distribution (temperature, then the renormalised top-p nucleus)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_logp, order = logp.sort(dim=-1, descending=True)
-        sorted_p = sorted_logp.exp()
-        # Keep a token while the mass of the more probable ones is still below top_p (the top token always).
-        keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
-        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-        logp = logp.masked_fill(~keep, float("-inf"))
-        logp = logp - logp.logsumexp(-1, keepdim=True)
-    cdf = logp.exp().double().cumsum(-1)
-    total = cdf[:, -1:]
-    # Strictly below the total, so the first index with cdf > x exists and has positive probability.
-    x = torch.minimum(uniforms[:, None].double() * total, torch.nextafter(total, torch.zeros_like(total)))
-    tokens = torch.searchsorted(cdf, x, right=True).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def _check_params(prompts: list[list[int]], n: int, params: SamplingParams) -> None:
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token lists")
-    if params.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use a small value for near-greedy), got {params.temperature}")
-    if not 0.0 < params.top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")

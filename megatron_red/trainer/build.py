@@ -12,20 +12,21 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from megatron_red.config import RunConfig
+from megatron_red.config import DataConfig, RunConfig
 from megatron_red.data.openr1 import RedExample
+from megatron_red.models.precision import resolve_dtype
 
 
 @dataclass
 class Task:
     """What the trainer needs of the data: prompts with traces, a held-out split, a tokenizer and a verifier."""
 
-    train: list[RedExample]
-    test: list[RedExample]
+    train: Sequence[RedExample]
+    test: Sequence[RedExample]
     tokenizer: object
     reward_fn: Callable[[list[str], list], list[float]]
     hard_min_difficulty: int | None = None
@@ -39,13 +40,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def build_task(config: RunConfig) -> Task:
+def build_task(config: RunConfig, cache_dir: Path | None = None) -> Task:
+    """The run's task; an `openr1` file is tokenised once into `data.cache_dir` (default: `cache_dir / "data"`,
+    `cache_dir` defaulting to `.cache` beside `trainer.out_dir`)."""
     data = config.data
     if data.task == "builtin":
         from megatron_red.data.builtin import BuiltinTask, BuiltinTaskConfig
@@ -56,7 +53,7 @@ def build_task(config: RunConfig) -> Task:
                     lambda texts, answers: [task.grade(t, a) for t, a in zip(texts, answers)],
                     hard_min_difficulty=task_config.hard_min_steps, warmup=task.warmup_examples())
     if data.task == "openr1":
-        from megatron_red.data.openr1 import load_openr1
+        from megatron_red.data.cache import heldout_split
         from megatron_red.data.tokenizer import HFTokenizer
         from megatron_red.rewards import grade_math
 
@@ -64,15 +61,47 @@ def build_task(config: RunConfig) -> Task:
             raise ValueError("data.task=openr1 needs data.path (a parquet/jsonl file in the OpenR1-Math schema)")
         if not config.model.path:
             raise ValueError("data.task=openr1 needs model.path (a Hugging Face checkpoint with its tokenizer)")
+        if data.eval_path and data.eval_fraction:
+            raise ValueError("set data.eval_fraction or data.eval_path, not both")
         tokenizer = HFTokenizer(config.model.path)
-        examples, stats = load_openr1(data.path, tokenizer, data.max_prompt_tokens, data.max_trace_tokens,
-                                      skip_malformed=data.skip_malformed)
-        print(f"[data] {data.path}: {stats.kept}/{stats.rows} rows kept, {stats.dropped_prompts} long prompts "
-              f"dropped, {stats.truncated_traces} traces truncated, {stats.skipped_malformed} malformed skipped")
-        if not examples:
+        root = Path(data.cache_dir) if data.cache_dir else (
+            cache_dir or Path(config.trainer.out_dir).parent / ".cache") / "data"
+        examples = tokenised_once(data.path, tokenizer, root, data, require_trace=True)
+        if not len(examples):
             raise ValueError(f"{data.path}: no usable rows")
-        return Task(examples, [], tokenizer, lambda texts, answers: grade_math(texts, answers))
+        test = []
+        if data.eval_path:
+            test = tokenised_once(data.eval_path, tokenizer, root, data, require_trace=False)
+        elif data.eval_fraction:
+            train_rows, test_rows = heldout_split(examples.prompt_digests(), data.eval_fraction)
+            examples, test = examples.select(train_rows), examples.select(test_rows)
+        return Task(examples, test, tokenizer, lambda texts, answers: grade_math(texts, answers))
     raise ValueError(f"unknown data.task {data.task!r}; valid: builtin, openr1")
+
+
+def tokenised_once(path: str, tokenizer, root: Path, data: DataConfig, require_trace: bool):
+    """`load_openr1` of `path` through the on-disk cache (data/cache.py), tokenised by one process: global rank 0
+    first (enough when `root` is on a shared file system), then local rank 0 of each node that still misses it
+    (node-local disks); then every rank maps it."""
+    from megatron_red.data.cache import MappedExamples, build_cache, cache_path
+    from megatron_red.trainer.distributed import barrier, global_rank, is_main_process
+
+    options = dict(max_prompt_tokens=data.max_prompt_tokens, max_trace_tokens=data.max_trace_tokens,
+                   skip_malformed=data.skip_malformed, require_trace=require_trace)
+    directory = cache_path(root, path, tokenizer, **options)
+    built = False
+    for builder in (global_rank() == 0, int(os.environ.get("LOCAL_RANK", "0")) == 0):
+        if builder and not directory.exists():
+            build_cache(directory, path, tokenizer, **options)
+            built = True
+        barrier()
+    examples = MappedExamples(directory)
+    if is_main_process():
+        stats = examples.stats
+        print(f"[data] {path}: {stats.kept}/{stats.rows} rows kept, {stats.dropped_prompts} long prompts dropped, "
+              f"{stats.truncated_traces} traces truncated, {stats.skipped_malformed} malformed skipped "
+              f"({'tokenised into' if built else 'read from'} {directory})")
+    return examples
 
 
 def tiny_qwen2_config(config: RunConfig, tokenizer):
@@ -93,11 +122,16 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
     from megatron_red.models.hf import HFPolicy
 
     if config.model.backend == "megatron":
-        from megatron_red.models.megatron import build_megatron_policy
-
         return build_megatron_policy(config, task, cache_dir)
     if config.model.backend != "hf":
         raise ValueError(f"unknown model.backend {config.model.backend!r}; valid: hf, megatron")
+    megatron_only = {"trainer.max_tokens_per_micro_batch": config.trainer.max_tokens_per_micro_batch,
+                     "model.recompute_modules": config.model.recompute_modules,
+                     "model.sequence_parallel": config.model.sequence_parallel,
+                     "rollout.offload_optimizer": config.rollout.offload_optimizer}
+    used = [name for name, value in megatron_only.items() if value]
+    if used:
+        raise ValueError(f"{', '.join(used)} need model.backend=megatron")
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     common = dict(optim_config=config.optim, device=device, dtype=dtype, fused_kernel=config.model.fused_kernel,
@@ -157,18 +191,55 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     return path
 
 
-def build_engine(config: RunConfig, policy, tokenizer):
-    kind = config.rollout.engine
-    if kind == "local" and config.model.backend == "megatron":
-        from megatron_red.models.megatron import MegatronRolloutEngine
+def engine_kind(config: RunConfig) -> str:
+    """`rollout.engine` with `auto` resolved: the local engine for the HF backend, megatron's for Megatron."""
+    kind, backend = config.rollout.engine, config.model.backend
+    if kind == "auto":
+        return "megatron" if backend == "megatron" else "local"
+    if kind == "local" and backend == "megatron":
+        raise ValueError("model.backend=megatron samples with its own shards: rollout.engine=megatron (or auto)")
+    if kind == "megatron" and backend != "megatron":
+        raise ValueError("rollout.engine=megatron needs model.backend=megatron")
+    return kind
 
-        return MegatronRolloutEngine(policy, eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id,
-                                     max_batch_size=config.rollout.max_batch_size)
-    if kind == "local":
-        from megatron_red.rollout.local import LocalEngine
 
-        return LocalEngine(policy.model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           max_batch_size=config.rollout.max_batch_size, device=policy.device,
-                           cuda_graph=config.rollout.cuda_graph and policy.device.type == "cuda")
-    raise ValueError(f"rollout.engine {kind!r} is not available in this release; valid: local")
+def rollout_max_sequence_length(config: RunConfig) -> int:
+    """`rollout.max_sequence_length`, or the longest request a run makes: prompt + response, with BREAD's longest
+    expert prefix in the prompt."""
+    if config.rollout.max_sequence_length is not None:
+        return config.rollout.max_sequence_length
+    prefix = 0
+    if config.algo.method == "bread":
+        prefix = int(max(config.algo.bread_prefix_fractions, default=0.0) * config.data.max_trace_tokens)
+    return config.data.max_prompt_tokens + prefix + config.rollout.max_new_tokens
+
+
+def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
+    """The `MegatronPolicy` of a `RunConfig` (joins the torchrun world first). Without `model.path`, the tiny
+    built-in student (warmed up once by global rank 0 with the Hugging Face backend) is the checkpoint."""
+    from megatron_red.models.hf_checkpoint import HFCheckpoint
+    from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, fused_kernel_enabled, load_hf_config
+    from megatron_red.models.precision import dtype_name
+    from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
+
+    init_distributed(config.trainer.dist_timeout_minutes)
+    path = config.model.path
+    if path is None:
+        if is_main_process():
+            warmed_up_student(config, task, cache_dir)
+        barrier()
+        path = warmed_up_student(config, task, cache_dir)  # cached by rank 0: only resolves the directory
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    m = config.model
+    hf_config = load_hf_config(path)
+    megatron_config = MegatronConfig(
+        tensor_model_parallel_size=m.tensor_model_parallel_size,
+        pipeline_model_parallel_size=m.pipeline_model_parallel_size,
+        dtype=dtype_name(resolve_dtype(m.dtype, device)), use_distributed_optimizer=m.use_distributed_optimizer,
+        fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
+        recompute_modules=m.recompute_modules, sequence_parallel=m.sequence_parallel, attention=m.attention,
+        max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch, seed=config.trainer.seed,
+        dist_timeout_minutes=config.trainer.dist_timeout_minutes, offload_optimizer=config.rollout.offload_optimizer,
+        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
+    return MegatronPolicy(hf_config, HFCheckpoint(path), megatron_config, config.optim)  # each rank reads its shard
+

@@ -1,24 +1,42 @@
-"""Atomic, resumable checkpoints: `RUN_DIR/checkpoints/step_NNNNNN/` plus a `latest` pointer.
+"""Atomic, resumable checkpoints: `RUN_DIR/checkpoints/step_NNNNNN/` plus a `latest` pointer, and Hugging Face exports.
 
 A checkpoint is written into a temporary directory, flushed, then renamed into place, and only then does `latest`
 move (itself replaced atomically). A crash while writing leaves at worst a stray `*.tmp` directory that nothing
-reads, so the newest checkpoint that `latest` names always loads whole.
+reads (the next save removes it), so the newest checkpoint that `latest` names always loads whole.
 
 Under torchrun the policy writes its shards collectively (Megatron: dist_checkpointing); global rank 0 writes
 `trainer.pt` (with its RNG state), every other rank its own `rng_rank{R}.pt`, and rank 0 alone renames and moves
 `latest` once every rank has written (the directory must be on a file system all ranks share).
+
+Every checkpoint also holds `hf_config/` (the model's config.json, with the training dtype, and the tokenizer), so
+that `megatron-red export` can turn it into a Hugging Face model on its own; with `trainer.save_hf` it holds that
+model too (`hf/`). Retention (`trainer.keep_last`): once a checkpoint is complete, all but the newest `keep_last`
+complete ones are deleted (renamed to `*.tmp` first, so a kill mid-deletion leaves nothing that looks complete).
+Before writing, the checkpoint's size is estimated and compared with the free space (`DiskSpaceError`).
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megatron_red.trainer.distributed import barrier, global_rank, is_main_process
+from megatron_red.trainer.distributed import barrier, broadcast_from_main, global_rank, is_main_process
+
+HF_DIR = "hf"
+HF_CONFIG_DIR = "hf_config"
+_STEP_DIR = re.compile(r"step_(\d+)")
+# Free space required before a save, as a multiple of the estimated checkpoint size.
+FREE_SPACE_MARGIN = 1.1
+
+
+class DiskSpaceError(OSError):
+    """Too little free space for the next checkpoint."""
 
 
 def rng_state() -> dict:
@@ -43,19 +61,29 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: str | Path, step: int, policy, trainer_state: dict) -> Path:
-    """Write policy (via its `save_checkpoint`) and trainer state for `step`; returns the final directory."""
+def save_checkpoint(run_dir: str | Path, step: int, policy, trainer_state: dict, tokenizer=None,
+                    save_hf: bool = False, keep_last: int = 0) -> Path:
+    """Write policy (via its `save_checkpoint`) and trainer state for `step`; returns the final directory.
+
+    tokenizer: saved with the model's config into `hf_config/` (and `hf/`). save_hf: also write the Hugging Face
+    export `hf/`. keep_last: complete checkpoints kept afterwards (0: all).
+    """
+    check_keep_last(keep_last)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
+    check_free_space(root, policy.checkpoint_nbytes(with_hf=save_hf))
     if is_main_process():
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob("*.tmp"):  # saves are sequential: any leftover is from a save that died
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         tmp.mkdir()
     barrier()
     policy.save_checkpoint(str(tmp))
+    if save_hf:
+        save_hf_model(policy, tokenizer, tmp / HF_DIR, atomic=False)
     if is_main_process():
+        _save_hf_config(policy, tokenizer, tmp / HF_CONFIG_DIR)
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
         _fsync_tree(tmp)
     else:
@@ -73,8 +101,85 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, trainer_state: dict)
         with open(pointer_tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(pointer_tmp, root / "latest")
+        prune_checkpoints(root, keep_last)
     barrier()
     return final
+
+
+def check_keep_last(keep_last: int) -> None:
+    if keep_last < 0:
+        raise ValueError(f"trainer.keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under `RUN_DIR/checkpoints`, oldest first."""
+    root = Path(root)
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (none when 0). Each is first renamed out of the
+    `step_N` namespace, so a kill during the deletion leaves only a `*.tmp` directory behind."""
+    if keep_last == 0:
+        return
+    for old in complete_checkpoints(root)[:-keep_last]:
+        doomed = old.with_name(old.name + ".tmp")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed)
+
+
+def check_free_space(root: Path, nbytes: int) -> None:
+    """Collective: raise `DiskSpaceError` on every rank when the file system holding `root` has less than
+    FREE_SPACE_MARGIN x `nbytes` free (global rank 0 checks: the run directory is shared)."""
+    message = None
+    if is_main_process():
+        probe = root if root.exists() else root.parent
+        probe.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(probe).free
+        if free < FREE_SPACE_MARGIN * nbytes:
+            message = (f"not enough free space to save a checkpoint under {root}: it needs about "
+                       f"{nbytes / 2**30:.2f} GiB (estimated from the parameter and optimiser sizes, plus "
+                       f"{FREE_SPACE_MARGIN - 1:.0%}) and {free / 2**30:.2f} GiB are free. Free disk space, lower "
+                       f"trainer.keep_last, turn trainer.save_hf off, or move trainer.out_dir")
+    message = broadcast_from_main(message)
+    if message:
+        raise DiskSpaceError(message)
+
+
+def _param_dtype(policy) -> torch.dtype:
+    return next(policy.model.parameters()).dtype
+
+
+def _save_hf_config(policy, tokenizer, directory: Path) -> None:
+    """config.json (its `dtype`: the parameters' dtype, which a Megatron export rebuilds the model with) and the
+    tokenizer: what an export needs besides the weights."""
+    config = copy.deepcopy(policy.hf_config)
+    config.dtype = _param_dtype(policy)
+    config.save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.save(str(directory))
+
+
+def save_hf_model(policy, tokenizer, directory: str | Path, atomic: bool = True, dtype=None) -> Path:
+    """Collective: the policy as a Hugging Face model directory (safetensors shards + index + config.json) with
+    the tokenizer. `atomic`: written next to `directory` and renamed over it once complete."""
+    directory = Path(directory)
+    target = directory.with_name(directory.name + ".tmp") if atomic else directory
+    if is_main_process() and target.exists():
+        shutil.rmtree(target)
+    barrier()
+    policy.save_pretrained(str(target), dtype=dtype)
+    if is_main_process():
+        if tokenizer is not None:
+            tokenizer.save(str(target))
+        if atomic:
+            _fsync_tree(target)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.rename(target, directory)
+    barrier()
+    return directory
 
 
 def _rank_rng_file(rank: int) -> str:

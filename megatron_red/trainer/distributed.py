@@ -7,12 +7,28 @@ give w (Eq. 9-11) — is reduced over the DP group first, and logged metrics are
 of all ranks. With one process (the Hugging Face backend, or Megatron at DP = 1) every helper is the identity,
 so the single-process step is unchanged.
 
+The TP x PP ranks of one replica (its model-parallel group) must train on identical rows. Anything on the way that
+is not bit-deterministic — above all grading, whose time-outs depend on the wall clock — is computed once, on the
+group's source rank, and shared (`ModelParallel.from_source`).
+
 Only the global rank 0 writes run files (metrics, config, TensorBoard, progress bar, checkpoint pointer).
+
+Time-outs: every collective gives up after `trainer.dist_timeout_minutes`. The trainer records which phase each rank
+is in (`set_phase`: data, model load, rollout, reward, log-probs, update, checkpoint, evaluation), so that a time-out
+names it: `phase_named_on_failure` re-raises a failed collective (gloo raises in the calling thread) as an error that
+says where it happened, and a watch thread prints the same when a phase outlasts the time-out, because NCCL's own
+watchdog ends the process from C++ without returning to Python.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Sequence
 
 import torch
@@ -25,17 +41,96 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init_distributed() -> None:
-    """Join the `torchrun` world (NCCL on CUDA, gloo on CPU) unless a process group already exists; on CUDA,
-    bind this process to GPU `LOCAL_RANK`."""
+def init_distributed(timeout_minutes: float, single_process: bool = False) -> None:
+    """Join the `torchrun` world (NCCL on CUDA, gloo on CPU) unless a process group already exists, with collectives
+    that time out after `timeout_minutes` (`trainer.dist_timeout_minutes`); on CUDA, bind this process to GPU
+    `LOCAL_RANK`. Outside torchrun, `single_process` makes a world of this process alone (a tool that needs
+    megatron-core's parallel state, e.g. `megatron-red export`); otherwise that is an error."""
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if dist.is_initialized():
         return
+    if timeout_minutes <= 0:
+        raise ValueError(f"trainer.dist_timeout_minutes must be > 0, got {timeout_minutes}")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not under_torchrun():
+        if single_process:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(minutes=timeout_minutes))
+            return
         raise ValueError("model.backend=megatron runs under torchrun (WORLD_SIZE / RANK / MASTER_ADDR unset); "
                          "e.g. torchrun --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron ...")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    watch_phases(timeout_minutes)
+
+
+# ---------------------------------------------------------------------------------------------------- time-outs
+@dataclass
+class _Phase:
+    name: str = "start-up"
+    since: float = field(default_factory=time.monotonic)
+    timeout_minutes: float | None = None
+
+
+_phase = _Phase()
+
+
+def set_phase(name: str) -> None:
+    """Record the phase this rank has entered, for time-out messages."""
+    _phase.name, _phase.since = name, time.monotonic()
+
+
+def current_phase() -> str:
+    return _phase.name
+
+
+def _minutes_in_phase() -> float:
+    return (time.monotonic() - _phase.since) / 60
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective timed out or failed; the message names the phase."""
+
+
+# What gloo and NCCL errors say when a peer is late or gone (gloo raises plain RuntimeErrors).
+_COLLECTIVE_FAILURE = re.compile(r"timed out|timeout|closed by peer|connection reset|nccl|gloo", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def phase_named_on_failure():
+    """Re-raise a timed-out or failed collective raised inside the block as `CollectiveTimeout` naming the phase."""
+    try:
+        yield
+    except RuntimeError as e:
+        if _phase.timeout_minutes is None or isinstance(e, CollectiveTimeout) or not (
+                isinstance(e, dist.DistError) or _COLLECTIVE_FAILURE.search(str(e))):
+            raise
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CollectiveTimeout(
+            f"rank {global_rank()}: a collective timed out or failed in phase '{_phase.name}' (in it for "
+            f"{_minutes_in_phase():.1f} min; trainer.dist_timeout_minutes={_phase.timeout_minutes:g}): {cause}. "
+            f"Another rank is late or gone: look for an earlier error on the other ranks, or raise "
+            f"trainer.dist_timeout_minutes if '{_phase.name}' legitimately takes longer.") from e
+
+
+def watch_phases(timeout_minutes: float, poll_seconds: float | None = None) -> None:
+    """Start the daemon thread that prints, once per phase, that the phase has outlasted `timeout_minutes`."""
+    _phase.timeout_minutes = timeout_minutes
+    poll = poll_seconds if poll_seconds is not None else min(30.0, timeout_minutes * 6)
+
+    def watch():
+        reported = None
+        while True:
+            time.sleep(poll)
+            entered = (_phase.name, _phase.since)
+            if entered != reported and _minutes_in_phase() > timeout_minutes:
+                print(f"[megatron-red] rank {global_rank()}: phase '{_phase.name}' has lasted "
+                      f"{_minutes_in_phase():.1f} min, past trainer.dist_timeout_minutes={timeout_minutes:g}: a "
+                      f"collective waiting in it has timed out (another rank is late or gone)",
+                      file=sys.stderr, flush=True)
+                reported = entered
+
+    threading.Thread(target=watch, name="megatron-red-phase-watch", daemon=True).start()
 
 
 def global_rank() -> int:
@@ -49,6 +144,15 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """Global rank 0's `obj` (picklable) on every rank; `obj` itself with one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 @dataclass
@@ -116,6 +220,39 @@ class DataParallel:
         if dist.get_backend(self.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+@dataclass
+class ModelParallel:
+    """The model-parallel group of this process: the TP x PP ranks that hold one replica's shards.
+
+    group: the process group; None when it is this process alone (one rank, or Megatron at TP = PP = 1).
+    src:   global rank of the group's source, its first rank.
+    """
+
+    group: dist.ProcessGroup | None = None
+    src: int = 0
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "ModelParallel":
+        """Megatron: megatron-core's model-parallel group; any other backend runs one rank per replica."""
+        if backend != "megatron":
+            return cls()
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return cls()
+        return cls(group, dist.get_global_rank(group, 0))
+
+    def from_source(self, fn):
+        """`fn()` computed on the source rank only and broadcast (picklable) to every rank of the group; with no
+        group, just `fn()`. Collective: every rank of the group calls it."""
+        if self.group is None:
+            return fn()
+        holder = [fn() if dist.get_rank() == self.src else None]
+        dist.broadcast_object_list(holder, src=self.src, group=self.group)
+        return holder[0]
 
 
 class NullMetricsLog:

@@ -1,4 +1,5 @@
-"""Held-out accuracy of the student during and after training (the built-in task's test split)."""
+"""Held-out accuracy of the student during and after training: the built-in task's test split, or OpenR1-format
+prompts held out by `data.eval_fraction` / `data.eval_path`, graded by the task's `reward_fn` (math-verify)."""
 from __future__ import annotations
 
 from megatron_red.rollout.base import SamplingParams

@@ -3,6 +3,8 @@
 A group is one prompt's G on-policy completions plus, when the method uses it, the prompt's offline teacher trace
 (placed first, flagged by `is_offline`, never found by position). Advantages are normalised over the group members,
 and rbar (`group_accuracy`) is the members' mean accuracy (paper Eq. 8; the authors count the trace as a member).
+The engine's behaviour log-probs of each response ride along, aligned with the targets, for the mismatch metric and
+truncated importance sampling.
 """
 from __future__ import annotations
 
@@ -22,9 +24,24 @@ class Group:
     responses: list[list[int]] = field(default_factory=list)
     """On-policy completions (token ids)."""
     rewards: list[float] = field(default_factory=list)
+    behaviour_logprobs: list[list[float]] | None = None
+    """The engine's log-probs of each response's tokens under the distribution it sampled from (`Completion`)."""
+    finished: list[bool] = field(default_factory=list)
+    """Per response: True when it ended on EOS, False when cut at the generation limit."""
     trace_ids: list[int] | None = None
     """The offline teacher trace, when it joins the step."""
     trace_reward: float = 0.0
+
+    def members(self, offline_in_group: bool) -> list[float]:
+        """The rewards the group's advantages are computed from: the trace's first when it is a member."""
+        if self.trace_ids is not None and offline_in_group:
+            return [self.trace_reward, *self.rewards]
+        return list(self.rewards)
+
+    def has_signal(self, offline_in_group: bool) -> bool:
+        """Whether the members' rewards differ; a group whose rewards are all equal has zero advantages."""
+        members = self.members(offline_in_group)
+        return bool(members) and min(members) != max(members)
 
 
 def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: bool,
@@ -35,15 +52,14 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
     `rbar_counts_trace=False` it is the on-policy samples' accuracy alone (an all-fail group then has rbar = 0, so
     Eq. 8 gives pi_offline = pi: full imitation).
 
-    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B]. A trace outside the group
+    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], and behaviour_logprobs [B, L-1] (zero
+    outside the responses) when every group with responses has them. A trace outside the group
     (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
     """
-    rows: list[tuple[list[int], int]] = []  # (token ids, prompt length)
+    rows: list[tuple[list[int], int, list[float] | None]] = []  # (token ids, prompt length, behaviour log-probs)
     advantages, is_offline, accuracy, rewards = [], [], [], []
     for g in groups:
-        members = list(g.rewards)
-        if g.trace_ids is not None and offline_in_group:
-            members = [g.trace_reward] + members
+        members = g.members(offline_in_group)
         if members:
             adv = group_advantages(torch.tensor([members], dtype=torch.float64), std_normalize=std_normalize)[0]
             accuracy_of = members if rbar_counts_trace or not g.rewards else g.rewards
@@ -52,34 +68,43 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
             adv, rbar = torch.zeros(0, dtype=torch.float64), 0.0
         adv = adv.tolist()
         if g.trace_ids is not None:
-            rows.append((g.prompt_ids + g.trace_ids, len(g.prompt_ids)))
+            rows.append((g.prompt_ids + g.trace_ids, len(g.prompt_ids), None))
             advantages.append(adv.pop(0) if offline_in_group else 0.0)
             is_offline.append(True)
             accuracy.append(rbar)
             rewards.append(g.trace_reward)
-        for response, reward, a in zip(g.responses, g.rewards, adv):
-            rows.append((g.prompt_ids + response, len(g.prompt_ids)))
+        behaviour = g.behaviour_logprobs or [None] * len(g.responses)
+        for response, reward, a, lp in zip(g.responses, g.rewards, adv, behaviour):
+            if lp is not None and len(lp) != len(response):
+                raise ValueError(f"{len(lp)} behaviour log-probs for a response of {len(response)} tokens")
+            rows.append((g.prompt_ids + response, len(g.prompt_ids), lp))
             advantages.append(a)
             is_offline.append(False)
             accuracy.append(rbar)
             rewards.append(reward)
     if not rows:
         raise ValueError("a step needs at least one sequence")
-    length = max(len(ids) for ids, _ in rows)
+    length = max(len(ids) for ids, _, _ in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), length - 1), dtype=torch.float32)
-    for i, (ids, prompt_len) in enumerate(rows):
+    behaviour_logprobs = torch.zeros((len(rows), length - 1), dtype=torch.float32)
+    for i, (ids, prompt_len, lp) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
         # target t+1 is a response/trace token when t+1 >= prompt_len
         loss_mask[i, prompt_len - 1: len(ids) - 1] = 1.0
+        if lp:
+            behaviour_logprobs[i, prompt_len - 1: len(ids) - 1] = torch.tensor(lp, dtype=torch.float32)
     fields = {
         "advantages": torch.tensor(advantages, dtype=torch.float32),
         "is_offline": torch.tensor(is_offline, dtype=torch.bool),
         "group_accuracy": torch.tensor(accuracy, dtype=torch.float32),
         "rewards": torch.tensor(rewards, dtype=torch.float32),
     }
+    sampled = [g for g in groups if g.responses]
+    if sampled and all(g.behaviour_logprobs is not None for g in sampled):
+        fields["behaviour_logprobs"] = behaviour_logprobs
     return SequenceBatch(input_ids, attention_mask, loss_mask, fields)
 
 

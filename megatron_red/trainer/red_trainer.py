@@ -1,9 +1,11 @@
 """The RED trainer: one RED step (`RedTrainer.red_step`) and the loop around it.
 
 One step, top to bottom (paper Eq. 10):
-  rollout G per prompt -> rewards -> groups with the offline trace -> forward-only log-probs and entropies of all
-  samples (pi_old and H_rl / H_sft at rollout time) -> EntropyRatioController gives w -> `red_policy_loss` over
-  micro-batches with global counts -> optimiser step.
+  rollout G per prompt -> rewards (graded once per model-parallel group) -> [dynamic sampling: drop groups without
+  reward variance, sample more prompts] -> groups with the offline trace -> forward-only log-probs and entropies of
+  all samples at the sampling temperature (pi_old and H_rl / H_sft at rollout time; pi_old vs the engine's behaviour
+  log-probs is the logged mismatch) -> EntropyRatioController gives w -> `red_policy_loss` over micro-batches with
+  global counts -> optimiser step.
 Every method of the paper's Table 2 runs through the same step: loss presets by name, and three schedules —
 SFT->GRPO (an SFT stage, then GRPO), ReLIFT (GRPO; prompts that all rollouts fail are buffered with their traces and
 trained on with a separate SFT step once the buffer is full) and BREAD (GRPO; all-fail prompts are re-rolled from the
@@ -11,12 +13,18 @@ shortest expert prefix of the trace that gives a success; the prefix is context,
 
 Data parallelism (Megatron backend under torchrun): each step's prompts are split over the DP replicas
 (`DataParallel.shard`); counts, entropies and metrics are reduced over them (trainer/distributed.py), so the
-update is the full-batch one. With one process every reduction is the identity.
+update is the full-batch one. Every decision that changes what is sampled or trained (dynamic sampling's extra
+rounds, the ReLIFT buffer) is taken from values gathered over all replicas, so every replica takes it alike; within
+a replica, rewards come from one rank (`ModelParallel.from_source`). With one process every reduction is the
+identity.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,14 +32,16 @@ import yaml
 
 from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
-from megatron_red.objectives import EntropyRatioController, RedLossConfig
+from megatron_red.objectives import EntropyRatioController, RedLossConfig, behaviour_mismatch
 from megatron_red.rollout.base import SamplingParams
+from megatron_red.rollout.build import build_engine
 from megatron_red.trainer import checkpoint
-from megatron_red.trainer.build import build_engine, build_policy, build_task
-from megatron_red.trainer.distributed import DataParallel, NullMetricsLog, is_main_process
+from megatron_red.trainer.build import build_policy, build_task, engine_kind, rollout_max_sequence_length
+from megatron_red.trainer.distributed import (DataParallel, ModelParallel, NullMetricsLog, current_phase,
+                                              init_distributed, is_main_process, set_phase)
 from megatron_red.trainer.evaluate import evaluate_heldout
 from megatron_red.trainer.groups import Group, build_batch
-from megatron_red.trainer.metrics import MetricsLog
+from megatron_red.trainer.metrics import MetricsLog, require_wandb
 from megatron_red.trainer.update import policy_update
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
@@ -43,18 +53,42 @@ def method_names() -> tuple[str, ...]:
     return PRESETS + SCHEDULES
 
 
+@dataclass
+class Rollouts:
+    """What this replica sampled in one step.
+
+    groups:   the groups to train on (BREAD's re-rolled groups in place of all-fail ones).
+    sampled:  every group as first graded (before BREAD), over all sampling rounds: the step's reward metrics.
+    branched: groups BREAD re-rolled from an expert prefix with a success.
+    """
+
+    groups: list[Group]
+    sampled: list[Group] = field(default_factory=list)
+    branched: int = 0
+
+
 class RedTrainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, resume: bool = False):
         if config.algo.method not in method_names():
             raise ValueError(f"unknown algo.method {config.algo.method!r}; valid: {', '.join(method_names())}")
+        if config.trainer.wandb_project:
+            require_wandb()  # on every rank, before any of them waits for rank 0
         self.config = config
+        for step in (0, config.trainer.steps - 1):  # a bad `algo.loss` override fails now, not after the warm-up
+            self.loss_config(step)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.task = build_task(config)
+        if config.model.backend == "megatron":
+            init_distributed(config.trainer.dist_timeout_minutes)  # the data cache is built by one rank
+        set_phase("data")
+        self.task = build_task(config, cache_dir=self.run_dir.parent / ".cache")
         self.tokenizer = self.task.tokenizer
+        set_phase("model load")
         self.policy = build_policy(config, self.task, cache_dir=self.run_dir.parent / ".cache")
-        self.engine = build_engine(config, self.policy, self.tokenizer)
+        self.engine = build_engine(engine_kind(config), self.policy, self.tokenizer, config.rollout,
+                                   max_sequence_length=rollout_max_sequence_length(config))
         self.dp = DataParallel.for_backend(config.model.backend)
+        self.mp = ModelParallel.for_backend(config.model.backend)
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
             raise ValueError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
                              f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
@@ -63,18 +97,29 @@ class RedTrainer:
         self.relift_buffer: list[int] = []  # indices into task.train
         self._index = {ex.uid: i for i, ex in enumerate(self.task.train)}
         self._trace_reward: dict[str, float] = {}
+        self.reward_seconds = 0.0  # grading time of the current step
         self.step = 0
+        checkpoint.check_keep_last(config.trainer.keep_last)
         checkpoint_dir = checkpoint.latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint_dir is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint there (checkpoints/latest missing)")
         if checkpoint_dir is not None:
             state = checkpoint.load_checkpoint(checkpoint_dir, self.policy)
+            saved_dp = state.get("data_parallel_size", self.dp.size)
+            if saved_dp != self.dp.size:
+                raise ValueError(
+                    f"{checkpoint_dir} was written at data-parallel size {saved_dp}, this run has {self.dp.size}: "
+                    "each replica samples its own block of prompts with its own seed, so the resumed run would not "
+                    "continue the same run. Resume with the same data-parallel size (world size / (TP x PP)); "
+                    "TP and PP may change.")
             self.step = state["step"]
             self.stream.load_state_dict(state["stream"])
             self.controller.load_state_dict(state["controller"])
             self.relift_buffer = state["relift_buffer"]
             self.engine.sync_weights(self.policy)
             if is_main_process():
+                # The final model of the finished run, if any, is not this run's final model any more.
+                shutil.rmtree(self.run_dir / checkpoint.HF_DIR, ignore_errors=True)
                 print(f"[resume] {checkpoint_dir} (step {self.step})")
         elif is_main_process():
             with open(self.run_dir / "config.yaml", "w", encoding="utf-8") as f:
@@ -82,7 +127,8 @@ class RedTrainer:
         self.log = NullMetricsLog()
         if is_main_process():
             self.log = MetricsLog(self.run_dir, resume_step=self.step if checkpoint_dir else None,
-                                  tensorboard=config.trainer.tensorboard)
+                                  tensorboard=config.trainer.tensorboard, wandb_project=config.trainer.wandb_project,
+                                  wandb_config=config_to_dict(config))
 
     # ------------------------------------------------------------------ schedule
     def loss_config(self, step: int) -> RedLossConfig:
@@ -98,44 +144,39 @@ class RedTrainer:
         if loss.normalization == "constant":
             # LUFFY / the authors divide token sums by the generation limit: ours, not their 8192.
             loss = dataclasses.replace(loss, max_response_length=self.config.rollout.max_new_tokens)
+        if loss.online_rl and algo.tis_cap is not None:
+            loss = dataclasses.replace(loss, tis_cap=algo.tis_cap)
         return dataclasses.replace(loss, **algo.loss) if algo.loss else loss
 
     # ------------------------------------------------------------------ one RED step
     def red_step(self, examples, loss_cfg: RedLossConfig) -> dict:
-        """One step on `examples`: this data-parallel replica's share of the step's prompts."""
+        """One step on `examples`: this data-parallel replica's share of the step's prompts (dynamic sampling may
+        draw more from the stream)."""
         cfg, tok, dp = self.config, self.tokenizer, self.dp
         timings, metrics = {}, {}
         t0 = time.perf_counter()
+        self.reward_seconds = 0.0
         uses_trace = loss_cfg.offline_in_group or not loss_cfg.online_rl
-        groups = [Group(ex.prompt_ids, trace_ids=ex.trace_ids if uses_trace else None,
-                        trace_reward=self.trace_reward(ex) if uses_trace else 0.0) for ex in examples]
+        # A step with rollouts computes pi_old, pi and the entropies at the temperature it sampled at, so the loss
+        # describes the sampled distribution; SFT-only steps fit the traces at temperature 1.
+        temperature = cfg.rollout.temperature if loss_cfg.online_rl else 1.0
 
-        # 1-2. G on-policy rollouts per prompt, rewarded by the verifier.
-        if loss_cfg.online_rl:
-            completions = self.engine.generate([ex.prompt_ids for ex in examples], cfg.rollout.n,
-                                               self.sampling_params(self.step))
+        # 1-2. G on-policy rollouts per prompt, graded once per model-parallel group (BREAD re-rolls all-fail
+        #      prompts from expert prefixes); dynamic sampling tops the step up with groups that have signal.
+        set_phase("rollout")
+        if loss_cfg.online_rl:  # the policy is the actor (models/base.py): sampling between its inference hooks
+            self.policy.prepare_for_inference()
+            rollouts = self.roll_out(examples, loss_cfg)
+            if cfg.rollout.dynamic_sampling:
+                metrics.update(self.keep_groups_with_signal(rollouts, loss_cfg))
+            self.policy.finish_inference()
+            groups = rollouts.groups
+            metrics.update(self.rollout_metrics(rollouts))
             timings["time/rollout_s"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            for group, ex, comps in zip(groups, examples, completions):
-                group.responses = [c.token_ids for c in comps]
-                group.rewards = self.reward([c.token_ids for c in comps], ex.answer)
-            timings["time/reward_s"] = time.perf_counter() - t1
-            # Metrics over the whole step: every replica's groups (the identity with one process).
-            group_rewards = dp.gather([g.rewards for g in groups])
-            lengths = dp.gather([len(r) for g in groups for r in g.responses])
-            finished = dp.gather([c.finished for cs in completions for c in cs])
-            all_rewards = [r for rewards in group_rewards for r in rewards]
-            metrics["reward/mean"] = sum(all_rewards) / len(all_rewards)
-            metrics["reward/all_fail_prompts"] = sum(max(rewards) == 0 for rewards in group_rewards)
-            metrics["response/mean_length"] = sum(lengths) / len(all_rewards)
-            metrics["response/truncated"] = sum(not f for f in finished) / len(all_rewards)
-            if cfg.algo.method == "bread":
-                metrics["bread/branched_prompts"] = sum(dp.gather([self.branch_from_expert_prefixes(groups,
-                                                                                                    examples)]))
-            if cfg.algo.method == "relift":
-                # One buffer for all replicas: its SFT step is taken (and split) by all of them at once.
-                self.relift_buffer += dp.gather([self._index[ex.uid] for ex, g in zip(examples, groups)
-                                                 if max(g.rewards) == 0])
+            timings["time/reward_s"] = self.reward_seconds
+        else:
+            groups = [Group(ex.prompt_ids, trace_ids=ex.trace_ids, trace_reward=r)
+                      for ex, r in zip(examples, self.trace_rewards(examples))]
         if uses_trace:
             trace_rewards = dp.gather([g.trace_reward for g in groups])
             metrics["offline/trace_reward"] = sum(trace_rewards) / len(trace_rewards)
@@ -147,9 +188,13 @@ class RedTrainer:
 
         # 4. pi_old and the entropies at rollout time (forward only), then w (Eq. 9-11).
         t2 = time.perf_counter()
-        old_logprobs, entropy = self.policy.logprobs_entropy(batch, cfg.trainer.micro_batch_size)
+        set_phase("log-probs")
+        old_logprobs, entropy = self.policy.get_inference_log_probs(batch, cfg.trainer.micro_batch_size,
+                                                                    temperature)
         batch.fields["old_logprobs"] = old_logprobs
         timings["time/logprob_s"] = time.perf_counter() - t2
+        if "behaviour_logprobs" in batch.fields:
+            metrics.update(self.mismatch_metrics(batch))
         is_offline = batch.fields["is_offline"]
         h_rl = dp.row_mean(entropy, batch.loss_mask, ~is_offline)  # over all replicas: w is the same everywhere
         h_sft = dp.row_mean(entropy, batch.loss_mask, is_offline)
@@ -158,62 +203,173 @@ class RedTrainer:
 
         # 5-6. the policy loss over micro-batches, normalised with the step's global counts, and one update.
         t3 = time.perf_counter()
-        metrics.update(self.update(batch, loss_cfg, w))
+        set_phase("update")
+        self.policy.prepare_for_training()
+        metrics.update(self.update(batch, loss_cfg, w, temperature))
         timings["time/update_s"] = time.perf_counter() - t3
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
             metrics.update(self.relift_sft_step())
-        self.engine.sync_weights(self.policy)
+        set_phase("weight sync")
+        self.policy.finish_training()
         timings["time/step_s"] = time.perf_counter() - t0
         metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
         return {**metrics, **timings}
 
-    def update(self, batch, loss_cfg: RedLossConfig, w: float) -> dict:
+    def update(self, batch, loss_cfg: RedLossConfig, w: float, temperature: float = 1.0,
+               advance_schedule: bool = True) -> dict:
         lr_scale = 1.0 if loss_cfg.online_rl else self.config.algo.sft_lr_multiplier
         return policy_update(self.policy, batch, loss_cfg, w, self.config.trainer.micro_batch_size, self.dp,
-                             lr_scale)
+                             lr_scale, temperature, advance_schedule)
 
-    # ------------------------------------------------------------------ rewards and schedules
-    def reward(self, token_lists: list[list[int]], answer) -> list[float]:
-        texts = [self.tokenizer.decode(ids) for ids in token_lists]
-        return [float(r) for r in self.task.reward_fn(texts, [answer] * len(texts))]
+    # ------------------------------------------------------------------ sampling and rewards
+    def roll_out(self, examples, loss_cfg: RedLossConfig, round_: int = 0) -> Rollouts:
+        """G rollouts of each prompt of `examples` (sampling round `round_` of the step), graded; ReLIFT buffers
+        the all-fail prompts, BREAD re-rolls them from expert prefixes."""
+        n = self.config.rollout.n
+        trace_rewards = self.trace_rewards(examples) if loss_cfg.offline_in_group else [0.0] * len(examples)
+        completions = self.policy.infer([ex.prompt_ids for ex in examples], n,
+                                        self.sampling_params(self.step, round_))
+        rewards = self.grade([c.token_ids for comps in completions for c in comps],
+                             [ex.answer for ex, comps in zip(examples, completions) for _ in comps])
+        groups, start = [], 0
+        for ex, comps, trace_reward in zip(examples, completions, trace_rewards):
+            group = Group(ex.prompt_ids, trace_ids=ex.trace_ids if loss_cfg.offline_in_group else None,
+                          trace_reward=trace_reward)
+            _fill(group, comps, rewards[start:start + len(comps)])
+            start += len(comps)
+            groups.append(group)
+        if self.config.algo.method == "relift":
+            # One buffer for all replicas: its SFT step is taken (and split) by all of them at once.
+            self.relift_buffer += self.dp.gather([self._index[ex.uid] for ex, g in zip(examples, groups)
+                                                  if max(g.rewards) == 0])
+        rollouts = Rollouts(groups, sampled=list(groups))
+        if self.config.algo.method == "bread":
+            rollouts.groups = self.branch_from_expert_prefixes(groups, examples, round_)
+            rollouts.branched = sum(a is not b for a, b in zip(rollouts.groups, groups))
+        return rollouts
 
-    def trace_reward(self, example) -> float:
-        """The verifier's reward of the offline trace (computed once; the authors do not assume 1)."""
-        if example.uid not in self._trace_reward:
-            self._trace_reward[example.uid] = self.reward([example.trace_ids], example.answer)[0]
-        return self._trace_reward[example.uid]
+    def keep_groups_with_signal(self, rollouts: Rollouts, loss_cfg: RedLossConfig) -> dict:
+        """Dynamic sampling: drop the groups whose members' rewards are all equal (zero advantages) and sample further
+        batches of prompts from the stream until the step has `trainer.prompts_per_step` groups with signal, or
+        `rollout.dynamic_sampling_max_rounds` extra rounds are spent; then the step is completed with dropped
+        groups (earliest first), so it always keeps its batch size. Replaces `rollouts.groups`.
 
-    def sampling_params(self, step: int) -> SamplingParams:
+        Every replica decides on every replica's groups (gathered in rank order), so all draw the same extra
+        batches from the stream (whose position then includes them: a resumed run replays them), and the chosen
+        groups are split over the replicas again."""
+        cfg, dp = self.config, self.dp
+        target, max_rounds = cfg.trainer.prompts_per_step, cfg.rollout.dynamic_sampling_max_rounds
+        kept, dropped = [], []
+        groups, extra_rounds = rollouts.groups, 0
+        while True:
+            for group in dp.gather(groups):
+                (kept if group.has_signal(loss_cfg.offline_in_group) else dropped).append(group)
+            if len(kept) >= target or extra_rounds == max_rounds:
+                break
+            extra_rounds += 1
+            more = self.roll_out(dp.shard(self.stream.next_batch()), loss_cfg, extra_rounds)
+            rollouts.sampled += more.sampled
+            rollouts.branched += more.branched
+            groups = more.groups
+        rollouts.groups = dp.shard((kept + dropped)[:target])
+        return {"dynamic/kept_groups": min(len(kept), target), "dynamic/extra_rounds": extra_rounds,
+                "dynamic/prompts": target * (1 + extra_rounds)}
+
+    def rollout_metrics(self, rollouts: Rollouts) -> dict:
+        """Rewards and lengths of every group the step sampled (all replicas, before BREAD's re-rolls)."""
+        dp = self.dp
+        group_rewards = dp.gather([g.rewards for g in rollouts.sampled])
+        lengths = dp.gather([len(r) for g in rollouts.sampled for r in g.responses])
+        finished = dp.gather([f for g in rollouts.sampled for f in g.finished])
+        all_rewards = [r for rewards in group_rewards for r in rewards]
+        metrics = {"reward/mean": sum(all_rewards) / len(all_rewards),
+                   "reward/all_fail_prompts": sum(max(rewards) == 0 for rewards in group_rewards),
+                   "response/mean_length": sum(lengths) / len(all_rewards),
+                   "response/truncated": sum(not f for f in finished) / len(all_rewards)}
+        if self.config.algo.method == "bread":
+            metrics["bread/branched_prompts"] = sum(dp.gather([rollouts.branched]))
+        return metrics
+
+    def mismatch_metrics(self, batch) -> dict:
+        """Sampler vs trainer on the step's on-policy tokens (all replicas), delta = log pi_old - log pi_behaviour:
+        mean and max |delta|, and the fraction of tokens whose probability ratio leaves [1/2, 2]."""
+        on_policy = batch.loss_mask.bool() & ~batch.fields["is_offline"].unsqueeze(-1)
+        stats = self.dp.gather([behaviour_mismatch(batch.fields["old_logprobs"], batch.fields["behaviour_logprobs"],
+                                                   on_policy).tolist()])
+        tokens = sum(s[3] for s in stats)
+        if not tokens:
+            return {}
+        return {"mismatch/logprob_abs_mean": sum(s[0] for s in stats) / tokens,
+                "mismatch/logprob_abs_max": max(s[1] for s in stats),
+                "mismatch/ratio_outside_half_2": sum(s[2] for s in stats) / tokens}
+
+    def grade(self, token_lists: list[list[int]], answers: list) -> list[float]:
+        """The verifier's reward of each decoded token list against its answer. Graded on the model-parallel
+        group's source rank and shared with the others: grading can time out, and the ranks of a replica must
+        train on the same rewards (and take the same BREAD / ReLIFT / dynamic-sampling branches)."""
+        def on_source():
+            texts = [self.tokenizer.decode(ids) for ids in token_lists]
+            return [float(r) for r in self.task.reward_fn(texts, list(answers))]
+
+        t0 = time.perf_counter()
+        phase = current_phase()
+        set_phase("reward")
+        rewards = self.mp.from_source(on_source)
+        set_phase(phase)
+        self.reward_seconds += time.perf_counter() - t0
+        return rewards
+
+    def trace_rewards(self, examples) -> list[float]:
+        """The verifier's reward of each example's offline trace (the authors do not assume 1), graded once per
+        run (and per model-parallel group) and cached."""
+        missing = list({ex.uid: ex for ex in examples if ex.uid not in self._trace_reward}.values())
+        if missing:
+            rewards = self.grade([ex.trace_ids for ex in missing], [ex.answer for ex in missing])
+            self._trace_reward.update(zip((ex.uid for ex in missing), rewards))
+        return [self._trace_reward[ex.uid] for ex in examples]
+
+    def sampling_params(self, step: int, round_: int = 0, prefix: int = 0) -> SamplingParams:
+        """Sampling of `step`: round 0 is its rollouts, round r > 0 dynamic sampling's r-th extra round; prefix
+        p > 0 is BREAD's re-roll from its p-th prefix length (in that round)."""
         r = self.config.rollout
-        # A seed per step (not one advancing generator) keeps a resumed run's rollouts identical.
-        # Data-parallel replicas sample their own prompts with their own seeds (identity with one replica).
+        # A seed per step (not one advancing generator) keeps a resumed run's rollouts identical. Data-parallel
+        # replicas sample their own prompts with their own seeds (identity with one replica); the ranks of one
+        # model-parallel group share theirs.
         seed = (self.config.trainer.seed * 1_000_003 + step) * self.dp.size + self.dp.rank
+        if round_ or prefix:
+            # The step's further engine calls: seeds of their own, not those of another step's first call.
+            seed = int.from_bytes(hashlib.sha256(f"{seed}:{round_}:{prefix}".encode()).digest()[:7], "little")
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
 
-    def branch_from_expert_prefixes(self, groups: list[Group], examples) -> int:
+    def branch_from_expert_prefixes(self, groups: list[Group], examples, round_: int = 0) -> list[Group]:
         """BREAD: for prompts whose G rollouts all failed, re-roll from the shortest trace prefix that yields a
-        success; the prefix joins the prompt (context, not trained). Returns how many groups were branched."""
-        branched = 0
-        for i, (group, ex) in enumerate(zip(groups, examples)):
-            if max(group.rewards) > 0:
-                continue
-            for j, fraction in enumerate(self.config.algo.bread_prefix_fractions):
-                prefix = ex.trace_ids[: int(len(ex.trace_ids) * fraction)]
-                prompt = ex.prompt_ids + prefix
-                params = self.sampling_params(self.step)
-                params.seed = params.seed * 7919 + 1 + i * len(self.config.algo.bread_prefix_fractions) + j
-                comps = self.engine.generate([prompt], self.config.rollout.n, params)[0]
-                rewards = self.reward([prefix + c.token_ids for c in comps], ex.answer)
-                if max(rewards) > 0:
-                    group.prompt_ids, group.responses, group.rewards = prompt, [c.token_ids for c in comps], rewards
-                    branched += 1
-                    break
-        return branched
+        success; the prefix joins the prompt (context, not trained). One engine call per prefix length, for every
+        prompt still failing. Returns the groups, branched ones replaced."""
+        groups, n = list(groups), self.config.rollout.n
+        failing = [i for i, g in enumerate(groups) if max(g.rewards) == 0]
+        for p, fraction in enumerate(self.config.algo.bread_prefix_fractions, start=1):
+            if not failing:
+                break
+            prefixes = [examples[i].trace_ids[: int(len(examples[i].trace_ids) * fraction)] for i in failing]
+            prompts = [examples[i].prompt_ids + prefix for i, prefix in zip(failing, prefixes)]
+            completions = self.policy.infer(prompts, n, self.sampling_params(self.step, round_, prefix=p))
+            rewards = self.grade([prefix + c.token_ids for prefix, comps in zip(prefixes, completions) for c in comps],
+                                 [examples[i].answer for i, comps in zip(failing, completions) for _ in comps])
+            still_failing, start = [], 0
+            for i, prompt, comps in zip(failing, prompts, completions):
+                group_rewards, start = rewards[start:start + len(comps)], start + len(comps)
+                if max(group_rewards) > 0:
+                    groups[i] = _fill(dataclasses.replace(groups[i], prompt_ids=prompt), comps, group_rewards)
+                else:
+                    still_failing.append(i)
+            failing = still_failing
+        return groups
 
     def relift_sft_step(self) -> dict:
-        """ReLIFT: one SFT update on the buffered all-fail prompts' traces, then the buffer is emptied. It is an
-        optimiser step like any other (same optimiser, and it advances the learning-rate schedule)."""
+        """ReLIFT: one SFT update on the buffered all-fail prompts' traces, then the buffer is emptied. Same
+        optimiser, at `algo.sft_lr_multiplier` x the scheduled rate; it does not advance the schedule, which counts
+        the run's `trainer.steps` RL steps (otherwise every SFT step would move the cosine's end forward)."""
         buffered = len(self.relift_buffer)
         examples = [self.task.train[i] for i in self.dp.shard(self.relift_buffer)]
         self.relift_buffer = []
@@ -221,7 +377,7 @@ class RedTrainer:
         batch = build_batch([Group(ex.prompt_ids, trace_ids=ex.trace_ids) for ex in examples],
                             offline_in_group=False, std_normalize=False, pad_token_id=self.tokenizer.pad_token_id)
         batch.fields["old_logprobs"] = torch.zeros_like(batch.loss_mask)
-        out = self.update(batch, sft, 1.0)
+        out = self.update(batch, sft, 1.0, advance_schedule=False)
         return {"relift/sft_prompts": buffered, "relift/sft_loss": out.get("loss/loss", float("nan"))}
 
     # ------------------------------------------------------------------ the loop
@@ -249,21 +405,38 @@ class RedTrainer:
             bar.close()
         if checkpoint.latest_checkpoint(self.run_dir) is None or self.step % cfg.save_every:
             self.save()
+        set_phase("hf export")
+        checkpoint.save_hf_model(self.policy, self.tokenizer, self.run_dir / checkpoint.HF_DIR)
         final = self.evaluate()
         self.log.log(self.step, {"final": True, **final})
         self.log.close()
         return final
 
     def save(self) -> Path:
+        set_phase("checkpoint")
         return checkpoint.save_checkpoint(self.run_dir, self.step, self.policy, {
             "stream": self.stream.state_dict(), "controller": self.controller.state_dict(),
-            "relift_buffer": self.relift_buffer})
+            "relift_buffer": self.relift_buffer, "data_parallel_size": self.dp.size}, tokenizer=self.tokenizer,
+            save_hf=self.config.trainer.save_hf, keep_last=self.config.trainer.keep_last)
 
     def evaluate(self) -> dict:
         cfg = self.config.trainer
         if not self.task.test:
             return {}
-        return evaluate_heldout(self.engine, self.tokenizer, self.task.test[: cfg.eval_problems],
-                                self.task.reward_fn, n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                                max_new_tokens=self.config.rollout.max_new_tokens, seed=cfg.seed,
-                                hard_min_difficulty=self.task.hard_min_difficulty)
+        set_phase("evaluation")
+        try:
+            return evaluate_heldout(self.engine, self.tokenizer, self.task.test[: cfg.eval_problems],
+                                    self.task.reward_fn, n=cfg.eval_samples, temperature=cfg.eval_temperature,
+                                    max_new_tokens=self.config.rollout.max_new_tokens, seed=cfg.seed,
+                                    hard_min_difficulty=self.task.hard_min_difficulty)
+        finally:
+            self.policy.finish_inference()  # the engine's KV cache is not kept through training
+
+
+def _fill(group: Group, completions, rewards: list[float]) -> Group:
+    """`group` with `completions` (a prompt's `Completion`s) as its responses and `rewards` as their rewards."""
+    group.responses = [c.token_ids for c in completions]
+    group.behaviour_logprobs = [c.logprobs for c in completions]
+    group.finished = [c.finished for c in completions]
+    group.rewards = list(rewards)
+    return group

@@ -9,7 +9,8 @@ from megatron_red.trainer.distributed import DataParallel
 
 # Local means of `red_policy_loss`, each with the token count that weighs it when micro-batches are combined.
 _WEIGHTED_MEANS = {"clip_fraction": "num_on_policy_tokens", "on_policy_ratio_mean": "num_on_policy_tokens",
-                   "r_off_mean": "num_offline_tokens"}
+                   "r_off_mean": "num_offline_tokens", "tis_weight_mean": "num_on_policy_tokens",
+                   "tis_capped_fraction": "num_on_policy_tokens"}
 
 
 def aggregate_micro_metrics(per_micro: list[dict]) -> dict:
@@ -30,10 +31,13 @@ def aggregate_micro_metrics(per_micro: list[dict]) -> dict:
 
 
 def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float, micro_batch_size: int,
-                  dp: DataParallel | None = None, lr_scale: float = 1.0) -> dict:
+                  dp: DataParallel | None = None, lr_scale: float = 1.0, temperature: float = 1.0,
+                  advance_schedule: bool = True) -> dict:
     """Backpropagate `red_policy_loss` (Eq. 10, offline term weighted by `w`) over `batch` and step the optimiser.
-    `batch.fields` must hold old_logprobs, advantages, is_offline and group_accuracy. Counts are summed over the
-    data-parallel replicas, so the gradients summed over them are the full-batch ones."""
+    `batch.fields` must hold old_logprobs, advantages, is_offline and group_accuracy (and behaviour_logprobs with
+    `loss_cfg.tis_cap`). Counts are summed over the data-parallel replicas, so the gradients summed over them are
+    the full-batch ones. pi is computed at `temperature` (the one pi_old was computed at); `advance_schedule=False`
+    takes a step at the current learning rate without moving the schedule (ReLIFT's extra SFT steps)."""
     dp = dp or DataParallel()
     num_sequences = int(dp.all_sum((batch.loss_mask.sum(dim=1) > 0).sum()))
     num_tokens = dp.all_sum(batch.loss_mask.sum())
@@ -42,11 +46,12 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float, micro_batch_
         return red_policy_loss(
             logprobs, mb.fields["old_logprobs"], mb.fields["advantages"], mb.loss_mask, mb.fields["is_offline"],
             mb.fields["group_accuracy"], w, loss_cfg, entropy=entropy, num_sequences=num_sequences,
-            num_tokens=num_tokens)
+            num_tokens=num_tokens, behaviour_logprobs=mb.fields.get("behaviour_logprobs"))
 
-    per_micro = policy.forward_backward(batch, micro_batch_size, loss_fn)
+    per_micro = policy.get_loss_and_metrics(batch, False, micro_batch_size, loss_fn, temperature=temperature)
     per_micro = dp.gather(per_micro)  # every replica's micro-batches, for the step's metrics
-    grad_norm = policy.optimizer_step(lr_scale)
-    out = {"train/grad_norm": grad_norm, "train/lr": policy.learning_rate * lr_scale}
+    lr = policy.learning_rate * lr_scale  # the rate this step uses (the schedule moves on inside optimizer_step)
+    grad_norm = policy.optimizer_step(lr_scale, advance_schedule=advance_schedule)
+    out = {"train/grad_norm": grad_norm, "train/lr": lr}
     out.update({f"loss/{k}": v for k, v in aggregate_micro_metrics(per_micro).items()})
     return out

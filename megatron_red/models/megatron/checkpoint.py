@@ -3,7 +3,7 @@
 A checkpoint directory holds the model and optimiser as a sharded state dict (each tensor saved once, addressed
 by its global shape and offset, so a run saved at TP2 loads at TP1), the optimiser step and the trainer's own
 state (an opaque dict: controller state, data position, RNG...). Hugging Face exports are separate
-(`MegatronPolicy.save_pretrained`).
+(`MegatronPolicy.save_pretrained`; `load_model_weights` reads a checkpoint's weights alone for an export).
 """
 from __future__ import annotations
 
@@ -90,11 +90,27 @@ def save_checkpoint(policy: MegatronPolicy, path: str, trainer_state: dict | Non
     dist.barrier()
 
 
+def is_megatron_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRAINER_STATE_FILE))
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
+    """Collectively load only the model weights of a checkpoint saved by `save_checkpoint` into the (possibly
+    wrapped) model stage of this rank, at any TP / PP layout (an export needs no optimiser)."""
+    from megatron.core import dist_checkpointing
+
+    if not is_megatron_checkpoint(path):
+        raise ValueError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+    model = unwrap_model(model)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    model.load_state_dict(loaded["model"])
+
+
 def load_checkpoint(policy: MegatronPolicy, path: str, with_optimizer: bool = True) -> dict:
     """Collectively load a checkpoint saved by `save_checkpoint` (any TP/PP/DP layout); returns the trainer state."""
     from megatron.core import dist_checkpointing
 
-    if not os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
+    if not is_megatron_checkpoint(path):
         raise ValueError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
     if with_optimizer:
         _allocate_optimizer_state(policy)

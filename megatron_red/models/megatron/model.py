@@ -1,10 +1,12 @@
-"""Build a megatron-core `GPTModel` that computes the same function as a Hugging Face Qwen2 / Llama model.
+"""Build a megatron-core `GPTModel` that computes the same function as a Hugging Face Qwen2 / Llama / Qwen3 model.
 
-Both architectures are pre-norm decoders with RMSNorm, SwiGLU MLPs, rotary position embeddings and grouped-query
-attention; Qwen2 adds a bias to the q/k/v projections. The Transformer Engine layer spec is used when TE is
-importable (fused kernels on GPU); otherwise megatron-core's local spec (`get_gpt_layer_local_spec`), whose
-attention is megatron's own unfused `DotProductAttention` (baddbmm + softmax + bmm, plain torch ops) — so it runs
-without TE, apex or flash-attn.
+The three families are one pre-norm decoder with RMSNorm, SwiGLU MLPs, rotary position embeddings and grouped-query
+attention (models/architectures.py); Qwen2 adds a bias to the q/k/v projections, Qwen3 an RMSNorm over each query and
+key head (megatron's `qk_layernorm`), Llama 3.x a frequency-dependent RoPE scaling (megatron's `rope_scaling`).
+The Transformer Engine layer spec is used when TE is importable (fused kernels on GPU); otherwise megatron-core's
+local spec (`get_gpt_layer_local_spec`) with the attention named by `model.attention`: our `SDPACoreAttention` (torch
+SDPA; flash / memory-efficient kernels on GPU, packed sequences) or megatron's own unfused `DotProductAttention`
+(baddbmm + softmax + bmm) — see local_spec.py. Both run without TE, apex or flash-attn.
 
 The vocabulary is padded to a multiple of 128 x TP so that every tensor-parallel rank holds an equal, aligned
 shard of the embedding and LM head; the padded rows are zero and excluded from log-probs via `valid_vocab_size`.
@@ -16,15 +18,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+from megatron_red.models.architectures import check_supported, rope_parameters
+
 VOCAB_PAD_MULTIPLE = 128
+SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
 @dataclass
 class HFArchitecture:
     """The architecture fields of a Hugging Face config that the Megatron model must reproduce.
 
-    model_type:           "qwen2" or "llama".
+    model_type:           "qwen2", "llama" or "qwen3".
     hidden_size:          model width.
     num_layers:           number of decoder layers.
     num_attention_heads:  query heads.
@@ -32,11 +36,13 @@ class HFArchitecture:
     head_dim:             per-head width (kv_channels in Megatron).
     ffn_hidden_size:      SwiGLU intermediate size.
     vocab_size:           real (unpadded) vocabulary size.
-    rms_norm_eps:         RMSNorm epsilon.
+    rms_norm_eps:         RMSNorm epsilon (also of Qwen3's per-head q/k norms).
     rope_theta:           rotary base.
-    qkv_bias:             bias on q/k/v projections (always for Qwen2; `attention_bias` for Llama).
+    qkv_bias:             bias on q/k/v projections (always for Qwen2; `attention_bias` for Llama and Qwen3).
     tie_word_embeddings:  LM head shares the input embedding.
     max_position_embeddings: longest sequence the model is built for.
+    qk_layernorm:         RMSNorm over each query and key head before RoPE (Qwen3).
+    rope_scaling_factor:  Llama-3 RoPE scaling factor; None = plain RoPE.
     """
 
     model_type: str
@@ -52,21 +58,14 @@ class HFArchitecture:
     qkv_bias: bool
     tie_word_embeddings: bool
     max_position_embeddings: int
+    qk_layernorm: bool = False
+    rope_scaling_factor: float | None = None
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "HFArchitecture":
-        model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported by the Megatron backend; "
-                             f"expected one of {SUPPORTED_MODEL_TYPES}")
-        if getattr(hf_config, "mlp_bias", False):
-            raise ValueError("Llama configs with mlp_bias=True are not supported")
-        rope_scaling = getattr(hf_config, "rope_scaling", None)
-        rope_params = getattr(hf_config, "rope_parameters", None) or {}
-        rope_type = (rope_scaling or {}).get("rope_type", rope_params.get("rope_type", "default"))
-        if rope_type not in ("default", None):
-            raise ValueError(f"rope type {rope_type!r} is not supported (only plain RoPE)")
-        rope_theta = getattr(hf_config, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
+        check_supported(hf_config, megatron=True)
+        model_type = hf_config.model_type
+        rope = rope_parameters(hf_config)
         heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         qkv_bias = True if model_type == "qwen2" else bool(getattr(hf_config, "attention_bias", False))
@@ -75,9 +74,11 @@ class HFArchitecture:
             num_attention_heads=heads,
             num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
             head_dim=head_dim, ffn_hidden_size=hf_config.intermediate_size, vocab_size=hf_config.vocab_size,
-            rms_norm_eps=hf_config.rms_norm_eps, rope_theta=float(rope_theta), qkv_bias=qkv_bias,
+            rms_norm_eps=hf_config.rms_norm_eps, rope_theta=float(rope["rope_theta"]), qkv_bias=qkv_bias,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             max_position_embeddings=hf_config.max_position_embeddings,
+            qk_layernorm=model_type == "qwen3",
+            rope_scaling_factor=float(rope["factor"]) if rope["rope_type"] == "llama3" else None,
         )
 
 
@@ -97,11 +98,19 @@ def transformer_engine_available() -> bool:
 
 def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size: int = 1,
                             pipeline_model_parallel_size: int = 1, params_dtype: torch.dtype = torch.float32,
-                            use_cpu_initialization: bool = False, recompute_activations: bool = False):
+                            use_cpu_initialization: bool = False, recompute_activations: bool = False,
+                            recompute_modules: tuple[str, ...] = (), sequence_parallel: bool = False,
+                            cuda_graph_impl: str = "none"):
     """A `TransformerConfig` for `arch` with dropout off and every fusion that needs apex/TE disabled.
 
-    `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row, so pipeline
-    stages exchange activation shapes per micro-batch.
+    `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row (or packed to a token
+    budget), so pipeline stages exchange activation shapes per micro-batch.
+    Activation recompute: `recompute_activations` recomputes every layer in backward (megatron's full, uniform,
+    one layer per checkpoint); `recompute_modules` recomputes only those submodules of each layer (megatron's
+    selective: "core_attn", "mlp", "layernorm"). `sequence_parallel` splits the norm / residual activations over
+    the tensor-parallel ranks along the sequence (needs TP > 1). `cuda_graph_impl="local"` gives the layers
+    megatron's CUDA-graph managers, which its inference engine uses for decode steps (training toggles them off:
+    `megatron_red.rollout.megatron`).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -110,13 +119,25 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
                          f"heads and the {arch.num_query_groups} key/value groups")
     if arch.num_layers % pipeline_model_parallel_size:
         raise ValueError(f"PP={pipeline_model_parallel_size} must divide the {arch.num_layers} layers")
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
-        if recompute_activations else {}
+    if recompute_activations and recompute_modules:
+        raise ValueError("choose full recompute (model.gradient_checkpointing) or selective recompute "
+                         "(model.recompute_modules), not both")
+    unknown = set(recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES)
+    if unknown:
+        raise ValueError(f"model.recompute_modules: unknown {sorted(unknown)}; valid: {SELECTIVE_RECOMPUTE_MODULES}")
+    if sequence_parallel and tensor_model_parallel_size == 1:
+        raise ValueError("model.sequence_parallel needs tensor_model_parallel_size > 1")
+    if recompute_activations:
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute_modules:
+        recompute = dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
+    else:
+        recompute = {}
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
         normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
@@ -124,34 +145,41 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         params_dtype=params_dtype, pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization, variable_seq_lengths=True,
+        sequence_parallel=sequence_parallel,
         # No experts here; megatron-core rejects variable_seq_lengths with its default MoE dispatcher anyway.
-        moe_token_dispatcher_type="alltoall",
+        moe_token_dispatcher_type="alltoall", cuda_graph_impl=cuda_graph_impl,
         **recompute,
     )
 
 
 def build_gpt_model(arch: HFArchitecture, config, *, pre_process: bool, post_process: bool,
-                    use_transformer_engine: bool | None = None):
+                    attention: str = "auto"):
     """The `GPTModel` stage for this rank (`pre_process`: holds the embedding; `post_process`: holds the head).
 
-    `use_transformer_engine=None` picks the TE spec exactly when Transformer Engine is importable.
+    `attention` (`model.attention`): `te` = the Transformer Engine spec; `sdpa` / `local` = megatron's local spec
+    with `SDPACoreAttention` / `DotProductAttention`; `auto` = `te` exactly when Transformer Engine is importable.
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
 
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
-    if use_transformer_engine:
-        spec = get_gpt_layer_with_transformer_engine_spec()
+    from megatron_red.models.megatron.local_spec import local_block_spec, local_layer_spec, resolve_attention
+
+    attention = resolve_attention(attention, transformer_engine_available())
+    rope_scaling = {} if arch.rope_scaling_factor is None else dict(rope_scaling=True,
+                                                                     rope_scaling_factor=arch.rope_scaling_factor)
+    if attention == "te":
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = local_block_spec(local_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm",
+                                                                          qk_layernorm=arch.qk_layernorm),
+                                                 attention), config)
     return GPTModel(
         config=config, transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope", rotary_base=arch.rope_theta,
+        position_embedding_type="rope", rotary_base=arch.rope_theta, **rope_scaling,
     )

@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
-from megatron_red.models.megatron.model import (HFArchitecture, build_gpt_model, make_transformer_config,
-                                                transformer_engine_available)
-from megatron_red.models.megatron.weights import export_hf_state_dict, import_hf_state_dict
+from megatron_red.models.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSpec, as_hf_weights,
+                                              write_hf_checkpoint)
+from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
+from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
+from megatron_red.models.precision import DTYPES
+from megatron_red.parallel.packing import micro_batch_rows
 from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -36,14 +37,27 @@ class MegatronConfig:
 
     tensor_model_parallel_size:   TP degree (must divide heads and key/value groups).
     pipeline_model_parallel_size: PP degree (must divide the layers). DP = world size / (TP x PP).
-    dtype:                        parameter / compute dtype ("bfloat16", "float16" or "float32"); with 16-bit
-                                  params the optimiser keeps fp32 master weights and reduces grads in fp32.
+    dtype:                        parameter / compute dtype ("bfloat16" or "float32"); with bf16 params the
+                                  optimiser keeps fp32 master weights and reduces grads in fp32. "float16" is
+                                  refused: it needs loss scaling, which this backend does not wire into the
+                                  schedule, and a dynamic scaler's skipped steps would drop whole RED steps.
     use_distributed_optimizer:    shard optimiser state over DP (megatron-core DistributedOptimizer); False uses
                                   the plain (replicated) optimiser.
     fused_kernel:                 compute log-probs / entropies with the fused LM-head Triton kernel.
     recompute_activations:        full activation recomputation per layer (long sequences on small memory).
-    use_transformer_engine:       Transformer Engine layer spec; None = when TE is importable.
+    recompute_modules:            selective recomputation of these submodules of each layer instead
+                                  ("core_attn", "mlp", "layernorm"); empty = none.
+    sequence_parallel:            split norm / residual activations along the sequence over the TP ranks.
+    attention:                    "auto" | "te" | "sdpa" | "local" (model.attention; see local_spec.py).
+    max_tokens_per_micro_batch:   > 0: pack rows into THD micro-batches of at most this many tokens
+                                  (first-fit-decreasing, parallel/packing.py) instead of micro_batch_size rows.
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
+    dist_timeout_minutes:         time-out of the TP / PP / DP process groups megatron-core creates (its own
+                                  default is 30 min, whatever the world's); `trainer.dist_timeout_minutes`.
+    offload_optimizer:            move optimiser state to host memory and free the gradient buffers during
+                                  the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
+    inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
+                                  inference engine's decode steps (off while training; GPU only).
     """
 
     tensor_model_parallel_size: int = 1
@@ -52,14 +66,32 @@ class MegatronConfig:
     use_distributed_optimizer: bool = True
     fused_kernel: bool = False
     recompute_activations: bool = False
-    use_transformer_engine: bool | None = None
+    recompute_modules: tuple[str, ...] = ()
+    sequence_parallel: bool = False
+    attention: str = "auto"
+    max_tokens_per_micro_batch: int = 0
     seed: int = 1234
+    dist_timeout_minutes: float = 60.0
+    offload_optimizer: bool = False
+    inference_cuda_graphs: bool = False
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "float16":
+            raise ValueError("model.dtype=float16 is not supported by the Megatron backend (it would need loss "
+                             "scaling); use bfloat16, or float32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
+        if self.attention == "local" and self.max_tokens_per_micro_batch:
+            raise ValueError("model.attention=local (megatron's DotProductAttention) cannot run packed micro-batches "
+                             "(trainer.max_tokens_per_micro_batch > 0); use sdpa or te")
+        if self.sequence_parallel and self.max_tokens_per_micro_batch % self.tensor_model_parallel_size:
+            raise ValueError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
+                             f"{self.max_tokens_per_micro_batch} must be a multiple of TP="
+                             f"{self.tensor_model_parallel_size} (packs are padded to a multiple of TP)")
 
 
 def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
@@ -69,55 +101,112 @@ def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
     finalize_model_grads(model_chunks, num_tokens=None, **kwargs)
 
 
+def build_sharded_model(hf_config, weights, config: MegatronConfig):
+    """This rank's `GPTModel` stage (TP x PP shard) holding the Hugging Face weights, in `config.dtype`, on the
+    current CUDA device (else the CPU); no optimiser. Initialises megatron-core's parallel state if it is not
+    already (torch.distributed must be). Returns (HFArchitecture, model, TransformerConfig).
+
+    weights: an HF checkpoint directory or `HFCheckpoint` (each rank reads only its shard, lazily), or an in-memory
+    state dict; see `load_hf_weights`. None leaves the parameters uninitialised, for a dist checkpoint to fill."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if not dist.is_initialized():
+        raise ValueError("the Megatron backend needs torch.distributed to be initialised (torchrun)")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
+                                     pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                                     distributed_timeout_minutes=config.dist_timeout_minutes)
+    elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
+          or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
+        raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+    arch = HFArchitecture.from_hf_config(hf_config)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:  # megatron's CUDA-graph managers need a graph-safe RNG tracker
+        tensor_parallel.model_parallel_cuda_manual_seed(config.seed,
+                                                        use_cudagraphable_rng=config.inference_cuda_graphs)
+    dtype = DTYPES[config.dtype]
+    tconfig = make_transformer_config(
+        arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
+        use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
+        recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel,
+        cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
+    tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
+    tconfig.perform_initialization = False  # every weight is loaded next: random init would only cost time
+    model = build_gpt_model(arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage(), attention=config.attention)
+    # The local spec's RMSNorm (local_spec.py, like torch.nn.RMSNorm) is built in fp32. megatron's 16-bit
+    # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
+    # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
+    # saving. Cast the whole model, as megatron's own Float16Module does.
+    model = model.to(dtype=dtype)
+    if on_gpu:
+        model = model.cuda(torch.cuda.current_device())
+    if weights is not None:
+        load_hf_weights(model, as_hf_weights(weights), arch, ps.get_tensor_model_parallel_group())
+    if config.inference_cuda_graphs:
+        from megatron.core.transformer.utils import toggle_cuda_graphs
+
+        toggle_cuda_graphs(model, "none")  # eager training; the inference engine turns them on while it runs
+    return arch, model, tconfig
+
+
+@dataclass
+class ShardedModel:
+    """This rank's `GPTModel` stage without an optimiser, for inference (`megatron-red eval --engine megatron`)."""
+
+    arch: HFArchitecture
+    model: torch.nn.Module
+    mp_group: dist.ProcessGroup
+
+    @classmethod
+    def from_hf(cls, hf_config, weights, config: MegatronConfig) -> "ShardedModel":
+        """`weights` as for `build_sharded_model`."""
+        from megatron.core import parallel_state as ps
+
+        arch, model, _ = build_sharded_model(hf_config, weights, config)
+        return cls(arch, model.eval(), ps.get_model_parallel_group())
+
+
+def save_hf_pretrained(model: torch.nn.Module, hf_config, path: str, dtype: torch.dtype | None = None,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Collective over all ranks: write the Hugging Face checkpoint of a TP x PP-sharded `model` into `path`
+    (safetensors shards + index + config.json), streamed tensor by tensor (`HFExport`) by global rank 0; the
+    other data-parallel replicas hold the same weights and only wait."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() == 0:
+        export = HFExport(model, HFArchitecture.from_hf_config(hf_config), ps.get_tensor_model_parallel_group(),
+                          ps.get_pipeline_model_parallel_group())
+        if export.is_writer:
+            specs = [TensorSpec(s.name, s.shape, dtype or s.dtype) for s in export.specs]
+            write_hf_checkpoint(path, hf_config, specs, export, max_shard_bytes)
+        else:
+            for _ in export:  # serves this rank's shards to the writer
+                pass
+    dist.barrier()
+
+
 class MegatronPolicy(PolicyBackend):
     """A Qwen2 / Llama policy sharded with megatron-core; see the module docstring for loss normalisation.
 
     Must be constructed on every rank of an initialised `torch.distributed` world; initialises megatron-core's
-    parallel state if it is not already. `hf_state_dict` holds the full Hugging Face weights (each rank keeps
-    its shard).
+    parallel state if it is not already. `weights`: the Hugging Face weights (a checkpoint directory, read lazily,
+    each rank reading only its shard; or an in-memory state dict), see `build_sharded_model`.
     """
 
-    def __init__(self, hf_config, hf_state_dict: dict[str, torch.Tensor], config: MegatronConfig,
-                 optim: OptimConfig):
+    def __init__(self, hf_config, weights, config: MegatronConfig, optim: OptimConfig):
         from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        if not dist.is_initialized():
-            raise ValueError("MegatronPolicy needs torch.distributed to be initialised (torchrun)")
-        if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                                         pipeline_model_parallel_size=config.pipeline_model_parallel_size)
-        elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
-              or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
-            raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+        self.arch, model, tconfig = build_sharded_model(hf_config, weights, config)
         self.hf_config, self.config, self.optim = hf_config, config, optim
-        self.arch = HFArchitecture.from_hf_config(hf_config)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
-        on_gpu = torch.cuda.is_available()
-        if on_gpu:
-            tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
-        dtype = _DTYPES[config.dtype]
-        tconfig = make_transformer_config(
-            self.arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
-            pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
-            use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations)
-        tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
-        use_te = config.use_transformer_engine
-        if use_te is None:
-            use_te = transformer_engine_available()
-        model = build_gpt_model(self.arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
-                                post_process=ps.is_pipeline_last_stage(), use_transformer_engine=use_te)
-        # The local spec's RMSNorm (torch.nn.RMSNorm) ignores params_dtype and is built in fp32. megatron's 16-bit
-        # optimisers assume every parameter is 16-bit (their sharded_state_dict maps optimiser ids through the
-        # 16-bit params only; the distributed optimiser's buffers are per dtype), so mixed dtypes break checkpoint
-        # saving. Cast the whole model, as megatron's own Float16Module does.
-        model = model.to(dtype=dtype)
-        if on_gpu:
-            model = model.cuda(torch.cuda.current_device())
-        import_hf_state_dict(model, hf_state_dict, self.arch, self.tp_group)
+        self.mp_group = ps.get_model_parallel_group()
+        dtype = DTYPES[config.dtype]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=config.use_distributed_optimizer, average_in_collective=False)
@@ -127,10 +216,53 @@ class MegatronPolicy(PolicyBackend):
                 optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
                 adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=max(optim.grad_clip, 0.0),
                 use_distributed_optimizer=config.use_distributed_optimizer, params_dtype=dtype,
-                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16),
+                bf16=dtype == torch.bfloat16),
             [self.model])
         self.step = 0
+        self._adam_offloaded = False
         self._set_lr()
+
+    # -- actor hooks (models/base.py; docs/architecture.md) -------------------------------------------------------
+    def prepare_for_inference(self) -> None:
+        if self.config.offload_optimizer:
+            self.offload_adam_states()
+
+    def prepare_for_training(self) -> None:
+        self.onload_adam_states()
+
+    def offload_adam_states(self) -> None:
+        """Adam moments (and a 16-bit model's fp32 master weights) to host memory; gradient buffers freed.
+
+        megatron-core's `offload_to_cpu` moves every tensor its inner optimiser holds, master weights included; in
+        an fp32 model those are the model's own parameters (or views into them), so there only the state moves.
+        """
+        if self._adam_offloaded:
+            return
+        if self.config.dtype == "float32":
+            for opt in self.optimizer.chained_optimizers:
+                for state in opt.optimizer.state.values():
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and value.is_cuda:
+                            state[key] = value.cpu()
+        else:
+            self.optimizer.offload_to_cpu()
+        self.model.offload_grad_buffers()
+        self._adam_offloaded = True
+
+    def onload_adam_states(self) -> None:
+        if not self._adam_offloaded:
+            return
+        self.model.restore_grad_buffers()
+        if self.config.dtype == "float32":
+            device = next(self.model.parameters()).device
+            for opt in self.optimizer.chained_optimizers:
+                for state in opt.optimizer.state.values():
+                    for key, value in state.items():
+                        if torch.is_tensor(value) and key != "step":
+                            state[key] = value.to(device)
+        else:
+            self.optimizer.restore_from_cpu()
+        self._adam_offloaded = False
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _head(self, temperature: float) -> LogprobHead:
@@ -139,14 +271,15 @@ class MegatronPolicy(PolicyBackend):
 
     def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group)
+        return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group,
+                                         max_tokens=self.config.max_tokens_per_micro_batch)
 
     def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
                          temperature: float = 1.0) -> list[dict[str, float]]:
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        metrics = run_pipeline(self.model, batch.micro_batches(micro_batch_size), self._head(temperature),
-                               loss_fn=loss_fn)
+        budget = self.config.max_tokens_per_micro_batch
+        rows = micro_batch_rows(batch, micro_batch_size, budget)
+        metrics = run_pipeline(self.model, [batch.select(r) for r in rows], self._head(temperature),
+                               loss_fn=loss_fn, packed=bool(budget))
         # Only the last stage ran loss_fn; every rank returns its metrics.
         if dist.get_world_size(self.pp_group) > 1:
             holder = [metrics]
@@ -163,7 +296,7 @@ class MegatronPolicy(PolicyBackend):
             group["lr"] = self.learning_rate * lr_scale * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.optim.weight_decay * group.get("wd_mult", 1.0)
 
-    def optimizer_step(self, lr_scale: float = 1.0) -> float:
+    def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         _sum_over_dp_finalize([self.model])
         self._set_lr(lr_scale)
         if self.optim.grad_clip > 0:
@@ -176,7 +309,8 @@ class MegatronPolicy(PolicyBackend):
             raise RuntimeError("megatron optimizer step skipped (non-finite gradients)")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self.step += 1
+        if advance_schedule:
+            self.step += 1
         return float(grad_norm)
 
     @property
@@ -207,19 +341,20 @@ class MegatronPolicy(PolicyBackend):
 
         load_checkpoint(self, directory)
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full Hugging Face weights on every rank (CPU)."""
-        return export_hf_state_dict(self.model, self.arch, self.tp_group, self.pp_group)
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Collective: the Hugging Face checkpoint, streamed tensor by tensor (see `save_hf_pretrained`)."""
+        save_hf_pretrained(self.model, self.hf_config, path, dtype)
 
-    def save_pretrained(self, path: str) -> None:
-        from transformers import AutoModelForCausalLM
+    def checkpoint_nbytes(self, with_hf: bool = False) -> int:
+        """Collective: parameters (their dtype) + fp32 main copy when 16-bit + two fp32 Adam moments (+ the
+        parameters again for a Hugging Face export), over one model replica (a tied LM head counts twice)."""
+        from megatron.core import parallel_state as ps
 
-        weights = self.hf_state_dict()
-        if dist.get_rank() == 0:
-            hf_model = AutoModelForCausalLM.from_config(self.hf_config)
-            missing, unexpected = hf_model.load_state_dict(weights, strict=False)
-            allowed = {"lm_head.weight"} if self.arch.tie_word_embeddings else set()
-            if set(missing) - allowed or unexpected:
-                raise RuntimeError(f"export mismatch: missing {missing}, unexpected {unexpected}")
-            hf_model.save_pretrained(path)
-        dist.barrier()
+        local = sum(p.numel() for p in unwrap_model(self.model).parameters())
+        total = torch.tensor([float(local)])
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, group=ps.get_model_parallel_group())
+        itemsize = DTYPES[self.config.dtype].itemsize
+        per_param = itemsize + (4 if itemsize < 4 else 0) + 8 + (itemsize if with_hf else 0)
+        return int(total.item()) * per_param

@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron weight conversion for Qwen2 / Llama, with tensor and pipeline sharding.
+"""Hugging Face <-> Megatron weight conversion for Qwen2 / Llama / Qwen3, with tensor and pipeline sharding.
 
 Megatron fuses and shards some projections differently from Hugging Face:
 
@@ -10,19 +10,31 @@ Megatron fuses and shards some projections differently from Hugging Face:
 - The embedding and (untied) LM head are padded with zero rows to the padded vocabulary and split by rows.
 - Row-parallel projections (`linear_proj`, `linear_fc2`) are split along their input dimension.
 
-Conversion goes through the *full* Megatron-layout tensor: import builds it from the HF tensors and keeps this
-rank's chunk along the parameter's `partition_dim`; export all-gathers the chunks over TP and inverts. Pipeline
-stages own disjoint layers, addressed by each layer's global `layer_number`. Data-parallel replicas hold the same
-weights and need no communication.
+`shard_layout` states, for one TP rank's shard of one Megatron parameter, which slices of which HF tensors it is
+made of (`Copy`: `shard[local] <-> hf_tensor[hf]`). Both directions use it:
+
+- Load (`load_hf_weights`): each rank copies exactly its slices out of the (lazily opened) checkpoint straight
+  into its parameters, so a rank reads its shard of its pipeline stage's tensors and never the rest. Row-parallel
+  weights are column slices, which touch every row of the stored tensor: those pages are mapped for the one
+  tensor being copied, then released.
+- Export (`HFExport`): per parameter, the TP shards are gathered on TP rank 0 of the owning stage, which fills the
+  HF tensors from each rank's copies and sends them to the writer (TP rank 0 of the first stage); the writer
+  receives one tensor at a time. No rank holds more than a few tensors.
+
+Pipeline stages own disjoint layers, addressed by each layer's global `layer_number`. Data-parallel replicas hold
+the same weights and need no communication.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from megatron_red.models.megatron.model import HFArchitecture, padded_vocab_size
+from megatron_red.models.hf_checkpoint import TensorSpec
+from megatron_red.models.megatron.model import HFArchitecture
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Megatron per-layer parameter -> HF per-layer parameter, for the tensors that map one to one.
@@ -33,7 +45,30 @@ _LAYER_DIRECT = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",  # Transformer Engine spec
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    # Qwen3's per-head RMSNorm gains (head_dim wide): every TP rank holds the whole vector.
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
+# Megatron model-level parameter -> HF parameter, one to one.
+_GLOBAL_DIRECT = {"decoder.final_layernorm.weight": "model.norm.weight"}
+# Vocabulary-parallel tables: padded to the padded vocabulary, split by rows.
+_VOCAB = {"embedding.word_embeddings.weight": "model.embed_tokens.weight", "output_layer.weight": "lm_head.weight"}
+# Fused q/k/v (weight and bias): HF name pattern with "{}" = q, k, v.
+_QKV = {"self_attention.linear_qkv.weight": "self_attn.{}_proj.weight",
+        "self_attention.linear_qkv.bias": "self_attn.{}_proj.bias"}
+# Fused SwiGLU input projection: (gate, up).
+_GATE_UP = {"mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+Index = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One piece of a TP shard: `shard[local]` holds `hf_tensor(hf_name)[hf]` (same shape)."""
+
+    hf_name: str
+    hf: Index
+    local: Index
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,83 +83,6 @@ def _global_layer_numbers(model) -> dict[int, int]:
     return {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
 
 
-def _qkv_full(arch: HFArchitecture, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    g, d = arch.num_query_groups, arch.head_dim
-    per_group = arch.num_attention_heads // g
-    rest = q.shape[1:]
-    q = q.reshape(g, per_group * d, *rest)
-    k = k.reshape(g, d, *rest)
-    v = v.reshape(g, d, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
-
-
-def _qkv_split(arch: HFArchitecture, full: torch.Tensor):
-    g, d = arch.num_query_groups, arch.head_dim
-    per_group = arch.num_attention_heads // g
-    rest = full.shape[1:]
-    grouped = full.reshape(g, (per_group + 2) * d, *rest)
-    q, k, v = grouped.split([per_group * d, d, d], dim=1)
-    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
-
-
-def _pad_vocab(weight: torch.Tensor, padded: int) -> torch.Tensor:
-    out = weight.new_zeros(padded, weight.shape[1])
-    out[: weight.shape[0]] = weight
-    return out
-
-
-def _full_from_hf(name: str, layer: int | None, hf: dict[str, torch.Tensor], arch: HFArchitecture,
-                  tp: int) -> torch.Tensor:
-    """The unsharded Megatron-layout tensor for Megatron parameter `name` (of global layer `layer`)."""
-    vocab = padded_vocab_size(arch.vocab_size, tp)
-    if layer is None:
-        if name == "embedding.word_embeddings.weight":
-            return _pad_vocab(hf["model.embed_tokens.weight"], vocab)
-        if name == "output_layer.weight":
-            head = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
-            return _pad_vocab(hf[head], vocab)
-        if name == "decoder.final_layernorm.weight":
-            return hf["model.norm.weight"]
-        raise KeyError(f"no Hugging Face tensor maps to Megatron parameter {name!r}")
-    p = f"model.layers.{layer}."
-    if name in _LAYER_DIRECT:
-        return hf[p + _LAYER_DIRECT[name]]
-    if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = name.rsplit(".", 1)[1]
-        return _qkv_full(arch, *(hf[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv"))
-    if name == "mlp.linear_fc1.weight":
-        gates = hf[p + "mlp.gate_proj.weight"].chunk(tp, dim=0)
-        ups = hf[p + "mlp.up_proj.weight"].chunk(tp, dim=0)
-        return torch.cat([t for pair in zip(gates, ups) for t in pair], dim=0)
-    raise KeyError(f"no Hugging Face tensor maps to Megatron parameter decoder.layers.*.{name}")
-
-
-def _hf_from_full(name: str, layer: int | None, full: torch.Tensor, arch: HFArchitecture,
-                  tp: int) -> dict[str, torch.Tensor]:
-    """Inverse of `_full_from_hf`: the HF tensors held in the unsharded Megatron tensor `full`."""
-    if layer is None:
-        if name == "embedding.word_embeddings.weight":
-            return {"model.embed_tokens.weight": full[: arch.vocab_size]}
-        if name == "output_layer.weight":
-            return {} if arch.tie_word_embeddings else {"lm_head.weight": full[: arch.vocab_size]}
-        if name == "decoder.final_layernorm.weight":
-            return {"model.norm.weight": full}
-        raise KeyError(name)
-    p = f"model.layers.{layer}."
-    if name in _LAYER_DIRECT:
-        return {p + _LAYER_DIRECT[name]: full}
-    if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = name.rsplit(".", 1)[1]
-        q, k, v = _qkv_split(arch, full)
-        return {f"{p}self_attn.q_proj.{kind}": q, f"{p}self_attn.k_proj.{kind}": k,
-                f"{p}self_attn.v_proj.{kind}": v}
-    if name == "mlp.linear_fc1.weight":
-        pairs = [chunk.chunk(2, dim=0) for chunk in full.chunk(tp, dim=0)]
-        return {p + "mlp.gate_proj.weight": torch.cat([g for g, _ in pairs]),
-                p + "mlp.up_proj.weight": torch.cat([u for _, u in pairs])}
-    raise KeyError(name)
-
-
 def _split_name(name: str, layer_map: dict[int, int]) -> tuple[str, int | None]:
     match = _LAYER.match(name)
     if match is None:
@@ -132,50 +90,199 @@ def _split_name(name: str, layer_map: dict[int, int]) -> tuple[str, int | None]:
     return match.group(2), layer_map[int(match.group(1))]
 
 
-@torch.no_grad()
-def import_hf_state_dict(model: torch.nn.Module, hf_state_dict: dict[str, torch.Tensor], arch: HFArchitecture,
-                         tp_group: dist.ProcessGroup | None) -> None:
-    """Copy this rank's shard of every parameter of the (possibly wrapped) Megatron `model` from an HF state dict.
+def partition_dim(param: torch.Tensor) -> int | None:
+    """The dimension along which TP splits `param`; None when every TP rank holds all of it."""
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
-    Every rank passes the full HF state dict (or at least the tensors of its pipeline stage).
+
+def _along(ndim: int, dim: int, start: int, stop: int) -> Index:
+    index = [slice(None)] * ndim
+    index[dim] = slice(start, stop)
+    return tuple(index)
+
+
+def shard_layout(name: str, layer: int | None, local_shape: tuple[int, ...], split_dim: int | None,
+                 arch: HFArchitecture, tp: int, tp_rank: int) -> tuple[dict[str, tuple[int, ...]], list[Copy]]:
+    """(shape of each HF tensor involved, the copies that make up TP rank `tp_rank`'s shard) for the Megatron
+    parameter `name` of global layer `layer` (None: not in a layer), whose shard has `local_shape` and is split
+    along `split_dim` (None: not split). Vocabulary padding rows are in no copy (they are zero)."""
+    ndim = len(local_shape)
+    whole = (slice(None),) * ndim
+    if layer is None and name in _VOCAB:
+        hf_name = "model.embed_tokens.weight" if name == "output_layer.weight" and arch.tie_word_embeddings \
+            else _VOCAB[name]
+        rows = local_shape[0]
+        start, stop = tp_rank * rows, min((tp_rank + 1) * rows, arch.vocab_size)
+        copies = [Copy(hf_name, _along(ndim, 0, start, stop), _along(ndim, 0, 0, stop - start))] if stop > start \
+            else []
+        return {hf_name: (arch.vocab_size, *local_shape[1:])}, copies
+    prefix = "" if layer is None else f"model.layers.{layer}."
+    if layer is not None and name in _QKV:
+        g, d = arch.num_query_groups, arch.head_dim
+        per_group = arch.num_attention_heads // g
+        local_groups = g // tp
+        q, k, v = (prefix + _QKV[name].format(x) for x in "qkv")
+        rest = local_shape[1:]
+        copies = []
+        for i in range(local_groups):
+            group, base = tp_rank * local_groups + i, i * (per_group + 2) * d
+            copies += [Copy(q, _along(ndim, 0, group * per_group * d, (group + 1) * per_group * d),
+                            _along(ndim, 0, base, base + per_group * d)),
+                       Copy(k, _along(ndim, 0, group * d, (group + 1) * d),
+                            _along(ndim, 0, base + per_group * d, base + (per_group + 1) * d)),
+                       Copy(v, _along(ndim, 0, group * d, (group + 1) * d),
+                            _along(ndim, 0, base + (per_group + 1) * d, base + (per_group + 2) * d))]
+        return {q: (g * per_group * d, *rest), k: (g * d, *rest), v: (g * d, *rest)}, copies
+    if layer is not None and name in _GATE_UP:
+        gate, up = (prefix + x for x in _GATE_UP[name])
+        rows = local_shape[0] // 2
+        full = (rows * tp, *local_shape[1:])
+        return {gate: full, up: full}, [Copy(gate, _along(ndim, 0, tp_rank * rows, (tp_rank + 1) * rows),
+                                             _along(ndim, 0, 0, rows)),
+                                        Copy(up, _along(ndim, 0, tp_rank * rows, (tp_rank + 1) * rows),
+                                             _along(ndim, 0, rows, 2 * rows))]
+    table = _GLOBAL_DIRECT if layer is None else _LAYER_DIRECT
+    if name not in table:
+        where = name if layer is None else f"decoder.layers.*.{name}"
+        raise KeyError(f"no Hugging Face tensor maps to Megatron parameter {where}")
+    hf_name = prefix + table[name]
+    if split_dim is None:
+        return {hf_name: tuple(local_shape)}, [Copy(hf_name, whole, whole)]
+    size = local_shape[split_dim]
+    full = tuple(n * tp if i == split_dim else n for i, n in enumerate(local_shape))
+    return {hf_name: full}, [Copy(hf_name, _along(ndim, split_dim, tp_rank * size, (tp_rank + 1) * size), whole)]
+
+
+def _numel(index: Index, shape: tuple[int, ...]) -> int:
+    n = 1
+    for s, size in zip(index, shape):
+        n *= len(range(*s.indices(size)))
+    return n
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, weights, arch: HFArchitecture,
+                    tp_group: dist.ProcessGroup | None) -> None:
+    """Copy this rank's shard of every parameter of the (possibly wrapped) Megatron `model` out of `weights`
+    (`HFCheckpoint` or `StateDictWeights`, see models/hf_checkpoint.py), reading only the slices it owns.
+
+    Every tensor is checked before any is read; a missing or misshaped one raises a ValueError naming the
+    tensor, the expected and the found shape.
     """
     model = unwrap_model(model)
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     layer_map = _global_layer_numbers(model)
+    plan, problems = [], []
     for full_name, param in model.named_parameters():
         name, layer = _split_name(full_name, layer_map)
-        full = _full_from_hf(name, layer, hf_state_dict, arch, tp)
-        if getattr(param, "tensor_model_parallel", False):
-            full = full.chunk(tp, dim=param.partition_dim)[tp_rank]
-        if tuple(full.shape) != tuple(param.shape):
-            raise ValueError(f"{full_name}: converted shape {tuple(full.shape)} != parameter {tuple(param.shape)}")
-        param.copy_(full)
+        shapes, copies = shard_layout(name, layer, tuple(param.shape), partition_dim(param), arch, tp, tp_rank)
+        for hf_name, expected in shapes.items():
+            found = weights.shape(hf_name)
+            if found is None:
+                problems.append(f"{hf_name}: missing (expected shape {expected})")
+            elif found != expected:
+                problems.append(f"{hf_name}: expected shape {expected}, found {found} in {weights.where(hf_name)}")
+        plan.append((param, copies))
+    if problems:
+        raise ValueError(f"the Hugging Face checkpoint does not fit the model ({len(problems)} tensor(s)):\n  "
+                         + "\n  ".join(dict.fromkeys(problems)))
+    for param, copies in plan:
+        if sum(_numel(c.local, tuple(param.shape)) for c in copies) < param.numel():
+            param.zero_()  # vocabulary padding rows
+        with weights.open() as get:  # one parameter's files mapped at a time
+            for c in copies:
+                param[c.local].copy_(get(c.hf_name)[c.hf])
 
 
-@torch.no_grad()
-def export_hf_state_dict(model: torch.nn.Module, arch: HFArchitecture, tp_group: dist.ProcessGroup | None,
-                         pp_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
-    """The full HF state dict (CPU tensors), returned on every rank of the TP x PP grid.
+@dataclass
+class _Entry:
+    """One parameter of the export plan, known to every rank of the model-parallel group."""
 
-    TP shards are all-gathered; pipeline stages exchange their converted tensors as CPU objects.
+    name: str                       # local parameter name on its stage
+    hf: list[TensorSpec]            # the HF tensors it becomes, in order
+
+
+class HFExport:
+    """Streams the HF weights of a TP x PP-sharded model: iterate it on every rank of one model replica (the TP x
+    PP ranks sharing a data-parallel rank); TP rank 0 of the first stage (`is_writer`) receives `(name, tensor)`
+    pairs in the order of `specs`, every other rank yields nothing and only serves its shards.
+
+    Per parameter: the owning stage gathers its TP shards on its TP rank 0 (`dist.gather`), which builds the HF
+    tensors (`shard_layout` inverted) and, unless it is the writer, sends them to the writer point to point.
+    A tied LM head is exported once, as the embedding.
     """
-    model = unwrap_model(model)
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    layer_map = _global_layer_numbers(model)
-    out: dict[str, torch.Tensor] = {}
-    for full_name, param in model.named_parameters():
-        name, layer = _split_name(full_name, layer_map)
-        if name == "output_layer.weight" and arch.tie_word_embeddings:
-            continue  # the last stage's copy of the tied embedding
-        tensor = param.detach()
-        if getattr(param, "tensor_model_parallel", False) and tp > 1:
-            parts = [torch.empty_like(tensor) for _ in range(tp)]
-            dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-            tensor = torch.cat(parts, dim=param.partition_dim)
-        out.update({k: v.cpu().clone() for k, v in _hf_from_full(name, layer, tensor, arch, tp).items()})
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        stages: list[dict | None] = [None] * dist.get_world_size(pp_group)
-        dist.all_gather_object(stages, out, group=pp_group)
-        out = {k: v for stage in stages for k, v in stage.items()}
-    return out
+
+    def __init__(self, model: torch.nn.Module, arch: HFArchitecture, tp_group: dist.ProcessGroup | None,
+                 pp_group: dist.ProcessGroup | None):
+        self.model = unwrap_model(model)
+        self.arch = arch
+        self.tp_group, self.pp_group = tp_group, pp_group
+        self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        self.pp = dist.get_world_size(pp_group) if pp_group is not None else 1
+        self.stage = dist.get_rank(pp_group) if pp_group is not None else 0
+        self.is_writer = self.tp_rank == 0 and self.stage == 0
+        layer_map = _global_layer_numbers(self.model)
+        self._params = dict(self.model.named_parameters())
+        self._layout: dict[str, tuple[str, int | None, int | None]] = {}
+        entries = []
+        for full_name, param in self._params.items():
+            name, layer = _split_name(full_name, layer_map)
+            if name == "output_layer.weight" and arch.tie_word_embeddings:
+                continue  # the last stage's copy of the tied embedding
+            split = partition_dim(param)
+            self._layout[full_name] = (name, layer, split)
+            shapes, _ = shard_layout(name, layer, tuple(param.shape), split, arch, self.tp, 0)
+            entries.append(_Entry(full_name, [TensorSpec(n, s, param.dtype) for n, s in shapes.items()]))
+        self.stages: list[list[_Entry]] = [entries]
+        if self.pp > 1:  # every stage learns the others' plans (names and shapes only)
+            self.stages = [None] * self.pp
+            dist.all_gather_object(self.stages, entries, group=pp_group)
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        """Every HF tensor of the model, in the order the writer receives them."""
+        return [spec for entries in self.stages for entry in entries for spec in entry.hf]
+
+    def _hf_tensors(self, entry: _Entry) -> Iterator[torch.Tensor]:
+        """Collective over this stage's TP group (the gather runs when iteration starts): on TP rank 0, the HF
+        tensors of `entry` one at a time, each built from every rank's shard; nothing on the other ranks."""
+        param = self._params[entry.name].detach()
+        name, layer, split = self._layout[entry.name]
+        shards = [param]
+        if split is not None and self.tp > 1:
+            shards = [torch.empty_like(param) for _ in range(self.tp)] if self.tp_rank == 0 else None
+            dist.gather(param.contiguous(), shards, dst=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        if self.tp_rank != 0:
+            return
+        copies = [shard_layout(name, layer, tuple(param.shape), split, self.arch, self.tp, rank)[1]
+                  for rank in range(len(shards))]
+        for spec in entry.hf:
+            tensor = param.new_zeros(spec.shape)
+            for shard, rank_copies in zip(shards, copies):
+                for c in rank_copies:
+                    if c.hf_name == spec.name:
+                        tensor[c.hf] = shard[c.local]
+            yield tensor
+            del tensor  # before the next one is built: one HF tensor alive at a time
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        writer = dist.get_global_rank(self.pp_group, 0) if self.pp > 1 else None
+        for stage, entries in enumerate(self.stages):
+            source = dist.get_global_rank(self.pp_group, stage) if self.pp > 1 else None
+            for entry in entries:
+                if stage == self.stage:
+                    for spec, tensor in zip(entry.hf, self._hf_tensors(entry)):
+                        if self.is_writer:
+                            yield spec.name, tensor
+                        else:
+                            dist.send(tensor, dst=writer, group=self.pp_group)
+                        del tensor
+                elif self.is_writer:
+                    device = next(iter(self._params.values())).device
+                    for spec in entry.hf:
+                        tensor = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+                        dist.recv(tensor, src=source, group=self.pp_group)
+                        yield spec.name, tensor
+                        del tensor

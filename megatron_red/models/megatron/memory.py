@@ -1,0 +1,303 @@
+"""Per-GPU memory of the Megatron backend, by part and by phase, from the architecture, the parallel layout and
+the workload.
+
+A RED step alternates two phases that never overlap: generation (megatron-core's dynamic inference engine on the
+policy's own shards, rollout/megatron.py) and training (log-probs, then forward + backward + optimizer step).
+What each part counts (bytes on one GPU of a pipeline stage):
+- weights:     the stage's parameters on one TP rank (the embedding on the first stage; the LM head on the last, also
+               when tied to the embedding and PP > 1, where megatron keeps a synchronised copy), in `dtype`. Both
+               phases (the engine generates with them).
+- gradients:   one fp32 gradient per parameter (megatron's DDP reduces gradients in fp32). Both phases, unless
+               `rollout.offload_optimizer` frees the gradient buffers while generating.
+- optimizer:   Adam's two fp32 moments, plus an fp32 master copy when the parameters are 16-bit; divided over the
+               data-parallel ranks by the distributed optimizer (the mean over ranks: megatron aligns each
+               parameter to 64 elements in its buffer, which moves a few elements between ranks). Both phases,
+               unless `rollout.offload_optimizer` moves it to host memory while generating.
+- activations: training. What autograd keeps for the backward, per token and layer (bytes of the activation dtype
+               `a`, `h` hidden, `q` / `g` query / key-value heads of width `d`, `f` MLP width, TP = t):
+                 norms and projection inputs   4 a h (+ 8 for the two fp32 inverse RMS)   / t with sequence par.
+                 q, k, v after RoPE, context    a (2 q + 2 g) d / t
+                 flash-attention log-sum-exp    4 q / t
+                 SwiGLU (silu input, silu, up)  3 a f / t, and the down-projection input a f / t
+               megatron's unfused attention (`local`) instead keeps the [q, s, s] probabilities in fp32 and `a`
+               and the K/V heads repeated: + (4 + a) q s / t, a (2 q - 2 g) d / t, no log-sum-exp.
+               Selective recompute drops what the named submodules recompute; full recompute keeps only each
+               layer's input (a h per token) plus one layer's activations while that layer is recomputed. The
+               first pipeline stage holds PP micro-batches in flight (1F1B), stage s holds PP - s.
+- LM head:     training, last stage: the loss-mask hidden states (a h per token) and the log-prob / entropy head's
+               buffers: the fused kernel's <= 256 MiB, or the [tokens, V / t] logits and their gradient plus two
+               256 MiB fp32 chunks (parallel/vocab_parallel.py).
+- KV cache:    the engine's paged KV buffer, sized as megatron-core 0.19's `DynamicInferenceContext` sizes it:
+               blocks = max(2, int(rollout.kv_buffer_gb * 2**30) // block bytes) (one of them megatron's dummy
+               block), block bytes = 2 (K, V) x this stage's layers x kv_block_size x key-value heads per TP rank
+               (at least 1: megatron replicates them when TP > g) x d x the parameter dtype; one buffer of
+               blocks x block bytes. Generation; through training too with `rollout.release_kv_cache=false`.
+- prefill step: generation. One engine step runs up to megatron's `max_tokens` tokens (prefill and decode rows
+               together) through the stage without autograd; the largest transient is one layer's MLP: the
+               residual stream and the norm output (2 a h per token) and the gate+up output and its SwiGLU
+               (3 a f / t), plus megatron's sequence-parallel all-gather buffer (a h per token) with SP.
+- sampling logits: generation. The rows decoded together (`rollout.max_batch_size`, megatron's max_requests):
+               their logits gathered over TP (on every stage under PP) and the sampler's row selection of them
+               (a V each, padded vocabulary), the last stage's own [rows, V / t] shard, megatron's static logits
+               buffer with CUDA graphs, and the sampler's fp32 / fp64 temporaries (rollout/sampling.py: 20 bytes
+               per real vocabulary entry, 28 with top-p).
+- reserve:     CUDA context, NCCL and allocator slack. Both phases.
+Not counted: megatron's CUDA-graph memory pool (one decode step of max_requests tokens), the context's bookkeeping
+tensors (kilobytes per request), pinned host buffers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from megatron_red.models.megatron.model import HFArchitecture, padded_vocab_size
+
+GIB = 2**30
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEAD_CHUNK_BYTES = 2 * 256 * 2**20  # two DEFAULT_CHUNK_ELEMENTS fp32 buffers of vocab_parallel_logprobs_entropy
+FUSED_KERNEL_EXTRA_BYTES = 256 * 2**20  # the fused kernel's extra-memory bound (docs: kernel targets)
+
+
+@dataclass
+class MemoryLayout:
+    """The run's parallel layout and numerics (model.* of the run config, DP from the world size)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    data_parallel_size: int = 1
+    dtype: str = "bfloat16"
+    use_distributed_optimizer: bool = True
+    sequence_parallel: bool = False
+    attention: str = "sdpa"
+    """Which attention runs: `sdpa` and `te` keep no score tensor; `local` does."""
+    recompute: str = "none"
+    """`none`, `full`, or `selective` (then `recompute_modules`)."""
+    recompute_modules: tuple[str, ...] = ()
+    fused_kernel: bool = True
+
+
+@dataclass
+class Rollout:
+    """The megatron rollout engine's settings that size its memory (rollout.* of the run config)."""
+
+    requests: int
+    """Rows decoded together: megatron's max_requests (rollout.max_batch_size rounded up to a multiple of TP)."""
+    sequence_length: int
+    """Longest prompt + response the engine accepts (rollout.max_sequence_length)."""
+    block_size_tokens: int = 256
+    kv_buffer_gb: float | None = None
+    """rollout.kv_buffer_gb; None = the engine's default (`default_kv_buffer_gb`)."""
+    step_tokens: int = 16384
+    """Tokens of one engine step (megatron's max_tokens)."""
+    offload_optimizer: bool = False
+    """Gradients and Adam state leave the GPU while generating (rollout.offload_optimizer)."""
+    release_kv_cache: bool = True
+    """The KV buffer is freed while training (rollout.release_kv_cache)."""
+    cuda_graph: bool = False
+    """megatron's static logits buffer exists (rollout.cuda_graph)."""
+    top_p: float = 1.0
+    """< 1 adds the nucleus filter's temporaries to the sampler's."""
+
+
+@dataclass
+class Workload:
+    """Token counts that size the activations, and the rollout engine (None = no generation phase).
+
+    tokens_per_micro_batch: tokens of one micro-batch (packed budget, or rows x padded length).
+    max_sequence_length:    longest row (sizes `local` attention's score tensor).
+    """
+
+    tokens_per_micro_batch: int
+    max_sequence_length: int
+    rollout: Rollout | None = None
+
+
+def kv_heads_per_rank(num_query_groups: int, tensor_model_parallel_size: int) -> int:
+    """Key-value heads one TP rank caches (megatron replicates them when TP exceeds the groups)."""
+    return max(1, num_query_groups // tensor_model_parallel_size)
+
+
+def kv_block_bytes(layers: int, kv_heads: int, head_dim: int, block_size_tokens: int, itemsize: int) -> int:
+    """Bytes of one KV block of this stage's `layers` (megatron's `block_size_bytes`: K and V, `kv_heads` per rank)."""
+    return 2 * layers * block_size_tokens * kv_heads * head_dim * itemsize
+
+
+def kv_buffer_blocks(kv_buffer_gb: float, block_bytes: int) -> int:
+    """Blocks megatron-core 0.19's DynamicInferenceContext allocates for `buffer_size_gb` (no paused buffer, no
+    unified memory): at least 2, one of them its dummy block."""
+    return max(2, int(kv_buffer_gb * 1024**3) // block_bytes)
+
+
+def default_kv_buffer_gb(requests: int, sequence_length: int, block_size_tokens: int, block_bytes: int) -> float:
+    """The engine's buffer when rollout.kv_buffer_gb is unset: every row at full length, plus the dummy block."""
+    return (requests * math.ceil(sequence_length / block_size_tokens) + 1) * block_bytes / 1024**3
+
+
+def sequences_held(blocks: int, sequence_length: int, block_size_tokens: int) -> int:
+    """Sequences of `sequence_length` tokens the buffer holds at once without prefix sharing (dummy block aside)."""
+    return (blocks - 1) // math.ceil(sequence_length / block_size_tokens)
+
+
+def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int) -> int:
+    """Parameters held by one TP rank of pipeline stage `stage` (megatron's GPTModel built by build_gpt_model)."""
+    h, d, q, g, f = (arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups,
+                     arch.ffn_hidden_size)
+    qkv = (q + 2 * g) * d // tp
+    layer = (h  # input norm
+             + qkv * h + (qkv if arch.qkv_bias else 0)  # fused q/k/v projection (column-parallel)
+             + h * q * d // tp  # output projection (row-parallel)
+             + h  # pre-MLP norm
+             + 2 * f // tp * h + h * f // tp)  # gate+up (column-parallel), down (row-parallel)
+    numel = layer * arch.num_layers // pp
+    vocab_shard = padded_vocab_size(arch.vocab_size, tp) // tp
+    if stage == 0:
+        numel += vocab_shard * h  # word embeddings
+    if stage == pp - 1:
+        numel += h  # final norm
+        if not arch.tie_word_embeddings or pp > 1:
+            numel += vocab_shard * h  # LM head (a synchronised copy of the embedding when tied across stages)
+    return numel
+
+
+def activation_bytes_per_token_layer(arch: HFArchitecture, layout: MemoryLayout, sequence_length: int) -> float:
+    """Bytes autograd keeps per token per layer without recompute (see the module docstring)."""
+    a = _BYTES[layout.dtype]
+    t = layout.tensor_model_parallel_size
+    sp = t if layout.sequence_parallel else 1
+    h, d, q, g, f = (arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups,
+                     arch.ffn_hidden_size)
+    norms = (4 * a * h + 8) / sp
+    attention = a * (2 * q + 2 * g) * d / t
+    if layout.attention == "local":
+        attention += (4 + a) * q * sequence_length / t + a * (2 * q - 2 * g) * d / t
+    else:
+        attention += 4 * q / t
+    mlp = 4 * a * f / t
+    modules = set(layout.recompute_modules) if layout.recompute == "selective" else set()
+    if "core_attn" in modules:  # recomputed from q, k, v (kept): scores / log-sum-exp and the repeated K/V go
+        attention = a * (2 * q + 2 * g) * d / t
+    if "mlp" in modules:  # recomputed from its input (a projection input counted in `norms`)
+        mlp = 0.0
+    if "layernorm" in modules:  # the two norm outputs are recomputed
+        norms -= 2 * a * h / sp
+    return norms + attention + mlp
+
+
+# Which parts each phase holds (module docstring); `MemoryPlan.held` applies the rollout options.
+TRAINING_PARTS = ("weights", "gradients", "optimizer", "activations", "LM head", "reserve")
+GENERATION_PARTS = ("weights", "gradients", "optimizer", "KV cache", "prefill step", "sampling logits", "reserve")
+PHASES = ("generation", "training")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per part for the first and last pipeline stage (stage -> part -> bytes) of a layout and workload, and
+    the KV cache's geometry (`kv_blocks` blocks of `kv_block_bytes`; 0 without a rollout)."""
+
+    parts: dict[int, dict[str, float]]
+    layout: MemoryLayout
+    workload: Workload
+    kv_blocks: int = 0
+    kv_block_bytes: int = 0
+
+    def held(self, phase: str) -> tuple[str, ...]:
+        """The parts resident on the GPU during `phase` ("generation" or "training")."""
+        rollout = self.workload.rollout
+        if phase == "training":
+            keep_kv = rollout is not None and not rollout.release_kv_cache
+            return TRAINING_PARTS + (("KV cache",) if keep_kv else ())
+        if rollout is None:
+            return ()
+        offloaded = ("gradients", "optimizer") if rollout.offload_optimizer else ()
+        return tuple(p for p in GENERATION_PARTS if p not in offloaded)
+
+    def peak(self, stage: int, phase: str) -> float:
+        return sum(self.parts[stage][p] for p in self.held(phase))
+
+    def phases(self) -> tuple[str, ...]:
+        return PHASES if self.workload.rollout is not None else ("training",)
+
+    def table(self, card_gib: float) -> str:
+        stages = sorted(self.parts)
+        phases = self.phases()
+        columns = " | ".join(f"stage {s} (GiB)" for s in stages)
+        lines = [f"| part | held during | {columns} |", "|---|---|" + "---|" * len(stages)]
+        for part in self.parts[stages[0]]:
+            during = [ph for ph in phases if part in self.held(ph)]
+            if not during:
+                continue
+            lines.append(f"| {part} | {' + '.join(during)} | "
+                         + " | ".join(f"{self.parts[s][part] / GIB:.2f}" for s in stages) + " |")
+        for phase in phases:
+            lines.append(f"| **{phase} peak** | | " + " | ".join(f"**{self.peak(s, phase) / GIB:.2f}**"
+                                                               for s in stages) + " |")
+            verdict = " | ".join("fits" if self.peak(s, phase) <= card_gib * GIB else "does NOT fit" for s in stages)
+            lines.append(f"| {phase} on a {card_gib:g} GiB card | | {verdict} |")
+        return "\n".join(lines)
+
+
+def generation_bytes(arch: HFArchitecture, layout: MemoryLayout, rollout: Rollout, stage: int) -> dict[str, float]:
+    """The engine's working memory on `stage` beyond weights and KV cache: one step's largest transient and the
+    sampling logits (module docstring)."""
+    a = _BYTES[layout.dtype]
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    tokens = rollout.step_tokens
+    prefill = tokens * a * (2 * h + 3 * f / tp) + (tokens * a * h if layout.sequence_parallel else 0.0)
+    rows, vocab = rollout.requests, padded_vocab_size(arch.vocab_size, tp)
+    logits = 2 * rows * vocab * a  # gathered over TP, and the sampler's row selection of them
+    if stage == pp - 1:
+        logits += rows * vocab / tp * a  # the output layer's own shard
+    if rollout.cuda_graph:
+        logits += rows * vocab * a  # megatron's static logits buffer
+    logits += rows * arch.vocab_size * (28 if rollout.top_p < 1.0 else 20)
+    return {"prefill step": prefill, "sampling logits": logits}
+
+
+def memory_plan(arch: HFArchitecture, layout: MemoryLayout, workload: Workload,
+                reserve_bytes: float = 3 * GIB) -> MemoryPlan:
+    """Per-GPU bytes by part for the first and the last pipeline stage (the two largest)."""
+    tp, pp, dp = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size)
+    if layout.recompute not in ("none", "full", "selective"):
+        raise ValueError(f"recompute must be none, full or selective, got {layout.recompute!r}")
+    a = _BYTES[layout.dtype]
+    tokens = workload.tokens_per_micro_batch
+    per_layer = activation_bytes_per_token_layer(arch, layout, workload.max_sequence_length)
+    layers = arch.num_layers // pp
+    sp = tp if layout.sequence_parallel else 1
+    optimizer_per_param = 8 + (4 if a == 2 else 0)
+    rollout = workload.rollout
+    blocks = block_bytes = 0
+    if rollout is not None:
+        block_bytes = kv_block_bytes(layers, kv_heads_per_rank(arch.num_query_groups, tp), arch.head_dim,
+                                     rollout.block_size_tokens, a)
+        buffer_gb = rollout.kv_buffer_gb
+        if buffer_gb is None:
+            buffer_gb = default_kv_buffer_gb(rollout.requests, rollout.sequence_length, rollout.block_size_tokens,
+                                             block_bytes)
+        blocks = kv_buffer_blocks(buffer_gb, block_bytes)  # every stage holds layers // pp: megatron's MIN agrees
+    parts = {}
+    for stage in sorted({0, pp - 1}):
+        numel = stage_parameter_numel(arch, tp, pp, stage)
+        in_flight = pp - stage
+        if layout.recompute == "full":
+            one_layer = activation_bytes_per_token_layer(arch, dataclasses.replace(layout, recompute="none"),
+                                                         workload.max_sequence_length)
+            activations = in_flight * layers * tokens * a * arch.hidden_size / sp + tokens * one_layer
+        else:
+            activations = in_flight * layers * tokens * per_layer
+        if stage == 0:
+            activations += in_flight * tokens * a * arch.hidden_size / sp  # embedding output
+        head = 0.0
+        if stage == pp - 1:
+            head = tokens * a * arch.hidden_size
+            vocab_shard = padded_vocab_size(arch.vocab_size, tp) // tp
+            head += FUSED_KERNEL_EXTRA_BYTES if layout.fused_kernel else 2 * tokens * vocab_shard * a + HEAD_CHUNK_BYTES
+        optimizer = numel * optimizer_per_param / (dp if layout.use_distributed_optimizer else 1)
+        generation = (generation_bytes(arch, layout, rollout, stage) if rollout is not None
+                      else {"prefill step": 0.0, "sampling logits": 0.0})
+        parts[stage] = {"weights": numel * a, "gradients": numel * 4.0, "optimizer": optimizer,
+                        "activations": activations, "LM head": head, "KV cache": float(blocks * block_bytes),
+                        **generation, "reserve": reserve_bytes}
+    return MemoryPlan(parts, layout, workload, blocks, block_bytes)

@@ -1,0 +1,110 @@
+"""`megatron-red plan CONFIG`: per-GPU memory of a run with the Megatron backend, by part, for each phase of a
+RED step (generation with the megatron engine, training), against a card.
+
+The architecture comes from `model.path`'s config.json (or the tiny built-in student); the layout from model.*
+(TP, PP, dtype, distributed optimiser, sequence parallelism, recompute, attention, fused kernel) and the world
+size; the token counts from trainer.* / data.* / rollout.*; the engine's KV buffer, step size and phase options
+from rollout.* exactly as rollout/build.py hands them to the engine. The memory model is models/megatron/memory.py.
+"""
+from __future__ import annotations
+
+import math
+
+from megatron_red.config import RunConfig
+from megatron_red.models.megatron.memory import (GIB, MemoryLayout, MemoryPlan, Rollout, Workload, default_kv_buffer_gb,
+                                                 memory_plan, sequences_held, stage_parameter_numel)
+from megatron_red.models.megatron.model import HFArchitecture, transformer_engine_available
+from megatron_red.rollout.megatron import engine_max_requests, engine_step_tokens
+from megatron_red.trainer.build import engine_kind, rollout_max_sequence_length
+
+
+def run_architecture(config: RunConfig) -> HFArchitecture:
+    """The student's architecture, without loading weights."""
+    if config.model.path:
+        from transformers import AutoConfig
+
+        return HFArchitecture.from_hf_config(AutoConfig.from_pretrained(config.model.path, local_files_only=True))
+    from megatron_red.trainer.build import build_task, tiny_qwen2_config
+
+    return HFArchitecture.from_hf_config(tiny_qwen2_config(config, build_task(config).tokenizer))
+
+
+def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
+    m, t, r = config.model, config.trainer, config.rollout
+    if m.backend != "megatron":
+        raise ValueError(f"plan models the Megatron backend; got model.backend={m.backend!r} "
+                         f"(set model.backend=megatron)")
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
+    if m.gradient_checkpointing and m.recompute_modules:
+        raise ValueError("choose model.gradient_checkpointing or model.recompute_modules, not both")
+    if engine_kind(config) != "megatron":  # conflicting choices are refused there, naming the option
+        raise ValueError(f"plan models the megatron rollout engine; got rollout.engine={config.rollout.engine!r}")
+    attention = m.attention
+    if attention == "auto":
+        attention = "te" if transformer_engine_available() else "sdpa"
+    layout = MemoryLayout(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=world_size // (tp * pp),
+        dtype="bfloat16" if m.dtype == "auto" else m.dtype, use_distributed_optimizer=m.use_distributed_optimizer,
+        sequence_parallel=m.sequence_parallel, attention=attention,
+        recompute="full" if m.gradient_checkpointing else "selective" if m.recompute_modules else "none",
+        recompute_modules=m.recompute_modules, fused_kernel=m.fused_kernel != "off")
+    longest = config.data.max_prompt_tokens + max(r.max_new_tokens, config.data.max_trace_tokens)
+    requests = engine_max_requests(r.max_batch_size, tp)
+    sequence_length = rollout_max_sequence_length(config)
+    rollout = Rollout(requests=requests, sequence_length=sequence_length, block_size_tokens=r.kv_block_size,
+                      kv_buffer_gb=r.kv_buffer_gb, step_tokens=engine_step_tokens(requests, sequence_length),
+                      offload_optimizer=r.offload_optimizer, release_kv_cache=r.release_kv_cache,
+                      cuda_graph=r.cuda_graph, top_p=r.top_p)
+    workload = Workload(tokens_per_micro_batch=t.max_tokens_per_micro_batch or t.micro_batch_size * longest,
+                        max_sequence_length=longest, rollout=rollout)
+    return memory_plan(run_architecture(config), layout, workload)
+
+
+def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: RunConfig | None = None) -> str:
+    """The plan as a header, a Markdown table and one verdict per phase. With the run's `config`, also the rows
+    each model-parallel group generates per step."""
+    lay, work, ro = plan.layout, plan.workload, plan.workload.rollout
+    total = stage_parameter_numel(arch, 1, 1, 0)  # the whole model (vocabulary padded to 128)
+    recompute = lay.recompute + (f" {list(lay.recompute_modules)}" if lay.recompute == "selective" else "")
+    lines = [
+        f"model: {arch.model_type}, {arch.num_layers} layers x {arch.hidden_size}, {total / 1e9:.2f}B parameters",
+        f"layout: TP {lay.tensor_model_parallel_size} x PP {lay.pipeline_model_parallel_size} x "
+        f"DP {lay.data_parallel_size}, {lay.dtype}, distributed optimizer {lay.use_distributed_optimizer}, "
+        f"sequence parallel {lay.sequence_parallel}, recompute {recompute}, attention {lay.attention}, "
+        f"fused LM-head kernel {lay.fused_kernel}",
+        f"training: {work.tokens_per_micro_batch} tokens per micro-batch (rows up to {work.max_sequence_length})",
+    ]
+    if ro is not None:
+        held = sequences_held(plan.kv_blocks, ro.sequence_length, ro.block_size_tokens)
+        buffer_gib = plan.kv_blocks * plan.kv_block_bytes / GIB
+        lines.append(
+            f"generation (megatron engine): {ro.requests} rows decoded together (rollout.max_batch_size), up to "
+            f"{ro.sequence_length} tokens each (rollout.max_sequence_length), {ro.step_tokens}-token engine steps; "
+            f"offload_optimizer {ro.offload_optimizer}, release_kv_cache {ro.release_kv_cache}, "
+            f"cuda_graph {ro.cuda_graph}")
+        lines.append(
+            f"KV cache: {plan.kv_blocks} blocks of {ro.block_size_tokens} tokens x {plan.kv_block_bytes / 2**20:.2f} "
+            f"MiB = {buffer_gib:.2f} GiB per GPU (rollout.kv_buffer_gb="
+            f"{'default' if ro.kv_buffer_gb is None else f'{ro.kv_buffer_gb:g}'}; one block is megatron's dummy) "
+            f"holds {held} sequences of {ro.sequence_length} tokens at once (more when a prompt's samples share its "
+            f"prompt blocks)")
+        if held < ro.requests:
+            needed = math.ceil(100 * default_kv_buffer_gb(ro.requests, ro.sequence_length, ro.block_size_tokens,
+                                                          plan.kv_block_bytes)) / 100
+            lines.append(f"  fewer than the {ro.requests} rows decoded together: megatron pauses rows and re-prefills "
+                         f"them; rollout.kv_buffer_gb={needed:.2f} holds all {ro.requests} at full length")
+        if config is not None:
+            prompts = -(-config.trainer.prompts_per_step // lay.data_parallel_size)
+            rows = prompts * config.rollout.n
+            waves = -(-rows // ro.requests)
+            lines.append(f"rows generated per step by each model-parallel group: {prompts} prompts x "
+                         f"{config.rollout.n} = {rows}, in {waves} wave{'s' if waves > 1 else ''} of up to "
+                         f"{ro.requests}")
+    lines += ["", plan.table(card_gib), ""]
+    for phase in plan.phases():
+        worst = max(plan.peak(s, phase) for s in plan.parts)
+        lines.append(f"{phase} peak {worst / GIB:.1f} GiB of {card_gib:g} GiB: "
+                     + ("fits" if worst <= card_gib * GIB else "does NOT fit"))
+    return "\n".join(lines)
