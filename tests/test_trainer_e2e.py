@@ -127,6 +127,8 @@ def test_sft_then_grpo_switches_stage(root):
     sft_line, grpo_line = step_lines(trainer.run_dir)
     assert "reward/mean" not in sft_line and sft_line["loss/loss_nll"] > 0
     assert "reward/mean" in grpo_line and grpo_line["loss/loss_nll"] == 0.0
+    # r_off (Eq. 8) belongs to the offline term in the group, which neither stage has: it is not logged.
+    assert "loss/r_off_mean" not in sft_line and "loss/r_off_mean" not in grpo_line
     # SFT trains on the traces only, GRPO on the rollouts only.
     assert sft_line["loss/num_on_policy_tokens"] == 0 and sft_line["loss/num_offline_tokens"] > 0
     assert grpo_line["loss/num_offline_tokens"] == 0 and grpo_line["loss/num_on_policy_tokens"] > 0

@@ -231,8 +231,7 @@ def red_policy_loss(
       loss, loss_on_policy, loss_offline, loss_nll: the loss and its three parts (they add up to loss); with
         global counts each is this call's share, to be *summed* over micro-batches and ranks.
       clip_fraction, on_policy_ratio_mean (over this call's on-policy tokens), r_off_mean (over its offline
-        tokens; NaN when the offline term is not part of the objective): local means; num_on_policy_tokens,
-        num_offline_tokens weigh them when averaging calls.
+        tokens): local means; num_on_policy_tokens, num_offline_tokens weigh them when averaging calls.
       sft_weight: w as passed.
       tis_weight_mean, tis_capped_fraction (with `config.tis_cap`): mean truncated weight and fraction of tokens
         at the cap, over this call's on-policy tokens.
@@ -296,7 +295,7 @@ def red_policy_loss(
             loss, 0.0 - j_on, 0.0 - j_off, 0.0 - j_nll,  # 0.0 - x: no -0.0 in the logs
             (clipped & on_tokens).sum() / n_on.clamp_min(1),
             (ratio * on_tokens).sum() / n_on.clamp_min(1),
-            (r_off * off_tokens).sum() / n_off.clamp_min(1) if config.offline_in_group else lp.new_tensor(math.nan),
+            (r_off * off_tokens).sum() / n_off.clamp_min(1),
             n_on, n_off,
         )]).tolist()
     keys = ("loss", "loss_on_policy", "loss_offline", "loss_nll", "clip_fraction", "on_policy_ratio_mean",

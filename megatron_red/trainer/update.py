@@ -53,5 +53,6 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float, micro_batch_
     lr = policy.learning_rate * lr_scale  # the rate this step uses (the schedule moves on inside optimizer_step)
     grad_norm = policy.optimizer_step(lr_scale, advance_schedule=advance_schedule)
     out = {"train/grad_norm": grad_norm, "train/lr": lr}
-    out.update({f"loss/{k}": v for k, v in aggregate_micro_metrics(per_micro).items()})
+    out.update({f"loss/{k}": v for k, v in aggregate_micro_metrics(per_micro).items()
+                if k != "r_off_mean" or loss_cfg.offline_in_group})  # r_off of a term outside the objective: none
     return out
