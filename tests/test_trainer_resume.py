@@ -73,7 +73,7 @@ def test_sigkill_then_resume_matches_uninterrupted(root, reference):
         log.close()
     assert paused, f"the run never reached step 3 (rc {proc.returncode}):\n{(root / 'killed.log').read_text()[-3000:]}"
     assert proc.returncode == -signal.SIGKILL
-    assert [r["step"] for r in read_lines(run_dir)] == [1, 2, 3]
+    assert [r["step"] for r in read_lines(run_dir)] == [0, 1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
     result = cli("train", "--resume", str(run_dir))
