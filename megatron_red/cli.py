@@ -96,9 +96,11 @@ def _train_processes(pending: list[tuple], args, jobs: int) -> list[Path]:
                 if proc.returncode != 0:
                     failed.append(run_dir)
 
-        startable = [item for item in queue if ready(item[0])]
-        while startable and len(running) < jobs:
-            item = startable.pop(0)
+        while len(running) < jobs:
+            # Recomputed after each start: a seed's leader just started makes its other runs wait.
+            item = next((item for item in queue if ready(item[0])), None)
+            if item is None:
+                break
             queue.remove(item)
             seed, method, run_dir, resume = item
             leaders.setdefault(seed, (run_dir, time.time()))
