@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from megatron_red.trainer.metrics import MetricsLog
-from megatron_red.trainer.report import (DYNAMICS, GRPO_HARD_GAIN_MAX, SFT_HARD_MIN, WARM_HARD_MAX,
+from megatron_red.trainer.report import (DYNAMICS, GRPO_HARD_GAIN_MAX, RED_LENGTH_MAX, RED_OVER_GRPO_MIN,
+                                         SFT_HARD_MIN, WARM_HARD_MAX, claim_table,
                                          comparison_figure, comparison_table, dynamics_figure, plot_comparison,
                                          plot_runs, premises_table, seed_band, smooth, smoothing_window)
 
@@ -133,6 +134,21 @@ def test_premises_table_verdicts():
     sft[2] = _eval(0.6, 0.5, length=79.0)
     assert _verdicts(premises_table(warm, grpo, sft)) == ["FAILS (2/3 seeds)"] * 3
     assert _verdicts(premises_table(warm, [], [])) == ["FAILS (2/3 seeds)", "not run", "not run"]
+
+
+def test_claim_table_verdicts():
+    grpo = [_eval(0.3, 0.05), _eval(0.3, 0.10)]
+    sft = [_eval(0.6, 0.40, length=100.0), _eval(0.6, 0.45, length=80.0)]
+    red = [_eval(0.5, 0.05 + RED_OVER_GRPO_MIN + 0.30, length=RED_LENGTH_MAX * 100.0 - 1),
+           _eval(0.5, 0.46, length=40.0)]
+    table = claim_table(red, grpo, sft)
+    assert _verdicts(table) == ["holds (2/2 seeds)"] * 3
+    assert "RED hard - GRPO hard: 38.0 ± 2.8 points" in table  # 45 - 5 and 46 - 10
+    assert "RED length / SFT length: 0.65 ± 0.21" in table  # 79 / 100 and 40 / 80
+    # Seed 1 breaks each part: 9 points over GRPO, below SFT's hard accuracy, longer than 0.8 x SFT's length.
+    red[1] = _eval(0.5, 0.10 + RED_OVER_GRPO_MIN - 0.01, length=RED_LENGTH_MAX * 80.0 + 1)
+    assert _verdicts(claim_table(red, grpo, sft)) == ["FAILS (1/2 seeds)"] * 3
+    assert _verdicts(claim_table(red, [], sft)) == ["not run", "FAILS (1/2 seeds)", "FAILS (1/2 seeds)"]
 
 
 def test_comparison_table_rows():
