@@ -210,10 +210,10 @@ class TrainerConfig:
     environment variables apply (WANDB_MODE=offline, WANDB_ENTITY)."""
     dist_timeout_minutes: float = 60.0
     """Megatron backend: a collective gives up after this long, with an error naming the phase (rollout, log-probs,
-    update, checkpoint, ...). The longest legitimate wait is a rollout: the other ranks of a model-parallel group
-    wait while its first rank samples. 16k new tokens at the local engine's eager decode step (31 ms for a 1.5B
-    model on an H200, docs/benchmarks.md; 2-3x that expected for a 32B) take 8-25 min per rollout.max_batch_size
-    rows, so 60 min covers two such chunks and grading, and a real hang still surfaces within the hour."""
+    update, checkpoint, ...). Every rank of a model-parallel group decodes together (collectives every step), so
+    the long legitimate waits are one-sided: the other ranks wait while the group's grading rank scores the step's
+    completions (math-verify, per-answer time-outs) or while rank 0 writes a checkpoint's Hugging Face copy. 60 min
+    covers those with room to spare, and a real hang still surfaces within the hour."""
 
 
 @dataclass

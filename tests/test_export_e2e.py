@@ -100,7 +100,7 @@ def _megatron_worker(rank, world_size, run_dir, export_dir):
     megatron_compat.install()
     from megatron.core import parallel_state as ps
 
-    from megatron_red.trainer.export import export_checkpoint
+    from megatron_red.trainer.export import export_checkpoint, resolve_hf_model
     from megatron_red.trainer.red_trainer import RedTrainer
     from test_megatron import hf_weights
 
@@ -113,6 +113,10 @@ def _megatron_worker(rank, world_size, run_dir, export_dir):
     ps.destroy_model_parallel()
     export_checkpoint(run_dir, export_dir, tp=2, pp=1)  # resharded from the PP=2 checkpoint
     ps.destroy_model_parallel()
+    # What `eval --engine megatron --model CHECKPOINT` does under torchrun with a checkpoint that has no hf/.
+    resolved = resolve_hf_model(run_dir / "checkpoints" / "step_000002", Path(export_dir + "_resolved"), tp=2, pp=1)
+    assert resolved == Path(export_dir + "_resolved")
+    ps.destroy_model_parallel()
     return weights
 
 
@@ -124,6 +128,7 @@ def test_megatron_backend_train_export_eval(root):
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied: what from_pretrained shows
     _assert_hf_dir(run_dir / "hf", weights)
     _assert_hf_dir(exported, weights)
+    _assert_hf_dir(root / "megatron_export_resolved", weights)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_000001", "step_000002"]
     # The command as a user runs it without torchrun: a world of one process at TP = PP = 1, plain CPU.
     single = root / "megatron_export_single"

@@ -110,5 +110,5 @@ def test_rewards_graded_once_per_model_parallel_group(tmp_path, student):
     mask = rank0["loss_mask"]
     torch.testing.assert_close(rank0["old"].double(), lp64 * mask, atol=2e-5, rtol=0)
     assert rank0["metrics"]["entropy/H_rl"] == pytest.approx(masked_row_mean(ent64, mask, ~is_offline), rel=1e-5)
-    # The engine (a Hugging Face copy of the megatron weights) sampled at 0.7 from the same fp32 weights.
+    # The engine (megatron-core's, on the same fp32 shards) sampled at 0.7: behaviour = trainer log-probs.
     assert rank0["metrics"]["mismatch/logprob_abs_max"] < 1e-5

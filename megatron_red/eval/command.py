@@ -156,12 +156,18 @@ def run(args: argparse.Namespace) -> int:
     from megatron_red.eval.runner import EvalConfig, effective_specs, evaluate
     from megatron_red.rewards import configure_grader
     from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.distributed import init_distributed, under_torchrun
     from megatron_red.trainer.export import resolve_hf_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     try:
-        model_dir = str(resolve_hf_model(args.model, os.path.join(args.out, "model")))
+        # Under torchrun (`--engine megatron`) a checkpoint without hf/ is exported by the whole world at its layout.
+        layout = (1, 1)
+        if args.engine == "megatron" and under_torchrun():
+            init_distributed(args.dist_timeout_minutes)
+            layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        model_dir = str(resolve_hf_model(args.model, os.path.join(args.out, "model"), *layout))
     except (ValueError, FileNotFoundError) as e:
         print(f"megatron-red eval: error: --model {args.model}: {e}", file=sys.stderr)
         return 2

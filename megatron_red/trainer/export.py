@@ -114,10 +114,10 @@ def _export_megatron(checkpoint: Path, out: Path, hf_config, dtype, tp: int, pp:
     save_hf_pretrained(model, hf_config, str(out), dtype)
 
 
-def resolve_hf_model(path: str | Path, scratch: str | Path) -> Path:
+def resolve_hf_model(path: str | Path, scratch: str | Path, tp: int = 1, pp: int = 1) -> Path:
     """The Hugging Face directory for `eval --model PATH`: PATH itself when it is one; a run's `hf/` (else its
     latest checkpoint); a checkpoint's `hf/`, else the checkpoint exported into `scratch` (reused while it holds
-    a complete export of the same checkpoint)."""
+    a complete export of the same checkpoint) by this world at TP `tp` x PP `pp` (`export_checkpoint`)."""
     path = Path(path)
     if is_hf_checkpoint(path):
         return path
@@ -132,4 +132,4 @@ def resolve_hf_model(path: str | Path, scratch: str | Path) -> Path:
             json.loads(marker.read_text()).get("source") == str(checkpoint.resolve()):
         return scratch
     print(f"[export] {checkpoint} -> {scratch}")
-    return export_checkpoint(checkpoint, scratch)
+    return export_checkpoint(checkpoint, scratch, tp=tp, pp=pp)
