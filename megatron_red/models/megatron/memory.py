@@ -52,9 +52,9 @@ import math
 from dataclasses import dataclass
 
 from megatron_red.models.megatron.model import HFArchitecture, padded_vocab_size
+from megatron_red.models.precision import DTYPES
 
 GIB = 2**30
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEAD_CHUNK_BYTES = 2 * 256 * 2**20  # two DEFAULT_CHUNK_ELEMENTS fp32 buffers of vocab_parallel_logprobs_entropy
 FUSED_KERNEL_EXTRA_BYTES = 256 * 2**20  # the fused kernel's extra-memory bound (docs: kernel targets)
 
@@ -162,7 +162,7 @@ def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int) ->
 
 def activation_bytes_per_token_layer(arch: HFArchitecture, layout: MemoryLayout, sequence_length: int) -> float:
     """Bytes autograd keeps per token per layer without recompute (see the module docstring)."""
-    a = _BYTES[layout.dtype]
+    a = DTYPES[layout.dtype].itemsize
     t = layout.tensor_model_parallel_size
     sp = t if layout.sequence_parallel else 1
     h, d, q, g, f = (arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups,
@@ -240,7 +240,7 @@ class MemoryPlan:
 def generation_bytes(arch: HFArchitecture, layout: MemoryLayout, rollout: Rollout, stage: int) -> dict[str, float]:
     """The engine's working memory on `stage` beyond weights and KV cache: one step's largest transient and the
     sampling logits (module docstring)."""
-    a = _BYTES[layout.dtype]
+    a = DTYPES[layout.dtype].itemsize
     tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
     h, f = arch.hidden_size, arch.ffn_hidden_size
     tokens = rollout.step_tokens
@@ -261,7 +261,7 @@ def memory_plan(arch: HFArchitecture, layout: MemoryLayout, workload: Workload,
     tp, pp, dp = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size)
     if layout.recompute not in ("none", "full", "selective"):
         raise ValueError(f"recompute must be none, full or selective, got {layout.recompute!r}")
-    a = _BYTES[layout.dtype]
+    a = DTYPES[layout.dtype].itemsize
     tokens = workload.tokens_per_micro_batch
     per_layer = activation_bytes_per_token_layer(arch, layout, workload.max_sequence_length)
     layers = arch.num_layers // pp
