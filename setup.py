@@ -28,6 +28,9 @@ setup(
     extras_require={
         # NVIDIA apex is not listed: the PyPI package of that name is unrelated; NGC images ship NVIDIA's.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # megatron-core's dynamic inference engine uses flash-attn >= 2.7.3 when present (builds against the local
+        # CUDA toolkit; NGC images ship one); without it rollout/megatron_attention.py runs our paged attention.
+        "flash-attn": ["flash-attn>=2.7.3"],
         "vllm": ["vllm>=0.10"],
         "bridge": ["megatron-bridge>=0.2"],
         "wandb": ["wandb>=0.17"],
