@@ -217,6 +217,13 @@ def comparison_table(results: dict[str, list[dict]], initial: list[dict] | None 
     return "\n".join(lines) + "\n"
 
 
+def _verdict(checks: list[bool]) -> str:
+    """A premise or claim over seeds: it holds when it holds for every seed; "not run" without any seed."""
+    if not checks:
+        return "not run"
+    return f"{'holds' if all(checks) else 'FAILS'} ({sum(checks)}/{len(checks)} seeds)"
+
+
 def premises_table(initial: list[dict], grpo: list[dict], sft: list[dict]) -> str:
     """The study's premises over seeds (lists aligned by seed; GRPO's / SFT's may be empty when not run):
     (a) the student before training fails hard problems: hard accuracy <= WARM_HARD_MAX;
@@ -226,11 +233,6 @@ def premises_table(initial: list[dict], grpo: list[dict], sft: list[dict]) -> st
     A premise holds when it holds for every seed."""
     def hard(records):
         return [r.get("eval/accuracy_hard", math.nan) for r in records]
-
-    def verdict(checks: list[bool], ran: bool) -> str:
-        if not ran:
-            return "not run"
-        return f"{'holds' if all(checks) else 'FAILS'} ({sum(checks)}/{len(checks)} seeds)"
 
     a = [h <= WARM_HARD_MAX for h in hard(initial)]
     b = [g - w <= GRPO_HARD_GAIN_MAX for g, w in zip(hard(grpo), hard(initial))]
@@ -243,16 +245,16 @@ def premises_table(initial: list[dict], grpo: list[dict], sft: list[dict]) -> st
              f"(all {_fmt([r.get('eval/accuracy') for r in initial], 100)}%, "
              f"easy {_fmt([r.get('eval/accuracy_easy') for r in initial], 100)}%, "
              f"{_fmt([r.get('eval/mean_length') for r in initial])} tokens) "
-             f"| hard <= {100 * WARM_HARD_MAX:.0f}% | {verdict(a, bool(initial))} |",
+             f"| hard <= {100 * WARM_HARD_MAX:.0f}% | {_verdict(a)} |",
              f"| (b) GRPO alone stays near (a) | hard {_fmt(hard(grpo), 100)}% "
              f"(all {_fmt([r.get('eval/accuracy') for r in grpo], 100)}%, "
              f"{_fmt([r.get('eval/mean_length') for r in grpo])} tokens) "
-             f"| hard - (a) <= {100 * GRPO_HARD_GAIN_MAX:.0f} points | {verdict(b, bool(grpo) and bool(initial))} |",
+             f"| hard - (a) <= {100 * GRPO_HARD_GAIN_MAX:.0f} points | {_verdict(b)} |",
              f"| (c) SFT alone learns the teacher's skill, in its long form | hard {_fmt(hard(sft), 100)}% "
              f"(all {_fmt([r.get('eval/accuracy') for r in sft], 100)}%, "
              f"{_fmt([r.get('eval/mean_length') for r in sft])} tokens; teacher {_fmt(teacher)} tokens) "
              f"| hard >= {100 * SFT_HARD_MIN:.0f}%, length >= {SFT_LENGTH_MIN:g} x teacher's "
-             f"| {verdict(c, bool(sft))} |"]
+             f"| {_verdict(c)} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -261,11 +263,6 @@ def claim_table(red: list[dict], grpo: list[dict], sft: list[dict]) -> str:
     final held-out numbers, per seed (lists aligned by seed): RED's hard accuracy >= GRPO's + RED_OVER_GRPO_MIN,
     RED's hard accuracy >= SFT's, RED's mean length <= RED_LENGTH_MAX x SFT's. A part holds when it holds for
     every seed; "not run" where a method is missing."""
-    def verdict(checks: list[bool]) -> str:
-        if not checks:
-            return "not run"
-        return f"{'holds' if all(checks) else 'FAILS'} ({sum(checks)}/{len(checks)} seeds)"
-
     def key(records: list[dict], k: str) -> list[float]:
         return [r.get(k, math.nan) for r in records]
 
@@ -275,9 +272,9 @@ def claim_table(red: list[dict], grpo: list[dict], sft: list[dict]) -> str:
     ratio = [r / s for r, s in zip(key(red, length), key(sft, length))]
     lines = ["| claim | measured | condition | verdict |", "|---|---|---|---|",
              f"| RED extends beyond GRPO | RED hard - GRPO hard: {_fmt(gain, 100)} points "
-             f"| >= {100 * RED_OVER_GRPO_MIN:.0f} points | {verdict([d >= RED_OVER_GRPO_MIN for d in gain])} |",
+             f"| >= {100 * RED_OVER_GRPO_MIN:.0f} points | {_verdict([d >= RED_OVER_GRPO_MIN for d in gain])} |",
              f"| RED matches SFT's skill | RED hard - SFT hard: {_fmt(lead, 100)} points | >= 0 "
-             f"| {verdict([d >= 0 for d in lead])} |",
+             f"| {_verdict([d >= 0 for d in lead])} |",
              f"| RED is shorter than SFT | RED length / SFT length: {_fmt(ratio, digits=2)} "
-             f"| <= {RED_LENGTH_MAX:g} | {verdict([q <= RED_LENGTH_MAX for q in ratio])} |"]
+             f"| <= {RED_LENGTH_MAX:g} | {_verdict([q <= RED_LENGTH_MAX for q in ratio])} |"]
     return "\n".join(lines) + "\n"
