@@ -181,7 +181,10 @@ class TrainerConfig:
 
     steps: int = 150
     prompts_per_step: int = 8
-    micro_batch_size: int = 32
+    micro_batch_size: int = 8
+    """Rows per forward/backward call, grouped by length (each micro-batch pads to its longest row). The update
+    does not depend on it (losses use the step's global counts); smaller groups pad less (on the built-in task on
+    one CPU thread: 3.7 s per RED step at 32, 1.9 s at 8, 2.4 s at 4), larger ones use a GPU better."""
     max_tokens_per_micro_batch: int = 0
     """Megatron backend: > 0 packs the step's rows (rollouts and traces, real tokens only) into micro-batches of at
     most this many tokens (first-fit-decreasing, THD layout) instead of `micro_batch_size` right-padded rows; must

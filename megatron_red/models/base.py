@@ -52,13 +52,16 @@ class SequenceBatch:
             {k: v[rows] for k, v in self.fields.items()},
         )
 
-    def micro_batches(self, micro_batch_size: int) -> list["SequenceBatch"]:
-        """Consecutive row slices of at most `micro_batch_size`, each trimmed of all-padding columns."""
-        out = []
-        for start in range(0, len(self), micro_batch_size):
-            mb = self.select(slice(start, start + micro_batch_size))
-            out.append(mb.trimmed())
-        return out
+    def micro_batch_rows(self, micro_batch_size: int) -> list[torch.Tensor]:
+        """Row indices of micro-batches of at most `micro_batch_size` rows, longest rows first (ties in row order).
+        A micro-batch is padded to its longest row (`trimmed`), and a step's rows mix lengths (short answers,
+        teacher traces, rollouts cut at the generation limit): grouping rows of similar length pads the least.
+        Losses are normalised with the step's global counts, so the grouping does not change the update."""
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        lengths = self.attention_mask.sum(dim=1)
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        return list(order.split(micro_batch_size))
 
     def trimmed(self) -> "SequenceBatch":
         """Drop trailing columns that are padding in every row (saves compute on short micro-batches)."""
@@ -164,12 +167,12 @@ class PolicyBackend(ABC):
         if not forward_only:
             return self.forward_backward(batch, micro_batch_size, loss_fn, temperature)
         logprobs, entropy = self.logprobs_entropy(batch, micro_batch_size, temperature)
-        metrics, row = [], 0
-        for mb in batch.micro_batches(micro_batch_size):
-            rows, width = len(mb), mb.loss_mask.shape[1]
-            _, out = loss_fn(logprobs[row:row + rows, :width], entropy[row:row + rows, :width], mb)
+        metrics = []
+        for rows in batch.micro_batch_rows(micro_batch_size):
+            mb = batch.select(rows).trimmed()
+            width = mb.loss_mask.shape[1]
+            _, out = loss_fn(logprobs[rows, :width], entropy[rows, :width], mb)
             metrics.append(out)
-            row += rows
         return metrics
 
     def finish_training(self) -> None:

@@ -139,28 +139,27 @@ class HFPolicy(PolicyBackend):
     def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         _check_args(micro_batch_size, temperature)
-        width = batch.loss_mask.shape[1]
-        logprobs, entropies = [], []
+        out = torch.zeros(2, *batch.loss_mask.shape, dtype=torch.float32)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for mb in batch.micro_batches(micro_batch_size):
-                    lp, ent = self._token_logprobs_entropy(mb, temperature)
-                    pad = width - lp.shape[1]  # micro-batches come trimmed of all-padding columns
-                    logprobs.append(torch.nn.functional.pad(lp, (0, pad)).cpu())
-                    entropies.append(torch.nn.functional.pad(ent, (0, pad)).cpu())
+                for rows in batch.micro_batch_rows(micro_batch_size):
+                    lp, ent = self._token_logprobs_entropy(batch.select(rows).trimmed(), temperature)
+                    width = lp.shape[1]  # micro-batches are trimmed of all-padding columns
+                    out[0, rows, :width] = lp.cpu()
+                    out[1, rows, :width] = ent.cpu()
         finally:
             self.model.train(was_training)
-        return torch.cat(logprobs), torch.cat(entropies)
+        return out[0], out[1]
 
     def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
                          temperature: float = 1.0) -> list[dict[str, float]]:
         _check_args(micro_batch_size, temperature)
         self.model.train()  # HF only checkpoints layers in training mode; the model has no dropout (see __init__)
         metrics = []
-        for mb in batch.micro_batches(micro_batch_size):
-            mb = mb.to(self.device)
+        for rows in batch.micro_batch_rows(micro_batch_size):
+            mb = batch.select(rows).trimmed().to(self.device)
             logprobs, entropy = self._token_logprobs_entropy(mb, temperature)
             loss, mb_metrics = loss_fn(logprobs, entropy, mb)
             loss.backward()

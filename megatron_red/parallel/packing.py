@@ -92,14 +92,11 @@ def token_budget_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 def micro_batch_rows(batch: SequenceBatch, micro_batch_size: int,
                      max_tokens: int = 0) -> list[torch.Tensor]:
-    """Row indices of each micro-batch: consecutive slices of `micro_batch_size` rows (`max_tokens` = 0), or the
-    token-budget groups of `token_budget_groups`."""
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    """Row indices of each micro-batch: `micro_batch_size` rows of similar length (`SequenceBatch.micro_batch_rows`,
+    `max_tokens` = 0), or the token-budget groups of `token_budget_groups`."""
     if max_tokens:
         return [torch.tensor(g) for g in token_budget_groups(row_lengths(batch), max_tokens)]
-    return [torch.arange(start, min(start + micro_batch_size, len(batch)))
-            for start in range(0, len(batch), micro_batch_size)]
+    return batch.micro_batch_rows(micro_batch_size)
 
 
 def _round_up(n: int, multiple: int) -> int:
