@@ -93,6 +93,18 @@ def weighted_token_loss(batch):
     return loss_fn
 
 
+def test_micro_batch_rows_group_rows_of_similar_length():
+    lengths = (11, 7, 9, 5, 9, 3, 7)
+    batch = make_batch(lengths=lengths)
+    groups = batch.micro_batch_rows(3)
+    # Longest first, ties in row order, every row exactly once.
+    assert [g.tolist() for g in groups] == [[0, 2, 4], [1, 6, 3], [5]]
+    widths = [batch.select(g).trimmed().input_ids.shape[1] for g in groups]
+    assert widths == [11, 7, 3]  # padded positions: 33 + 21 + 3 = 57, against 33 + 27 + 7 = 67 for consecutive rows
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        batch.micro_batch_rows(0)
+
+
 def test_micro_batching_does_not_change_gradients():
     batch = make_batch(seed=2)
     grads = []
