@@ -4,12 +4,14 @@ It runs the HF module's own sub-modules (embeddings, rotary table, projections, 
 own decode loop rather than `model.generate`, so that it can keep a pre-allocated ("static") KV cache, keep every
 per-token decision on the device, and replay each decode step as one CUDA graph:
 
-- prompts are left-padded and prefilled once; then one token per step for every row;
+- prompts are left-padded and prefilled once; then one token per step for every running row;
 - the cache holds `prompt_len + max_new_tokens` slots; step t writes slot `P + t` and attends to the filled,
-  non-padding slots (a per-row validity mask, so the shapes never change and the step can be captured);
+  non-padding slots (a per-row validity mask). Eager decoding reads only the slots written so far; a captured
+  graph reads the whole cache, so that the step's shapes never change;
 - sampling is inverse-CDF with uniforms drawn up front from a `torch.Generator` seeded with `params.seed`
   (on the CPU, so the same seed gives the same draws on any device); a row that emitted EOS emits pad after;
-- the host checks "all rows finished" only every `sync_every` steps; nothing else leaves the device per token.
+- the host checks which rows finished only every `sync_every` steps (nothing else leaves the device per token);
+  in eager decoding the finished rows then leave the batch, so a chunk's long tail decodes only its long rows.
 
 The rotary table is the module's own, so Llama-3 RoPE scaling comes with it; Qwen3's per-head q/k norms are
 applied before RoPE, as in its attention.
@@ -131,18 +133,25 @@ class LocalEngine(RolloutEngine):
         out_logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=self.device)
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
         stops = torch.tensor((self.eos_token_id, *params.stop_token_ids), device=self.device)
-        step = self._captured_step(state) if self.cuda_graph else (lambda: self._decode_step(state))
+        rows_now = torch.arange(b, device=self.device)  # the chunk rows the state still decodes
         for t in range(max_new):
             if t > 0:
-                state.tokens.copy_(out_tokens[:, t - 1:t])
-                logits = step()
+                state.tokens.copy_(out_tokens[rows_now, t - 1:t])
+                logits = self._captured_step(state) if self.cuda_graph else self._decode_step(state, prompt_len + t)
                 state.advance()
-            token, logprob = sample_tokens(logits, uniforms[:, t], params.temperature, params.top_p, params.top_k)
-            out_tokens[:, t] = token.masked_fill(finished, self.pad_token_id)
-            out_logprobs[:, t] = logprob.masked_fill(finished, 0.0)
-            finished |= torch.isin(token, stops)
-            if (t + 1) % self.sync_every == 0 and bool(finished.all()):
-                break
+            token, logprob = sample_tokens(logits, uniforms[rows_now, t], params.temperature, params.top_p,
+                                           params.top_k)
+            done = finished[rows_now]
+            out_tokens[rows_now, t] = token.masked_fill(done, self.pad_token_id)
+            out_logprobs[rows_now, t] = logprob.masked_fill(done, 0.0)
+            finished[rows_now] = done | torch.isin(token, stops)
+            if (t + 1) % self.sync_every == 0:
+                running = (~finished[rows_now]).nonzero().squeeze(-1)
+                if running.numel() == 0:
+                    break
+                if not self.cuda_graph and running.numel() < rows_now.numel():
+                    state.keep_rows(running)  # finished rows leave the batch (eager only: a graph's shapes are fixed)
+                    rows_now = rows_now[running]
         return self._completions(out_tokens.cpu(), out_logprobs.cpu(), stops.cpu())
 
     def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor, stops: torch.Tensor) -> list[Completion]:
@@ -163,29 +172,27 @@ class LocalEngine(RolloutEngine):
                                        self.model.config.vocab_size, self.dtype, self.device)
         return self._state
 
-    def _decode_step(self, state: "_DecodeState") -> torch.Tensor:
-        """One token per row at cache slot `state.slot`; reads and writes only `state`'s fixed buffers."""
-        mask = (state.key_valid & (state.slot_range <= state.slot))[:, None, None, :]
-        state.logits.copy_(self._forward(state.tokens, state.positions, state.slot, mask, state,
-                                         kv_len=state.shape[1]))
+    def _decode_step(self, state: "_DecodeState", kv_len: int) -> torch.Tensor:
+        """One token per row at cache slot `state.slot`, attending to the first `kv_len` cache slots (those up to
+        the slot; a captured graph passes the whole cache); reads and writes only `state`'s buffers."""
+        mask = (state.key_valid[:, :kv_len] & (state.slot_range[:kv_len] <= state.slot))[:, None, None, :]
+        state.logits.copy_(self._forward(state.tokens, state.positions, state.slot, mask, state, kv_len=kv_len))
         return state.logits
 
-    def _captured_step(self, state: "_DecodeState"):
+    def _captured_step(self, state: "_DecodeState") -> torch.Tensor:
+        """Replay (capturing first) the decode step as a CUDA graph over the whole cache."""
         if state.graph is None:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._decode_step(state)  # warm-up outside the graph (lazy allocations, kernel selection)
+                self._decode_step(state, state.shape[1])  # warm-up outside the graph (lazy allocations, kernels)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._decode_step(state)
+                self._decode_step(state, state.shape[1])
             state.graph = graph  # the warm-up wrote cache slot P, which the first real step overwrites
-
-        def replay() -> torch.Tensor:
-            state.graph.replay()
-            return state.logits
-        return replay
+        state.graph.replay()
+        return state.logits
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                  state: "_DecodeState", kv_len: int) -> torch.Tensor:
@@ -237,6 +244,15 @@ class _DecodeState:
         self.key_valid[:, :prompt_len].copy_(prompt_valid)
         self.positions.copy_(prompt_valid.sum(-1, keepdim=True))
         self.slot.fill_(prompt_len)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every row but `rows` (indices into the current rows); a captured graph no longer applies."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.tokens, self.positions = self.tokens.index_select(0, rows), self.positions.index_select(0, rows)
+        self.key_valid, self.logits = self.key_valid.index_select(0, rows), self.logits.index_select(0, rows)
+        self.shape = (rows.numel(), self.shape[1])
+        self.graph = None
 
     def advance(self) -> None:
         self.positions.add_(1)
