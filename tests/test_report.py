@@ -19,9 +19,10 @@ PANEL = {key: i for i, (key, _) in enumerate(DYNAMICS)}
 STEPS = 60
 
 
-def _write_run(run_dir, seed: int, offline: bool = True) -> dict:
-    """A run's metrics: step-0 evaluation, STEPS per-step records (r_off only when the method has an offline
-    term), evaluations at steps 20 and 40, the final one at STEPS. Returns the values written."""
+def _write_run(run_dir, seed: int, offline: bool = True, on_policy: bool = True) -> dict:
+    """A run's metrics: step-0 evaluation, STEPS per-step records (H_rl only when the method has rollouts, r_off
+    only when it has an offline term), evaluations at steps 20 and 40, the final one at STEPS. Returns the values
+    written."""
     rng = np.random.default_rng(seed)
     log = MetricsLog(run_dir, tensorboard=False)
     h_rl = (0.5 + 0.1 * rng.standard_normal(STEPS)).tolist()
@@ -29,7 +30,7 @@ def _write_run(run_dir, seed: int, offline: bool = True) -> dict:
     evals = {0: (0.30, 0.05), 20: (0.35, 0.10), 40: (0.40, 0.2), STEPS: (0.5, 0.3 + 0.01 * seed)}
     log.log(0, {"eval/accuracy": evals[0][0], "eval/accuracy_hard": evals[0][1]})
     for step in range(1, STEPS + 1):
-        record = {"entropy/H_rl": h_rl[step - 1], "loss/r_off_mean": r_off[step - 1] if offline else float("nan")}
+        record = {"entropy/H_rl": h_rl[step - 1] if on_policy else float("nan"), "loss/r_off_mean": r_off[step - 1] if offline else float("nan")}
         if step in evals and step != STEPS:
             record.update({"eval/accuracy": evals[step][0], "eval/accuracy_hard": evals[step][1]})
         log.log(step, record)
@@ -63,20 +64,23 @@ def test_seed_band_uses_common_steps():
 def test_dynamics_figure_draws_the_metrics(tmp_path):
     red = _write_run(tmp_path / "red", seed=0)
     _write_run(tmp_path / "grpo", seed=1, offline=False)
-    plt, fig, axes = dynamics_figure({"red": tmp_path / "red", "grpo": tmp_path / "grpo"})
+    _write_run(tmp_path / "sft", seed=2, on_policy=False)
+    plt, fig, axes = dynamics_figure({"red": tmp_path / "red", "grpo": tmp_path / "grpo", "sft": tmp_path / "sft"})
     try:
         steps = list(range(1, STEPS + 1))
         red_raw, red_smooth = _lines(axes[PANEL["entropy/H_rl"]])[:2]
         assert red_raw[0] == red_smooth[0] == steps
         assert red_raw[1] == pytest.approx(red["h_rl"])
         assert red_smooth[1] == pytest.approx(smooth(red["h_rl"], smoothing_window(STEPS)))
-        assert len(axes[PANEL["entropy/H_rl"]].lines) == 4  # both runs, raw and smoothed
+        assert len(axes[PANEL["entropy/H_rl"]].lines) == 4  # red and grpo, raw and smoothed; sft has no H_rl
+        # The legend names every run, also sft, which the first panel (H_rl) does not draw.
+        assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["red", "grpo", "sft"]
         # GRPO has no offline term: its r_off (NaN, logged as null) draws nothing.
         r_off_lines = _lines(axes[PANEL["loss/r_off_mean"]])
-        assert len(r_off_lines) == 2 and r_off_lines[0][1] == pytest.approx(red["r_off"])
+        assert len(r_off_lines) == 4 and r_off_lines[0][1] == pytest.approx(red["r_off"])
         # Held-out accuracy: step 0, the evaluations, the final one; all solid, hard dashed, in %.
         heldout = _lines(axes[-1])
-        assert len(heldout) == 4
+        assert len(heldout) == 6
         (x_all, y_all, style_all), (x_hard, y_hard, style_hard) = heldout[:2]
         assert x_all == x_hard == sorted(red["evals"])
         assert y_all == pytest.approx([100 * red["evals"][s][0] for s in x_all])

@@ -103,13 +103,21 @@ def _axes_grid(num_panels: int):
     return plt, fig, axes[:num_panels], palette
 
 
+def _legend(axes) -> None:
+    """One legend, in the first panel, naming every run drawn in any panel (SFT has no H_rl, the first panel)."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    axes[0].legend(list(entries.values()), list(entries), fontsize=7)
+
+
 def _finish(plt, fig, axes, out_png) -> Path:
     titles = [title for _, title in DYNAMICS] + [HELDOUT_TITLE]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +142,7 @@ def dynamics_figure(runs: dict[str, str | Path]):
             steps, values = heldout_series(records, key)
             if values:
                 axes[-1].plot(steps, [100 * v for v in values], style, color=color, marker="o", markersize=3)
+    _legend(axes)
     return plt, fig, axes
 
 
@@ -167,6 +176,7 @@ def comparison_figure(runs: dict[str, list[str | Path]]):
                     marker=None if per_step else "o", markersize=3, label=label if per_step else None)
             ax.fill_between(steps, [scale * (m - s) for m, s in zip(mean, std)],
                             [scale * (m + s) for m, s in zip(mean, std)], color=color, alpha=0.2, linewidth=0)
+    _legend(axes)
     return plt, fig, axes
 
 
