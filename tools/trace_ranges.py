@@ -5,7 +5,8 @@
 For each metric the `compare` figure draws (H_rl, H_sft, w, r_off, rollout reward, length, truncated fraction;
 `megatron_red.trainer.report.DYNAMICS`) this prints its mean over the steps a < step <= b of each range, per run,
 then per method (run directories named METHOD_seedN, as `compare` names them) the mean over its seeds. A metric a
-method does not log (SFT has no rollouts) prints as "-".
+method does not log (SFT has no rollouts) prints as "-". Arguments that are not directories (a glob such as
+`runs/study/*_seed*` also matches the `dynamics_seed*.png` figures) are skipped.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     ranges = [tuple(int(x) for x in part.split("-")) for part in args.ranges.split(",")]
     per_method: dict[str, list[dict]] = {}
-    for run_dir in args.run_dirs:
+    for run_dir in [d for d in args.run_dirs if Path(d).is_dir()]:
         means = range_means(run_dir, ranges)
         method = re.sub(r"_seed\d+$", "", Path(run_dir).name)
         per_method.setdefault(method, []).append(means)
