@@ -382,3 +382,27 @@ def test_warmed_up_student_is_shared_by_methods_and_keyed_by_the_task(tmp_path):
     other_seed = tiny_config(tmp_path / "red1", "trainer.seed=1")
     assert warmed_up_student(other_seed, build_task(other_seed), tmp_path / ".cache") != student
     assert len(list((tmp_path / ".cache").glob("student_*"))) == 3
+
+
+def test_warmed_up_student_is_keyed_by_the_code(tmp_path, monkeypatch):
+    """A cached student from other code is not reused: the key holds a digest of the package's source, which any
+    edit of a source file changes."""
+    import shutil
+    from pathlib import Path
+
+    from megatron_red.trainer import build
+
+    package = tmp_path / "pkg"
+    shutil.copytree(Path(build.__file__).resolve().parents[1], package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = build.code_digest(package)
+    assert build.code_digest(package) == before
+    source = package / "trainer" / "update.py"
+    source.write_text(source.read_text() + "\n# an edit\n")
+    assert build.code_digest(package) != before
+
+    config = tiny_config(tmp_path / "red")
+    task = build.build_task(config)
+    student = build.warmed_up_student(config, task, tmp_path / ".cache")
+    assert build.warmed_up_student(config, task, tmp_path / ".cache") == student
+    monkeypatch.setattr(build, "code_digest", lambda: "other code")
+    assert build.warmed_up_student(config, task, tmp_path / ".cache") != student

@@ -142,6 +142,14 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
     return HFPolicy.from_pretrained(str(start), **common)
 
 
+def code_digest(package_dir: Path = Path(__file__).resolve().parents[1]) -> str:
+    """A digest of this package's Python source and torch's version: what computes a warm-up, beside its inputs."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(package_dir.rglob("*.py")):
+        digest.update(str(path.relative_to(package_dir)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     """Train (once) and cache the tiny student: random init, then SFT on short easy solutions."""
     from megatron_red.models.hf import HFPolicy
@@ -151,13 +159,14 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     from megatron_red.trainer.update import policy_update
 
     # What the warm-up reads (not the method, nor the RL settings: every method of a seed shares the student). The
-    # task enters through its warm-up data and tokenizer, so a change of the task's code or defaults is a new key.
+    # task enters through its warm-up data and tokenizer, so a change of the task's code or defaults is a new key;
+    # the code that trains it through `code_digest` (a change of summation order is another student).
     content = hashlib.sha256(getattr(task.tokenizer, "model_proto", b""))
     for ex in task.warmup:
         content.update(json.dumps([ex.prompt_ids, ex.trace_ids]).encode())
     key = json.dumps({"model": dataclasses.asdict(config.model), "task": content.hexdigest(),
                       "seed": config.trainer.seed, "steps": config.data.warmup_steps, "lr": config.data.warmup_lr,
-                      "batch": config.data.warmup_batch_size}, sort_keys=True)
+                      "batch": config.data.warmup_batch_size, "code": code_digest()}, sort_keys=True)
     path = cache_dir / f"student_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
         return path
