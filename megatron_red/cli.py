@@ -152,9 +152,9 @@ def _compare(args) -> int:
                                      "use another --out or remove that run")
             configs[run_dir] = config
     start = time.perf_counter()
-    pending = []
-    for seed in seeds:
-        for method in methods:
+    pending = []  # method by method over the seeds: with --jobs, the longest runs (listed first) start first
+    for method in methods:
+        for seed in seeds:
             run_dir = out / f"{method}_seed{seed}"
             if final_metrics(run_dir):
                 print(f"[compare] {run_dir} already finished; reusing it")
@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=_train)
 
     compare = sub.add_parser("compare", help="train several methods on the same task and seeds; Table-2 report")
-    compare.add_argument("--methods", default="red,grpo,sft,sft_then_grpo,mixpolicy,luffy")
+    compare.add_argument("--methods", default="red,luffy,mixpolicy,sft_then_grpo,grpo,sft",
+                         help="runs start in this order, each method over all seeds: with --jobs, list the longest "
+                              "first (a long run started last makes the comparison wait for it alone)")
     compare.add_argument("--seeds", default="0")
     compare.add_argument("--config")
     compare.add_argument("--out", default="runs/compare")

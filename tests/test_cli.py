@@ -134,6 +134,23 @@ def test_compare_jobs_trains_in_processes_like_in_process(compared, tmp_path, ca
     assert (tmp_path / "table.md").read_text() == (compared / "table.md").read_text()
 
 
+def test_compare_jobs_start_the_listed_methods_first_over_all_seeds(tmp_path, monkeypatch):
+    """With --jobs, runs start method by method over the seeds, so the longest (listed first) do not start last."""
+    from megatron_red import cli
+
+    started = []
+
+    def record(pending, args, jobs):
+        started.extend((method, seed) for seed, method, _, _ in pending)
+        raise KeyboardInterrupt  # nothing is trained
+
+    monkeypatch.setattr(cli, "_train_processes", record)
+    with pytest.raises(KeyboardInterrupt):
+        main(["compare", "--methods", "red,grpo,sft", "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "2",
+              *TINY_OVERRIDES])
+    assert started == [("red", 0), ("red", 1), ("grpo", 0), ("grpo", 1), ("sft", 0), ("sft", 1)]
+
+
 def test_compare_refuses_runs_of_another_config(compared, tmp_path, capsys):
     shutil.copytree(compared / "red_seed0", tmp_path / "red_seed0")
     before = (tmp_path / "red_seed0" / "metrics.jsonl").read_text()

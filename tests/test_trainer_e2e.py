@@ -78,7 +78,6 @@ def test_method_trains(root, method):
             assert line["entropy/w"] == 1.0
         else:
             assert 1.0 <= line["entropy/w"] <= 3.0  # clip(., 1, G) with G = rollout.n = 3
-        assert line["loss/sft_weight"] == line["entropy/w"]
 
     after = parameters(trainer.policy)
     assert all(torch.isfinite(p).all() for p in after.values())

@@ -4,8 +4,9 @@ gloo (CPU, fp32), in one RED step at rollout temperature 0.7:
 - the reward function runs on the group's source rank only, once per completion and once per offline trace;
 - rank 1's grader "times out" on everything it is given (every score 0, as math-verify's pool scores a time-out),
   yet both ranks build the same rewards and advantages — the rank that grades decides for the group;
-- the Megatron forward honours the temperature: pi_old and H_rl against a float64 Hugging Face reference on the
-  step's own tokens at T = 0.7, and the engine's behaviour log-probs agree with pi_old.
+- the Megatron forward honours the temperature: pi (pi_old is the update's own forward), H_rl and H_sft against
+  a float64 Hugging Face reference on the step's own tokens at T = 0.7, and the engine's behaviour log-probs agree
+  with pi_old.
 
 megatron-core's unconditional CUDA calls are redirected by tests/megatron_compat.py (no GPU here).
 """
@@ -43,23 +44,28 @@ def _worker(rank, world_size, run_dir, student):
         return [max(float(r), float(len(t) % 2 == 0)) for r, t in zip(verify(texts, answers), texts)]
 
     trainer.task.reward_fn = reward_fn
-    batches, forward = [], trainer.policy.logprobs_entropy
+    parts, micro, forward_backward = [], [], trainer.policy.forward_backward
 
-    def recording_forward(batch, micro_batch_size, temperature=1.0):
-        out = forward(batch, micro_batch_size, temperature)
-        batches.append((batch, out, temperature))
-        return out
+    def recording(batch, micro_batch_size, loss_fn, temperature=1.0):
+        def recording_loss(logprobs, entropy, mb):  # the log-probs the loss is given: pi, and pi_old detached
+            micro.append({"lp": logprobs.detach().clone(), "ids": mb.input_ids, "attn": mb.attention_mask,
+                          "mask": mb.loss_mask})
+            return loss_fn(logprobs, entropy, mb)
 
-    trainer.policy.logprobs_entropy = recording_forward
+        parts.append((batch, temperature))
+        return forward_backward(batch, micro_batch_size, recording_loss, temperature)
+
+    trainer.policy.forward_backward = recording
     metrics = trainer.red_step(trainer.dp.shard(trainer.stream.next_batch()), trainer.loss_config(0))
     ps.destroy_model_parallel()
-    batch, (old, _), temperature = batches[0]
+    # The step's rows as the update received them (on-policy rows first, then the traces).
+    tensors = {k: torch.cat([getattr(b, k) for b, _ in parts]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    tensors.update({k: torch.cat([b.fields[k] for b, _ in parts]) for k in parts[0][0].fields})
     # numpy, not torch tensors: a tensor sent through the result queue is shared through this process, which may
     # have exited by the time the parent reads it.
-    tensors = {"old": old, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-               "loss_mask": batch.loss_mask, **{k: v for k, v in batch.fields.items() if k != "old_logprobs"}}
-    return {"graded": len(graded), "metrics": metrics, "temperature": temperature,
-            **{k: v.numpy() for k, v in tensors.items()}}
+    return {"graded": len(graded), "metrics": metrics, "temperatures": [t for _, t in parts],
+            **{k: v.numpy() for k, v in tensors.items()},
+            "micro": [{k: v.numpy() for k, v in m.items()} for m in micro]}
 
 
 def _as_tensors(result: dict) -> dict:
@@ -94,21 +100,32 @@ def test_rewards_graded_once_per_model_parallel_group(tmp_path, student):
     from test_megatron import read_hf_weights
     from transformers import AutoModelForCausalLM
 
-    assert rank0["temperature"] == rank1["temperature"] == 0.7
+    assert rank0["temperatures"] == rank1["temperatures"] == [0.7, 0.7]  # on-policy rows, then the traces
     hf_config, state = load_hf_config(student), read_hf_weights(student)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float64)
     model.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
     model.tie_weights()
-    lp64 = torch.zeros(rank0["loss_mask"].shape, dtype=torch.float64)
-    ent64 = torch.zeros_like(lp64)
-    with torch.no_grad():
-        for i in range(len(lp64)):
-            n = int(rank0["attention_mask"][i].sum())
-            logp = torch.log_softmax(model(rank0["input_ids"][i:i + 1, :n]).logits[0, :-1] / 0.7, -1)
-            lp64[i, :n - 1] = logp.gather(-1, rank0["input_ids"][i, 1:n, None]).squeeze(-1)
-            ent64[i, :n - 1] = -(logp.exp() * logp).sum(-1)
+
+    def float64_logprobs_entropy(input_ids, attention_mask, loss_mask):
+        lp64 = torch.zeros(loss_mask.shape, dtype=torch.float64)
+        ent64 = torch.zeros_like(lp64)
+        with torch.no_grad():
+            for i in range(len(lp64)):
+                n = int(attention_mask[i].sum())
+                logp = torch.log_softmax(model(input_ids[i:i + 1, :n]).logits[0, :-1] / 0.7, -1)
+                lp64[i, :n - 1] = logp.gather(-1, input_ids[i, 1:n, None]).squeeze(-1)
+                ent64[i, :n - 1] = -(logp.exp() * logp).sum(-1)
+        return lp64 * loss_mask, ent64 * loss_mask
+
+    # pi (pi_old is its detached value) of every micro-batch the loss was given, on the weights that sampled.
+    assert rank0["micro"]
+    for m in rank0["micro"]:
+        m = {k: torch.from_numpy(v) for k, v in m.items()}
+        lp64, _ = float64_logprobs_entropy(m["ids"], m["attn"], m["mask"])
+        torch.testing.assert_close(m["lp"].double() * m["mask"], lp64, atol=2e-5, rtol=0)
+    _, ent64 = float64_logprobs_entropy(rank0["input_ids"], rank0["attention_mask"], rank0["loss_mask"])
     mask = rank0["loss_mask"]
-    torch.testing.assert_close(rank0["old"].double(), lp64 * mask, atol=2e-5, rtol=0)
     assert rank0["metrics"]["entropy/H_rl"] == pytest.approx(masked_row_mean(ent64, mask, ~is_offline), rel=1e-5)
+    assert rank0["metrics"]["entropy/H_sft"] == pytest.approx(masked_row_mean(ent64, mask, is_offline), rel=1e-5)
     # The engine (megatron-core's, on the same fp32 shards) sampled at 0.7: behaviour = trainer log-probs.
     assert rank0["metrics"]["mismatch/logprob_abs_max"] < 1e-5

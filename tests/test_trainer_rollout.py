@@ -1,8 +1,9 @@
 """What is sampled is what is trained (issue 10) and the schedule / resume defects of issue 13, through `RedTrainer`
 on the Hugging Face backend at toy size:
 
-- a RED step at rollout temperature 0.7 computes pi_old, H_rl and the loss at 0.7 (float64 reference on the step's
-  own tokens), and the sampler/trainer mismatch is 0 when the engine samples from the trained fp32 module;
+- two RED steps at rollout temperature 0.7 compute pi (whose detached value is pi_old), H_rl, H_sft, w and the loss
+  at 0.7 (float64 reference on the steps' own tokens); the on-policy rows are trained before the traces, once w is
+  known; the sampler/trainer mismatch is 0 when the engine samples from the trained fp32 module;
 - the mismatch metric and truncated importance sampling against values recomputed from the step's tensors, with an
   engine that samples at another temperature than the trainer's;
 - dynamic sampling: every trained group has reward variance, the step keeps its batch, the stream's position
@@ -22,7 +23,6 @@ import torch
 from megatron_red.models.optim import lr_multiplier
 from megatron_red.objectives import red_policy_loss
 from megatron_red.trainer import red_trainer
-from megatron_red.trainer.groups import masked_row_mean
 from megatron_red.trainer.red_trainer import RedTrainer
 from trainer_fixtures import parameters, read_lines, step_lines, tiny_config
 
@@ -43,17 +43,22 @@ def _trainer(root, name, *extra, resume=False) -> RedTrainer:
     return trainer
 
 
-def _record_forwards(trainer) -> list[dict]:
-    """Wrap the policy's forward-only pass: each call records its batch, its outputs and the weights it ran on."""
-    records, forward = [], trainer.policy.logprobs_entropy
+def _record_updates(trainer) -> list[dict]:
+    """Wrap the policy's training forward: every micro-batch records its rows, the log-probs and entropies the
+    loss was given (pi, whose detached value is pi_old), the temperature and the weights it ran on."""
+    records, forward_backward = [], trainer.policy.forward_backward
 
-    def recording(batch, micro_batch_size, temperature=1.0):
-        out = forward(batch, micro_batch_size, temperature)
-        records.append({"batch": batch, "out": out, "temperature": temperature,
-                        "model": copy.deepcopy(trainer.policy.model)})
-        return out
+    def recording(batch, micro_batch_size, loss_fn, temperature=1.0):
+        model = copy.deepcopy(trainer.policy.model)
 
-    trainer.policy.logprobs_entropy = recording
+        def recording_loss(logprobs, entropy, mb):
+            records.append({"mb": mb, "logprobs": logprobs.detach().clone(), "entropy": entropy.detach().clone(),
+                            "temperature": temperature, "model": model})
+            return loss_fn(logprobs, entropy, mb)
+
+        return forward_backward(batch, micro_batch_size, recording_loss, temperature)
+
+    trainer.policy.forward_backward = recording
     return records
 
 
@@ -70,29 +75,65 @@ def _float64_logprobs_entropy(model, batch, temperature):
     return lp * batch.loss_mask, ent * batch.loss_mask
 
 
-def test_red_step_at_the_sampling_temperature_matches_float64(root):
+def _row_means(values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> list[float]:
+    mask = mask.double()
+    return ((values.double() * mask).sum(1) / mask.sum(1).clamp_min(1))[rows & (mask.sum(1) > 0)].tolist()
+
+
+def _float64_step(records: list[dict], loss_cfg, w: float) -> tuple[float, float, float]:
+    """H_rl, H_sft and the loss of one step's recorded micro-batches in float64, on the weights that sampled;
+    asserts that the log-probs the loss was given are those at the recorded temperature."""
+    num_sequences = sum(int((r["mb"].loss_mask.sum(1) > 0).sum()) for r in records)
+    num_tokens = sum(r["mb"].loss_mask.sum() for r in records)
+    h_rl, h_sft, loss64 = [], [], 0.0
+    for r in records:
+        mb = r["mb"]
+        lp64, ent64 = _float64_logprobs_entropy(r["model"], mb, r["temperature"])
+        torch.testing.assert_close(r["logprobs"].double() * mb.loss_mask, lp64, atol=2e-5, rtol=0)
+        is_offline = mb.fields["is_offline"]
+        h_rl += _row_means(ent64, mb.loss_mask, ~is_offline)
+        h_sft += _row_means(ent64, mb.loss_mask, is_offline)
+        loss64 += red_policy_loss(lp64, lp64, mb.fields["advantages"].double(), mb.loss_mask, is_offline,
+                                  mb.fields["group_accuracy"].double(), w, loss_cfg, num_sequences=num_sequences,
+                                  num_tokens=num_tokens)[0].item()
+    assert h_rl and h_sft
+    return sum(h_rl) / len(h_rl), sum(h_sft) / len(h_sft), loss64
+
+
+def test_red_steps_at_the_sampling_temperature_match_float64(root):
     trainer = _trainer(root, "temperature", "rollout.temperature=0.7")
-    records = _record_forwards(trainer)
+    records = _record_updates(trainer)
     loss_cfg = trainer.loss_config(0)
-    metrics = trainer.red_step(trainer.stream.next_batch(), loss_cfg)
-    (record,) = records
-    batch, (old, entropy) = record["batch"], record["out"]
-    assert record["temperature"] == 0.7
-    lp64, ent64 = _float64_logprobs_entropy(record["model"], batch, 0.7)
-    torch.testing.assert_close(old.double(), lp64, atol=2e-5, rtol=0)
-    is_offline = batch.fields["is_offline"]
-    assert not is_offline.all() and is_offline.any()
-    assert metrics["entropy/H_rl"] == pytest.approx(masked_row_mean(ent64, batch.loss_mask, ~is_offline), rel=1e-5)
-    assert metrics["entropy/H_sft"] == pytest.approx(masked_row_mean(ent64, batch.loss_mask, is_offline), rel=1e-5)
-    # The update's first (and only) forward runs on the same weights at the same temperature: pi = pi_old.
-    loss64, _ = red_policy_loss(lp64, lp64, batch.fields["advantages"].double(), batch.loss_mask, is_offline,
-                                batch.fields["group_accuracy"].double(), metrics["entropy/w"], loss_cfg)
-    assert metrics["loss/loss"] == pytest.approx(loss64.item(), rel=1e-4, abs=1e-7)
-    assert metrics["loss/on_policy_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
-    assert abs(metrics["loss/loss"]) > 1e-3
-    # The engine sampled from this very fp32 module at 0.7: its behaviour log-probs are the trainer's pi_old.
-    assert metrics["mismatch/logprob_abs_max"] < 1e-5 and metrics["mismatch/logprob_abs_mean"] < 1e-6
-    assert metrics["mismatch/ratio_outside_half_2"] == 0.0
+    steps = []
+    for _ in range(2):
+        metrics = trainer.red_step(trainer.stream.next_batch(), loss_cfg)
+        steps.append((metrics, list(records)))
+        records.clear()
+        # As if H_sft had moved a lot since: the next step's w is above 1 (the offline term weighs more).
+        trainer.controller.prev_h_sft *= 1.5
+    previous = None
+    for metrics, step_records in steps:
+        assert {r["temperature"] for r in step_records} == {0.7}
+        # Entropy regulation: the on-policy rows are trained first (H_rl comes from their forward), then the
+        # traces, once w is known; no micro-batch mixes the two.
+        kinds = [r["mb"].fields["is_offline"] for r in step_records]
+        assert all(k.all() or not k.any() for k in kinds)
+        assert [bool(k.all()) for k in kinds] == sorted(bool(k.all()) for k in kinds) and kinds[-1].all()
+        h_rl, h_sft, _ = _float64_step(step_records, loss_cfg, 1.0)
+        assert metrics["entropy/H_rl"] == pytest.approx(h_rl, rel=1e-5)
+        assert metrics["entropy/H_sft"] == pytest.approx(h_sft, rel=1e-5)
+        # w of Eq. 9-11 from the two steps' float64 entropies (1 on the first step), and the loss it weighs.
+        w = 1.0 if previous is None else min(max(abs(1 - h_sft / previous[1]) / abs(1 - h_rl / previous[0]), 1.0),
+                                             float(trainer.config.rollout.n))
+        assert metrics["entropy/w"] == pytest.approx(w, rel=1e-4)
+        assert metrics["loss/loss"] == pytest.approx(_float64_step(step_records, loss_cfg, w)[2], rel=1e-4, abs=1e-7)
+        assert metrics["loss/on_policy_ratio_mean"] == 1.0
+        assert abs(metrics["loss/loss"]) > 1e-3
+        # The engine sampled from this very fp32 module at 0.7: its behaviour log-probs are the trainer's pi_old.
+        assert metrics["mismatch/logprob_abs_max"] < 1e-5 and metrics["mismatch/logprob_abs_mean"] < 1e-6
+        assert metrics["mismatch/ratio_outside_half_2"] == 0.0
+        previous = (h_rl, 1.5 * h_sft)
+    assert steps[1][0]["entropy/w"] > 1.0
 
 
 def test_mismatch_and_tis_against_an_engine_sampling_at_another_temperature(root):
@@ -101,11 +142,11 @@ def test_mismatch_and_tis_against_an_engine_sampling_at_another_temperature(root
     generate = trainer.engine.generate
     trainer.engine.generate = lambda prompts, n, params: generate(prompts, n, dataclasses.replace(params,
                                                                                               temperature=1.0))
-    records = _record_forwards(trainer)
+    records = _record_updates(trainer)
     metrics = trainer.red_step(trainer.stream.next_batch(), trainer.loss_config(0))
-    batch = records[0]["batch"]
-    on_policy = batch.loss_mask.bool() & ~batch.fields["is_offline"].unsqueeze(-1)
-    delta = (batch.fields["old_logprobs"].double() - batch.fields["behaviour_logprobs"].double())[on_policy]
+    # pi_old is the trainer's own forward (what the loss was given); delta over every on-policy token of the step.
+    delta = torch.cat([(r["logprobs"].double() - r["mb"].fields["behaviour_logprobs"].double())[
+        r["mb"].loss_mask.bool() & ~r["mb"].fields["is_offline"].unsqueeze(-1)] for r in records])
     assert metrics["mismatch/logprob_abs_mean"] == pytest.approx(delta.abs().mean().item(), rel=1e-6)
     assert metrics["mismatch/logprob_abs_max"] == pytest.approx(delta.abs().max().item(), rel=1e-6)
     assert metrics["mismatch/ratio_outside_half_2"] == pytest.approx((delta.abs() > math.log(2)).double().mean().item())

@@ -1,9 +1,10 @@
 """RED's step overhead over GRPO at equal token counts: the same batch, updated with each loss preset.
 
 A RED step adds, over a GRPO step of the same tokens: the offline row's policy-shift ratio, the entropy-ratio
-controller and the offline/on-policy bookkeeping. (Both presets compute per-token entropies: the trainer logs H_rl
-for every method.) This times `RedTrainer.update`'s work — forward-only log-probs and entropies, then
-forward/backward with `red_policy_loss` and an optimiser step — on one fixed batch in which one row per group of
+controller with its forward-only pass over the offline rows (H_sft), and the offline/on-policy bookkeeping (the
+offline rows are trained after the on-policy ones, once w is known). Both presets compute per-token entropies: the
+trainer logs H_rl for every method. This times the trainer's steps 4-6 — `entropy_weight`, then forward/backward
+with `red_policy_loss` and an optimiser step (`policy_update`) — on one fixed batch in which one row per group of
 G+1 is flagged offline; for GRPO the same rows are all on-policy, so the token count is identical.
 
     python tools/bench_step_overhead.py                       # CPU, the embedded default's student shape
@@ -20,8 +21,7 @@ from transformers import Qwen2Config
 
 from megatron_red.models import HFPolicy, OptimConfig, SequenceBatch
 from megatron_red.objectives import EntropyRatioController, RedLossConfig
-from megatron_red.trainer.groups import masked_row_mean
-from megatron_red.trainer.update import policy_update
+from megatron_red.trainer.update import entropy_weight, policy_update
 
 
 def make_batch(groups: int, group_size: int, length: int, prompt: int, vocab: int, seed: int = 0) -> SequenceBatch:
@@ -41,13 +41,9 @@ def make_batch(groups: int, group_size: int, length: int, prompt: int, vocab: in
 
 
 def step(policy, batch, loss_cfg, controller, micro_batch_size):
-    """The trainer's steps 4-6: pi_old and entropies, w, then the trainer's own update (`policy_update`)."""
-    old, entropy = policy.logprobs_entropy(batch, micro_batch_size)
-    batch.fields["old_logprobs"] = old
-    is_offline = batch.fields["is_offline"]
-    h_rl = masked_row_mean(entropy, batch.loss_mask, ~is_offline)
-    h_sft = masked_row_mean(entropy, batch.loss_mask, is_offline)
-    w = controller.update(h_rl, h_sft) if loss_cfg.entropy_regulation else 1.0
+    """The trainer's steps 4-6: w (H_sft from a forward-only pass over the offline rows when the preset regulates
+    entropy), then the trainer's own update (`policy_update`: pi_old and H_rl from its forward)."""
+    w = entropy_weight(policy, batch, loss_cfg, controller, micro_batch_size)
     policy_update(policy, batch, loss_cfg, w, micro_batch_size)
 
 

@@ -187,7 +187,6 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
         rows = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
         batch = build_batch([Group(examples[i].prompt_ids, trace_ids=examples[i].trace_ids) for i in rows],
                             offline_in_group=False, std_normalize=False, pad_token_id=task.tokenizer.pad_token_id)
-        batch.fields["old_logprobs"] = torch.zeros_like(batch.loss_mask)  # unused on offline rows
         policy_update(policy, batch, sft, 1.0, config.trainer.micro_batch_size)
     # A private temporary directory, renamed into place: concurrent runs (compare, DP ranks) never see half a student.
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

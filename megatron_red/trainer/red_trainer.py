@@ -2,10 +2,11 @@
 
 One step, top to bottom (paper Eq. 10):
   rollout G per prompt -> rewards (graded once per model-parallel group) -> [dynamic sampling: drop groups without
-  reward variance, sample more prompts] -> groups with the offline trace -> forward-only log-probs and entropies of
-  all samples at the sampling temperature (pi_old and H_rl / H_sft at rollout time; pi_old vs the engine's behaviour
-  log-probs is the logged mismatch) -> EntropyRatioController gives w -> `red_policy_loss` over micro-batches with
-  global counts -> optimiser step.
+  reward variance, sample more prompts] -> groups with the offline trace -> [entropy regulation: H_sft of the
+  traces, forward only] -> `red_policy_loss` over micro-batches with global counts at the sampling temperature
+  (pi_old = pi detached, one optimiser step per batch; on-policy rows first, whose H_rl gives w through the
+  EntropyRatioController, then the traces) -> optimiser step. The update's forward also logs pi_old vs the engine's
+  behaviour log-probs (the mismatch).
 Every method of the paper's Table 2 runs through the same step: loss presets by name, and three schedules —
 SFT->GRPO (an SFT stage, then GRPO), ReLIFT (GRPO; prompts that all rollouts fail are buffered with their traces and
 trained on with a separate SFT step once the buffer is full) and BREAD (GRPO; all-fail prompts are re-rolled from the
@@ -32,7 +33,7 @@ import yaml
 
 from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
-from megatron_red.objectives import EntropyRatioController, RedLossConfig, behaviour_mismatch
+from megatron_red.objectives import EntropyRatioController, RedLossConfig
 from megatron_red.rollout.base import SamplingParams
 from megatron_red.rollout.build import build_engine
 from megatron_red.trainer import checkpoint
@@ -42,7 +43,7 @@ from megatron_red.trainer.distributed import (DataParallel, ModelParallel, NullM
 from megatron_red.trainer.evaluate import evaluate_heldout
 from megatron_red.trainer.groups import Group, build_batch
 from megatron_red.trainer.metrics import MetricsLog, require_wandb
-from megatron_red.trainer.update import policy_update
+from megatron_red.trainer.update import entropy_weight, policy_update
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
 
@@ -186,20 +187,14 @@ class RedTrainer:
                             std_normalize=loss_cfg.std_normalize, pad_token_id=tok.pad_token_id,
                             rbar_counts_trace=cfg.algo.rbar_counts_trace)
 
-        # 4. pi_old and the entropies at rollout time (forward only), then w (Eq. 9-11).
+        # 4. w (Eq. 9-11) from the entropies at rollout time. The update's own forward gives pi_old and H_rl (one
+        #    optimiser step per batch: the policy being updated is the one that sampled; trainer/update.py); only
+        #    the offline rows, whose H_sft must be known before w weighs them, get a forward-only pass first.
         t2 = time.perf_counter()
         set_phase("log-probs")
-        old_logprobs, entropy = self.policy.get_inference_log_probs(batch, cfg.trainer.micro_batch_size,
-                                                                    temperature)
-        batch.fields["old_logprobs"] = old_logprobs
+        w = entropy_weight(self.policy, batch, loss_cfg, self.controller, cfg.trainer.micro_batch_size, dp,
+                           temperature)
         timings["time/logprob_s"] = time.perf_counter() - t2
-        if "behaviour_logprobs" in batch.fields:
-            metrics.update(self.mismatch_metrics(batch))
-        is_offline = batch.fields["is_offline"]
-        h_rl = dp.row_mean(entropy, batch.loss_mask, ~is_offline)  # over all replicas: w is the same everywhere
-        h_sft = dp.row_mean(entropy, batch.loss_mask, is_offline)
-        w = self.controller.update(h_rl, h_sft) if loss_cfg.entropy_regulation else 1.0
-        metrics.update({"entropy/H_rl": h_rl, "entropy/H_sft": h_sft, "entropy/w": w})
 
         # 5-6. the policy loss over micro-batches, normalised with the step's global counts, and one update.
         t3 = time.perf_counter()
@@ -216,7 +211,7 @@ class RedTrainer:
         metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
         return {**metrics, **timings}
 
-    def update(self, batch, loss_cfg: RedLossConfig, w: float, temperature: float = 1.0,
+    def update(self, batch, loss_cfg: RedLossConfig, w, temperature: float = 1.0,
                advance_schedule: bool = True) -> dict:
         lr_scale = 1.0 if loss_cfg.online_rl else self.config.algo.sft_lr_multiplier
         return policy_update(self.policy, batch, loss_cfg, w, self.config.trainer.micro_batch_size, self.dp,
@@ -291,19 +286,6 @@ class RedTrainer:
             metrics["bread/branched_prompts"] = sum(dp.gather([rollouts.branched]))
         return metrics
 
-    def mismatch_metrics(self, batch) -> dict:
-        """Sampler vs trainer on the step's on-policy tokens (all replicas), delta = log pi_old - log pi_behaviour:
-        mean and max |delta|, and the fraction of tokens whose probability ratio leaves [1/2, 2]."""
-        on_policy = batch.loss_mask.bool() & ~batch.fields["is_offline"].unsqueeze(-1)
-        stats = self.dp.gather([behaviour_mismatch(batch.fields["old_logprobs"], batch.fields["behaviour_logprobs"],
-                                                   on_policy).tolist()])
-        tokens = sum(s[3] for s in stats)
-        if not tokens:
-            return {}
-        return {"mismatch/logprob_abs_mean": sum(s[0] for s in stats) / tokens,
-                "mismatch/logprob_abs_max": max(s[1] for s in stats),
-                "mismatch/ratio_outside_half_2": sum(s[2] for s in stats) / tokens}
-
     def grade(self, token_lists: list[list[int]], answers: list) -> list[float]:
         """The verifier's reward of each decoded token list against its answer. Graded on the model-parallel
         group's source rank and shared with the others: grading can time out, and the ranks of a replica must
@@ -376,7 +358,6 @@ class RedTrainer:
         sft = RedLossConfig.sft()
         batch = build_batch([Group(ex.prompt_ids, trace_ids=ex.trace_ids) for ex in examples],
                             offline_in_group=False, std_normalize=False, pad_token_id=self.tokenizer.pad_token_id)
-        batch.fields["old_logprobs"] = torch.zeros_like(batch.loss_mask)
         out = self.update(batch, sft, 1.0, advance_schedule=False)
         return {"relift/sft_prompts": buffered, "relift/sft_loss": out.get("loss/loss", float("nan"))}
 
