@@ -111,12 +111,12 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
     dp = dp or DataParallel()
     num_sequences = int(dp.all_sum((batch.loss_mask.sum(dim=1) > 0).sum()))
     num_tokens = dp.all_sum(batch.loss_mask.sum())
-    sft_weight = {"w": 0.0 if callable(w) else w}  # 0 until w is known: the on-policy pass has no offline row
+    sft_weight = 0.0 if callable(w) else w  # 0 until w is known: the on-policy pass has no offline row
 
     def loss_fn(logprobs, entropy, mb):
         loss, metrics = red_policy_loss(
             logprobs, logprobs.detach(), mb.fields["advantages"], mb.loss_mask, mb.fields["is_offline"],
-            mb.fields["group_accuracy"], sft_weight["w"], loss_cfg, entropy=entropy, num_sequences=num_sequences,
+            mb.fields["group_accuracy"], sft_weight, loss_cfg, entropy=entropy, num_sequences=num_sequences,
             num_tokens=num_tokens, behaviour_logprobs=mb.fields.get("behaviour_logprobs"))
         return loss, {**metrics, **_measured(entropy, logprobs, mb)}
 
@@ -129,14 +129,14 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
     if callable(w):
         offline = batch.fields["is_offline"].bool()
         per_micro = dp.gather(train(torch.nonzero(~offline).squeeze(-1)))  # every replica's micro-batches
-        sft_weight["w"] = w(_entropy(per_micro, "rl"))
+        sft_weight = w(_entropy(per_micro, "rl"))  # loss_fn reads the new value
         per_micro += dp.gather(train(torch.nonzero(offline).squeeze(-1)))
     else:
         per_micro = dp.gather(train(None))
     lr = policy.learning_rate * lr_scale  # the rate this step uses (the schedule moves on inside optimizer_step)
     grad_norm = policy.optimizer_step(lr_scale, advance_schedule=advance_schedule)
     out = {"train/grad_norm": grad_norm, "train/lr": lr, "entropy/H_rl": _entropy(per_micro, "rl"),
-           "entropy/H_sft": _entropy(per_micro, "sft"), "entropy/w": sft_weight["w"], **_mismatch_metrics(per_micro)}
+           "entropy/H_sft": _entropy(per_micro, "sft"), "entropy/w": sft_weight, **_mismatch_metrics(per_micro)}
     measured = {*_ENTROPY_SUMS, *_MISMATCH, "sft_weight"}  # w: entropy/w
     losses = aggregate_micro_metrics([{k: v for k, v in m.items() if k not in measured} for m in per_micro])
     out.update({f"loss/{k}": v for k, v in losses.items()
