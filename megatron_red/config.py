@@ -144,6 +144,28 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardsConfig:
+    """Shaping of the verifier's reward (the RED authors' code: DAPO's soft overlong punishment, megatron_red/rewards/
+    overlong.py). Shaping moves the advantages only: rbar (Eq. 8), `reward/all_fail_prompts`, dynamic sampling's
+    signal rule, ReLIFT's and BREAD's "failed" tests and every accuracy metric use the verifier's accuracy."""
+
+    overlong_buffer: int = 0
+    """Tokens before the generation limit (`rollout.max_new_tokens`) where the overlong penalty starts; it grows
+    linearly to `overlong_penalty` at the limit. Applied to every scored sample, the offline trace included (by its
+    length), as the authors do (2000 of 8192). 0 = off."""
+    overlong_penalty: float = 1.0
+    """The penalty subtracted at the generation limit (DAPO and the authors: 1.0)."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: rollouts cut at the generation limit (no EOS) carry no loss (they still count in
+    their group's advantages)."""
+
+    def __post_init__(self):
+        if self.overlong_buffer < 0 or self.overlong_penalty < 0:
+            raise ValueError(f"rewards.overlong_buffer and rewards.overlong_penalty must be >= 0, got "
+                             f"{self.overlong_buffer}, {self.overlong_penalty}")
+
+
+@dataclass
 class AlgoConfig:
     """Which method of the paper's Table 2 to train, as a preset of the same trainer."""
 
@@ -225,6 +247,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=5, total_steps=150,
                                                                    weight_decay=0.0))
@@ -326,6 +349,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if "optim" not in tree or "total_steps" not in tree.get("optim", {}):
         # The schedule spans the run; never shorter than its warm-up (OptimConfig's own rule, checked again on resume).
         config.optim.total_steps = max(config.trainer.steps, config.optim.warmup_steps)
+    if config.rewards.overlong_buffer > config.rollout.max_new_tokens:
+        raise ValueError(f"rewards.overlong_buffer={config.rewards.overlong_buffer} must be at most "
+                         f"rollout.max_new_tokens={config.rollout.max_new_tokens} (the penalty starts that many "
+                         "tokens before the generation limit)")
     return config
 
 

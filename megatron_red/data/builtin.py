@@ -41,7 +41,10 @@ class BuiltinTaskConfig:
     min_steps: int = 1              # fewest operations in a problem
     max_steps: int = 6              # most operations in a problem; difficulties are spread evenly in between
     hard_min_steps: int = 4         # a problem is "hard" when steps >= this
-    warmup_max_steps: int = 2       # warm-up SFT data uses only problems with steps <= this
+    warmup_max_steps: int = 2       # warm-up SFT data uses problems with steps <= this ...
+    warmup_long_fraction: float = 0.0  # ... except this fraction of it, drawn from the longer chains (up to
+                                       # max_steps): a student with partial exposure to them, whose skill on the
+                                       # hard problems is latent rather than absent
     max_value: int = 30             # every start/intermediate/final value lies in 0..max_value
     max_start: int = 12             # the starting amount is drawn from 2..max_start
     max_operand: int = 5            # add/subtract operands are drawn from 1..max_operand
@@ -68,6 +71,8 @@ class BuiltinTaskConfig:
             raise ValueError("need 2 <= max_start <= max_value and max_operand >= 1")
         if self.warmup_format not in WARMUP_FORMATS:
             raise ValueError(f"unknown warmup_format {self.warmup_format!r}; valid: {', '.join(WARMUP_FORMATS)}")
+        if not 0.0 <= self.warmup_long_fraction <= 1.0:
+            raise ValueError(f"warmup_long_fraction must be in [0, 1], got {self.warmup_long_fraction}")
         if not 0.0 <= self.verify_probability <= 1.0:
             raise ValueError(f"verify_probability must be in [0, 1], got {self.verify_probability}")
 
@@ -237,10 +242,18 @@ class BuiltinTask:
         return grade(response_text, answer)
 
     def warmup_problems(self) -> list[BuiltinProblem]:
-        """`num_warmup` fresh easy problems (steps <= warmup_max_steps, never a test problem)."""
+        """`num_warmup` fresh problems, never a test problem: easy ones (steps <= warmup_max_steps), and a
+        `warmup_long_fraction` of longer ones (up to max_steps), in random order."""
         c = self.config
-        return self._generate(random.Random(f"{c.seed}:warmup"), c.num_warmup, "warmup",
-                              range(c.min_steps, c.warmup_max_steps + 1), distinct=False)
+        rng = random.Random(f"{c.seed}:warmup")
+        num_long = round(c.num_warmup * c.warmup_long_fraction)
+        problems = self._generate(rng, c.num_warmup - num_long, "warmup",
+                                  range(c.min_steps, c.warmup_max_steps + 1), distinct=False)
+        if num_long:
+            problems += self._generate(rng, num_long, "warmup-long", range(c.warmup_max_steps + 1, c.max_steps + 1),
+                                       distinct=False)
+            rng.shuffle(problems)
+        return problems
 
     def warmup_examples(self) -> list[RedExample]:
         """Short correct solutions of the warm-up problems: the SFT data that makes the student a weak base model."""

@@ -98,6 +98,12 @@ class RedLossConfig:
         return cls()
 
     @classmethod
+    def red_undetached(cls) -> "RedLossConfig":
+        """RED with the released code's gradient: Eq. 8 with pi_offline differentiated (its commented-out line), so
+        the offline gradient vanishes as rbar -> 0 instead of becoming plain imitation."""
+        return cls(name="red_undetached", detach_pi_offline=False)
+
+    @classmethod
     def red_entropy_only(cls) -> "RedLossConfig":
         """Ablation I: entropy regulation without Eq. 8. Without the accuracy-aware shift the paper's base is
         GRPO-MixPolicy, so pi_offline = sg(pi) (Eq. 6); the authors' code instead ran pi_offline = 1."""
@@ -151,7 +157,7 @@ def _srft_preset(cls) -> RedLossConfig:
 # default; attached afterwards, instances read their own bool and the class reads the preset.
 RedLossConfig.srft = classmethod(_srft_preset)
 
-PRESETS = ("red", "red_entropy_only", "red_policy_shift_only", "grpo", "mixpolicy", "luffy", "sft", "srft")
+PRESETS = ("red", "red_undetached", "red_entropy_only", "red_policy_shift_only", "grpo", "mixpolicy", "luffy", "sft", "srft")
 
 
 def _count(value, local: torch.Tensor, what: str) -> torch.Tensor:

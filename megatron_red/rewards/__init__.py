@@ -1,4 +1,5 @@
-"""Verifiable rewards: math answer checking (math-verify in worker processes with hard time-outs) and a registry."""
+"""Verifiable rewards: math answer checking (math-verify in worker processes with hard time-outs), a registry, and
+DAPO's overlong reward shaping."""
 from megatron_red.rewards.math_grader import (
     REASONS,
     Grade,
@@ -10,6 +11,7 @@ from megatron_red.rewards.math_grader import (
     grade_math,
     grade_math_detailed,
 )
+from megatron_red.rewards.overlong import overlong_penalty
 from megatron_red.rewards.registry import get_reward_fn, register_reward_fn
 
 __all__ = [
@@ -23,5 +25,6 @@ __all__ = [
     "get_reward_fn",
     "grade_math",
     "grade_math_detailed",
+    "overlong_penalty",
     "register_reward_fn",
 ]

@@ -2,7 +2,10 @@
 prompts held out by `data.eval_fraction` / `data.eval_path`, graded by the task's `reward_fn` (math-verify)."""
 from __future__ import annotations
 
+import torch
+
 from megatron_red.rollout.base import SamplingParams
+from megatron_red.trainer.groups import Group, build_batch
 
 
 def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperature: float, max_new_tokens: int,
@@ -31,6 +34,28 @@ def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperat
                         if ex.difficulty is not None and ex.difficulty >= hard_min_difficulty for c in comps]
         if hard_lengths:
             out["eval/mean_length_hard"] = sum(hard_lengths) / len(hard_lengths)
+    return out
+
+
+def teacher_token_probability(policy, examples, pad_token_id: int, micro_batch_size: int,
+                              hard_min_difficulty: int | None = None) -> dict:
+    """How likely the policy finds the teacher's traces of `examples`: the median, over every trace token, of the
+    probability pi(token | prompt, trace so far) at temperature 1 (`eval/teacher_prob_median`), and over the hard
+    problems' trace tokens (`eval/teacher_prob_median_hard`). A skill is latent when the student gives its
+    teacher's tokens real probability; it must be learnt anew when they are improbable."""
+    with_traces = [ex for ex in examples if ex.trace_ids]
+    if not with_traces:
+        return {}
+    batch = build_batch([Group(ex.prompt_ids, trace_ids=ex.trace_ids) for ex in with_traces], offline_in_group=False,
+                        std_normalize=False, pad_token_id=pad_token_id)
+    logprobs, _ = policy.get_inference_log_probs(batch, micro_batch_size)
+    probs = logprobs.double().exp()
+    mask = batch.loss_mask.bool()
+    out = {"eval/teacher_prob_median": float(probs[mask].median())}
+    if hard_min_difficulty is not None:
+        hard = torch.tensor([ex.difficulty is not None and ex.difficulty >= hard_min_difficulty for ex in with_traces])
+        if bool(hard.any()):
+            out["eval/teacher_prob_median_hard"] = float(probs[mask & hard.unsqueeze(-1)].median())
     return out
 
 

@@ -1,8 +1,9 @@
 """Assemble one step's GRPO groups into a padded `SequenceBatch`.
 
 A group is one prompt's G on-policy completions plus, when the method uses it, the prompt's offline teacher trace
-(placed first, flagged by `is_offline`, never found by position). Advantages are normalised over the group members,
-and rbar (`group_accuracy`) is the members' mean accuracy (paper Eq. 8; the authors count the trace as a member).
+(placed first, flagged by `is_offline`, never found by position). Advantages are normalised over the members' shaped
+rewards (the verifier's accuracy plus any overlong penalty), and rbar (`group_accuracy`) is the members' mean
+accuracy (paper Eq. 8; the authors count the trace as a member): shaping moves advantages, never accuracies.
 The engine's behaviour log-probs of each response ride along, aligned with the targets, for the mismatch metric and
 truncated importance sampling.
 """
@@ -24,6 +25,9 @@ class Group:
     responses: list[list[int]] = field(default_factory=list)
     """On-policy completions (token ids)."""
     rewards: list[float] = field(default_factory=list)
+    """The verifier's accuracy of each response (0 or 1 for the built-in task and math-verify)."""
+    penalties: list[float] = field(default_factory=list)
+    """Overlong penalty (<= 0) of each response (rewards/overlong.py); empty = none."""
     behaviour_logprobs: list[list[float]] | None = None
     """The engine's log-probs of each response's tokens under the distribution it sampled from (`Completion`)."""
     finished: list[bool] = field(default_factory=list)
@@ -31,69 +35,85 @@ class Group:
     trace_ids: list[int] | None = None
     """The offline teacher trace, when it joins the step."""
     trace_reward: float = 0.0
+    """The verifier's accuracy of the trace."""
+    trace_penalty: float = 0.0
+    """The trace's overlong penalty (<= 0), by its length, like any sample's."""
 
-    def members(self, offline_in_group: bool) -> list[float]:
-        """The rewards the group's advantages are computed from: the trace's first when it is a member."""
+    def accuracies(self, offline_in_group: bool) -> list[float]:
+        """The members' accuracies (the trace's first when it is a member): rbar and the signal rule read these."""
         if self.trace_ids is not None and offline_in_group:
             return [self.trace_reward, *self.rewards]
         return list(self.rewards)
 
+    def members(self, offline_in_group: bool) -> list[float]:
+        """The shaped rewards the group's advantages are computed from: accuracy + overlong penalty, in the order
+        of `accuracies`."""
+        penalties = self.penalties or [0.0] * len(self.rewards)
+        if self.trace_ids is not None and offline_in_group:
+            penalties = [self.trace_penalty, *penalties]
+        return [a + p for a, p in zip(self.accuracies(offline_in_group), penalties)]
+
     def has_signal(self, offline_in_group: bool) -> bool:
-        """Whether the members' rewards differ; a group whose rewards are all equal has zero advantages."""
-        members = self.members(offline_in_group)
-        return bool(members) and min(members) != max(members)
+        """Whether the members' accuracies differ (the authors' and DAPO's rule: accuracy std > 0). A group of
+        equal accuracies is "no signal" even where overlong penalties make its shaped rewards differ."""
+        accuracies = self.accuracies(offline_in_group)
+        return bool(accuracies) and min(accuracies) != max(accuracies)
 
 
 def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: bool,
-                pad_token_id: int, rbar_counts_trace: bool = True) -> SequenceBatch:
+                pad_token_id: int, rbar_counts_trace: bool = True, filter_truncated: bool = False) -> SequenceBatch:
     """Rows: for each group, the offline trace (if `trace_ids` is set) then the on-policy responses.
 
-    rbar is the mean accuracy of the group members, the trace included as the authors count it; with
-    `rbar_counts_trace=False` it is the on-policy samples' accuracy alone (an all-fail group then has rbar = 0, so
-    Eq. 8 gives pi_offline = pi: full imitation).
+    Advantages come from the members' shaped rewards (`Group.members`). rbar is the mean accuracy of the group
+    members, the trace included as the authors count it; with `rbar_counts_trace=False` it is the on-policy
+    samples' accuracy alone (an all-fail group then has rbar = 0, so Eq. 8 gives pi_offline = pi: full imitation).
+    `filter_truncated` (DAPO's overlong filtering): responses cut at the generation limit get an empty loss mask.
 
     Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], and behaviour_logprobs [B, L-1] (zero
     outside the responses) when every group with responses has them. A trace outside the group
     (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
     """
-    rows: list[tuple[list[int], int, list[float] | None]] = []  # (token ids, prompt length, behaviour log-probs)
+    # (token ids, prompt length, behaviour log-probs, trained: False for a filtered row)
+    rows: list[tuple[list[int], int, list[float] | None, bool]] = []
     advantages, is_offline, accuracy, rewards = [], [], [], []
     for g in groups:
         members = g.members(offline_in_group)
         if members:
             adv = group_advantages(torch.tensor([members], dtype=torch.float64), std_normalize=std_normalize)[0]
-            accuracy_of = members if rbar_counts_trace or not g.rewards else g.rewards
+            accuracy_of = g.accuracies(offline_in_group) if rbar_counts_trace or not g.rewards else g.rewards
             rbar = sum(accuracy_of) / len(accuracy_of)
         else:
             adv, rbar = torch.zeros(0, dtype=torch.float64), 0.0
         adv = adv.tolist()
         if g.trace_ids is not None:
-            rows.append((g.prompt_ids + g.trace_ids, len(g.prompt_ids), None))
+            rows.append((g.prompt_ids + g.trace_ids, len(g.prompt_ids), None, True))
             advantages.append(adv.pop(0) if offline_in_group else 0.0)
             is_offline.append(True)
             accuracy.append(rbar)
             rewards.append(g.trace_reward)
         behaviour = g.behaviour_logprobs or [None] * len(g.responses)
-        for response, reward, a, lp in zip(g.responses, g.rewards, adv, behaviour):
+        finished = g.finished or [True] * len(g.responses)
+        for response, reward, a, lp, done in zip(g.responses, g.rewards, adv, behaviour, finished):
             if lp is not None and len(lp) != len(response):
                 raise ValueError(f"{len(lp)} behaviour log-probs for a response of {len(response)} tokens")
-            rows.append((g.prompt_ids + response, len(g.prompt_ids), lp))
+            rows.append((g.prompt_ids + response, len(g.prompt_ids), lp, done or not filter_truncated))
             advantages.append(a)
             is_offline.append(False)
             accuracy.append(rbar)
             rewards.append(reward)
     if not rows:
         raise ValueError("a step needs at least one sequence")
-    length = max(len(ids) for ids, _, _ in rows)
+    length = max(len(ids) for ids, *_ in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), length - 1), dtype=torch.float32)
     behaviour_logprobs = torch.zeros((len(rows), length - 1), dtype=torch.float32)
-    for i, (ids, prompt_len, lp) in enumerate(rows):
+    for i, (ids, prompt_len, lp, trained) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
-        # target t+1 is a response/trace token when t+1 >= prompt_len
-        loss_mask[i, prompt_len - 1: len(ids) - 1] = 1.0
+        if trained:  # a filtered row stays in the batch (and counted in its group's advantages), without loss
+            # target t+1 is a response/trace token when t+1 >= prompt_len
+            loss_mask[i, prompt_len - 1: len(ids) - 1] = 1.0
         if lp:
             behaviour_logprobs[i, prompt_len - 1: len(ids) - 1] = torch.tensor(lp, dtype=torch.float32)
     fields = {

@@ -1,8 +1,8 @@
 """The RED trainer: one RED step (`RedTrainer.red_step`) and the loop around it.
 
 One step, top to bottom (paper Eq. 10):
-  rollout G per prompt -> rewards (graded once per model-parallel group) -> [dynamic sampling: drop groups without
-  reward variance, sample more prompts] -> groups with the offline trace -> [entropy regulation: H_sft of the
+  rollout G per prompt -> rewards (graded once per model-parallel group; overlong shaping) -> [dynamic sampling: drop
+  groups without accuracy variance, sample more prompts] -> groups with the offline trace -> [entropy regulation: H_sft of the
   traces, forward only] -> `red_policy_loss` over micro-batches with global counts at the sampling temperature
   (pi_old = pi detached, one optimiser step per batch; on-policy rows first, whose H_rl gives w through the
   EntropyRatioController, then the traces) -> optimiser step. The update's forward also logs pi_old vs the engine's
@@ -34,13 +34,14 @@ import yaml
 from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
 from megatron_red.objectives import EntropyRatioController, RedLossConfig
+from megatron_red.rewards.overlong import overlong_penalty
 from megatron_red.rollout.base import SamplingParams
 from megatron_red.rollout.build import build_engine
 from megatron_red.trainer import checkpoint
 from megatron_red.trainer.build import build_policy, build_task, engine_kind, rollout_max_sequence_length
 from megatron_red.trainer.distributed import (DataParallel, ModelParallel, NullMetricsLog, current_phase,
                                               init_distributed, is_main_process, set_phase)
-from megatron_red.trainer.evaluate import evaluate_heldout
+from megatron_red.trainer.evaluate import evaluate_heldout, teacher_token_probability
 from megatron_red.trainer.groups import Group, build_batch
 from megatron_red.trainer.metrics import MetricsLog, require_wandb
 from megatron_red.trainer.update import entropy_weight, policy_update
@@ -185,7 +186,8 @@ class RedTrainer:
         # 3. groups -> one padded batch; advantages over the group members, rbar per group.
         batch = build_batch(groups, offline_in_group=loss_cfg.offline_in_group,
                             std_normalize=loss_cfg.std_normalize, pad_token_id=tok.pad_token_id,
-                            rbar_counts_trace=cfg.algo.rbar_counts_trace)
+                            rbar_counts_trace=cfg.algo.rbar_counts_trace,
+                            filter_truncated=cfg.rewards.overlong_filter)
 
         # 4. w (Eq. 9-11) from the entropies at rollout time. The update's own forward gives pi_old and H_rl (one
         #    optimiser step per batch: the policy being updated is the one that sampled; trainer/update.py); only
@@ -219,8 +221,8 @@ class RedTrainer:
 
     # ------------------------------------------------------------------ sampling and rewards
     def roll_out(self, examples, loss_cfg: RedLossConfig, round_: int = 0) -> Rollouts:
-        """G rollouts of each prompt of `examples` (sampling round `round_` of the step), graded; ReLIFT buffers
-        the all-fail prompts, BREAD re-rolls them from expert prefixes."""
+        """G rollouts of each prompt of `examples` (sampling round `round_` of the step), graded and shaped; ReLIFT
+        buffers the all-fail prompts, BREAD re-rolls them from expert prefixes."""
         n = self.config.rollout.n
         trace_rewards = self.trace_rewards(examples) if loss_cfg.offline_in_group else [0.0] * len(examples)
         completions = self.policy.infer([ex.prompt_ids for ex in examples], n,
@@ -230,8 +232,8 @@ class RedTrainer:
         groups, start = [], 0
         for ex, comps, trace_reward in zip(examples, completions, trace_rewards):
             group = Group(ex.prompt_ids, trace_ids=ex.trace_ids if loss_cfg.offline_in_group else None,
-                          trace_reward=trace_reward)
-            _fill(group, comps, rewards[start:start + len(comps)])
+                          trace_reward=trace_reward, trace_penalty=self.overlong_penalty(len(ex.trace_ids)))
+            self.fill(group, comps, rewards[start:start + len(comps)])
             start += len(comps)
             groups.append(group)
         if self.config.algo.method == "relift":
@@ -272,13 +274,17 @@ class RedTrainer:
                 "dynamic/prompts": target * (1 + extra_rounds)}
 
     def rollout_metrics(self, rollouts: Rollouts) -> dict:
-        """Rewards and lengths of every group the step sampled (all replicas, before BREAD's re-rolls)."""
+        """Rewards and lengths of every group the step sampled (all replicas, before BREAD's re-rolls): the shaped
+        reward's mean (`reward/mean`), the verifier's accuracy and the overlong penalty, each a mean over rollouts."""
         dp = self.dp
         group_rewards = dp.gather([g.rewards for g in rollouts.sampled])
+        penalties = dp.gather([p for g in rollouts.sampled for p in g.penalties])
         lengths = dp.gather([len(r) for g in rollouts.sampled for r in g.responses])
         finished = dp.gather([f for g in rollouts.sampled for f in g.finished])
         all_rewards = [r for rewards in group_rewards for r in rewards]
-        metrics = {"reward/mean": sum(all_rewards) / len(all_rewards),
+        accuracy, penalty = sum(all_rewards) / len(all_rewards), sum(penalties) / len(all_rewards)
+        metrics = {"reward/mean": accuracy + penalty, "reward/accuracy": accuracy,
+                   "reward/overlong_penalty_mean": penalty,
                    "reward/all_fail_prompts": sum(max(rewards) == 0 for rewards in group_rewards),
                    "response/mean_length": sum(lengths) / len(all_rewards),
                    "response/truncated": sum(not f for f in finished) / len(all_rewards)}
@@ -342,11 +348,26 @@ class RedTrainer:
             for i, prompt, comps in zip(failing, prompts, completions):
                 group_rewards, start = rewards[start:start + len(comps)], start + len(comps)
                 if max(group_rewards) > 0:
-                    groups[i] = _fill(dataclasses.replace(groups[i], prompt_ids=prompt), comps, group_rewards)
+                    groups[i] = self.fill(dataclasses.replace(groups[i], prompt_ids=prompt), comps, group_rewards)
                 else:
                     still_failing.append(i)
             failing = still_failing
         return groups
+
+    def overlong_penalty(self, num_tokens: int) -> float:
+        """The overlong penalty (`rewards.overlong_buffer`; 0 when off) of a sample of `num_tokens` tokens."""
+        r = self.config.rewards
+        return overlong_penalty(num_tokens, self.config.rollout.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
+
+    def fill(self, group: Group, completions, rewards: list[float]) -> Group:
+        """`group` with `completions` (a prompt's `Completion`s) as its responses, `rewards` (the verifier's) as
+        their accuracies and their overlong penalties."""
+        group.responses = [c.token_ids for c in completions]
+        group.behaviour_logprobs = [c.logprobs for c in completions]
+        group.finished = [c.finished for c in completions]
+        group.rewards = list(rewards)
+        group.penalties = [self.overlong_penalty(len(c.token_ids)) for c in completions]
+        return group
 
     def relift_sft_step(self) -> dict:
         """ReLIFT: one SFT update on the buffered all-fail prompts' traces, then the buffer is emptied. Same
@@ -405,19 +426,15 @@ class RedTrainer:
         if not self.task.test:
             return {}
         set_phase("evaluation")
+        problems = self.task.test[: cfg.eval_problems]
         try:
-            return evaluate_heldout(self.engine, self.tokenizer, self.task.test[: cfg.eval_problems],
-                                    self.task.reward_fn, n=cfg.eval_samples, temperature=cfg.eval_temperature,
-                                    max_new_tokens=self.config.rollout.max_new_tokens, seed=cfg.seed,
-                                    hard_min_difficulty=self.task.hard_min_difficulty)
+            out = evaluate_heldout(self.engine, self.tokenizer, problems, self.task.reward_fn, n=cfg.eval_samples,
+                                   temperature=cfg.eval_temperature, max_new_tokens=self.config.rollout.max_new_tokens,
+                                   seed=cfg.seed, hard_min_difficulty=self.task.hard_min_difficulty)
         finally:
             self.policy.finish_inference()  # the engine's KV cache is not kept through training
+        if self.task.hard_min_difficulty is not None:  # the built-in task: short traces, a cheap forward
+            out.update(teacher_token_probability(self.policy, problems, self.tokenizer.pad_token_id,
+                                                 cfg.micro_batch_size, self.task.hard_min_difficulty))
+        return out
 
-
-def _fill(group: Group, completions, rewards: list[float]) -> Group:
-    """`group` with `completions` (a prompt's `Completion`s) as its responses and `rewards` as their rewards."""
-    group.responses = [c.token_ids for c in completions]
-    group.behaviour_logprobs = [c.logprobs for c in completions]
-    group.finished = [c.finished for c in completions]
-    group.rewards = list(rewards)
-    return group

@@ -20,7 +20,7 @@ from megatron_red.trainer.metrics import read_metrics
 # Per-step series: (metric key, panel title). Noisy, so drawn with a moving average over the raw values.
 DYNAMICS = (("entropy/H_rl", "H_rl (on-policy entropy)"), ("entropy/H_sft", "H_sft (offline-trace entropy)"),
             ("entropy/w", "w = clip(|dH_sft / dH_rl|, 1, G)"), ("loss/r_off_mean", "r_off (mean, offline tokens)"),
-            ("reward/mean", "rollout reward"), ("response/mean_length", "rollout length (tokens)"),
+            ("reward/accuracy", "rollout accuracy (verifier)"), ("response/mean_length", "rollout length (tokens)"),
             ("response/truncated", "rollouts truncated (fraction)"))
 # Held-out evaluation, logged every `trainer.eval_every` steps, at step 0 and at the end: (key, line style).
 HELDOUT = (("eval/accuracy", "-", "all"), ("eval/accuracy_hard", "--", "hard"))
