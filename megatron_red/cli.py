@@ -124,8 +124,8 @@ def _compare(args) -> int:
     from megatron_red.config import config_to_dict, load_config
     from megatron_red.trainer.evaluate import evaluate_before_training
     from megatron_red.trainer.red_trainer import RedTrainer, method_names
-    from megatron_red.trainer.report import (claim_table, comparison_table, final_metrics, initial_metrics,
-                                             plot_comparison, plot_runs, premises_table)
+    from megatron_red.trainer.report import (CLAIM_BASELINES, claim_table, comparison_table, final_metrics,
+                                             initial_metrics, plot_comparison, plot_runs, premises_table)
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in method_names()]
@@ -176,10 +176,14 @@ def _compare(args) -> int:
     initial = [next((initial_metrics(runs[m][i]) for m in methods if initial_metrics(runs[m][i])), {})
                for i in range(len(seeds))]
     initial = [r for r in initial if r]
-    red, grpo, sft = (finals.get(m, []) for m in ("red", "grpo", "sft"))
-    report = (f"## Premises\n\n{premises_table(initial, grpo, sft)}\n"
-              f"## The paper's claim\n\n{claim_table(red, grpo, sft)}\n"
-              f"## Held-out accuracy at the end\n\n{comparison_table(finals, initial)}")
+    report = ""
+    task = next(iter(configs.values())).data
+    if task.task == "builtin":
+        regime = task.builtin.get("regime", "new_skill")
+        report += f"## Premises (regime {regime})\n\n{premises_table(regime, initial, finals)}\n"
+    candidates = {m: f for m, f in finals.items() if m not in CLAIM_BASELINES}
+    report += (f"## The paper's claim\n\n{claim_table(candidates, finals.get('grpo', []), finals.get('sft', []))}\n"
+               f"## Held-out accuracy at the end\n\n{comparison_table(finals, initial)}")
     (out / "table.md").write_text(report)
     for i, seed in enumerate(seeds):
         plot_runs({m: runs[m][i] for m in methods}, out / f"dynamics_seed{seed}.png")

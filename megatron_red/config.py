@@ -81,7 +81,9 @@ class DataConfig:
     """`openr1` only: where tokenised files are cached (one rank tokenises, every rank memory-maps the result);
     None = `.cache/data` beside the run directory."""
     builtin: dict = field(default_factory=dict)
-    """Overrides of `BuiltinTaskConfig` fields (seed, num_train, max_steps, ...)."""
+    """Overrides of `BuiltinTaskConfig` fields (regime, seed, num_train, max_steps, ...). `regime` names a set of
+    them (data/builtin.py, REGIMES): `new_skill` (default: the student never saw a hard problem) or `latent_skill`
+    (part of its warm-up holds long chains, as the paper's students half-know their teacher's reasoning)."""
     warmup_steps: int = 500
     """Built-in task: SFT steps on short solutions of easy problems that make the tiny student a weak base model."""
     warmup_lr: float = 3e-3

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from megatron_red.trainer.metrics import MetricsLog
-from megatron_red.trainer.report import (DYNAMICS, GRPO_HARD_GAIN_MAX, RED_LENGTH_MAX, RED_OVER_GRPO_MIN,
-                                         SFT_HARD_MIN, WARM_HARD_MAX, claim_table,
-                                         comparison_figure, comparison_table, dynamics_figure, plot_comparison,
-                                         plot_runs, premises_table, seed_band, smooth, smoothing_window)
+from megatron_red.trainer.report import (DYNAMICS, GRPO_HARD_GAIN_MAX, LATENT_GRPO_GAIN_MIN, LATENT_TEACHER_PROB_MIN,
+                                         LATENT_WARM_HARD, RED_LENGTH_MAX, RED_OVER_GRPO_MIN, SFT_HARD_MIN,
+                                         WARM_HARD_MAX, claim_table, comparison_figure, comparison_table,
+                                         dynamics_figure, plot_comparison, plot_runs, premises_table, seed_band,
+                                         smooth, smoothing_window)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PANEL = {key: i for i, (key, _) in enumerate(DYNAMICS)}
@@ -129,15 +130,42 @@ def test_premises_table_verdicts():
     warm = [_eval(0.3, 0.05), _eval(0.3, 0.08), _eval(0.3, WARM_HARD_MAX)]
     grpo = [_eval(0.3, 0.05 + GRPO_HARD_GAIN_MAX - 0.01), _eval(0.3, 0.08), _eval(0.3, 0.11)]
     sft = [_eval(0.6, SFT_HARD_MIN + 0.01, length=81.0), _eval(0.6, 0.5, length=90.0), _eval(0.6, 0.5, length=85.0)]
-    table = premises_table(warm, grpo, sft)
+    table = premises_table("new_skill", warm, {"grpo": grpo, "sft": sft})
     assert _verdicts(table) == ["holds (3/3 seeds)"] * 3
     assert "hard 7.7 ± 2.5%" in table  # (a): mean ± std of 5, 8, 10
     # One seed breaks each premise: too good a start, GRPO learning hard problems, SFT short of the teacher.
     warm[1] = _eval(0.3, 0.12)
     grpo[0] = _eval(0.3, 0.05 + GRPO_HARD_GAIN_MAX + 0.01)
     sft[2] = _eval(0.6, 0.5, length=79.0)
-    assert _verdicts(premises_table(warm, grpo, sft)) == ["FAILS (2/3 seeds)"] * 3
-    assert _verdicts(premises_table(warm, [], [])) == ["FAILS (2/3 seeds)", "not run", "not run"]
+    assert _verdicts(premises_table("new_skill", warm, {"grpo": grpo, "sft": sft})) == ["FAILS (2/3 seeds)"] * 3
+    assert _verdicts(premises_table("new_skill", warm, {})) == ["FAILS (2/3 seeds)", "not run", "not run"]
+
+
+def test_latent_skill_premises_table_verdicts():
+    low, high = LATENT_WARM_HARD
+
+    def warm(hard, prob):
+        return {**_eval(0.5, hard), "eval/teacher_prob_median_hard": prob}
+
+    initial = [warm(low, LATENT_TEACHER_PROB_MIN), warm(0.2, 0.9), warm(high, 0.5)]
+    grpo = [_eval(0.5, low + LATENT_GRPO_GAIN_MIN + 0.001), _eval(0.5, 0.25), _eval(0.5, 0.40)]
+    sft = [_eval(0.6, 0.5, length=81.0), _eval(0.6, 0.26, length=90.0), _eval(0.6, 0.6, length=85.0)]
+    sft_then_grpo = [_eval(0.7, 0.51), _eval(0.7, 0.3), _eval(0.7, 0.65)]
+    finals = {"grpo": grpo, "sft": sft, "sft_then_grpo": sft_then_grpo}
+    table = premises_table("latent_skill", initial, finals)
+    assert _verdicts(table) == ["holds (3/3 seeds)"] * 4
+    assert "teacher's tokens on hard problems 0.567 ± 0.306" in table  # mean ± std of 0.3, 0.9, 0.5
+    # One seed breaks each premise: the teacher's tokens unlikely, GRPO short of the gain, SFT below GRPO,
+    # SFT->GRPO below SFT.
+    initial[1] = warm(0.2, LATENT_TEACHER_PROB_MIN - 0.01)
+    grpo[0] = _eval(0.5, low + LATENT_GRPO_GAIN_MIN - 0.001)
+    sft[1] = _eval(0.6, 0.24, length=90.0)
+    sft_then_grpo[2] = _eval(0.7, 0.6)
+    assert _verdicts(premises_table("latent_skill", initial, finals)) == ["FAILS (2/3 seeds)"] * 4
+    initial[1] = warm(high + 0.01, 0.9)  # too good a start
+    assert _verdicts(premises_table("latent_skill", initial, {}))[0] == "FAILS (2/3 seeds)"
+    with pytest.raises(ValueError, match="no premises for regime"):
+        premises_table("other", initial, finals)
 
 
 def test_claim_table_verdicts():
@@ -145,14 +173,17 @@ def test_claim_table_verdicts():
     sft = [_eval(0.6, 0.40, length=100.0), _eval(0.6, 0.45, length=80.0)]
     red = [_eval(0.5, 0.05 + RED_OVER_GRPO_MIN + 0.30, length=RED_LENGTH_MAX * 100.0 - 1),
            _eval(0.5, 0.46, length=40.0)]
-    table = claim_table(red, grpo, sft)
+    table = claim_table({"red": red}, grpo, sft)
     assert _verdicts(table) == ["holds (2/2 seeds)"] * 3
-    assert "RED hard - GRPO hard: 38.0 ± 2.8 points" in table  # 45 - 5 and 46 - 10
-    assert "RED length / SFT length: 0.65 ± 0.21" in table  # 79 / 100 and 40 / 80
-    # Seed 1 breaks each part: 9 points over GRPO, below SFT's hard accuracy, longer than 0.8 x SFT's length.
-    red[1] = _eval(0.5, 0.10 + RED_OVER_GRPO_MIN - 0.01, length=RED_LENGTH_MAX * 80.0 + 1)
-    assert _verdicts(claim_table(red, grpo, sft)) == ["FAILS (1/2 seeds)"] * 3
-    assert _verdicts(claim_table(red, [], sft)) == ["not run", "FAILS (1/2 seeds)", "FAILS (1/2 seeds)"]
+    assert "hard - GRPO hard: 38.0 ± 2.8 points" in table  # 45 - 5 and 46 - 10
+    assert "length / SFT length: 0.65 ± 0.21" in table  # 79 / 100 and 40 / 80
+    # Seed 1 of a second candidate breaks each part: 9 points over GRPO, below SFT's hard accuracy, longer than
+    # 0.8 x SFT's length.
+    other = [red[0], _eval(0.5, 0.10 + RED_OVER_GRPO_MIN - 0.01, length=RED_LENGTH_MAX * 80.0 + 1)]
+    table = claim_table({"red": red, "luffy": other}, grpo, sft)
+    assert _verdicts(table) == ["holds (2/2 seeds)"] * 3 + ["FAILS (1/2 seeds)"] * 3
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["red"] * 3 + ["luffy"] * 3
+    assert _verdicts(claim_table({"luffy": other}, [], sft)) == ["not run", "FAILS (1/2 seeds)", "FAILS (1/2 seeds)"]
 
 
 def test_comparison_table_rows():

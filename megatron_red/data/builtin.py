@@ -30,10 +30,23 @@ WARMUP_FORMATS = ("concise", "steps")
 _ANSWER = re.compile(r"answer is\s*(-?\d+)\b(?!\.\d)")
 
 
+# Named regimes of the task: knob values that `BuiltinTaskConfig.for_regime` applies under the user's own keys.
+REGIMES: dict[str, dict] = {
+    # The student never saw a chain longer than `warmup_max_steps`: the teacher's skill on hard problems is new to
+    # it (docs/calibration.md). SFT learns it; RL from the student's own samples cannot.
+    "new_skill": {},
+    # A small part of the warm-up holds long chains: the student solves some hard problems (the skill is latent, as
+    # in the paper's 1.5B math students), so RL has signal on them and the teacher can extend it.
+    "latent_skill": {"warmup_long_fraction": 0.03},
+}
+
+
 @dataclass
 class BuiltinTaskConfig:
     """Knobs of the built-in task (defaults: the embedded CPU demo)."""
 
+    regime: str = "new_skill"       # the named regime (REGIMES) whose knob values `for_regime` starts from; the
+                                    # study's premises depend on it (trainer/report.py)
     seed: int = 0                   # seeds problem generation, the split and the teacher's verbosity choices
     num_train: int = 4000           # training problems (each with a teacher trace); may repeat, never a test problem
     num_test: int = 200             # held-out problems: distinct, and disjoint from train by (start, operations)
@@ -57,6 +70,8 @@ class BuiltinTaskConfig:
     vocab_size: int = 256           # SentencePiece vocabulary (closed task text: no byte fallback)
 
     def __post_init__(self):
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown data.builtin.regime {self.regime!r}; valid: {', '.join(REGIMES)}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if not self.min_steps <= self.warmup_max_steps < self.hard_min_steps <= self.max_steps:
@@ -75,6 +90,14 @@ class BuiltinTaskConfig:
             raise ValueError(f"warmup_long_fraction must be in [0, 1], got {self.warmup_long_fraction}")
         if not 0.0 <= self.verify_probability <= 1.0:
             raise ValueError(f"verify_probability must be in [0, 1], got {self.verify_probability}")
+
+    @classmethod
+    def for_regime(cls, **overrides) -> "BuiltinTaskConfig":
+        """The config of regime `overrides["regime"]` (default `new_skill`): its knob values, then `overrides`."""
+        regime = overrides.get("regime", cls.regime)
+        if regime not in REGIMES:
+            raise ValueError(f"unknown data.builtin.regime {regime!r}; valid: {', '.join(REGIMES)}")
+        return cls(**{**REGIMES[regime], **overrides})
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def build_task(config: RunConfig, cache_dir: Path | None = None) -> Task:
     if data.task == "builtin":
         from megatron_red.data.builtin import BuiltinTask, BuiltinTaskConfig
 
-        task_config = BuiltinTaskConfig(**{"seed": config.trainer.seed, **data.builtin})
+        task_config = BuiltinTaskConfig.for_regime(**{"seed": config.trainer.seed, **data.builtin})
         task = BuiltinTask(task_config)
         return Task(task.train_examples, task.test_examples, task.tokenizer,
                     lambda texts, answers: [task.grade(t, a) for t, a in zip(texts, answers)],

@@ -4,10 +4,15 @@ the built-in study.
 `plot_runs` draws one line per run (raw per-step values faint, a moving average over them solid);
 `plot_comparison` draws one line per method: the mean over its seeds, with mean ± std over seeds as a band.
 Both show held-out accuracy (all and hard) at the evaluation steps, step 0 being the student before training.
-`comparison_table` reports the final held-out numbers per method; `premises_table` checks the three premises the
-study rests on (the paper's setting translated): the student before training fails hard problems, GRPO alone does
-not learn them within the budget, SFT on the teacher traces alone does, in the teacher's long form; `claim_table`
-checks the paper's claim on top of them (Table 2: RED extends beyond GRPO, matches SFT, at a fraction of its length).
+`comparison_table` reports the final held-out numbers per method. `premises_table` checks the premises a regime of
+the built-in task rests on (the paper's setting translated; data/builtin.py, REGIMES):
+- `new_skill`: the student before training fails hard problems, GRPO alone does not learn them within the budget,
+  SFT on the teacher traces alone does, in the teacher's long form;
+- `latent_skill` (the paper's Table 2, where GRPO 31.96 < SFT 35.94 < SFT+GRPO 40.58): the student solves some hard
+  problems and finds its teacher's tokens likely, GRPO improves on it, SFT more (at the teacher's length), and
+  SFT->GRPO more than SFT.
+`claim_table` checks the paper's claim on top of them for each mixed method (Table 2: RED extends beyond GRPO,
+matches SFT, at a fraction of its length).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ DYNAMICS = (("entropy/H_rl", "H_rl (on-policy entropy)"), ("entropy/H_sft", "H_s
 HELDOUT = (("eval/accuracy", "-", "all"), ("eval/accuracy_hard", "--", "hard"))
 HELDOUT_TITLE = "held-out accuracy (solid: all, dashed: hard)"
 
-# Premise thresholds (see `premises_table`).
+# Premise thresholds of the `new_skill` regime (see `premises_table`).
 WARM_HARD_MAX = 0.10
 """(a) the student before training solves at most this fraction of hard held-out problems."""
 GRPO_HARD_GAIN_MAX = 0.05
@@ -34,7 +39,15 @@ GRPO_HARD_GAIN_MAX = 0.05
 SFT_HARD_MIN = 0.40
 """(c) SFT's final hard accuracy is at least this ..."""
 SFT_LENGTH_MIN = 0.8
-"""... with responses at least this fraction of the teacher traces' mean length on the same problems."""
+"""... with responses at least this fraction of the teacher traces' mean length on the same problems
+((c') of `latent_skill` too)."""
+# Premise thresholds of the `latent_skill` regime.
+LATENT_WARM_HARD = (0.10, 0.30)
+"""(a') the student before training solves between these fractions of the hard held-out problems ..."""
+LATENT_TEACHER_PROB_MIN = 0.3
+"""... and gives its teacher's trace tokens on them a median probability of at least this."""
+LATENT_GRPO_GAIN_MIN = 0.03
+"""(b') GRPO's final hard accuracy exceeds the student's before training by at least this much."""
 # The paper's claim translated (see `claim_table`).
 RED_OVER_GRPO_MIN = 0.10
 """RED's final hard accuracy exceeds GRPO's by at least this much ..."""
@@ -234,57 +247,107 @@ def _verdict(checks: list[bool]) -> str:
     return f"{'holds' if all(checks) else 'FAILS'} ({sum(checks)}/{len(checks)} seeds)"
 
 
-def premises_table(initial: list[dict], grpo: list[dict], sft: list[dict]) -> str:
-    """The study's premises over seeds (lists aligned by seed; GRPO's / SFT's may be empty when not run):
+def _hard(records: list[dict]) -> list[float]:
+    return [r.get("eval/accuracy_hard", math.nan) for r in records]
+
+
+def _measured(records: list[dict]) -> str:
+    """hard x% (all y%, n tokens) over seeds."""
+    return (f"hard {_fmt(_hard(records), 100)}% (all {_fmt([r.get('eval/accuracy') for r in records], 100)}%, "
+            f"{_fmt([r.get('eval/mean_length') for r in records])} tokens)")
+
+
+def premises_table(regime: str, initial: list[dict], finals: dict[str, list[dict]]) -> str:
+    """The premises of the built-in task's `regime` over seeds: `initial` is the student before training per seed,
+    `finals` the final evaluations per method (aligned by seed; a method not run is missing or empty)."""
+    if regime == "latent_skill":
+        return latent_premises_table(initial, finals.get("grpo", []), finals.get("sft", []),
+                                     finals.get("sft_then_grpo", []))
+    if regime == "new_skill":
+        return new_skill_premises_table(initial, finals.get("grpo", []), finals.get("sft", []))
+    raise ValueError(f"no premises for regime {regime!r}; valid: new_skill, latent_skill")
+
+
+def _long_form(sft: dict) -> bool:
+    return sft.get("eval/mean_length", 0.0) >= SFT_LENGTH_MIN * sft.get("eval/teacher_length", math.inf)
+
+
+def new_skill_premises_table(initial: list[dict], grpo: list[dict], sft: list[dict]) -> str:
+    """The `new_skill` regime's premises over seeds (lists aligned by seed; GRPO's / SFT's may be empty):
     (a) the student before training fails hard problems: hard accuracy <= WARM_HARD_MAX;
     (b) GRPO alone stays near it: final hard accuracy - (a)'s <= GRPO_HARD_GAIN_MAX;
     (c) SFT on the teacher traces alone learns them: final hard accuracy >= SFT_HARD_MIN, at a mean length of at
         least SFT_LENGTH_MIN x the teacher's on the same problems.
     A premise holds when it holds for every seed."""
-    def hard(records):
-        return [r.get("eval/accuracy_hard", math.nan) for r in records]
-
-    a = [h <= WARM_HARD_MAX for h in hard(initial)]
-    b = [g - w <= GRPO_HARD_GAIN_MAX for g, w in zip(hard(grpo), hard(initial))]
-    c = [r.get("eval/accuracy_hard", 0.0) >= SFT_HARD_MIN
-         and r.get("eval/mean_length", 0.0) >= SFT_LENGTH_MIN * r.get("eval/teacher_length", math.inf)
-         for r in sft]
+    a = [h <= WARM_HARD_MAX for h in _hard(initial)]
+    b = [g - w <= GRPO_HARD_GAIN_MAX for g, w in zip(_hard(grpo), _hard(initial))]
+    c = [r.get("eval/accuracy_hard", 0.0) >= SFT_HARD_MIN and _long_form(r) for r in sft]
     teacher = [r.get("eval/teacher_length") for r in initial]
+    prob = [r.get("eval/teacher_prob_median_hard") for r in initial]
     lines = ["| premise | measured | condition | verdict |", "|---|---|---|---|",
-             f"| (a) student before training fails hard problems | hard {_fmt(hard(initial), 100)}% "
-             f"(all {_fmt([r.get('eval/accuracy') for r in initial], 100)}%, "
-             f"easy {_fmt([r.get('eval/accuracy_easy') for r in initial], 100)}%, "
-             f"{_fmt([r.get('eval/mean_length') for r in initial])} tokens) "
-             f"| hard <= {100 * WARM_HARD_MAX:.0f}% | {_verdict(a)} |",
-             f"| (b) GRPO alone stays near (a) | hard {_fmt(hard(grpo), 100)}% "
-             f"(all {_fmt([r.get('eval/accuracy') for r in grpo], 100)}%, "
-             f"{_fmt([r.get('eval/mean_length') for r in grpo])} tokens) "
-             f"| hard - (a) <= {100 * GRPO_HARD_GAIN_MAX:.0f} points | {_verdict(b)} |",
-             f"| (c) SFT alone learns the teacher's skill, in its long form | hard {_fmt(hard(sft), 100)}% "
-             f"(all {_fmt([r.get('eval/accuracy') for r in sft], 100)}%, "
-             f"{_fmt([r.get('eval/mean_length') for r in sft])} tokens; teacher {_fmt(teacher)} tokens) "
-             f"| hard >= {100 * SFT_HARD_MIN:.0f}%, length >= {SFT_LENGTH_MIN:g} x teacher's "
+             f"| (a) student before training fails hard problems | {_measured(initial)}, easy "
+             f"{_fmt([r.get('eval/accuracy_easy') for r in initial], 100)}%; median probability of the teacher's "
+             f"tokens on hard problems {_fmt(prob, digits=3)} | hard <= {100 * WARM_HARD_MAX:.0f}% | {_verdict(a)} |",
+             f"| (b) GRPO alone stays near (a) | {_measured(grpo)} | hard - (a) <= {100 * GRPO_HARD_GAIN_MAX:.0f} "
+             f"points | {_verdict(b)} |",
+             f"| (c) SFT alone learns the teacher's skill, in its long form | {_measured(sft)}; teacher "
+             f"{_fmt(teacher)} tokens | hard >= {100 * SFT_HARD_MIN:.0f}%, length >= {SFT_LENGTH_MIN:g} x teacher's "
              f"| {_verdict(c)} |"]
     return "\n".join(lines) + "\n"
 
 
-def claim_table(red: list[dict], grpo: list[dict], sft: list[dict]) -> str:
+def latent_premises_table(initial: list[dict], grpo: list[dict], sft: list[dict], sft_then_grpo: list[dict]) -> str:
+    """The `latent_skill` regime's premises over seeds (lists aligned by seed; a method's may be empty), the
+    paper's Table 2 translated:
+    (a') the student before training solves some hard problems (hard accuracy within LATENT_WARM_HARD) and finds
+         its teacher's tokens on them likely (median probability >= LATENT_TEACHER_PROB_MIN);
+    (b') GRPO improves on it: final hard accuracy - (a')'s >= LATENT_GRPO_GAIN_MIN;
+    (c') SFT improves more: final hard accuracy > GRPO's, at a mean length of at least SFT_LENGTH_MIN x the
+         teacher's;
+    (d') SFT->GRPO improves on SFT: final hard accuracy > SFT's.
+    A premise holds when it holds for every seed."""
+    low, high = LATENT_WARM_HARD
+    prob = [r.get("eval/teacher_prob_median_hard", math.nan) for r in initial]
+    a = [low <= h <= high and p >= LATENT_TEACHER_PROB_MIN for h, p in zip(_hard(initial), prob)]
+    b = [g - w >= LATENT_GRPO_GAIN_MIN for g, w in zip(_hard(grpo), _hard(initial))]
+    c = [s.get("eval/accuracy_hard", 0.0) > g and _long_form(s) for s, g in zip(sft, _hard(grpo))]
+    d = [m > s for m, s in zip(_hard(sft_then_grpo), _hard(sft))]
+    teacher = [r.get("eval/teacher_length") for r in initial]
+    lines = ["| premise | measured | condition | verdict |", "|---|---|---|---|",
+             f"| (a') student before training solves some hard problems, its teacher's tokens likely "
+             f"| {_measured(initial)}; median probability of the teacher's tokens on hard problems "
+             f"{_fmt(prob, digits=3)} | {100 * low:.0f}% <= hard <= {100 * high:.0f}%, median >= "
+             f"{LATENT_TEACHER_PROB_MIN:g} | {_verdict(a)} |",
+             f"| (b') GRPO improves on (a') | {_measured(grpo)} | hard - (a') >= {100 * LATENT_GRPO_GAIN_MIN:.0f} "
+             f"points | {_verdict(b)} |",
+             f"| (c') SFT improves more, in the teacher's form | {_measured(sft)}; teacher {_fmt(teacher)} tokens "
+             f"| hard > (b')'s, length >= {SFT_LENGTH_MIN:g} x teacher's | {_verdict(c)} |",
+             f"| (d') SFT->GRPO improves on SFT | {_measured(sft_then_grpo)} | hard > (c')'s | {_verdict(d)} |"]
+    return "\n".join(lines) + "\n"
+
+
+CLAIM_BASELINES = ("grpo", "sft")
+"""Methods the claim compares with; every other method of a comparison is a candidate."""
+
+
+def claim_table(candidates: dict[str, list[dict]], grpo: list[dict], sft: list[dict]) -> str:
     """The paper's claim (Table 2: RED 41.6 vs GRPO 32.0 and SFT 35.9, at ~45% of SFT's length) translated to the
-    final held-out numbers, per seed (lists aligned by seed): RED's hard accuracy >= GRPO's + RED_OVER_GRPO_MIN,
-    RED's hard accuracy >= SFT's, RED's mean length <= RED_LENGTH_MAX x SFT's. A part holds when it holds for
-    every seed; "not run" where a method is missing."""
+    final held-out numbers, per candidate method and seed (lists aligned by seed): its hard accuracy >= GRPO's +
+    RED_OVER_GRPO_MIN, its hard accuracy >= SFT's, its mean length <= RED_LENGTH_MAX x SFT's. A part holds when it
+    holds for every seed; "not run" where a method is missing."""
     def key(records: list[dict], k: str) -> list[float]:
         return [r.get(k, math.nan) for r in records]
 
     hard, length = "eval/accuracy_hard", "eval/mean_length"
-    gain = [r - g for r, g in zip(key(red, hard), key(grpo, hard))]
-    lead = [r - s for r, s in zip(key(red, hard), key(sft, hard))]
-    ratio = [r / s for r, s in zip(key(red, length), key(sft, length))]
-    lines = ["| claim | measured | condition | verdict |", "|---|---|---|---|",
-             f"| RED extends beyond GRPO | RED hard - GRPO hard: {_fmt(gain, 100)} points "
-             f"| >= {100 * RED_OVER_GRPO_MIN:.0f} points | {_verdict([d >= RED_OVER_GRPO_MIN for d in gain])} |",
-             f"| RED matches SFT's skill | RED hard - SFT hard: {_fmt(lead, 100)} points | >= 0 "
-             f"| {_verdict([d >= 0 for d in lead])} |",
-             f"| RED is shorter than SFT | RED length / SFT length: {_fmt(ratio, digits=2)} "
-             f"| <= {RED_LENGTH_MAX:g} | {_verdict([q <= RED_LENGTH_MAX for q in ratio])} |"]
+    lines = ["| method | claim | measured | condition | verdict |", "|---|---|---|---|---|"]
+    for name, finals in candidates.items():
+        gain = [r - g for r, g in zip(key(finals, hard), key(grpo, hard))]
+        lead = [r - s for r, s in zip(key(finals, hard), key(sft, hard))]
+        ratio = [r / s for r, s in zip(key(finals, length), key(sft, length))]
+        lines += [f"| {name} | extends beyond GRPO | hard - GRPO hard: {_fmt(gain, 100)} points "
+                  f"| >= {100 * RED_OVER_GRPO_MIN:.0f} points | {_verdict([d >= RED_OVER_GRPO_MIN for d in gain])} |",
+                  f"| {name} | matches SFT's skill | hard - SFT hard: {_fmt(lead, 100)} points | >= 0 "
+                  f"| {_verdict([d >= 0 for d in lead])} |",
+                  f"| {name} | shorter than SFT | length / SFT length: {_fmt(ratio, digits=2)} "
+                  f"| <= {RED_LENGTH_MAX:g} | {_verdict([q <= RED_LENGTH_MAX for q in ratio])} |"]
     return "\n".join(lines) + "\n"
