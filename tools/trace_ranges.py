@@ -2,7 +2,7 @@
 
     python tools/trace_ranges.py [--ranges 0-100,100-300,300-600] RUN_DIR [RUN_DIR ...]
 
-For each metric the `compare` figure draws (H_rl, H_sft, w, r_off, rollout reward, length, truncated fraction;
+For each metric the `compare` figure draws (H_rl, H_sft, w, r_off, rollout accuracy, length, truncated fraction;
 `megatron_red.trainer.report.DYNAMICS`) this prints its mean over the steps a < step <= b of each range, per run,
 then per method (run directories named METHOD_seedN, as `compare` names them) the mean over its seeds. A metric a
 method does not log (SFT has no rollouts) prints as "-". Arguments that are not directories (a glob such as
