@@ -3,6 +3,7 @@
 `masked_row_mean` against hand-computed float64 references."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import statistics
@@ -405,3 +406,35 @@ def test_warmed_up_student_is_keyed_by_the_code(tmp_path, monkeypatch):
     assert build.warmed_up_student(config, task, tmp_path / ".cache") == student
     monkeypatch.setattr(build, "code_digest", lambda: "other code")
     assert build.warmed_up_student(config, task, tmp_path / ".cache") != student
+
+
+def test_teacher_token_probability_against_a_float64_forward(root, monkeypatch):
+    from megatron_red.trainer import evaluate
+
+    trainer = _trainer(root, "teacher_probs")
+    examples = list(trainer.task.test[:8])
+    hard_min = 3
+    model = copy.deepcopy(trainer.policy.model).double()  # the reference: one example at a time, float64 softmax
+    probs = {"": [], "_hard": []}
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex.prompt_ids + ex.trace_ids])
+            p = model(input_ids=ids).logits[0, :-1].softmax(-1)
+            targets = ids[0, 1:]
+            token_probs = p[torch.arange(len(targets)), targets][len(ex.prompt_ids) - 1:].tolist()
+            probs[""] += token_probs
+            if ex.difficulty >= hard_min:
+                probs["_hard"] += token_probs
+    assert probs["_hard"] and len(probs["_hard"]) < len(probs[""])
+    # The toy student finds every teacher token improbable at 0.1: a threshold at its median tests the count.
+    threshold = sorted(probs[""])[len(probs[""]) // 2]
+    monkeypatch.setattr(evaluate, "IMPROBABLE", threshold)
+    out = evaluate.teacher_token_probability(trainer.policy, examples, trainer.tokenizer.pad_token_id,
+                                             micro_batch_size=3, hard_min_difficulty=hard_min)
+    for suffix, values in probs.items():
+        lower_median = sorted(values)[(len(values) - 1) // 2]  # torch.median's convention for an even count
+        assert out[f"eval/teacher_prob_median{suffix}"] == pytest.approx(lower_median, rel=1e-4)
+        improbable = sum(v < threshold for v in values) / len(values)
+        # a token within float32 rounding of the threshold may fall on either side of it
+        assert out[f"eval/teacher_improbable_fraction{suffix}"] == pytest.approx(improbable, abs=1.01 / len(values))
+    assert 0.3 < out["eval/teacher_improbable_fraction"] < 0.7

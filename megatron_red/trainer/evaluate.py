@@ -37,12 +37,17 @@ def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperat
     return out
 
 
+IMPROBABLE = 0.1
+"""A teacher token the student gives less than this probability counts as improbable (`teacher_token_probability`)."""
+
+
 def teacher_token_probability(policy, examples, pad_token_id: int, micro_batch_size: int,
                               hard_min_difficulty: int | None = None) -> dict:
     """How likely the policy finds the teacher's traces of `examples`: the median, over every trace token, of the
-    probability pi(token | prompt, trace so far) at temperature 1 (`eval/teacher_prob_median`), and over the hard
-    problems' trace tokens (`eval/teacher_prob_median_hard`). A skill is latent when the student gives its
-    teacher's tokens real probability; it must be learnt anew when they are improbable."""
+    probability pi(token | prompt, trace so far) at temperature 1 (`eval/teacher_prob_median`), and the fraction
+    of the tokens it gives less than IMPROBABLE (`eval/teacher_improbable_fraction`); the same over the hard
+    problems' trace tokens (`..._hard`). The median shows how much of a trace the student could have written; the
+    improbable tokens are what it would have to learn (and what Eq. 8 weighs least: r_off ~ pi / rbar)."""
     with_traces = [ex for ex in examples if ex.trace_ids]
     if not with_traces:
         return {}
@@ -50,12 +55,15 @@ def teacher_token_probability(policy, examples, pad_token_id: int, micro_batch_s
                         std_normalize=False, pad_token_id=pad_token_id)
     logprobs, _ = policy.get_inference_log_probs(batch, micro_batch_size)
     probs = logprobs.double().exp()
-    mask = batch.loss_mask.bool()
-    out = {"eval/teacher_prob_median": float(probs[mask].median())}
+    rows = {"": batch.loss_mask.bool()}
     if hard_min_difficulty is not None:
         hard = torch.tensor([ex.difficulty is not None and ex.difficulty >= hard_min_difficulty for ex in with_traces])
         if bool(hard.any()):
-            out["eval/teacher_prob_median_hard"] = float(probs[mask & hard.unsqueeze(-1)].median())
+            rows["_hard"] = rows[""] & hard.unsqueeze(-1)
+    out = {}
+    for suffix, mask in rows.items():
+        out[f"eval/teacher_prob_median{suffix}"] = float(probs[mask].median())
+        out[f"eval/teacher_improbable_fraction{suffix}"] = float((probs[mask] < IMPROBABLE).double().mean())
     return out
 
 
