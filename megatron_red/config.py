@@ -184,8 +184,11 @@ class AlgoConfig:
     optim.lr, on the same schedule. 20 = the built-in task's calibration (SFT at 2e-3, docs/calibration.md U4: at
     10, SFT missed premise (c) on one seed in three); the paper trains SFT at 5e-5 and RL at 2e-6 (25), as its
     recipes in examples/red/ set. 1.0 = one learning rate."""
-    sft_then_grpo_fraction: float = 0.5
-    """SFT->GRPO: fraction of `trainer.steps` spent in the SFT stage."""
+    sft_then_grpo_sft_steps: int | None = None
+    """SFT->GRPO, the paper's SFT+GRPO (GRPO from the SFT checkpoint): SFT steps before the GRPO stage; None =
+    `trainer.steps`, i.e. the `sft` baseline's whole run of the same config. The SFT stage's schedule spans these
+    steps, so it ends on that baseline's model; the GRPO stage then runs `trainer.steps` steps as a new run from it
+    (fresh optimiser state, its own warm-up + cosine schedule). The run takes both stages' steps."""
     relift_buffer_size: int = 16
     """ReLIFT: all-fail prompts (with their traces) collected before one SFT step on them."""
     bread_prefix_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -196,6 +199,9 @@ class AlgoConfig:
     `tis_imp_ratio_cap`; 2 is a common cap). None = off, the paper's objective. See objectives/loss.py."""
 
     def __post_init__(self):
+        if self.sft_then_grpo_sft_steps is not None and self.sft_then_grpo_sft_steps < 1:
+            raise ValueError(f"algo.sft_then_grpo_sft_steps must be >= 1 (or null for trainer.steps), got "
+                             f"{self.sft_then_grpo_sft_steps}")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ValueError(f"algo.tis_cap must be > 0 (or null for off), got {self.tis_cap}")
 

@@ -210,3 +210,59 @@ def check_against_hf(config, model, hf_state, batch, results):
                                        msg=lambda m, k=k: f"{k}: {m}")
         # the step moved the weights by much more than the tolerance
         assert max((ref_state[k] - hf_state[k]).abs().max().item() for k in expected_keys) > 1e-4
+
+
+def _restart_worker(rank, world_size, hf_config, hf_state, batch, second):
+    """Two steps of a Megatron policy (distributed optimiser) with `restart_optimizer(second)` between them."""
+    import megatron_compat
+    megatron_compat.install()
+
+    from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
+
+    policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(dtype="float32", use_distributed_optimizer=True),
+                            OPTIM)
+    total = float(batch.loss_mask.sum())
+    policy.forward_backward(batch, 2, pg_loss_fn(total))
+    policy.optimizer_step()
+    policy.restart_optimizer(second)
+    restarted = hf_weights(policy), policy.learning_rate
+    policy.forward_backward(batch, 2, pg_loss_fn(total))
+    policy.optimizer_step()
+    return portable(dict(restarted=restarted[0], lr=restarted[1], stepped=hf_weights(policy)))
+
+
+def test_restart_optimizer_is_a_fresh_adam_and_schedule():
+    """SFT->GRPO's switch: after `restart_optimizer` the next step is Adam's first step under the new schedule,
+    lr * g / (|g| + eps), on both backends; the Megatron step equals the Hugging Face policy's."""
+    from megatron_red.models.hf import HFPolicy
+    from megatron_red.models.optim import lr_multiplier
+
+    config = tiny_hf_config("qwen2", layers=2)
+    model = tiny_hf_model(config)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batch = make_batch()
+    second = OptimConfig(lr=2e-4, weight_decay=0.0, warmup_steps=2, total_steps=4, grad_clip=0.0)
+    [result] = run_distributed(_restart_worker, 1, config, state, batch, second)
+    result = as_tensors(result)
+    hf = HFPolicy(model, OPTIM, device="cpu", dtype=torch.float32, fused_kernel="off")
+    total = float(batch.loss_mask.sum())
+    hf.forward_backward(batch, 2, pg_loss_fn(total))
+    hf.optimizer_step()
+    hf.restart_optimizer(second)
+    assert hf.learning_rate == pytest.approx(second.lr * lr_multiplier(0, second)) == pytest.approx(result["lr"])
+    before = {k: v.detach().clone() for k, v in hf.model.state_dict().items()}
+    hf.forward_backward(batch, 2, pg_loss_fn(total))
+    hf.optimizer_step()
+    after = hf.model.state_dict()
+    step = second.lr * lr_multiplier(0, second)
+    ratios = []
+    for k, v in result["stepped"].items():
+        delta = (after[k] - before[k]).abs()
+        ratios.append(delta[delta > 0.5 * step] / step)
+        torch.testing.assert_close(result["restarted"][k], before[k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(v, after[k], atol=3e-5 * step / 1e-3, rtol=0)
+    # Adam's first step moves every element with a clear gradient (|g| >> eps) by the learning rate itself; with
+    # the first step's moments kept, the second step's moves would spread over a range.
+    ratios = torch.cat(ratios)
+    assert len(ratios) > 0.5 * sum(v.numel() for v in after.values())
+    assert float(((ratios - 1).abs() < 1e-3).double().mean()) > 0.95

@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import statistics
 
 import pytest
 import torch
 
+from megatron_red.models.optim import lr_multiplier
 from megatron_red.objectives import RedLossConfig
 from megatron_red.trainer.groups import Group, build_batch, masked_row_mean
 from megatron_red.trainer.red_trainer import RedTrainer, method_names
@@ -51,7 +53,7 @@ def test_method_trains(root, method):
     final = trainer.train()
 
     lines = read_lines(trainer.run_dir)
-    assert [r["step"] for r in lines] == [*range(1, STEPS + 1), STEPS]
+    assert [r["step"] for r in lines] == [*range(1, trainer.total_steps + 1), trainer.total_steps]
     assert lines[-1].get("final") is True and not any(r.get("final") for r in lines[:-1])
     assert 0.0 <= final["eval/accuracy"] <= 1.0 and final["eval/problems"] == 8
     assert lines[-1]["eval/accuracy"] == final["eval/accuracy"]
@@ -84,7 +86,7 @@ def test_method_trains(root, method):
     assert all(torch.isfinite(p).all() for p in after.values())
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert len(changed) > len(before) // 2, f"{method}: only {changed} changed"
-    assert (trainer.run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"
+    assert (trainer.run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{trainer.total_steps:06d}"
 
 
 def test_micro_batching_does_not_change_the_step(root):
@@ -121,8 +123,11 @@ def test_grpo_without_signal_does_not_move(root):
 
 
 def test_sft_then_grpo_switches_stage(root):
-    trainer = _trainer(root, "sft_then_grpo_switch", "algo.method=sft_then_grpo", "algo.sft_then_grpo_fraction=0.5")
-    assert [trainer.loss_config(s).name for s in range(STEPS)] == ["sft", "grpo"]
+    trainer = _trainer(root, "sft_then_grpo_switch", "algo.method=sft_then_grpo", "algo.sft_then_grpo_sft_steps=1",
+                       "trainer.steps=1")
+    assert [trainer.loss_config(s).name for s in range(trainer.total_steps)] == ["sft", "grpo"]
+    # By default the SFT stage is the `sft` baseline's whole run: trainer.steps SFT steps, then as many GRPO steps.
+    assert _trainer(root, "sft_then_grpo_default", "algo.method=sft_then_grpo").total_steps == 2 * STEPS
     trainer.train()
     sft_line, grpo_line = step_lines(trainer.run_dir)
     assert "reward/mean" not in sft_line and sft_line["loss/loss_nll"] > 0
@@ -132,6 +137,63 @@ def test_sft_then_grpo_switches_stage(root):
     # SFT trains on the traces only, GRPO on the rollouts only.
     assert sft_line["loss/num_on_policy_tokens"] == 0 and sft_line["loss/num_offline_tokens"] > 0
     assert grpo_line["loss/num_offline_tokens"] == 0 and grpo_line["loss/num_on_policy_tokens"] > 0
+
+
+SFT_THEN_GRPO = ["algo.method=sft_then_grpo", "algo.sft_then_grpo_sft_steps=2", "trainer.steps=4",
+                 "optim.warmup_steps=1", "trainer.save_every=1", "trainer.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def sft_then_grpo(root):
+    """SFT->GRPO: 2 SFT steps, then 4 GRPO steps (schedules of different lengths), and the weights at its
+    switch."""
+    trainer = _trainer(root, "sft_then_grpo", *SFT_THEN_GRPO)
+    _pay_even_lengths(trainer)
+    at_switch, restart = {}, trainer.policy.restart_optimizer
+
+    def recording(optim):
+        at_switch.update(parameters(trainer.policy), step=trainer.step)
+        restart(optim)
+
+    trainer.policy.restart_optimizer = recording
+    trainer.train()
+    return trainer, at_switch
+
+
+def test_sft_then_grpo_is_grpo_from_the_sft_baseline(root, sft_then_grpo):
+    trainer, at_switch = sft_then_grpo
+    assert trainer.total_steps == 6 and at_switch.pop("step") == 2
+    baseline = _trainer(root, "sft_baseline", *SFT_THEN_GRPO[2:], "algo.method=sft", "trainer.steps=2")
+    baseline.train()
+    # The SFT stage is the `sft` baseline of the same config: same prompts, rate and schedule, bit for bit.
+    final = parameters(baseline.policy)
+    assert all(torch.equal(at_switch[name], final[name]) for name in final)
+    lines = step_lines(trainer.run_dir)
+    assert [line["train/lr"] for line in lines[:2]] == [line["train/lr"] for line in step_lines(baseline.run_dir)]
+    # The GRPO stage is a new run: its own warm-up and cosine from the first step, fresh Adam moments.
+    optim = trainer.config.optim
+    assert optim.total_steps == 4
+    assert [line["train/lr"] for line in lines[2:]] == pytest.approx(
+        [optim.lr * lr_multiplier(k, optim) for k in range(4)], rel=1e-12)
+    assert {int(state["step"]) for state in trainer.policy.optimizer.state.values()} == {4}
+
+
+def test_sft_then_grpo_resumes_exactly_in_either_stage(root, sft_then_grpo):
+    trainer, _ = sft_then_grpo
+    reference = trainer.run_dir
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    for stopped_at in (2, 3):  # the switch's checkpoint (SFT moments), and one in the GRPO stage
+        run_dir = root / f"sft_then_grpo_resumed_{stopped_at}"
+        shutil.copytree(reference, run_dir)
+        (run_dir / "checkpoints" / "latest").write_text(f"step_{stopped_at:06d}")
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        (run_dir / "metrics.jsonl").write_text("\n".join(lines[:stopped_at + 1]) + "\n")  # steps 0..stopped_at
+        resumed = RedTrainer(tiny_config(run_dir, *SFT_THEN_GRPO), run_dir, resume=True)
+        _pay_even_lengths(resumed)
+        resumed.train()
+        assert strip(read_lines(run_dir)) == strip(read_lines(reference))
+        a, b = parameters(resumed.policy), parameters(trainer.policy)
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_loss_config_presets_and_overrides(root):

@@ -37,7 +37,7 @@ REGIMES: dict[str, dict] = {
     "new_skill": {},
     # A small part of the warm-up holds long chains: the student solves some hard problems (the skill is latent, as
     # in the paper's 1.5B math students), so RL has signal on them and the teacher can extend it.
-    "latent_skill": {"warmup_long_fraction": 0.03},
+    "latent_skill": {"warmup_long_fraction": 0.04},
 }
 
 

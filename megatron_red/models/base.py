@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 if TYPE_CHECKING:
+    from megatron_red.models.optim import OptimConfig
     from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
@@ -117,6 +118,11 @@ class PolicyBackend(ABC):
         """Clip gradients, step optimiser and learning-rate schedule, zero gradients; return the pre-clip grad norm.
         `lr_scale` multiplies the scheduled learning rate for this step only (SFT updates run at their own rate);
         `advance_schedule=False` leaves the schedule where it is (a step outside the scheduled count)."""
+
+    @abstractmethod
+    def restart_optimizer(self, optim: "OptimConfig") -> None:
+        """A new run from the current weights: fresh optimiser state, and the schedule of `optim` from its first
+        step (SFT->GRPO's GRPO stage, as the paper trains GRPO from the SFT checkpoint)."""
 
     @abstractmethod
     def state_dict(self) -> dict:

@@ -168,6 +168,10 @@ class HFPolicy(PolicyBackend):
 
     # ---- optimiser ----------------------------------------------------------------------------------------
 
+    def restart_optimizer(self, optim: OptimConfig) -> None:
+        self.optim_config = optim
+        self.optimizer, self.scheduler = build_optimizer(self.model.named_parameters(), optim)
+
     def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         grad_norm = clip_grad_norm(self.model.parameters(), self.optim_config.grad_clip)
         scheduled = [group["lr"] for group in self.optimizer.param_groups]

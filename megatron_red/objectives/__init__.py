@@ -12,10 +12,11 @@ One RED step, as the trainer drives it (config = RedLossConfig.from_name(name)):
      `tis_weights`); `behaviour_mismatch` measures how far they are from pi_old.
 
 Methods of Table 2 that are schedules of the trainer (megatron_red/trainer/red_trainer.py) rather than losses,
-as it runs them (one run, one optimiser, one learning-rate schedule each):
-  SFT->GRPO  the first `algo.sft_then_grpo_fraction` of `trainer.steps` use sft() at `algo.sft_lr_multiplier` x the
-             scheduled lr, the rest grpo().
-  ReLIFT     grpo() over on-policy rollouts; prompts whose rollouts all fail go, with their traces, to a buffer
+as it runs them:
+  SFT->GRPO  the paper's SFT+GRPO in one run: `algo.sft_then_grpo_sft_steps` (default `trainer.steps`) steps of sft()
+             at `algo.sft_lr_multiplier` x a schedule spanning them (the `sft` baseline), then `trainer.steps` steps
+             of grpo() as a new run from those weights: fresh optimiser state, its own schedule.
+  ReLIFT     (one optimiser and schedule, like every other method) grpo() over on-policy rollouts; prompts whose rollouts all fail go, with their traces, to a buffer
              shared by the data-parallel replicas; once it holds `algo.relift_buffer_size` (default 16), one extra
              optimiser step with sft() at `algo.sft_lr_multiplier` x the current scheduled lr (it does not advance
              the schedule, which counts RL steps), then the buffer is emptied.

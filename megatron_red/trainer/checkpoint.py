@@ -196,6 +196,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def saved_step(path: Path) -> int:
+    """The step a checkpoint was written at (before its policy state is loaded)."""
+    return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)["step"]
+
+
 def load_checkpoint(path: Path, policy) -> dict:
     """Restore the policy and the RNG states; return the trainer state (with `step`)."""
     policy.load_checkpoint(str(path))

@@ -76,7 +76,11 @@ class RedTrainer:
         if config.trainer.wandb_project:
             require_wandb()  # on every rank, before any of them waits for rank 0
         self.config = config
-        for step in (0, config.trainer.steps - 1):  # a bad `algo.loss` override fails now, not after the warm-up
+        # SFT->GRPO's SFT stage (the paper's SFT checkpoint) comes before its `trainer.steps` GRPO steps.
+        self.sft_stage_steps = ((config.algo.sft_then_grpo_sft_steps or config.trainer.steps)
+                                if config.algo.method == "sft_then_grpo" else 0)
+        self.total_steps = self.sft_stage_steps + config.trainer.steps
+        for step in (0, self.total_steps - 1):  # a bad `algo.loss` override fails now, not after the warm-up
             self.loss_config(step)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +90,11 @@ class RedTrainer:
         self.task = build_task(config, cache_dir=self.run_dir.parent / ".cache")
         self.tokenizer = self.task.tokenizer
         set_phase("model load")
-        self.policy = build_policy(config, self.task, cache_dir=self.run_dir.parent / ".cache")
+        optim = config.optim
+        if self.sft_stage_steps:  # the SFT stage's schedule spans its steps, as the `sft` baseline's spans its run
+            optim = dataclasses.replace(optim, total_steps=max(self.sft_stage_steps, optim.warmup_steps))
+        self.policy = build_policy(dataclasses.replace(config, optim=optim), self.task,
+                                   cache_dir=self.run_dir.parent / ".cache")
         self.engine = build_engine(engine_kind(config), self.policy, self.tokenizer, config.rollout,
                                    max_sequence_length=rollout_max_sequence_length(config))
         self.dp = DataParallel.for_backend(config.model.backend)
@@ -106,6 +114,8 @@ class RedTrainer:
         if resume and checkpoint_dir is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint there (checkpoints/latest missing)")
         if checkpoint_dir is not None:
+            if checkpoint.saved_step(checkpoint_dir) >= self.sft_stage_steps > 0:  # saved in SFT->GRPO's GRPO stage
+                self.policy.restart_optimizer(self.config.optim)  # its schedule, before its state is loaded
             state = checkpoint.load_checkpoint(checkpoint_dir, self.policy)
             saved_dp = state.get("data_parallel_size", self.dp.size)
             if saved_dp != self.dp.size:
@@ -137,7 +147,7 @@ class RedTrainer:
         """The loss preset in force at `step` (0-based), with the user's overrides."""
         algo = self.config.algo
         if algo.method == "sft_then_grpo":
-            name = "sft" if step < round(algo.sft_then_grpo_fraction * self.config.trainer.steps) else "grpo"
+            name = "sft" if step < self.sft_stage_steps else "grpo"
         elif algo.method in ("relift", "bread"):
             name = "grpo"
         else:
@@ -387,14 +397,16 @@ class RedTrainer:
         cfg = self.config.trainer
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.config.algo.method}",
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.config.algo.method}",
                    disable=not (cfg.progress and is_main_process()), dynamic_ncols=True)
         try:
-            while self.step < cfg.steps:
+            while self.step < self.total_steps:
+                if self.step == self.sft_stage_steps > 0:  # SFT->GRPO: GRPO as a new run from the SFT model
+                    self.policy.restart_optimizer(self.config.optim)
                 examples = self.dp.shard(self.stream.next_batch())
                 metrics = self.red_step(examples, self.loss_config(self.step))
                 self.step += 1
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                     metrics.update(self.evaluate())
                 self.log.log(self.step, metrics)
                 bar.update(1)

@@ -296,6 +296,14 @@ class MegatronPolicy(PolicyBackend):
             group["lr"] = self.learning_rate * lr_scale * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.optim.weight_decay * group.get("wd_mult", 1.0)
 
+    def restart_optimizer(self, optim: OptimConfig) -> None:
+        """Adam's moments are dropped (each inner optimiser re-creates them, zero, at its next step); megatron's
+        optimiser settings (betas, eps, clipping) are those of the run, which stage configs do not change."""
+        for opt in self.optimizer.chained_optimizers:
+            opt.optimizer.state.clear()
+        self.optim, self.step = optim, 0
+        self._set_lr()
+
     def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         _sum_over_dp_finalize([self.model])
         self._set_lr(lr_scale)
