@@ -1,5 +1,6 @@
 """The built-in task: answers re-derived by parsing each story independently of the generator, disjoint splits,
 teacher traces that are correct, checked arithmetic, longer than warm-up solutions, and grade() edge cases."""
+import dataclasses
 import re
 
 import pytest
@@ -135,6 +136,35 @@ def test_warmup_steps_format():
         assert ex.trace_text == " ".join(steps + [f"The answer is {ex.answer}."])
 
 
+@pytest.mark.parametrize("longest", [None, 4])
+def test_warmup_long_fraction_draws_that_share_from_the_longer_chains(longest):
+    config = BuiltinTaskConfig(seed=5, num_train=60, num_test=30, num_warmup=200, warmup_long_fraction=0.1,
+                               warmup_long_max_steps=longest)
+    task = BuiltinTask(config)
+    steps = [p.steps for p in task.warmup_problems()]
+    long = [s for s in steps if s > config.warmup_max_steps]
+    assert len(long) == 20 and set(long) == set(range(config.warmup_max_steps + 1, (longest or config.max_steps) + 1))
+    assert steps != sorted(steps)  # mixed into the easy ones, not appended
+    test_keys = {(p.start, p.ops) for p in task.test_problems}
+    assert all((p.start, p.ops) not in test_keys for p in task.warmup_problems())
+    # Without a long fraction, the warm-up data is the regime-independent easy set it always was.
+    plain = BuiltinTask(dataclasses.replace(config, warmup_long_fraction=0.0))
+    assert [p.steps for p in plain.warmup_problems()] == [p.steps for p in BuiltinTask(BuiltinTaskConfig(
+        seed=5, num_train=60, num_test=30, num_warmup=200)).warmup_problems()]
+    assert max(p.steps for p in plain.warmup_problems()) <= config.warmup_max_steps
+
+
+def test_regimes_set_defaults_under_the_users_keys():
+    from megatron_red.data.builtin import REGIMES
+
+    latent = BuiltinTaskConfig.for_regime(regime="latent_skill", seed=3)
+    assert latent.seed == 3 and all(getattr(latent, k) == v for k, v in REGIMES["latent_skill"].items())
+    assert BuiltinTaskConfig.for_regime(regime="latent_skill", warmup_long_fraction=0.5).warmup_long_fraction == 0.5
+    assert BuiltinTaskConfig.for_regime() == BuiltinTaskConfig()
+    with pytest.raises(ValueError, match="unknown data.builtin.regime"):
+        BuiltinTaskConfig.for_regime(regime="other")
+
+
 @pytest.mark.parametrize("response, answer, expected", [
     ("3+4=7. The answer is 7.", "7", 1.0),
     ("3+4=7. The answer is 7.", 7, 1.0),
@@ -162,5 +192,9 @@ def test_config_validation():
         BuiltinTaskConfig(warmup_format="long")
     with pytest.raises(ValueError, match="verify_probability"):
         BuiltinTaskConfig(verify_probability=1.5)
+    with pytest.raises(ValueError, match="warmup_long_fraction"):
+        BuiltinTaskConfig(warmup_long_fraction=1.5)
+    with pytest.raises(ValueError, match="warmup_long_max_steps"):
+        BuiltinTaskConfig(warmup_long_max_steps=2)
     with pytest.raises(ValueError, match="distinct"):
         BuiltinTask(BuiltinTaskConfig(num_test=5000, max_steps=4, hard_min_steps=3, max_start=3))

@@ -56,8 +56,9 @@ class BuiltinTaskConfig:
     hard_min_steps: int = 4         # a problem is "hard" when steps >= this
     warmup_max_steps: int = 2       # warm-up SFT data uses problems with steps <= this ...
     warmup_long_fraction: float = 0.0  # ... except this fraction of it, drawn from the longer chains (up to
-                                       # max_steps): a student with partial exposure to them, whose skill on the
-                                       # hard problems is latent rather than absent
+                                       # warmup_long_max_steps): a student with partial exposure to them, whose
+                                       # skill on those is latent rather than absent
+    warmup_long_max_steps: int | None = None  # the longest chains of that fraction (None: max_steps)
     max_value: int = 30             # every start/intermediate/final value lies in 0..max_value
     max_start: int = 12             # the starting amount is drawn from 2..max_start
     max_operand: int = 5            # add/subtract operands are drawn from 1..max_operand
@@ -88,6 +89,10 @@ class BuiltinTaskConfig:
             raise ValueError(f"unknown warmup_format {self.warmup_format!r}; valid: {', '.join(WARMUP_FORMATS)}")
         if not 0.0 <= self.warmup_long_fraction <= 1.0:
             raise ValueError(f"warmup_long_fraction must be in [0, 1], got {self.warmup_long_fraction}")
+        if self.warmup_long_max_steps is not None and not (
+                self.warmup_max_steps < self.warmup_long_max_steps <= self.max_steps):
+            raise ValueError(f"need warmup_max_steps < warmup_long_max_steps <= max_steps, got "
+                             f"{self.warmup_max_steps}, {self.warmup_long_max_steps}, {self.max_steps}")
         if not 0.0 <= self.verify_probability <= 1.0:
             raise ValueError(f"verify_probability must be in [0, 1], got {self.verify_probability}")
 
@@ -266,14 +271,15 @@ class BuiltinTask:
 
     def warmup_problems(self) -> list[BuiltinProblem]:
         """`num_warmup` fresh problems, never a test problem: easy ones (steps <= warmup_max_steps), and a
-        `warmup_long_fraction` of longer ones (up to max_steps), in random order."""
+        `warmup_long_fraction` of longer ones (up to warmup_long_max_steps), in random order."""
         c = self.config
         rng = random.Random(f"{c.seed}:warmup")
         num_long = round(c.num_warmup * c.warmup_long_fraction)
         problems = self._generate(rng, c.num_warmup - num_long, "warmup",
                                   range(c.min_steps, c.warmup_max_steps + 1), distinct=False)
         if num_long:
-            problems += self._generate(rng, num_long, "warmup-long", range(c.warmup_max_steps + 1, c.max_steps + 1),
+            longest = c.warmup_long_max_steps or c.max_steps
+            problems += self._generate(rng, num_long, "warmup-long", range(c.warmup_max_steps + 1, longest + 1),
                                        distinct=False)
             rng.shuffle(problems)
         return problems

@@ -10,8 +10,9 @@ from megatron_red.trainer.groups import Group, build_batch
 
 def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperature: float, max_new_tokens: int,
                      seed: int, hard_min_difficulty: int | None = None) -> dict:
-    """avg@n accuracy over `examples` (and over the hard / easy ones when difficulties are known), the mean
-    response length in tokens, and the teacher traces' mean length on the same problems (when they have traces)."""
+    """avg@n accuracy over `examples` (and over the hard / easy ones and per difficulty `eval/accuracy_d{k}` when
+    difficulties are known), the mean response length in tokens, and the teacher traces' mean length on the same
+    problems (when they have traces)."""
     params = SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
     completions = engine.generate([ex.prompt_ids for ex in examples], n, params)
     per_problem, lengths = [], []
@@ -30,6 +31,9 @@ def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperat
             accs = [a for a, ex in zip(per_problem, examples) if ex.difficulty is not None and keep(ex.difficulty)]
             if accs:
                 out[f"eval/accuracy_{name}"] = sum(accs) / len(accs)
+        for level in sorted({ex.difficulty for ex in examples if ex.difficulty is not None}):
+            accs = [a for a, ex in zip(per_problem, examples) if ex.difficulty == level]
+            out[f"eval/accuracy_d{level}"] = sum(accs) / len(accs)  # per difficulty: what RL sharpens, what is new
         hard_lengths = [len(c.token_ids) for ex, comps in zip(examples, completions)
                         if ex.difficulty is not None and ex.difficulty >= hard_min_difficulty for c in comps]
         if hard_lengths:
