@@ -20,6 +20,7 @@ import math
 import statistics
 from pathlib import Path
 
+from megatron_red.trainer.evaluate import IMPROBABLE
 from megatron_red.trainer.metrics import read_metrics
 
 # Per-step series: (metric key, panel title). Noisy, so drawn with a moving average over the raw values.
@@ -284,10 +285,12 @@ def new_skill_premises_table(initial: list[dict], grpo: list[dict], sft: list[di
     c = [r.get("eval/accuracy_hard", 0.0) >= SFT_HARD_MIN and _long_form(r) for r in sft]
     teacher = [r.get("eval/teacher_length") for r in initial]
     prob = [r.get("eval/teacher_prob_median_hard") for r in initial]
+    improbable = [r.get("eval/teacher_improbable_fraction_hard") for r in initial]
     lines = ["| premise | measured | condition | verdict |", "|---|---|---|---|",
              f"| (a) student before training fails hard problems | {_measured(initial)}, easy "
              f"{_fmt([r.get('eval/accuracy_easy') for r in initial], 100)}%; median probability of the teacher's "
-             f"tokens on hard problems {_fmt(prob, digits=3)} | hard <= {100 * WARM_HARD_MAX:.0f}% | {_verdict(a)} |",
+             f"tokens on hard problems {_fmt(prob, digits=3)}, {_fmt(improbable, 100)}% of them below "
+             f"{IMPROBABLE:g} | hard <= {100 * WARM_HARD_MAX:.0f}% | {_verdict(a)} |",
              f"| (b) GRPO alone stays near (a) | {_measured(grpo)} | hard - (a) <= {100 * GRPO_HARD_GAIN_MAX:.0f} "
              f"points | {_verdict(b)} |",
              f"| (c) SFT alone learns the teacher's skill, in its long form | {_measured(sft)}; teacher "
@@ -308,6 +311,7 @@ def latent_premises_table(initial: list[dict], grpo: list[dict], sft: list[dict]
     A premise holds when it holds for every seed."""
     low, high = LATENT_WARM_HARD
     prob = [r.get("eval/teacher_prob_median_hard", math.nan) for r in initial]
+    improbable = [r.get("eval/teacher_improbable_fraction_hard") for r in initial]
     a = [low <= h <= high and p >= LATENT_TEACHER_PROB_MIN for h, p in zip(_hard(initial), prob)]
     b = [g - w >= LATENT_GRPO_GAIN_MIN for g, w in zip(_hard(grpo), _hard(initial))]
     c = [s.get("eval/accuracy_hard", 0.0) > g and _long_form(s) for s, g in zip(sft, _hard(grpo))]
@@ -316,7 +320,8 @@ def latent_premises_table(initial: list[dict], grpo: list[dict], sft: list[dict]
     lines = ["| premise | measured | condition | verdict |", "|---|---|---|---|",
              f"| (a') student before training solves some hard problems, its teacher's tokens likely "
              f"| {_measured(initial)}; median probability of the teacher's tokens on hard problems "
-             f"{_fmt(prob, digits=3)} | {100 * low:.0f}% <= hard <= {100 * high:.0f}%, median >= "
+             f"{_fmt(prob, digits=3)}, {_fmt(improbable, 100)}% of them below {IMPROBABLE:g} "
+             f"| {100 * low:.0f}% <= hard <= {100 * high:.0f}%, median >= "
              f"{LATENT_TEACHER_PROB_MIN:g} | {_verdict(a)} |",
              f"| (b') GRPO improves on (a') | {_measured(grpo)} | hard - (a') >= {100 * LATENT_GRPO_GAIN_MIN:.0f} "
              f"points | {_verdict(b)} |",
