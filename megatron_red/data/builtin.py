@@ -35,9 +35,10 @@ REGIMES: dict[str, dict] = {
     # The student never saw a chain longer than `warmup_max_steps`: the teacher's skill on hard problems is new to
     # it (docs/calibration.md). SFT learns it; RL from the student's own samples cannot.
     "new_skill": {},
-    # A small part of the warm-up holds long chains: the student solves some hard problems (the skill is latent, as
-    # in the paper's 1.5B math students), so RL has signal on them and the teacher can extend it.
-    "latent_skill": {"warmup_long_fraction": 0.04},
+    # A small part of the warm-up holds chains of 3-4 operations: the student solves some 4-operation problems (that
+    # skill is latent, as the paper's 1.5B math students half-know their teacher's reasoning, and RL can sharpen
+    # it) but not 5-6 (new: only the teacher shows them). docs/calibration.md, L1-L3.
+    "latent_skill": {"warmup_long_fraction": 0.03, "warmup_long_max_steps": 4},
 }
 
 
