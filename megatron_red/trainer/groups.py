@@ -69,14 +69,15 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
     samples' accuracy alone (an all-fail group then has rbar = 0, so Eq. 8 gives pi_offline = pi: full imitation).
     `filter_truncated` (DAPO's overlong filtering): responses cut at the generation limit get an empty loss mask.
 
-    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], and behaviour_logprobs [B, L-1] (zero
-    outside the responses) when every group with responses has them. A trace outside the group
+    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], group [B] (the row's index in `groups`:
+    mini-batches keep a group's rows together), and behaviour_logprobs [B, L-1] (zero outside the responses) when
+    every group with responses has them. A trace outside the group
     (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
     """
     # (token ids, prompt length, behaviour log-probs, trained: False for a filtered row)
     rows: list[tuple[list[int], int, list[float] | None, bool]] = []
-    advantages, is_offline, accuracy, rewards = [], [], [], []
-    for g in groups:
+    advantages, is_offline, accuracy, rewards, group_of = [], [], [], [], []
+    for index, g in enumerate(groups):
         members = g.members(offline_in_group)
         if members:
             adv = group_advantages(torch.tensor([members], dtype=torch.float64), std_normalize=std_normalize)[0]
@@ -91,6 +92,7 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
             is_offline.append(True)
             accuracy.append(rbar)
             rewards.append(g.trace_reward)
+            group_of.append(index)
         behaviour = g.behaviour_logprobs or [None] * len(g.responses)
         finished = g.finished or [True] * len(g.responses)
         for response, reward, a, lp, done in zip(g.responses, g.rewards, adv, behaviour, finished):
@@ -101,6 +103,7 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
             is_offline.append(False)
             accuracy.append(rbar)
             rewards.append(reward)
+            group_of.append(index)
     if not rows:
         raise ValueError("a step needs at least one sequence")
     length = max(len(ids) for ids, *_ in rows)
@@ -121,6 +124,7 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
         "is_offline": torch.tensor(is_offline, dtype=torch.bool),
         "group_accuracy": torch.tensor(accuracy, dtype=torch.float32),
         "rewards": torch.tensor(rewards, dtype=torch.float32),
+        "group": torch.tensor(group_of, dtype=torch.long),
     }
     sampled = [g for g in groups if g.responses]
     if sampled and all(g.behaviour_logprobs is not None for g in sampled):

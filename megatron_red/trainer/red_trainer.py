@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_red.config import RunConfig, config_to_dict
+from megatron_red.config import RunConfig, config_to_dict, sft_only_steps
 from megatron_red.data.stream import PromptStream
 from megatron_red.objectives import EntropyRatioController, RedLossConfig
 from megatron_red.rewards.overlong import overlong_penalty
@@ -44,7 +44,7 @@ from megatron_red.trainer.distributed import (DataParallel, ModelParallel, NullM
 from megatron_red.trainer.evaluate import evaluate_heldout, teacher_token_probability
 from megatron_red.trainer.groups import Group, build_batch
 from megatron_red.trainer.metrics import MetricsLog, require_wandb
-from megatron_red.trainer.update import entropy_weight, policy_update
+from megatron_red.trainer.update import policy_update, prepare_update, rollout_update
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
 
@@ -94,6 +94,11 @@ class RedTrainer:
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
             raise ValueError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
                              f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
+        if config.trainer.prompts_per_step // self.dp.size < config.trainer.mini_batches_per_step:
+            raise ValueError(f"trainer.mini_batches_per_step={config.trainer.mini_batches_per_step} needs at least that "
+                             f"many groups per data-parallel replica: trainer.prompts_per_step="
+                             f"{config.trainer.prompts_per_step} over {self.dp.size} replicas gives some "
+                             f"{config.trainer.prompts_per_step // self.dp.size}")
         self.stream = PromptStream(self.task.train, config.trainer.prompts_per_step, seed=config.trainer.seed)
         self.controller = EntropyRatioController(config.rollout.n)
         self.relift_buffer: list[int] = []  # indices into task.train
@@ -114,6 +119,13 @@ class RedTrainer:
                     "each replica samples its own block of prompts with its own seed, so the resumed run would not "
                     "continue the same run. Resume with the same data-parallel size (world size / (TP x PP)); "
                     "TP and PP may change.")
+            saved_steps = state.get("optimizer_steps_per_step", 1)
+            if saved_steps != config.trainer.optimizer_steps_per_step:
+                raise ValueError(
+                    f"{checkpoint_dir} was written with {saved_steps} optimiser steps per step, this run takes "
+                    f"{config.trainer.optimizer_steps_per_step} (trainer.mini_batches_per_step x "
+                    "trainer.epochs_per_step): the learning-rate schedule counts optimiser steps, so the resumed run "
+                    "would not continue the same schedule. Resume with the same K x E.")
             self.step = state["step"]
             self.stream.load_state_dict(state["stream"])
             self.controller.load_state_dict(state["controller"])
@@ -137,7 +149,7 @@ class RedTrainer:
         """The loss preset in force at `step` (0-based), with the user's overrides."""
         algo = self.config.algo
         if algo.method == "sft_then_grpo":
-            name = "sft" if step < round(algo.sft_then_grpo_fraction * self.config.trainer.steps) else "grpo"
+            name = "sft" if step < sft_only_steps(self.config) else "grpo"
         elif algo.method in ("relift", "bread"):
             name = "grpo"
         else:
@@ -189,20 +201,29 @@ class RedTrainer:
                             rbar_counts_trace=cfg.algo.rbar_counts_trace,
                             filter_truncated=cfg.rewards.overlong_filter)
 
-        # 4. w (Eq. 9-11) from the entropies at rollout time. The update's own forward gives pi_old and H_rl (one
-        #    optimiser step per batch: the policy being updated is the one that sampled; trainer/update.py); only
-        #    the offline rows, whose H_sft must be known before w weighs them, get a forward-only pass first.
+        # 4. w (Eq. 9-11) from the entropies at rollout time (trainer/update.py). With one optimiser step per batch
+        #    the update's own forward gives pi_old and H_rl (the policy being updated is the one that sampled); only
+        #    the offline rows, whose H_sft must be known before w weighs them, get a forward-only pass first. With
+        #    K x E optimiser steps (trainer.mini_batches_per_step / epochs_per_step) one forward-only pass over the
+        #    batch gives pi_old, H_rl, H_sft and w for all of them.
         t2 = time.perf_counter()
         set_phase("log-probs")
-        w = entropy_weight(self.policy, batch, loss_cfg, self.controller, cfg.trainer.micro_batch_size, dp,
-                           temperature)
+        optimizer_steps = cfg.trainer.optimizer_steps_per_step if loss_cfg.online_rl else 1
+        batch, w, measured = prepare_update(self.policy, batch, loss_cfg, self.controller,
+                                            cfg.trainer.micro_batch_size, dp, temperature, optimizer_steps)
+        metrics.update(measured)
         timings["time/logprob_s"] = time.perf_counter() - t2
 
-        # 5-6. the policy loss over micro-batches, normalised with the step's global counts, and one update.
+        # 5-6. the policy loss over micro-batches, normalised with the global counts of each optimiser step's
+        #      (mini-)batch, and the optimiser steps.
         t3 = time.perf_counter()
         set_phase("update")
         self.policy.prepare_for_training()
-        metrics.update(self.update(batch, loss_cfg, w, temperature))
+        lr_scale = 1.0 if loss_cfg.online_rl else cfg.algo.sft_lr_multiplier
+        mini, epochs = ((cfg.trainer.mini_batches_per_step, cfg.trainer.epochs_per_step) if optimizer_steps > 1
+                        else (1, 1))
+        metrics.update(rollout_update(self.policy, batch, loss_cfg, w, cfg.trainer.micro_batch_size, dp, lr_scale,
+                                      temperature, mini, epochs))
         timings["time/update_s"] = time.perf_counter() - t3
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
@@ -212,12 +233,6 @@ class RedTrainer:
         timings["time/step_s"] = time.perf_counter() - t0
         metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
         return {**metrics, **timings}
-
-    def update(self, batch, loss_cfg: RedLossConfig, w, temperature: float = 1.0,
-               advance_schedule: bool = True) -> dict:
-        lr_scale = 1.0 if loss_cfg.online_rl else self.config.algo.sft_lr_multiplier
-        return policy_update(self.policy, batch, loss_cfg, w, self.config.trainer.micro_batch_size, self.dp,
-                             lr_scale, temperature, advance_schedule)
 
     # ------------------------------------------------------------------ sampling and rewards
     def roll_out(self, examples, loss_cfg: RedLossConfig, round_: int = 0) -> Rollouts:
@@ -379,7 +394,8 @@ class RedTrainer:
         sft = RedLossConfig.sft()
         batch = build_batch([Group(ex.prompt_ids, trace_ids=ex.trace_ids) for ex in examples],
                             offline_in_group=False, std_normalize=False, pad_token_id=self.tokenizer.pad_token_id)
-        out = self.update(batch, sft, 1.0, advance_schedule=False)
+        out = policy_update(self.policy, batch, sft, 1.0, self.config.trainer.micro_batch_size, self.dp,
+                            self.config.algo.sft_lr_multiplier, advance_schedule=False)
         return {"relift/sft_prompts": buffered, "relift/sft_loss": out.get("loss/loss", float("nan"))}
 
     # ------------------------------------------------------------------ the loop
@@ -418,7 +434,8 @@ class RedTrainer:
         set_phase("checkpoint")
         return checkpoint.save_checkpoint(self.run_dir, self.step, self.policy, {
             "stream": self.stream.state_dict(), "controller": self.controller.state_dict(),
-            "relift_buffer": self.relift_buffer, "data_parallel_size": self.dp.size}, tokenizer=self.tokenizer,
+            "relift_buffer": self.relift_buffer, "data_parallel_size": self.dp.size,
+            "optimizer_steps_per_step": self.config.trainer.optimizer_steps_per_step}, tokenizer=self.tokenizer,
             save_hf=self.config.trainer.save_hf, keep_last=self.config.trainer.keep_last)
 
     def evaluate(self) -> dict:
