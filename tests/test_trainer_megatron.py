@@ -52,7 +52,8 @@ class PerPromptSeeds(RolloutEngine):
         self.engine = engine
 
     def generate(self, prompts, n, params):
-        return [self.engine.generate([p], n, dataclasses.replace(params, seed=zlib.crc32(str(p).encode())))[0]
+        return [self.engine.generate([p], n, dataclasses.replace(params, seed=zlib.crc32(str(p).encode()),
+                                                                 prompt_seeds=None))[0]
                 for p in prompts]
 
     def sync_weights(self, policy) -> None:

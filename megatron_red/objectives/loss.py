@@ -92,6 +92,11 @@ class RedLossConfig:
                              "detach_pi_offline unset (None)")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ValueError(f"tis_cap must be > 0 (or None for off), got {self.tis_cap}")
+        if self.entropy_regulation and self.sft_nll_coef > 0:
+            # The trainer trains the offline rows with w factored out and scales their gradient by w afterwards
+            # (trainer/update.py), which needs their loss to be linear in w: an NLL term (not weighted by w) is not.
+            raise ValueError(f"entropy_regulation weighs the offline term by w and cannot be combined with an NLL "
+                             f"term on the offline rows (sft_nll_coef={self.sft_nll_coef}); set one of them off")
         if self.clip_eps_high is not None and not self.clip_eps_high >= 0:
             raise ValueError(f"clip_eps_high must be >= 0 (or None for clip_eps), got {self.clip_eps_high}")
 

@@ -180,10 +180,12 @@ class RedTrainer:
         set_phase("rollout")
         if loss_cfg.online_rl:  # the policy is the actor (models/base.py): sampling between its inference hooks
             self.policy.prepare_for_inference()
-            rollouts = self.roll_out(examples, loss_cfg)
-            if cfg.rollout.dynamic_sampling:
-                metrics.update(self.keep_groups_with_signal(rollouts, loss_cfg))
-            self.policy.finish_inference()
+            try:
+                rollouts = self.roll_out(examples, loss_cfg)
+                if cfg.rollout.dynamic_sampling:
+                    metrics.update(self.keep_groups_with_signal(rollouts, loss_cfg))
+            finally:  # a failed step (a grading error, an interrupt) must not leave the KV cache allocated
+                self.policy.finish_inference()
             groups = rollouts.groups
             metrics.update(self.rollout_metrics(rollouts))
             timings["time/rollout_s"] = time.perf_counter() - t0
@@ -267,16 +269,21 @@ class RedTrainer:
         `rollout.dynamic_sampling_max_rounds` extra rounds are spent; then the step is completed with dropped
         groups (earliest first), so it always keeps its batch size. Replaces `rollouts.groups`.
 
-        Every replica decides on every replica's groups (gathered in rank order), so all draw the same extra
-        batches from the stream (whose position then includes them: a resumed run replays them), and the chosen
-        groups are split over the replicas again."""
+        Every replica decides on every replica's (replica, index, has signal) triples, gathered in rank order each
+        round, so all draw the same extra batches from the stream (whose position then includes them: a resumed
+        run replays them); the groups themselves stay where they were sampled, and only those a replica must hand
+        over to even out the replicas' shares travel (`DataParallel.balance`)."""
         cfg, dp = self.config, self.dp
         target, max_rounds = cfg.trainer.prompts_per_step, cfg.rollout.dynamic_sampling_max_rounds
-        kept, dropped = [], []
+        held: list[Group] = []  # this replica's groups of every round
+        kept, dropped = [], []  # (replica, index into that replica's `held`), every replica's, in decision order
         groups, extra_rounds = rollouts.groups, 0
         while True:
-            for group in dp.gather(groups):
-                (kept if group.has_signal(loss_cfg.offline_in_group) else dropped).append(group)
+            signals = dp.gather([(dp.rank, len(held) + i, g.has_signal(loss_cfg.offline_in_group))
+                                 for i, g in enumerate(groups)])
+            held += groups
+            for replica, index, signal in signals:
+                (kept if signal else dropped).append((replica, index))
             if len(kept) >= target or extra_rounds == max_rounds:
                 break
             extra_rounds += 1
@@ -284,7 +291,7 @@ class RedTrainer:
             rollouts.sampled += more.sampled
             rollouts.branched += more.branched
             groups = more.groups
-        rollouts.groups = dp.shard((kept + dropped)[:target])
+        rollouts.groups = dp.balance((kept + dropped)[:target], held)
         return {"dynamic/kept_groups": min(len(kept), target), "dynamic/extra_rounds": extra_rounds,
                 "dynamic/prompts": target * (1 + extra_rounds)}
 
@@ -379,6 +386,7 @@ class RedTrainer:
         their accuracies and their overlong penalties."""
         group.responses = [c.token_ids for c in completions]
         group.behaviour_logprobs = [c.logprobs for c in completions]
+        group.rollout_entropies = [c.entropies for c in completions]
         group.finished = [c.finished for c in completions]
         group.rewards = list(rewards)
         group.penalties = [self.overlong_penalty(len(c.token_ids)) for c in completions]
@@ -445,11 +453,13 @@ class RedTrainer:
         set_phase("evaluation")
         problems = self.task.test[: cfg.eval_problems]
         try:
-            out = evaluate_heldout(self.engine, self.tokenizer, problems, self.task.reward_fn, n=cfg.eval_samples,
+            out = evaluate_heldout(self.policy, self.tokenizer, problems, self.grade, n=cfg.eval_samples,
                                    temperature=cfg.eval_temperature, max_new_tokens=self.config.rollout.max_new_tokens,
-                                   seed=cfg.seed, hard_min_difficulty=self.task.hard_min_difficulty)
+                                   seed=cfg.seed, dp=self.dp, hard_min_difficulty=self.task.hard_min_difficulty)
         finally:
-            self.policy.finish_inference()  # the engine's KV cache is not kept through training
+            # prepare_for_inference may have offloaded the optimiser state (rollout.offload_optimizer): the next
+            # step's update, or the checkpoint written after this evaluation, needs it back.
+            self.policy.prepare_for_training()
         if self.task.hard_min_difficulty is not None:  # the built-in task: short traces, a cheap forward
             out.update(teacher_token_probability(self.policy, problems, self.tokenizer.pad_token_id,
                                                  cfg.micro_batch_size, self.task.hard_min_difficulty))
