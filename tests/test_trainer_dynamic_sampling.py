@@ -81,7 +81,8 @@ def _worker(rank, world_size):
 
     dp, loss_cfg, out = DataParallel(rank, world_size, dist.group.WORLD), RedLossConfig.grpo(), {}
     for name, signal in PATTERNS.items():
-        for label, method in (("new", RedTrainer.keep_groups_with_signal), ("previous", _previous_keep_groups_with_signal)):
+        for label, method in (("new", RedTrainer.keep_groups_with_signal),
+                              ("previous", _previous_keep_groups_with_signal)):
             trainer = _Trainer(dp, signal)
             rollouts = trainer.roll_out(dp.shard(trainer.next_batch()), loss_cfg)
             metrics = method(trainer, rollouts, loss_cfg)

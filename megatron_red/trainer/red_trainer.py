@@ -1,12 +1,15 @@
 """The RED trainer: one RED step (`RedTrainer.red_step`) and the loop around it.
 
 One step, top to bottom (paper Eq. 10):
-  rollout G per prompt -> rewards (graded once per model-parallel group; overlong shaping) -> [dynamic sampling: drop
-  groups without accuracy variance, sample more prompts] -> groups with the offline trace -> [entropy regulation: H_sft of the
-  traces, forward only] -> `red_policy_loss` over micro-batches with global counts at the sampling temperature
-  (pi_old = pi detached, one optimiser step per batch; on-policy rows first, whose H_rl gives w through the
-  EntropyRatioController, then the traces) -> optimiser step. The update's forward also logs pi_old vs the engine's
-  behaviour log-probs (the mismatch).
+  rollout G per prompt (the engine also reports pi's entropy at each token: H_rl) -> rewards (graded once per
+  model-parallel group; overlong shaping) -> [dynamic sampling: drop groups without accuracy variance, sample more
+  prompts] -> groups with the offline trace -> `red_policy_loss` over micro-batches with global counts at the
+  sampling temperature -> optimiser step(s). With one optimiser step per rollout batch, pi_old = pi detached and,
+  with entropy regulation, the traces are trained first (their forward gives H_sft, w = EntropyRatioController's
+  step, the gradient so far is scaled by w), then the rollouts. With K x E (`trainer.mini_batches_per_step` /
+  `epochs_per_step`), one forward-only pass gives pi_old, H_sft and w, then each mini-batch of whole groups is an
+  optimiser step and the PPO clip acts (trainer/update.py). pi_old is also compared with the engine's behaviour
+  log-probs (the mismatch).
 Every method of the paper's Table 2 runs through the same step: loss presets by name, and three schedules —
 SFT->GRPO (an SFT stage, then GRPO), ReLIFT (GRPO; prompts that all rollouts fail are buffered with their traces and
 trained on with a separate SFT step once the buffer is full) and BREAD (GRPO; all-fail prompts are re-rolled from the
@@ -94,11 +97,11 @@ class RedTrainer:
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
             raise ValueError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
                              f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
-        if config.trainer.prompts_per_step // self.dp.size < config.trainer.mini_batches_per_step:
-            raise ValueError(f"trainer.mini_batches_per_step={config.trainer.mini_batches_per_step} needs at least that "
-                             f"many groups per data-parallel replica: trainer.prompts_per_step="
-                             f"{config.trainer.prompts_per_step} over {self.dp.size} replicas gives some "
-                             f"{config.trainer.prompts_per_step // self.dp.size}")
+        t = config.trainer
+        if t.prompts_per_step // self.dp.size < t.mini_batches_per_step:  # each replica splits its own groups
+            raise ValueError(f"trainer.mini_batches_per_step={t.mini_batches_per_step} needs at least that many groups "
+                             f"per data-parallel replica: trainer.prompts_per_step={t.prompts_per_step} over "
+                             f"{self.dp.size} replicas gives some {t.prompts_per_step // self.dp.size}")
         self.stream = PromptStream(self.task.train, config.trainer.prompts_per_step, seed=config.trainer.seed)
         self.controller = EntropyRatioController(config.rollout.n)
         self.relift_buffer: list[int] = []  # indices into task.train
