@@ -98,8 +98,9 @@ class RolloutConfig:
     n: int = 7
     """G: on-policy samples per prompt; the group is these plus the prompt's offline trace."""
     temperature: float = 1.0
-    """Sampling temperature. Every forward of an RL step (pi_old, pi, H_rl, H_sft) divides the logits by it too, so
-    the loss and the entropies describe the distribution that was sampled; SFT-only updates (the `sft` method,
+    """Sampling temperature. Every forward of an RL step (pi_old, pi, H_sft) divides the logits by it too, and the
+    engine's entropies behind H_rl are those of the tempered logits, so the loss and the entropies describe the
+    distribution that was sampled; SFT-only updates (the `sft` method,
     SFT->GRPO's first stage, ReLIFT's SFT steps) fit the traces at 1. Evaluation uses `trainer.eval_temperature`."""
     top_p: float = 1.0
     max_new_tokens: int = 192

@@ -116,6 +116,17 @@ def test_seed_determinism_and_chunking():
     assert all(len(c.token_ids) <= 8 for cs in whole for c in cs)
 
 
+def test_prompt_seeds_sample_a_prompt_alike_in_any_call():
+    model = tiny_model(seed=4)
+    engine = LocalEngine(model, eos_token_id=3, pad_token_id=PAD)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(21, 22, 23))
+    together = engine.generate(PROMPTS, 2, params)
+    alone = engine.generate(PROMPTS[2:], 2, SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(23,)))
+    assert [c.token_ids for c in together[2]] == [c.token_ids for c in alone[0]]
+    with pytest.raises(ValueError, match="prompt_seeds"):
+        engine.generate(PROMPTS, 2, SamplingParams(prompt_seeds=(1,)))
+
+
 def test_top_p_never_samples_outside_nucleus():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3 | 0.15, 0.05 -> nucleus {1, 3} at top_p 0.7
     rows = 20000

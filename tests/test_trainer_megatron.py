@@ -41,6 +41,8 @@ from trainer_fixtures import read_lines, step_lines, tiny_config
 pytest.importorskip("megatron.core")
 
 STEPS = 2
+# (H_rl, H_sft) of a previous step for the controller: dH_rl ~ 1, dH_sft ~ 4.5, so w = clip(4.5, 1, G = 3) = 3.
+PRESET_ENTROPIES = (1e6, 1.0)
 # The same learning-rate schedule for a run stopped after step 1 and for the uninterrupted runs.
 COMMON = [f"trainer.steps={STEPS}", "optim.total_steps=2", "optim.warmup_steps=1", "trainer.save_every=100"]
 
@@ -67,7 +69,11 @@ def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = Non
     """At this size the student never solves a problem, so every GRPO group would be uniform; "the text has an
     even number of characters" or'ed into the verifier's reward gives the groups signal (as in test_trainer_e2e).
     With dynamic sampling, "a length not divisible by 4" pays more often, so that more groups (whose correct trace
-    is a member) are paid throughout and get dropped."""
+    is a member) are paid throughout and get dropped. A fresh run starts from a controller that has seen other
+    entropies (`PRESET_ENTROPIES`): w = G = 3 from the first step, so the w-scaled gradient of the traces
+    (`scale_gradients`) counts in every update."""
+    if trainer.step == 0:
+        trainer.controller.prev_h_rl, trainer.controller.prev_h_sft = PRESET_ENTROPIES
     verify = trainer.task.reward_fn
     dynamic = trainer.config.rollout.dynamic_sampling
     paid = (lambda t: len(t) % 4 != 0) if dynamic else (lambda t: len(t) % 2 == 0)
@@ -172,10 +178,12 @@ def _assert_runs_match(hf_lines, hf_weights, mg_lines, mg_weights, computed_w, s
             else:
                 assert mg[key] == hf[key], (hf["step"], key)
     assert all(line["train/grad_norm"] > 0 and 1.0 <= line["entropy/w"] <= 3.0 for line in hf_lines[:-1])
+    assert hf_lines[0]["entropy/w"] == 3.0  # PRESET_ENTROPIES
 
     from megatron_red.objectives import EntropyRatioController
 
     controller = EntropyRatioController(3)  # G = rollout.n = 3
+    controller.prev_h_rl, controller.prev_h_sft = PRESET_ENTROPIES
     recomputed = [controller.update(line["entropy/H_rl"], line["entropy/H_sft"]) for line in mg_lines[:-1]]
     assert computed_w == pytest.approx(recomputed, rel=1e-12)
     assert computed_w == pytest.approx([line["entropy/w"] for line in hf_lines[:-1]], rel=2e-2)

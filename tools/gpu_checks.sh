@@ -26,7 +26,9 @@
 # Other steps, by name: bench_kernels_nocompile, profile_backward, megatron_families, megatron_train, bench_rollout
 # (the HF-backend rows: HF generate, LocalEngine eager / graph, HFPolicy training step), megatron_train_bf16 (issue
 # 26: `megatron-red train` in bf16 with the distributed optimizer, rollout.offload_optimizer, K = 2, a checkpoint,
-# the HF export and the evaluation, end to end on the GPU).
+# the HF export and the evaluation, end to end on the GPU), step_overhead (issue 26: RED over GRPO at equal tokens,
+# HF backend, the 1.5B's width and vocabulary with 12 layers (two policies fit), 2048-token rows: there the
+# per-micro-batch overheads that dominate the CPU toy's ratio are small against the work).
 #
 # Before the device run, in the repository root of this (CPU) machine:
 #   python3 -m pip download megatron-core==0.19.2 --no-deps -d .whl   # 2.4 MB cp312 manylinux x86-64 wheel: run it
@@ -163,6 +165,8 @@ load = lambda d: {k: v for f in sorted(glob.glob(d + \"/*.safetensors\")) for k,
 a, b = load(os.environ[\"SCRATCH\"] + \"/megatron_train/hf\"), load(os.environ[\"SCRATCH\"] + \"/megatron_export\")
 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \"export != run/hf\"
 print(len(a), \"tensors equal, dtype\", next(iter(a.values())).dtype)"' ;;
+    step_overhead) run step_overhead 120 python3 tools/bench_step_overhead.py --device cuda --hidden 1536 --layers 12 \
+                     --vocab 151936 --length 2048 --micro-batch-size 4 --reps 6 ;;
     bench_rollout) run bench_rollout 130 python3 tools/bench_rollout.py --shapes 64x256 --engines local ;;
     *) echo "unknown step $1" ;;
   esac

@@ -206,16 +206,15 @@ class RedTrainer:
                             rbar_counts_trace=cfg.algo.rbar_counts_trace,
                             filter_truncated=cfg.rewards.overlong_filter)
 
-        # 4. w (Eq. 9-11) from the entropies at rollout time (trainer/update.py). With one optimiser step per batch
-        #    the update's own forward gives pi_old and H_rl (the policy being updated is the one that sampled); only
-        #    the offline rows, whose H_sft must be known before w weighs them, get a forward-only pass first. With
-        #    K x E optimiser steps (trainer.mini_batches_per_step / epochs_per_step) one forward-only pass over the
-        #    batch gives pi_old, H_rl, H_sft and w for all of them.
+        # 4. w (Eq. 9-11) from the entropies at rollout time (trainer/update.py): H_rl is the engine's. With one
+        #    optimiser step per batch nothing runs here (the update's own forward gives pi_old and H_sft, and w
+        #    scales the traces' gradient once known); with K x E (trainer.mini_batches_per_step / epochs_per_step,
+        #    sampling steps only) one forward-only pass over the batch gives pi_old, H_sft and w for all of them.
         t2 = time.perf_counter()
         set_phase("log-probs")
-        optimizer_steps = cfg.trainer.optimizer_steps_per_step if loss_cfg.online_rl else 1
+        k, e = (cfg.trainer.mini_batches_per_step, cfg.trainer.epochs_per_step) if loss_cfg.online_rl else (1, 1)
         batch, w, measured = prepare_update(self.policy, batch, loss_cfg, self.controller,
-                                            cfg.trainer.micro_batch_size, dp, temperature, optimizer_steps)
+                                            cfg.trainer.micro_batch_size, dp, temperature, k * e)
         metrics.update(measured)
         timings["time/logprob_s"] = time.perf_counter() - t2
 
@@ -225,10 +224,8 @@ class RedTrainer:
         set_phase("update")
         self.policy.prepare_for_training()
         lr_scale = 1.0 if loss_cfg.online_rl else cfg.algo.sft_lr_multiplier
-        mini, epochs = ((cfg.trainer.mini_batches_per_step, cfg.trainer.epochs_per_step) if optimizer_steps > 1
-                        else (1, 1))
         metrics.update(rollout_update(self.policy, batch, loss_cfg, w, cfg.trainer.micro_batch_size, dp, lr_scale,
-                                      temperature, mini, epochs))
+                                      temperature, k, e))
         timings["time/update_s"] = time.perf_counter() - t3
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
