@@ -100,8 +100,9 @@ class RolloutConfig:
     n: int = 7
     """G: on-policy samples per prompt; the group is these plus the prompt's offline trace."""
     temperature: float = 1.0
-    """Sampling temperature. Every forward of an RL step (pi_old, pi, H_rl, H_sft) divides the logits by it too, so
-    the loss and the entropies describe the distribution that was sampled; SFT-only updates (the `sft` method,
+    """Sampling temperature. Every forward of an RL step (pi_old, pi, H_sft) divides the logits by it too, and the
+    engine's entropies behind H_rl are those of the tempered logits, so the loss and the entropies describe the
+    distribution that was sampled; SFT-only updates (the `sft` method,
     SFT->GRPO's first stage, ReLIFT's SFT steps) fit the traces at 1. Evaluation uses `trainer.eval_temperature`."""
     top_p: float = 1.0
     max_new_tokens: int = 192
@@ -212,6 +213,21 @@ class TrainerConfig:
 
     steps: int = 150
     prompts_per_step: int = 8
+    mini_batches_per_step: int = 1
+    """K: a step's rollout batch (its `prompts_per_step` groups) is split into K mini-batches of whole groups (a
+    group's trace and rollouts stay together), each one optimiser step (verl's `ppo_mini_batch_size` =
+    prompts_per_step / K; the RED authors' later GRPO code: 4). With K x E > 1, pi_old comes from one forward-only
+    pass over the rollout batch at the sampling temperature before the first update, so the PPO clip acts
+    (`algo.loss.clip_eps` / `clip_eps_high`); H_rl, H_sft and w are those of that pass, held for all the batch's
+    optimiser steps (the entropy controller steps once per rollout batch); each optimiser step normalises the loss
+    with its mini-batch's counts (over all data-parallel replicas). Each replica splits its own block of groups,
+    so prompts_per_step must give every replica at least K groups. SFT-only steps (the `sft` method, SFT->GRPO's
+    SFT stage) and ReLIFT's SFT steps take one optimiser step whatever K is. 1 = one optimiser step per batch."""
+    epochs_per_step: int = 1
+    """E: passes over the K mini-batches of a rollout batch (verl's `ppo_epochs`), in the same order each time; the
+    batch takes K x E optimiser steps. The learning-rate schedule counts optimiser steps (as OpenRLHF, the authors'
+    code base), so the default `optim.total_steps` is the run's optimiser steps: K x E per sampling step, one per
+    SFT-only step; `optim.warmup_steps` counts optimiser steps too."""
     micro_batch_size: int = 8
     """Rows per forward/backward call, grouped by length (each micro-batch pads to its longest row). The update
     does not depend on it (losses use the step's global counts); smaller groups pad less (on the built-in task on
@@ -248,6 +264,19 @@ class TrainerConfig:
     the long legitimate waits are one-sided: the other ranks wait while the group's grading rank scores the step's
     completions (math-verify, per-answer time-outs) or while rank 0 writes a checkpoint's Hugging Face copy. 60 min
     covers those with room to spare, and a real hang still surfaces within the hour."""
+
+    def __post_init__(self):
+        if self.mini_batches_per_step < 1 or self.epochs_per_step < 1:
+            raise ValueError(f"trainer.mini_batches_per_step and trainer.epochs_per_step must be >= 1, got "
+                             f"{self.mini_batches_per_step}, {self.epochs_per_step}")
+        if self.mini_batches_per_step > self.prompts_per_step:
+            raise ValueError(f"trainer.mini_batches_per_step={self.mini_batches_per_step} must be at most "
+                             f"trainer.prompts_per_step={self.prompts_per_step} (a mini-batch holds whole groups)")
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        """Optimiser steps of one sampling step: K x E."""
+        return self.mini_batches_per_step * self.epochs_per_step
 
 
 @dataclass
@@ -355,8 +384,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     _check_keys(config.data.builtin, "megatron_red.data.builtin", "BuiltinTaskConfig", "data.builtin")
     _check_keys(config.algo.loss, "megatron_red.objectives.loss", "RedLossConfig", "algo.loss")
     if "optim" not in tree or "total_steps" not in tree.get("optim", {}):
-        # The schedule spans the run; never shorter than its warm-up (OptimConfig's own rule, checked again on resume).
-        config.optim.total_steps = max(config.trainer.steps, config.optim.warmup_steps)
+        # The schedule spans the run's optimiser steps (K x E per RL step; SFT steps take one each; SFT->GRPO's SFT
+        # stage has its own schedule, trainer/red_trainer.py); never shorter than its warm-up (OptimConfig's own
+        # rule, checked again on resume).
+        t = config.trainer
+        per_step = 1 if config.algo.method == "sft" else t.optimizer_steps_per_step
+        config.optim.total_steps = max(t.steps * per_step, config.optim.warmup_steps)
     if config.rewards.overlong_buffer > config.rollout.max_new_tokens:
         raise ValueError(f"rewards.overlong_buffer={config.rewards.overlong_buffer} must be at most "
                          f"rollout.max_new_tokens={config.rollout.max_new_tokens} (the penalty starts that many "

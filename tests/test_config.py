@@ -48,6 +48,16 @@ def test_qwen_recipe_values():
     assert config.optim.total_steps == config.trainer.steps == 500
 
 
+@pytest.mark.parametrize("name", ["qwen25_math_1p5b_8gpu.yaml", "qwen25_math_7b_8gpu.yaml", "qwen25_32b_16gpu.yaml"])
+def test_recipes_at_scale_take_four_optimiser_steps_with_clip_higher(name):
+    """The authors' later GRPO code: 4 optimiser steps per rollout batch, clip (1 - 0.2, 1 + 0.28); the schedule
+    counts optimiser steps, so its warm-up and length are 4x the RL steps'."""
+    config = load_config(next(p for p in EXAMPLES if p.name == name))
+    assert (config.trainer.prompts_per_step, config.trainer.mini_batches_per_step) == (64, 4)
+    assert config.algo.loss == {"clip_eps_high": 0.28}
+    assert config.optim.total_steps == 4 * config.trainer.steps and config.optim.warmup_steps == 40
+
+
 def test_file_then_overrides(tmp_path):
     path = _write(tmp_path, "trainer:\n  steps: 10\n  seed: 3\nrollout:\n  n: 4\ndata:\n  builtin:\n    num_test: 5\n")
     config = load_config(path, ["trainer.steps=12", "data.builtin.num_train=10", "algo.method=grpo"])

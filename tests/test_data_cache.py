@@ -187,6 +187,9 @@ def _tiny_hf_checkpoint(texts: list[str], directory: Path) -> None:
 class TraceEngine:
     """A rollout engine that answers each prompt with its offline trace (or with `wrong`), for grading checks."""
 
+    def suspend(self):  # nothing to release (the actor's finish_inference calls it)
+        pass
+
     def __init__(self, examples, tokenizer, wrong: str | None = None):
         self.traces = {tuple(ex.prompt_ids): ex.trace_ids for ex in examples}
         self.wrong = tokenizer.encode(wrong) if wrong else None
@@ -194,7 +197,7 @@ class TraceEngine:
     def generate(self, prompts, n, params):
         from megatron_red.rollout.base import Completion
 
-        return [[Completion(self.wrong or self.traces[tuple(p)], [0.0], True)] * n for p in prompts]
+        return [[Completion(self.wrong or self.traces[tuple(p)], [0.0], True, [0.0])] * n for p in prompts]
 
 
 def test_eval_every_runs_on_heldout_openr1_prompts_graded_by_math_verify(tmp_path):
@@ -223,10 +226,12 @@ def test_eval_every_runs_on_heldout_openr1_prompts_graded_by_math_verify(tmp_pat
 
         # The task's reward_fn grades real answers with math-verify: the teacher's boxed sums are right, 0 is not.
         def evaluate(engine):
-            return evaluate_heldout(engine, trainer.tokenizer, held, trainer.task.reward_fn, n=2, temperature=1.0,
+            trainer.policy.rollout_engine = engine  # the actor samples with the engine attached to it
+            return evaluate_heldout(trainer.policy, held, trainer.grade, n=2, temperature=1.0,
                                     max_new_tokens=8, seed=0)["eval/accuracy"]
         assert evaluate(TraceEngine(held, trainer.tokenizer)) == 1.0
         assert evaluate(TraceEngine(held, trainer.tokenizer, wrong="The answer is \\boxed{0}.")) == 0.0
+        trainer.policy.rollout_engine = trainer.engine
 
         trainer.train()
         lines = read_metrics(run_dir)

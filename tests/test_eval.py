@@ -97,7 +97,7 @@ class ScriptedEngine(RolloutEngine):
                 ids.append(self.tokenizer.eos_token_id)
                 finished = len(ids) <= params.max_new_tokens
                 ids = ids[:params.max_new_tokens]
-                row.append(Completion(ids, [0.0] * len(ids), finished))
+                row.append(Completion(ids, [0.0] * len(ids), finished, [0.0] * len(ids)))
             out.append(row)
         self.sequences += len(prompts) * n
         return out

@@ -20,9 +20,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_checks.sh"
-DEFAULT = ["megatron_rollout", "mcore_anchor", "red_step", "megatron_smoke", "hf_anchor", "cuda_tests",
+DEFAULT = ["megatron_rollout", "mcore_anchor", "red_step", "red_step_k4", "megatron_smoke", "hf_anchor", "cuda_tests",
            "rollout_mismatch", "bench_kernels"]
-BY_NAME = ["bench_kernels_nocompile", "profile_backward", "megatron_families", "megatron_train", "bench_rollout"]
+BY_NAME = ["bench_kernels_nocompile", "profile_backward", "megatron_families", "megatron_train", "bench_rollout",
+           "megatron_train_bf16", "step_overhead"]
 
 
 def cpu_env(**extra) -> dict:
@@ -83,8 +84,14 @@ def test_anchor_runner_patches_generate_and_megatron_train_overrides():
     assert Qwen2ForCausalLM.generate is GenerationMixin.generate  # the runner's patch reaches the anchor's model
     from megatron_red.config import load_config
 
-    (_, _, command), = dry_run("megatron_train")
+    for name in ("megatron_train", "megatron_train_bf16"):
+        (_, _, command), = dry_run(name)
+        argv = shlex.split(command)
+        overrides = argv[argv.index("train") + 1:]
+        config = load_config(None, overrides)
+        assert config.model.backend == "megatron" and config.trainer.steps == 3
+    # bench_red_step's overrides of red_step_k4 are config keys too.
+    (_, _, command), = dry_run("red_step_k4")
     argv = shlex.split(command)
-    overrides = argv[argv.index("train") + 1:]
-    config = load_config(None, overrides)
-    assert config.model.backend == "megatron" and config.trainer.steps == 3
+    config = load_config(None, argv[argv.index("2") + 1:])
+    assert config.trainer.mini_batches_per_step == 4 and config.algo.loss == {"clip_eps_high": 0.28}

@@ -16,7 +16,7 @@ def _reference(lp, old, adv, mask, offline, rbar, w, cfg, ent, num_sequences=Non
     lengths = [sum(mask[b]) for b in range(B)]
     n_seq = num_sequences if num_sequences is not None else max(sum(1 for n in lengths if n > 0), 1)
     n_tok = num_tokens if num_tokens is not None else max(sum(lengths), 1)
-    eps = cfg.clip_eps
+    eps, eps_high = cfg.clip_eps, cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     J, grad = 0.0, [[0.0] * T for _ in range(B)]
     parts = {"on": 0.0, "off": 0.0, "nll": 0.0}
     for b in range(B):
@@ -38,7 +38,7 @@ def _reference(lp, old, adv, mask, offline, rbar, w, cfg, ent, num_sequences=Non
                 c = cfg.srft_positive_coef * math.exp(H) if (cfg.srft and A > 0) else 1.0
                 if cfg.tis_cap is not None:
                     c *= min(math.exp(old[b][t] - behaviour[b][t]), cfg.tis_cap)
-                unclipped, clipped = r * A, min(max(r, 1 - eps), 1 + eps) * A
+                unclipped, clipped = r * A, min(max(r, 1 - eps), 1 + eps_high) * A
                 value, dvalue = (unclipped, r * A) if unclipped <= clipped else (clipped, 0.0)
                 parts["on"] += k * c * value
                 grad[b][t] += k * c * dvalue
@@ -89,6 +89,8 @@ def _configs():
     out += [dataclasses.replace(red, detach_pi_offline=False), dataclasses.replace(red, policy_shift="one")]
     # The accident issue 13 found: RED with LUFFY's shift swapped in keeps LUFFY's undetached denominator.
     out += [dataclasses.replace(red, policy_shift="luffy", max_response_length=11)]
+    # DAPO's clip-higher: an upper clip range of its own (the RED authors' later code: 0.28 over 0.2).
+    out += [dataclasses.replace(red, clip_eps_high=0.28), dataclasses.replace(RedLossConfig.grpo(), clip_eps_high=0.5)]
     return out
 
 
@@ -112,9 +114,13 @@ def test_loss_and_gradient_match_float64_loop(cfg):
     assert metrics["sft_weight"] == w
 
 
-def test_metrics_match_reference_counts():
+@pytest.mark.parametrize("eps_high", [None, 0.4])
+def test_metrics_match_reference_counts(eps_high):
     lp, old, adv, mask, is_offline, rbar, ent = _batch()
-    _, m = red_policy_loss(lp, old, adv, mask, is_offline, rbar, 1.0, RedLossConfig.red())
+    cfg = dataclasses.replace(RedLossConfig.red(), clip_eps_high=eps_high)
+    _, m = red_policy_loss(lp, old, adv, mask, is_offline, rbar, 1.0, cfg)
+    upper = 1.2 if eps_high is None else 1 + eps_high
+    above = 0  # tokens between the symmetric and the raised upper bound, with A > 0: clipped only without clip-higher
     on, off, clipped, ratio_sum, roff_sum = 0, 0, 0, 0.0, 0.0
     for b in range(lp.shape[0]):
         for t in range(lp.shape[1]):
@@ -128,8 +134,9 @@ def test_metrics_match_reference_counts():
                 on += 1
                 r = math.exp(lp[b, t].item() - old[b, t].item())
                 ratio_sum += r
-                clipped += (r > 1.2 and adv[b] > 0) or (r < 0.8 and adv[b] < 0)
-    assert clipped > 0  # the batch exercises clipping
+                clipped += (r > upper and adv[b] > 0) or (r < 0.8 and adv[b] < 0)
+                above += 1.2 < r <= 1.4 and adv[b] > 0
+    assert clipped > 0 and above > 0  # the batch exercises clipping, and the raised upper bound changes it
     assert (m["num_on_policy_tokens"], m["num_offline_tokens"]) == (on, off)
     assert m["clip_fraction"] == pytest.approx(clipped / on)
     assert m["on_policy_ratio_mean"] == pytest.approx(ratio_sum / on)

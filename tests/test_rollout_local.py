@@ -63,8 +63,11 @@ def test_behaviour_logprobs_match_teacher_forcing(top_p):
     for prompt, completions in zip(PROMPTS, out):
         assert len(completions) == 2
         for c in completions:
-            assert len(c.token_ids) == len(c.logprobs) == 10 and not c.finished
+            assert len(c.token_ids) == len(c.logprobs) == len(c.entropies) == 10 and not c.finished
             logp = teacher_forced_logp(model, prompt, c.token_ids, temperature)
+            # The entropy of pi at the temperature over the whole vocabulary, whatever the nucleus (H_rl's input).
+            entropy = -(logp.exp() * logp).sum(-1)
+            torch.testing.assert_close(torch.tensor(c.entropies, dtype=torch.float64), entropy, atol=1e-4, rtol=0)
             if top_p < 1.0:
                 # Reference nucleus: tokens whose more-probable predecessors hold < top_p of the mass.
                 p = logp.exp()
@@ -113,12 +116,25 @@ def test_seed_determinism_and_chunking():
     assert all(len(c.token_ids) <= 8 for cs in whole for c in cs)
 
 
+def test_prompt_seeds_sample_a_prompt_alike_in_any_call():
+    model = tiny_model(seed=4)
+    engine = LocalEngine(model, eos_token_id=3, pad_token_id=PAD)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(21, 22, 23))
+    together = engine.generate(PROMPTS, 2, params)
+    alone = engine.generate(PROMPTS[2:], 2, SamplingParams(temperature=1.0, max_new_tokens=8, prompt_seeds=(23,)))
+    assert [c.token_ids for c in together[2]] == [c.token_ids for c in alone[0]]
+    with pytest.raises(ValueError, match="prompt_seeds"):
+        engine.generate(PROMPTS, 2, SamplingParams(prompt_seeds=(1,)))
+
+
 def test_top_p_never_samples_outside_nucleus():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3 | 0.15, 0.05 -> nucleus {1, 3} at top_p 0.7
     rows = 20000
     logits = probs.log().expand(rows, -1)
-    tokens, logprobs = sample_tokens(logits, torch.rand(rows, generator=torch.Generator().manual_seed(0)),
-                                     temperature=1.0, top_p=0.7)
+    tokens, logprobs, entropy = sample_tokens(logits, torch.rand(rows, generator=torch.Generator().manual_seed(0)),
+                                              temperature=1.0, top_p=0.7)
+    # The entropy is pi's over the whole vocabulary, not the nucleus's.
+    torch.testing.assert_close(entropy.double(), -(probs * probs.log()).sum().double().expand(rows), atol=1e-6, rtol=0)
     assert set(tokens.tolist()) == {1, 3}
     freq = (tokens == 1).double().mean().item()
     assert freq == pytest.approx(0.5 / 0.8, abs=0.02)  # 4.6 binomial standard deviations

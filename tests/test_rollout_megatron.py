@@ -9,7 +9,8 @@ attention in place of flash-attn) runs every check:
   included where it stops;
 - sampled rollouts at temperature 0.7: every rank of the model-parallel group returns the same tokens, no padded
   vocabulary id is ever sampled, and each token's behaviour log-prob equals the trainer's log-prob of that token
-  at the same temperature (`get_inference_log_probs`, the pipeline's log-prob head) to 1e-5;
+  at the same temperature (`get_inference_log_probs`, the pipeline's log-prob head) to 1e-5, and so does the
+  full-vocabulary entropy the engine reports at each position (H_rl's input) equal the trainer's;
 - with top-k, top-p and an extra stop id, the tokens, stop flags and log-probs equal the local engine's run of the
   same seed on the Hugging Face model (both engines sample row r's t-th token with the seed's uniform u[r, t]);
 - `finish_inference` returns the KV cache (no live reference is left) and the next `infer` rebuilds it and
@@ -110,6 +111,7 @@ def _worker(rank, world_size, hf_config, hf_state, eos, stops, tp, pp, check_upd
     sampled = policy.infer(PROMPTS, 3, sampled_params)
     out["sampled"] = tokens_of(sampled)
     out["sampled_logprobs"] = [c.logprobs for cs in sampled for c in cs]
+    out["sampled_entropies"] = [c.entropies for cs in sampled for c in cs]
     filtered = SamplingParams(temperature=1.3, top_p=0.9, top_k=20, max_new_tokens=10, seed=5,
                               stop_token_ids=stops)
     megatron_filtered = policy.infer(PROMPTS, 2, filtered)
@@ -136,8 +138,9 @@ def _worker(rank, world_size, hf_config, hf_state, eos, stops, tp, pp, check_upd
     policy.finish_inference()
 
     batch = response_batch(PROMPTS, sampled)
-    logprobs, _ = policy.get_inference_log_probs(batch, micro_batch_size=4, temperature=0.7)
+    logprobs, entropy = policy.get_inference_log_probs(batch, micro_batch_size=4, temperature=0.7)
     out["trainer_logprobs"] = [logprobs[i][batch.loss_mask[i] > 0].tolist() for i in range(len(batch))]
+    out["trainer_entropies"] = [entropy[i][batch.loss_mask[i] > 0].tolist() for i in range(len(batch))]
 
     if rank == 0:  # the local engine on the Hugging Face model, same seed and parameters
         hf = transformers.AutoModelForCausalLM.from_config(hf_config).float()
@@ -207,6 +210,8 @@ def test_megatron_engine_matches_hf_and_trainer(model_type, tp, pp):
         assert r["kv_released"]
         for behaviour, trainer in zip(r["sampled_logprobs"], r["trainer_logprobs"]):
             assert behaviour == pytest.approx(trainer, abs=1e-5)
+        for sampled_h, trainer_h in zip(r["sampled_entropies"], r["trainer_entropies"]):  # H_rl's input
+            assert sampled_h == pytest.approx(trainer_h, abs=1e-5)
     sampled = [t for ids in first["sampled"] for t in ids]
     assert max(sampled) < VOCAB and len({tuple(ids) for ids in first["sampled"][0::3]}) > 1
     assert len({tuple(ids) for ids in first["sampled"][3:6]}) > 1  # a prompt's G samples differ

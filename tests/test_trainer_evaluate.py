@@ -1,6 +1,6 @@
 """Held-out evaluation (`evaluate_heldout`): avg@n accuracy over all, hard, easy and each difficulty, response and
-teacher lengths, against values counted by hand from a scripted engine and verifier (nothing else is faked: the
-function only needs an engine's `generate`, a tokenizer's `decode` and a reward function)."""
+teacher lengths, against values counted by hand from a scripted actor and verifier (nothing else is faked: the
+function only needs the actor hooks and a grading function)."""
 from __future__ import annotations
 
 import pytest
@@ -10,26 +10,27 @@ from megatron_red.rollout.base import Completion
 from megatron_red.trainer.evaluate import evaluate_heldout
 
 
-class ScriptedEngine:
-    """Problem i's j-th sample has i + j + 1 tokens; the verifier below accepts an even length."""
+class ScriptedActor:
+    """The policy's actor hooks; problem i's (prompt [i]) j-th sample has i + j + 1 tokens."""
 
-    def generate(self, prompts, n, params):
-        return [[Completion([7] * (i + j + 1), [0.0] * (i + j + 1), True) for j in range(n)]
-                for i, _ in enumerate(prompts)]
+    def prepare_for_inference(self):
+        pass
 
+    def finish_inference(self):
+        pass
 
-class LengthTokenizer:
-    def decode(self, ids):
-        return str(len(ids))
+    def infer(self, prompts, n, params):
+        return [[Completion([7] * (i + j + 1), [0.0] * (i + j + 1), True, [0.0] * (i + j + 1)) for j in range(n)]
+                for [i] in prompts]
 
 
 def test_accuracy_by_split_and_difficulty():
     difficulties = [1, 2, 4, 4, 5, 6]
-    examples = [RedExample(uid=str(i), prompt_ids=[1, 2], trace_ids=[3] * (10 + i), answer="0", difficulty=d,
+    examples = [RedExample(uid=str(i), prompt_ids=[i], trace_ids=[3] * (10 + i), answer="0", difficulty=d,
                            prompt_text="", trace_text="")
                 for i, d in enumerate(difficulties)]
-    out = evaluate_heldout(ScriptedEngine(), LengthTokenizer(), examples,
-                           lambda texts, answers: [float(int(t) % 2 == 0) for t in texts],
+    # The verifier accepts an even length.
+    out = evaluate_heldout(ScriptedActor(), examples, lambda ids, answers: [float(len(t) % 2 == 0) for t in ids],
                            n=3, temperature=0.6, max_new_tokens=16, seed=0, hard_min_difficulty=4)
     # Problem i's samples have lengths i+1, i+2, i+3: two of three even for odd i, one of three for even i.
     per_problem = [1 / 3, 2 / 3, 1 / 3, 2 / 3, 1 / 3, 2 / 3]

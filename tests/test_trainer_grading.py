@@ -58,7 +58,7 @@ def _worker(rank, world_size, run_dir, student):
     trainer.policy.forward_backward = recording
     metrics = trainer.red_step(trainer.dp.shard(trainer.stream.next_batch()), trainer.loss_config(0))
     ps.destroy_model_parallel()
-    # The step's rows as the update received them (on-policy rows first, then the traces).
+    # The step's rows as the update received them (the traces first, then the on-policy rows).
     tensors = {k: torch.cat([getattr(b, k) for b, _ in parts]) for k in ("input_ids", "attention_mask", "loss_mask")}
     tensors.update({k: torch.cat([b.fields[k] for b, _ in parts]) for k in parts[0][0].fields})
     # numpy, not torch tensors: a tensor sent through the result queue is shared through this process, which may

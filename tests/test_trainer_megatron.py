@@ -41,6 +41,8 @@ from trainer_fixtures import read_lines, step_lines, tiny_config
 pytest.importorskip("megatron.core")
 
 STEPS = 2
+# (H_rl, H_sft) of a previous step for the controller: dH_rl ~ 1, dH_sft ~ 4.5, so w = clip(4.5, 1, G = 3) = 3.
+PRESET_ENTROPIES = (1e6, 1.0)
 # The same learning-rate schedule for a run stopped after step 1 and for the uninterrupted runs.
 COMMON = [f"trainer.steps={STEPS}", "optim.total_steps=2", "optim.warmup_steps=1", "trainer.save_every=100"]
 
@@ -52,7 +54,8 @@ class PerPromptSeeds(RolloutEngine):
         self.engine = engine
 
     def generate(self, prompts, n, params):
-        return [self.engine.generate([p], n, dataclasses.replace(params, seed=zlib.crc32(str(p).encode())))[0]
+        return [self.engine.generate([p], n, dataclasses.replace(params, seed=zlib.crc32(str(p).encode()),
+                                                                 prompt_seeds=None))[0]
                 for p in prompts]
 
     def sync_weights(self, policy) -> None:
@@ -66,7 +69,11 @@ def _prepare(trainer, per_prompt_seeds: bool, pinned_w: list[float] | None = Non
     """At this size the student never solves a problem, so every GRPO group would be uniform; "the text has an
     even number of characters" or'ed into the verifier's reward gives the groups signal (as in test_trainer_e2e).
     With dynamic sampling, "a length not divisible by 4" pays more often, so that more groups (whose correct trace
-    is a member) are paid throughout and get dropped."""
+    is a member) are paid throughout and get dropped. A fresh run starts from a controller that has seen other
+    entropies (`PRESET_ENTROPIES`): w = G = 3 from the first step, so the w-scaled gradient of the traces
+    (`scale_gradients`) counts in every update."""
+    if trainer.step == 0:
+        trainer.controller.prev_h_rl, trainer.controller.prev_h_sft = PRESET_ENTROPIES
     verify = trainer.task.reward_fn
     dynamic = trainer.config.rollout.dynamic_sampling
     paid = (lambda t: len(t) % 4 != 0) if dynamic else (lambda t: len(t) % 2 == 0)
@@ -171,10 +178,12 @@ def _assert_runs_match(hf_lines, hf_weights, mg_lines, mg_weights, computed_w, s
             else:
                 assert mg[key] == hf[key], (hf["step"], key)
     assert all(line["train/grad_norm"] > 0 and 1.0 <= line["entropy/w"] <= 3.0 for line in hf_lines[:-1])
+    assert hf_lines[0]["entropy/w"] == 3.0  # PRESET_ENTROPIES
 
     from megatron_red.objectives import EntropyRatioController
 
     controller = EntropyRatioController(3)  # G = rollout.n = 3
+    controller.prev_h_rl, controller.prev_h_sft = PRESET_ENTROPIES
     recomputed = [controller.update(line["entropy/H_rl"], line["entropy/H_sft"]) for line in mg_lines[:-1]]
     assert computed_w == pytest.approx(recomputed, rel=1e-12)
     assert computed_w == pytest.approx([line["entropy/w"] for line in hf_lines[:-1]], rel=2e-2)
@@ -187,11 +196,15 @@ def _assert_runs_match(hf_lines, hf_weights, mg_lines, mg_weights, computed_w, s
     assert max((hf_weights[k] - start[k]).abs().max().item() for k in start) > 1e-4
 
 
-def test_tensor_parallel_run_with_resume_matches_hf(root, student):
-    hf_lines, hf_weights = _hf_run(root / "hf", student, per_prompt_seeds=False)
-    run_dir = root / "megatron_tp2"
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_tensor_parallel_run_with_resume_matches_hf(root, student, mini_batches):
+    """K = 2: each step's two groups are two optimiser steps, with pi_old from the forward-only pass, and the run
+    is stopped after step 1 and resumed inside it."""
+    k = f"trainer.mini_batches_per_step={mini_batches}"
+    hf_lines, hf_weights = _hf_run(root / f"hf_k{mini_batches}", student, False, k)
+    run_dir = root / f"megatron_tp2_k{mini_batches}"
     overrides = ["model.backend=megatron", f"model.path={student}", "model.tensor_model_parallel_size=2",
-                 "model.use_distributed_optimizer=false"]
+                 "model.use_distributed_optimizer=false", k]
     pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
     (weights, prompts, computed_w, (errors, replicated)), (_, prompts_1, _, (errors_1, replicated_1)) = \
         run_distributed(_megatron_worker, 2, str(run_dir), overrides, 1, False, pinned_w, hf_weights)
@@ -203,6 +216,8 @@ def test_tensor_parallel_run_with_resume_matches_hf(root, student):
     assert replicated.keys() == replicated_1.keys()
     assert [k for k in replicated if not (replicated[k] == replicated_1[k]).all()] == []
     _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
+    if mini_batches == 2:  # the second optimiser step of each batch sees a moved policy: pi / pi_old != 1
+        assert all(line["loss/on_policy_ratio_mean"] != 1.0 for line in step_lines(run_dir))
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["latest", "step_000001", "step_000002"]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_000002"
@@ -225,3 +240,43 @@ def test_data_parallel_step_matches_full_batch(root, student):
     assert [len(p) for p in prompts] == [len(p) for p in prompts_1] == [1] * STEPS
     assert all(set(a).isdisjoint(b) for a, b in zip(prompts, prompts_1))
     assert len(step_lines(run_dir)) == STEPS and (run_dir / "config.yaml").exists()
+
+
+def _evaluation_worker(rank, world_size, run_dir, student):
+    import megatron_compat
+    megatron_compat.install()
+    from megatron.core import parallel_state as ps
+
+    from megatron_red.trainer.red_trainer import RedTrainer
+
+    trainer = _prepare(RedTrainer(tiny_config(Path(run_dir), *EVALUATION, "model.backend=megatron",
+                                              f"model.path={student}"), Path(run_dir)), per_prompt_seeds=False)
+    asked, infer = [], trainer.policy.infer
+    trainer.policy.infer = lambda prompts, n, params: asked.append(len(prompts)) or infer(prompts, n, params)
+    report = trainer.evaluate()
+    ps.destroy_model_parallel()
+    return report, asked
+
+
+EVALUATION = ["trainer.eval_problems=8", "trainer.eval_samples=2"]
+
+
+def test_data_parallel_evaluation_generates_half_the_problems_per_replica(root, student):
+    """Each of two replicas generates (and grades) 4 of the 8 held-out problems through the actor hooks, and the
+    report is the one-replica report: problem i has its own seed whatever the split. The reference is the HF run
+    (one replica, local engine), whose samples equal the megatron engine's (same logits, same uniforms)."""
+    from megatron_red.trainer.red_trainer import RedTrainer
+
+    hf = _prepare(RedTrainer(tiny_config(root / "hf_eval", *EVALUATION, f"model.path={student}"), root / "hf_eval"),
+                  per_prompt_seeds=False)
+    want = hf.evaluate()
+    (report, asked), (report_1, asked_1) = run_distributed(_evaluation_worker, 2, str(root / "megatron_eval_dp2"),
+                                                           student)
+    assert asked == asked_1 == [4]
+    assert report == report_1
+    assert 0 < want["eval/accuracy"] < 1 and want["eval/problems"] == 8
+    for key, value in want.items():
+        if key.startswith("eval/teacher_prob"):  # a forward of each backend: float32 rounding apart
+            assert report[key] == pytest.approx(value, rel=1e-5), key
+        else:
+            assert report[key] == value, key

@@ -1,5 +1,6 @@
 """Exact resumption: a run killed (SIGKILL) between checkpoints, or crashed while writing one, and resumed with
-`--resume` logs the same per-step metrics and ends with the same weights as an uninterrupted run."""
+`--resume` logs the same per-step metrics and ends with the same weights as an uninterrupted run; so does a run
+that takes K x E = 4 optimiser steps per rollout batch (its pi_old pass, held w and learning-rate schedule)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from megatron_red.trainer.red_trainer import RedTrainer
 from trainer_fixtures import REPO_ROOT, TINY_OVERRIDES, cli, read_lines, subprocess_env
 
 RUN = [*TINY_OVERRIDES, "trainer.steps=6", "trainer.save_every=2"]
+MINI_BATCHES = [*RUN, "trainer.mini_batches_per_step=2", "trainer.epochs_per_step=2"]
 
 
 def _comparable(lines: list[dict]) -> list[dict]:
@@ -55,12 +57,13 @@ def reference(root):
     return run_dir
 
 
-def test_sigkill_then_resume_matches_uninterrupted(root, reference):
-    """Killed after step 3 is logged: the latest checkpoint is step 2, and metrics.jsonl already has step 3's line."""
-    run_dir, marker = root / "killed", root / "killed.paused"
-    log = open(root / "killed.log", "w")
+def _kill_after_step_3(root, run_dir: Path, run: list[str]) -> None:
+    """Run `run` into `run_dir` and SIGKILL it once step 3 is logged: the latest checkpoint is step 2, and
+    metrics.jsonl already has step 3's line."""
+    marker = root / f"{run_dir.name}.paused"
+    log = open(root / f"{run_dir.name}.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "pause_at_step.py"), "3", str(marker),
-                             "train", *RUN, f"trainer.out_dir={run_dir}"],
+                             "train", *run, f"trainer.out_dir={run_dir}"],
                             cwd=REPO_ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
@@ -71,14 +74,30 @@ def test_sigkill_then_resume_matches_uninterrupted(root, reference):
     finally:
         proc.wait()
         log.close()
-    assert paused, f"the run never reached step 3 (rc {proc.returncode}):\n{(root / 'killed.log').read_text()[-3000:]}"
+    output = (root / f"{run_dir.name}.log").read_text()[-3000:]
+    assert paused, f"the run never reached step 3 (rc {proc.returncode}):\n{output}"
     assert proc.returncode == -signal.SIGKILL
     assert [r["step"] for r in read_lines(run_dir)] == [0, 1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
+
+def test_sigkill_then_resume_matches_uninterrupted(root, reference):
+    run_dir = root / "killed"
+    _kill_after_step_3(root, run_dir, RUN)
     result = cli("train", "--resume", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"[resume] {run_dir / 'checkpoints' / 'step_000002'}" in result.stdout
+    _assert_same_run(run_dir, reference)
+
+
+def test_sigkill_inside_a_mini_batch_run_then_resume_matches_uninterrupted(root):
+    reference = root / "uninterrupted_mini_batches"
+    assert main(["train", *MINI_BATCHES, f"trainer.out_dir={reference}"]) == 0
+    assert all(line["loss/on_policy_ratio_mean"] != 1.0 for line in read_lines(reference) if "loss/loss" in line)
+    run_dir = root / "killed_mini_batches"
+    _kill_after_step_3(root, run_dir, MINI_BATCHES)
+    result = cli("train", "--resume", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(run_dir, reference)
 
 

@@ -1,9 +1,10 @@
 """What is sampled is what is trained (issue 10) and the schedule / resume defects of issue 13, through `RedTrainer`
 on the Hugging Face backend at toy size:
 
-- two RED steps at rollout temperature 0.7 compute pi (whose detached value is pi_old), H_rl, H_sft, w and the loss
-  at 0.7 (float64 reference on the steps' own tokens); the on-policy rows are trained before the traces, once w is
-  known; the sampler/trainer mismatch is 0 when the engine samples from the trained fp32 module;
+- two RED steps at rollout temperature 0.7 compute pi (whose detached value is pi_old), H_rl (the engine's), H_sft,
+  w and the loss at 0.7 (float64 reference on the steps' own tokens); the traces are trained before the on-policy
+  rows (w is factored out of their term until their forward has given H_sft); the sampler/trainer mismatch is 0
+  when the engine samples from the trained fp32 module;
 - the mismatch metric and truncated importance sampling against values recomputed from the step's tensors, with an
   engine that samples at another temperature than the trainer's;
 - dynamic sampling: every trained group has reward variance, the step keeps its batch, the stream's position
@@ -114,11 +115,13 @@ def test_red_steps_at_the_sampling_temperature_match_float64(root):
     previous = None
     for metrics, step_records in steps:
         assert {r["temperature"] for r in step_records} == {0.7}
-        # Entropy regulation: the on-policy rows are trained first (H_rl comes from their forward), then the
-        # traces, once w is known; no micro-batch mixes the two.
+        # Entropy regulation: the traces are trained first (H_sft comes from their forward; w is factored out of
+        # their term and their gradient scaled once it is known), then the on-policy rows; no micro-batch mixes the
+        # two. H_rl is the engine's, from the sampling logits of the same weights.
         kinds = [r["mb"].fields["is_offline"] for r in step_records]
         assert all(k.all() or not k.any() for k in kinds)
-        assert [bool(k.all()) for k in kinds] == sorted(bool(k.all()) for k in kinds) and kinds[-1].all()
+        assert [bool(k.all()) for k in kinds] == sorted((bool(k.all()) for k in kinds), reverse=True)
+        assert kinds[0].all() and not kinds[-1].any()
         h_rl, h_sft, _ = _float64_step(step_records, loss_cfg, 1.0)
         assert metrics["entropy/H_rl"] == pytest.approx(h_rl, rel=1e-5)
         assert metrics["entropy/H_sft"] == pytest.approx(h_sft, rel=1e-5)

@@ -1,8 +1,9 @@
 """Time RED steps of the Megatron backend on one GPU, split by phase, with the peak GPU memory of each phase.
 
 Phases (what each wraps on the trainer's policy, the actor): generate (`rollout_engine.generate`, the megatron
-engine on the policy's own weights), log-probs (`logprobs_entropy`: the traces' entropies behind H_sft; pi_old is
-the update's own forward), train (`forward_backward` + `optimizer_step`), weight-sync (`rollout_engine.sync_weights`;
+engine on the policy's own weights), log-probs (`logprobs_entropy`: with K x E > 1 optimiser steps per rollout
+batch, `trainer.mini_batches_per_step` / `epochs_per_step`, the forward-only pi_old pass; nothing with one, where
+pi_old and H_sft come from the update's own forward), train (`forward_backward` + `optimizer_step`), weight-sync (`rollout_engine.sync_weights`;
 the megatron engine shares the weights, so this is the cost of nothing), and the phase switches
 (`prepare_for_inference` / `finish_inference` / `prepare_for_training`: KV-cache release and rebuild, CUDA-graph
 capture, optimiser offload).
@@ -90,13 +91,15 @@ def main() -> None:
         clock.length = metrics.get("response/mean_length", 0.0)
         clock.mismatch = (metrics.get("mismatch/logprob_abs_mean", float("nan")),
                           metrics.get("mismatch/logprob_abs_max", float("nan")))
+        clock.clip = metrics.get("loss/clip_fraction", float("nan"))
         trainer.step += 1
         clocks.append(clock)
     if is_main_process():
         rows = ("generate", "log-probs", "train", "weight-sync", "phase switches", "step")
         print(f"\nRED step, Megatron backend, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}: "
               f"{config.trainer.prompts_per_step} prompts x {config.rollout.n} samples, "
-              f"<= {config.rollout.max_new_tokens} new tokens")
+              f"<= {config.rollout.max_new_tokens} new tokens, {config.trainer.optimizer_steps_per_step} optimiser "
+              f"step(s) per rollout batch, {config.model.dtype}")
         print(f"{'phase':16}" + "".join(f"{'step ' + str(i + 1) + ' s':>12}{'peak GiB':>10}" for i in range(len(clocks))))
         for row in rows:
             print(f"{row:16}" + "".join(f"{c.seconds[row]:12.2f}{c.peak.get(row, float('nan')):10.1f}"
@@ -104,7 +107,7 @@ def main() -> None:
         for i, c in enumerate(clocks):
             print(f"step {i + 1}: {c.tokens} trained tokens, mean response length {c.length:.0f}, generate "
                   f"{100 * c.seconds['generate'] / c.seconds['step']:.0f}% of the step; |log pi_old - log "
-                  f"pi_behaviour| mean {c.mismatch[0]:.2e}, max {c.mismatch[1]:.2e}")
+                  f"pi_behaviour| mean {c.mismatch[0]:.2e}, max {c.mismatch[1]:.2e}; clip fraction {c.clip:.3g}")
 
 
 if __name__ == "__main__":

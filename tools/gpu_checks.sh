@@ -10,6 +10,8 @@
 #                                  512 x 1024, the same shape (mcore_infer_anchor.py)                  [~75 s]
 #                red_step          tools/bench_red_step.py: 2 RED steps, 1.5B shape, 64 prompts x 8 x 512 new
 #                                  tokens, time and peak memory per phase, engine-vs-trainer mismatch   [~85 s]
+#   (issue 26)   red_step_k4       the same in bf16 with 4 optimiser steps per rollout batch (the pi_old pass,
+#                                  clip-higher 0.28): the K > 1 path's phases and clip fraction         [~90 s]
 #   2 (issue 12) megatron_smoke    tools/megatron_smoke.py --groups 1: Megatron SDPA padded / packed, local-spec
 #                                  attention, HF backend; tokens/s, MFU, peak, planned vs measured      [~70 s]
 #                hf_anchor         plain transformers training step, 4 x 4096 and 8 x 4096 + checkpointing
@@ -18,11 +20,15 @@
 #                                  kernel (autotuned) against float64, CUDA-graph decode vs eager       [~45 s]
 #                rollout_mismatch  tools/rollout_mismatch.py: bf16 engine vs trainer log-probs, TIS       [~35 s]
 #   4 (issue 12) bench_kernels     tools/bench_kernels.py: the full kernel table, torch.compile included [~95 s]
-# Expected total about 8.7 minutes with the set-up. Every step has its own time limit, and a global budget
+# Expected total about 10 minutes with the set-up: the budget skips the last steps (bench_kernels first). Every step has its own time limit, and a global budget
 # (GPU_CHECKS_BUDGET_S, default 540 s from the start) caps each limit at what is left, so the default list ends within
 # 9 minutes whatever happens; a step that no longer fits is reported as skipped (lowest priority last).
 # Other steps, by name: bench_kernels_nocompile, profile_backward, megatron_families, megatron_train, bench_rollout
-# (the HF-backend rows: HF generate, LocalEngine eager / graph, HFPolicy training step).
+# (the HF-backend rows: HF generate, LocalEngine eager / graph, HFPolicy training step), megatron_train_bf16 (issue
+# 26: `megatron-red train` in bf16 with the distributed optimizer, rollout.offload_optimizer, K = 2, a checkpoint,
+# the HF export and the evaluation, end to end on the GPU), step_overhead (issue 26: RED over GRPO at equal tokens,
+# HF backend, the 1.5B's width and vocabulary with 12 layers (two policies fit), 2048-token rows: there the
+# per-micro-batch overheads that dominate the CPU toy's ratio are small against the work).
 #
 # Before the device run, in the repository root of this (CPU) machine:
 #   python3 -m pip download megatron-core==0.19.2 --no-deps -d .whl   # 2.4 MB cp312 manylinux x86-64 wheel: run it
@@ -115,6 +121,10 @@ step() {
                     MCORE_NEW_TOK=1024 MCORE_BUDGET_S=100 ;;
     red_step) run red_step 110 env CUDA_DEVICE_MAX_CONNECTIONS=1 python3 -m torch.distributed.run --standalone \
                 --nproc_per_node=1 tools/bench_red_step.py --steps 2 ;;
+    # Issue 26: the K > 1 update (forward-only pi_old pass, 4 optimiser steps, clip-higher) in bf16.
+    red_step_k4) run red_step_k4 110 env CUDA_DEVICE_MAX_CONNECTIONS=1 python3 -m torch.distributed.run --standalone \
+                   --nproc_per_node=1 tools/bench_red_step.py --steps 2 model.dtype=bfloat16 \
+                   trainer.mini_batches_per_step=4 "algo.loss={clip_eps_high: 0.28}" ;;
     # 2. Issue 12: the Megatron training step (SDPA, packing) against the HF backend and plain transformers.
     megatron_smoke) run megatron_smoke 100 python3 tools/megatron_smoke.py --groups 1 --out "$OUT/megatron_smoke.md" ;;
     hf_anchor) anchor hf_anchor 50 hf_step_anchor.py -- --skip-generate ;;
@@ -139,6 +149,12 @@ step() {
                       --standalone --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron trainer.steps=3 \
                       trainer.save_every=2 trainer.eval_problems=16 trainer.tensorboard=false data.warmup_steps=20 \
                       "trainer.out_dir=$SCRATCH/megatron_train" ;;
+    megatron_train_bf16) run megatron_train_bf16 110 env CUDA_DEVICE_MAX_CONNECTIONS=1 python3 -m torch.distributed.run \
+                           --standalone --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron \
+                           model.dtype=bfloat16 model.use_distributed_optimizer=true rollout.offload_optimizer=true \
+                           trainer.mini_batches_per_step=2 trainer.steps=3 trainer.save_every=2 \
+                           trainer.eval_problems=16 trainer.tensorboard=false data.warmup_steps=20 \
+                           "trainer.out_dir=$SCRATCH/megatron_train_bf16" ;;
     # After megatron_train: its checkpoint exported (dist_checkpointing model-only load on the GPU, streamed export)
     # must equal the run's own hf/ written at the end of training.
     megatron_export) run megatron_export 90 bash -c 'python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
@@ -149,12 +165,14 @@ load = lambda d: {k: v for f in sorted(glob.glob(d + \"/*.safetensors\")) for k,
 a, b = load(os.environ[\"SCRATCH\"] + \"/megatron_train/hf\"), load(os.environ[\"SCRATCH\"] + \"/megatron_export\")
 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \"export != run/hf\"
 print(len(a), \"tensors equal, dtype\", next(iter(a.values())).dtype)"' ;;
+    step_overhead) run step_overhead 120 python3 tools/bench_step_overhead.py --device cuda --hidden 1536 --layers 12 \
+                     --vocab 151936 --length 2048 --micro-batch-size 4 --reps 6 ;;
     bench_rollout) run bench_rollout 130 python3 tools/bench_rollout.py --shapes 64x256 --engines local ;;
     *) echo "unknown step $1" ;;
   esac
 }
-DEFAULT_STEPS=(megatron_rollout mcore_anchor red_step megatron_smoke hf_anchor cuda_tests rollout_mismatch
-               bench_kernels)
+DEFAULT_STEPS=(megatron_rollout mcore_anchor red_step red_step_k4 megatron_smoke hf_anchor cuda_tests
+               rollout_mismatch bench_kernels)
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=("${DEFAULT_STEPS[@]}")
 if [ -z "$DRY" ]; then

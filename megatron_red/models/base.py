@@ -114,6 +114,10 @@ class PolicyBackend(ABC):
         global counts). Returns the metrics of each micro-batch."""
 
     @abstractmethod
+    def scale_gradients(self, factor: float) -> None:
+        """Multiply the gradients accumulated so far by `factor` (RED's w, once it is known: trainer/update.py)."""
+
+    @abstractmethod
     def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         """Clip gradients, step optimiser and learning-rate schedule, zero gradients; return the pre-clip grad norm.
         `lr_scale` multiplies the scheduled learning rate for this step only (SFT updates run at their own rate);
@@ -160,7 +164,8 @@ class PolicyBackend(ABC):
 
     def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
                                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi_old of the step (and the token entropies): `logprobs_entropy` with no gradient."""
+        """pi_old of a rollout batch trained with several optimiser steps (and the token entropies, H_sft's input):
+        `logprobs_entropy` with no gradient."""
         return self.logprobs_entropy(batch, micro_batch_size, temperature)
 
     def prepare_for_training(self) -> None:

@@ -172,6 +172,11 @@ class HFPolicy(PolicyBackend):
         self.optim_config = optim
         self.optimizer, self.scheduler = build_optimizer(self.model.named_parameters(), optim)
 
+    def scale_gradients(self, factor: float) -> None:
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
     def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         grad_norm = clip_grad_norm(self.model.parameters(), self.optim_config.grad_clip)
         scheduled = [group["lr"] for group in self.optimizer.param_groups]

@@ -22,7 +22,9 @@ class OptimConfig:
                    does not state it, 0.01 is verl's actor default.
     eps:           Adam epsilon.
     warmup_steps:  optimiser steps of linear warm-up from lr/warmup_steps to lr (0: none).
-    total_steps:   step at which the cosine decay reaches min_lr_ratio * lr (0: constant lr after warm-up).
+    total_steps:   optimiser step at which the cosine decay reaches min_lr_ratio * lr (0: constant lr after
+                   warm-up). A run's default (`load_config`) is its optimiser steps: trainer.steps x
+                   trainer.mini_batches_per_step x trainer.epochs_per_step, one per SFT-only step.
     min_lr_ratio:  floor of the cosine decay as a fraction of lr (paper: cosine to 0.1x).
     grad_clip:     max global L2 norm of the gradient (paper: 1.0); <= 0 disables clipping (the norm is still reported).
     """

@@ -2,7 +2,8 @@
 
 `red_policy_loss` is a pure function of per-token log-probs and per-row group quantities; it is minimised
 (the negative of the objective J). Per token it maximises
-  on-policy rows:  min(r * A, clip(r, 1 - eps, 1 + eps) * A),    r = exp(log pi - log pi_old)   (Eq. 1)
+  on-policy rows:  min(r * A, clip(r, 1 - eps, 1 + eps_high) * A), r = exp(log pi - log pi_old) (Eq. 1; eps_high =
+                   eps unless DAPO's clip-higher sets it)
                    times sg(min(pi_old / pi_behaviour, tis_cap)) when truncated importance sampling is on
   offline rows:    w * r_off * A, no clipping,                    r_off = pi / pi_offline         (Eq. 7, 8, 10)
   offline rows:    sft_nll_coef * log pi                          (SFT / SRFT's NLL term)
@@ -32,7 +33,13 @@ class RedLossConfig:
     name: str = "red"
     """Method name, for logs and `from_name`."""
     clip_eps: float = 0.2
-    """PPO clip range eps of the on-policy ratio (Eq. 1); offline tokens are never clipped."""
+    """PPO clip range eps of the on-policy ratio (Eq. 1): r is clipped to [1 - eps, 1 + eps_high]; offline tokens
+    are never clipped. It acts only when pi_old differs from pi, i.e. with several optimiser steps per rollout
+    batch (`trainer.mini_batches_per_step` / `trainer.epochs_per_step`)."""
+    clip_eps_high: float | None = None
+    """Upper clip range eps_high (DAPO's clip-higher: a larger upper bound lets low-probability tokens grow, which
+    keeps entropy from collapsing; the RED authors' later GRPO code uses 0.28 with eps = 0.2). None = clip_eps
+    (the symmetric clip of Eq. 1)."""
     policy_shift: str = "accuracy_aware"
     """pi_offline of r_off = pi / pi_offline: "accuracy_aware" (Eq. 8), "one", "on_policy" (Eq. 6) or "luffy"."""
     luffy_gamma: float = 0.1
@@ -85,6 +92,18 @@ class RedLossConfig:
                              "detach_pi_offline unset (None)")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ValueError(f"tis_cap must be > 0 (or None for off), got {self.tis_cap}")
+        if self.entropy_regulation and self.sft_nll_coef > 0:
+            # The trainer trains the offline rows with w factored out and scales their gradient by w afterwards
+            # (trainer/update.py), which needs their loss to be linear in w: an NLL term (not weighted by w) is not.
+            raise ValueError(f"entropy_regulation weighs the offline term by w and cannot be combined with an NLL "
+                             f"term on the offline rows (sft_nll_coef={self.sft_nll_coef}); set one of them off")
+        if self.clip_eps_high is not None and not self.clip_eps_high >= 0:
+            raise ValueError(f"clip_eps_high must be >= 0 (or None for clip_eps), got {self.clip_eps_high}")
+
+    @property
+    def upper_clip_eps(self) -> float:
+        """eps_high of the clip [1 - eps, 1 + eps_high]: `clip_eps_high`, or `clip_eps` when it is None."""
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
     def detaches_pi_offline(self) -> bool:
         """Whether r_off has no gradient through pi_offline: `detach_pi_offline`, or the shift's rule when None."""
@@ -271,8 +290,8 @@ def red_policy_loss(
 
     # On-policy PPO-clipped surrogate (Eq. 1).
     ratio = torch.where(on_tokens, lp - old_logprobs, zero).exp()
-    eps = config.clip_eps
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps, 1.0 + eps) * adv)
+    eps, eps_high = config.clip_eps, config.upper_clip_eps
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps, 1.0 + eps_high) * adv)
     if config.srft:  # SRFT: positive self-rollouts weighted by c * sg(exp(H))
         surrogate = surrogate * torch.where(adv > 0, config.srft_positive_coef * ent.exp(), 1.0)
     if config.tis_cap is not None:  # truncated importance sampling: sg(min(pi_old / pi_behaviour, C))
@@ -296,7 +315,7 @@ def red_policy_loss(
 
     with torch.no_grad():
         n_on, n_off = on_tokens.sum(), off_tokens.sum()
-        clipped = ((ratio > 1.0 + eps) & (adv > 0)) | ((ratio < 1.0 - eps) & (adv < 0))
+        clipped = ((ratio > 1.0 + eps_high) & (adv > 0)) | ((ratio < 1.0 - eps) & (adv < 0))
         stats = torch.stack([t.to(torch.float64) for t in (
             loss, 0.0 - j_on, 0.0 - j_off, 0.0 - j_nll,  # 0.0 - x: no -0.0 in the logs
             (clipped & on_tokens).sum() / n_on.clamp_min(1),

@@ -13,6 +13,9 @@ class SamplingParams:
     top_p:           nucleus threshold in (0, 1]; 1 = off.
     max_new_tokens:  generation budget per response.
     seed:            seeds the call's uniforms (see rollout/sampling.py); None = a fresh random seed.
+    prompt_seeds:    one seed per prompt instead (`seed` is then unused): prompt i's n rows draw their uniforms
+                     from its own seed, so its samples do not depend on the other prompts of the call (held-out
+                     evaluation split over data-parallel replicas samples what one replica would).
     top_k:           sample among the k most probable tokens; 0 = off (applied before top_p).
     stop_token_ids:  generation also stops after any of these tokens (included in the response), besides EOS.
     """
@@ -23,6 +26,7 @@ class SamplingParams:
     seed: int | None = None
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    prompt_seeds: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -33,11 +37,14 @@ class Completion:
     logprobs:   behaviour log-probs of `token_ids` under the sampling distribution (temperature / top-k / top-p
                 applied as in sampling), same length.
     finished:   True when generation stopped on EOS or a stop token, False when cut at max_new_tokens.
+    entropies:  at each position of `token_ids`, the full-vocabulary entropy of pi at the sampling temperature
+                (before top-k / top-p) that the token was drawn from: H_rl of Eq. 9-11 comes from these.
     """
 
     token_ids: list[int]
     logprobs: list[float]
     finished: bool
+    entropies: list[float]
 
 
 class RolloutEngine(ABC):

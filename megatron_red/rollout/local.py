@@ -131,6 +131,7 @@ class LocalEngine(RolloutEngine):
 
         out_tokens = torch.full((b, max_new), self.pad_token_id, dtype=torch.long, device=self.device)
         out_logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=self.device)
+        out_entropies = torch.zeros((b, max_new), dtype=torch.float32, device=self.device)
         finished = torch.zeros(b, dtype=torch.bool, device=self.device)
         stops = torch.tensor((self.eos_token_id, *params.stop_token_ids), device=self.device)
         rows_now = torch.arange(b, device=self.device)  # the chunk rows the state still decodes
@@ -139,11 +140,12 @@ class LocalEngine(RolloutEngine):
                 state.tokens.copy_(out_tokens[rows_now, t - 1:t])
                 logits = self._captured_step(state) if self.cuda_graph else self._decode_step(state, prompt_len + t)
                 state.advance()
-            token, logprob = sample_tokens(logits, uniforms[rows_now, t], params.temperature, params.top_p,
-                                           params.top_k)
+            token, logprob, entropy = sample_tokens(logits, uniforms[rows_now, t], params.temperature,
+                                                    params.top_p, params.top_k)
             done = finished[rows_now]
             out_tokens[rows_now, t] = token.masked_fill(done, self.pad_token_id)
             out_logprobs[rows_now, t] = logprob.masked_fill(done, 0.0)
+            out_entropies[rows_now, t] = entropy.masked_fill(done, 0.0)
             finished[rows_now] = done | torch.isin(token, stops)
             if (t + 1) % self.sync_every == 0:
                 running = (~finished[rows_now]).nonzero().squeeze(-1)
@@ -152,16 +154,18 @@ class LocalEngine(RolloutEngine):
                 if not self.cuda_graph and running.numel() < rows_now.numel():
                     state.keep_rows(running)  # finished rows leave the batch (eager only: a graph's shapes are fixed)
                     rows_now = rows_now[running]
-        return self._completions(out_tokens.cpu(), out_logprobs.cpu(), stops.cpu())
+        return self._completions(out_tokens.cpu(), out_logprobs.cpu(), out_entropies.cpu(), stops.cpu())
 
-    def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor, stops: torch.Tensor) -> list[Completion]:
+    def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor, entropies: torch.Tensor,
+                     stops: torch.Tensor) -> list[Completion]:
         out = []
         is_stop = torch.isin(tokens, stops)
         for i in range(tokens.shape[0]):
             hits = is_stop[i].nonzero()
             finished = hits.numel() > 0
             length = int(hits[0]) + 1 if finished else tokens.shape[1]
-            out.append(Completion(tokens[i, :length].tolist(), logprobs[i, :length].tolist(), finished))
+            out.append(Completion(tokens[i, :length].tolist(), logprobs[i, :length].tolist(), finished,
+                                  entropies[i, :length].tolist()))
         return out
 
     def _decode_state(self, rows: int, cache_len: int) -> "_DecodeState":

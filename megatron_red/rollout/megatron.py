@@ -68,6 +68,7 @@ def _row_sampler(valid_vocab_size: int):
                              stops=torch.tensor(params.stop_token_ids, dtype=torch.long, device=device),
                              tokens=torch.full((rows, max_new), -1, dtype=torch.long, device=device),
                              logprobs=torch.zeros((rows, max_new), dtype=torch.float32, device=device),
+                             entropies=torch.zeros((rows, max_new), dtype=torch.float32, device=device),
                              steps=torch.zeros(rows, dtype=torch.long), last=([], None))
 
         def finish(self) -> dict:
@@ -83,10 +84,12 @@ def _row_sampler(valid_vocab_size: int):
             steps = call["steps"][rows]
             rows_d, steps_d = rows.to(logits.device), steps.to(logits.device)
             logits = logits[gather_indices[:n]] if gather_indices is not None else logits[:n]
-            tokens, logprobs = sample_tokens(logits[:, :valid_vocab_size], call["uniforms"][rows_d, steps_d],
-                                             params.temperature, params.top_p, params.top_k)
+            tokens, logprobs, entropies = sample_tokens(logits[:, :valid_vocab_size],
+                                                        call["uniforms"][rows_d, steps_d], params.temperature,
+                                                        params.top_p, params.top_k)
             call["tokens"][rows_d, steps_d] = tokens
             call["logprobs"][rows_d, steps_d] = logprobs
+            call["entropies"][rows_d, steps_d] = entropies
             call["steps"][rows] += 1
             call["last"] = (request_ids.tolist(), tokens)
             if output is None:
@@ -276,14 +279,16 @@ class MegatronEngine(RolloutEngine):
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _completions(self, call: dict, generated: dict[int, list[int]], params: SamplingParams) -> list[Completion]:
-        tokens, logprobs, steps = call["tokens"].cpu(), call["logprobs"].cpu(), call["steps"].tolist()
+        tokens, logprobs, entropies = call["tokens"].cpu(), call["logprobs"].cpu(), call["entropies"].cpu()
+        steps = call["steps"].tolist()
         stops = set(params.stop_token_ids)
         out = []
         for r, length in enumerate(steps):
             ids = tokens[r, :length].tolist()
             if generated.get(r) != ids:
                 raise RuntimeError(f"row {r}: megatron's engine kept {generated.get(r)} but sampled {ids}")
-            out.append(Completion(ids, logprobs[r, :length].tolist(), bool(ids) and ids[-1] in stops))
+            out.append(Completion(ids, logprobs[r, :length].tolist(), bool(ids) and ids[-1] in stops,
+                                  entropies[r, :length].tolist()))
         return out
 
     def _check_model_parallel_agreement(self, tokens: torch.Tensor) -> None:

@@ -178,10 +178,11 @@ class DataParallel:
         size = ps.get_data_parallel_world_size()
         return cls(ps.get_data_parallel_rank(), size, ps.get_data_parallel_group() if size > 1 else None)
 
-    def shard(self, items: Sequence) -> list:
+    def shard(self, items: Sequence, allow_empty: bool = False) -> list:
         """This replica's contiguous block of `items` (blocks differ in length by at most one); concatenating
-        the blocks in rank order gives `items` back, so `gather(shard(x)) == x`."""
-        if len(items) < self.size:
+        the blocks in rank order gives `items` back, so `gather(shard(x)) == x`. Fewer items than replicas is an
+        error unless `allow_empty` (the last replicas then get none)."""
+        if len(items) < self.size and not allow_empty:
             raise ValueError(f"{len(items)} items cannot be split over {self.size} data-parallel ranks; "
                              f"raise trainer.prompts_per_step (or the ReLIFT buffer) to at least {self.size}")
         base, extra = divmod(len(items), self.size)
@@ -195,6 +196,22 @@ class DataParallel:
         parts: list = [None] * self.size
         dist.all_gather_object(parts, items, group=self.group)
         return [x for part in parts for x in part]
+
+    def balance(self, chosen: list[tuple[int, int]], items: list) -> list:
+        """This replica's share of the items `chosen` names, in order, as (replica, index into that replica's
+        `items`) pairs: as many as `shard(chosen)` gives it, its own chosen items first, then, when it holds fewer
+        than its share, items of the replicas that hold more than theirs. Only those surplus items travel (one
+        gather, and none when every replica holds its share). Collective; identity with one replica."""
+        base, extra = divmod(len(chosen), self.size)
+        quota = [base + (d < extra) for d in range(self.size)]
+        own = [[i for r, i in chosen if r == d] for d in range(self.size)]
+        mine = [items[i] for i in own[self.rank][:quota[self.rank]]]
+        if all(len(own[d]) <= quota[d] for d in range(self.size)):
+            return mine
+        moving = self.gather([items[i] for i in own[self.rank][quota[self.rank]:]])  # surplus, in rank order
+        need = [max(quota[d] - len(own[d]), 0) for d in range(self.size)]
+        start = sum(need[:self.rank])
+        return mine + moving[start:start + need[self.rank]]
 
     def all_sum(self, value: torch.Tensor) -> torch.Tensor:
         """`value` summed over the replicas (a new tensor on `value`'s device; `value` itself with one)."""

@@ -1,26 +1,58 @@
 """Held-out accuracy of the student during and after training: the built-in task's test split, or OpenR1-format
-prompts held out by `data.eval_fraction` / `data.eval_path`, graded by the task's `reward_fn` (math-verify)."""
+prompts held out by `data.eval_fraction` / `data.eval_path`, graded by the task's `reward_fn` (math-verify).
+
+Generation goes through the policy's actor hooks (`prepare_for_inference` / `infer` / `finish_inference`), like a
+step's rollouts; each data-parallel replica generates its block of the problems, grades it once per model-parallel
+group (the trainer's `grade`), and the per-problem results are gathered in problem order. Problem i is sampled with
+a seed of its own (from the run's seed and i), so the report is the same whatever the number of replicas.
+"""
 from __future__ import annotations
+
+import hashlib
+from typing import Callable
 
 import torch
 
 from megatron_red.rollout.base import SamplingParams
+from megatron_red.trainer.distributed import DataParallel
 from megatron_red.trainer.groups import Group, build_batch
 
 
-def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperature: float, max_new_tokens: int,
-                     seed: int, hard_min_difficulty: int | None = None) -> dict:
+def problem_seed(seed: int, index: int) -> int:
+    """The sampling seed of held-out problem `index` (its position in the evaluated list) in a run of `seed`."""
+    return int.from_bytes(hashlib.sha256(f"eval:{seed}:{index}".encode()).digest()[:7], "little")
+
+
+def evaluate_heldout(policy, examples, grade: Callable[[list[list[int]], list], list[float]], *, n: int,
+                     temperature: float, max_new_tokens: int, seed: int, dp: DataParallel | None = None,
+                     hard_min_difficulty: int | None = None) -> dict:
     """avg@n accuracy over `examples` (and over the hard / easy ones and per difficulty `eval/accuracy_d{k}` when
     difficulties are known), the mean response length in tokens, and the teacher traces' mean length on the same
-    problems (when they have traces)."""
-    params = SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
-    completions = engine.generate([ex.prompt_ids for ex in examples], n, params)
-    per_problem, lengths = [], []
-    for ex, comps in zip(examples, completions):
-        texts = [tokenizer.decode(c.token_ids) for c in comps]
-        scores = reward_fn(texts, [ex.answer] * len(texts))
-        per_problem.append(sum(scores) / len(scores))
-        lengths += [len(c.token_ids) for c in comps]
+    problems (when they have traces).
+
+    policy: the actor whose attached engine samples (module docstring); grade(token lists, answers) -> rewards.
+    dp: this replica's place; its contiguous block of `examples` is the one it generates (none when there are
+    fewer problems than replicas)."""
+    dp = dp or DataParallel()
+    indices = dp.shard(range(len(examples)), allow_empty=True)
+    mine = [examples[i] for i in indices]
+    results = []  # (accuracy, response lengths) of each of this replica's problems
+    if mine:
+        params = SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
+                                prompt_seeds=tuple(problem_seed(seed, i) for i in indices))
+        policy.prepare_for_inference()
+        try:
+            completions = policy.infer([ex.prompt_ids for ex in mine], n, params)
+        finally:
+            policy.finish_inference()  # the engine's KV cache is not kept through training
+        scores = grade([c.token_ids for comps in completions for c in comps],
+                       [ex.answer for ex, comps in zip(mine, completions) for _ in comps])
+        for k, comps in enumerate(completions):
+            problem = scores[k * n:(k + 1) * n]
+            results.append((sum(problem) / len(problem), [len(c.token_ids) for c in comps]))
+    results = dp.gather(results)  # every problem's, in order
+    per_problem = [accuracy for accuracy, _ in results]
+    lengths = [length for _, problem in results for length in problem]
     out = {"eval/accuracy": sum(per_problem) / len(per_problem), "eval/mean_length": sum(lengths) / len(lengths),
            "eval/problems": len(examples)}
     traces = [len(ex.trace_ids) for ex in examples if ex.trace_ids]
@@ -34,8 +66,8 @@ def evaluate_heldout(engine, tokenizer, examples, reward_fn, *, n: int, temperat
         for level in sorted({ex.difficulty for ex in examples if ex.difficulty is not None}):
             accs = [a for a, ex in zip(per_problem, examples) if ex.difficulty == level]
             out[f"eval/accuracy_d{level}"] = sum(accs) / len(accs)  # per difficulty: what RL sharpens, what is new
-        hard_lengths = [len(c.token_ids) for ex, comps in zip(examples, completions)
-                        if ex.difficulty is not None and ex.difficulty >= hard_min_difficulty for c in comps]
+        hard_lengths = [length for ex, (_, problem) in zip(examples, results)
+                        if ex.difficulty is not None and ex.difficulty >= hard_min_difficulty for length in problem]
         if hard_lengths:
             out["eval/mean_length_hard"] = sum(hard_lengths) / len(hard_lengths)
     return out

@@ -5,7 +5,7 @@ A group is one prompt's G on-policy completions plus, when the method uses it, t
 rewards (the verifier's accuracy plus any overlong penalty), and rbar (`group_accuracy`) is the members' mean
 accuracy (paper Eq. 8; the authors count the trace as a member): shaping moves advantages, never accuracies.
 The engine's behaviour log-probs of each response ride along, aligned with the targets, for the mismatch metric and
-truncated importance sampling.
+truncated importance sampling, and so do its entropies of pi at each response token, from which H_rl is taken.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ class Group:
     """Overlong penalty (<= 0) of each response (rewards/overlong.py); empty = none."""
     behaviour_logprobs: list[list[float]] | None = None
     """The engine's log-probs of each response's tokens under the distribution it sampled from (`Completion`)."""
+    rollout_entropies: list[list[float]] | None = None
+    """The engine's full-vocabulary entropy of pi at each response token (`Completion.entropies`)."""
     finished: list[bool] = field(default_factory=list)
     """Per response: True when it ended on EOS, False when cut at the generation limit."""
     trace_ids: list[int] | None = None
@@ -69,14 +71,15 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
     samples' accuracy alone (an all-fail group then has rbar = 0, so Eq. 8 gives pi_offline = pi: full imitation).
     `filter_truncated` (DAPO's overlong filtering): responses cut at the generation limit get an empty loss mask.
 
-    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], and behaviour_logprobs [B, L-1] (zero
-    outside the responses) when every group with responses has them. A trace outside the group
+    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], group [B] (the row's index in `groups`:
+    mini-batches keep a group's rows together), and behaviour_logprobs / rollout_entropy [B, L-1] (zero outside the
+    responses) when every group with responses has them. A trace outside the group
     (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
     """
-    # (token ids, prompt length, behaviour log-probs, trained: False for a filtered row)
-    rows: list[tuple[list[int], int, list[float] | None, bool]] = []
-    advantages, is_offline, accuracy, rewards = [], [], [], []
-    for g in groups:
+    # (token ids, prompt length, behaviour log-probs, rollout entropies, trained: False for a filtered row)
+    rows: list[tuple[list[int], int, list[float] | None, list[float] | None, bool]] = []
+    advantages, is_offline, accuracy, rewards, group_of = [], [], [], [], []
+    for index, g in enumerate(groups):
         members = g.members(offline_in_group)
         if members:
             adv = group_advantages(torch.tensor([members], dtype=torch.float64), std_normalize=std_normalize)[0]
@@ -86,21 +89,25 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
             adv, rbar = torch.zeros(0, dtype=torch.float64), 0.0
         adv = adv.tolist()
         if g.trace_ids is not None:
-            rows.append((g.prompt_ids + g.trace_ids, len(g.prompt_ids), None, True))
+            rows.append((g.prompt_ids + g.trace_ids, len(g.prompt_ids), None, None, True))
             advantages.append(adv.pop(0) if offline_in_group else 0.0)
             is_offline.append(True)
             accuracy.append(rbar)
             rewards.append(g.trace_reward)
+            group_of.append(index)
         behaviour = g.behaviour_logprobs or [None] * len(g.responses)
+        entropies = g.rollout_entropies or [None] * len(g.responses)
         finished = g.finished or [True] * len(g.responses)
-        for response, reward, a, lp, done in zip(g.responses, g.rewards, adv, behaviour, finished):
-            if lp is not None and len(lp) != len(response):
-                raise ValueError(f"{len(lp)} behaviour log-probs for a response of {len(response)} tokens")
-            rows.append((g.prompt_ids + response, len(g.prompt_ids), lp, done or not filter_truncated))
+        for response, reward, a, lp, h, done in zip(g.responses, g.rewards, adv, behaviour, entropies, finished):
+            for name, values in (("behaviour log-probs", lp), ("rollout entropies", h)):
+                if values is not None and len(values) != len(response):
+                    raise ValueError(f"{len(values)} {name} for a response of {len(response)} tokens")
+            rows.append((g.prompt_ids + response, len(g.prompt_ids), lp, h, done or not filter_truncated))
             advantages.append(a)
             is_offline.append(False)
             accuracy.append(rbar)
             rewards.append(reward)
+            group_of.append(index)
     if not rows:
         raise ValueError("a step needs at least one sequence")
     length = max(len(ids) for ids, *_ in rows)
@@ -108,7 +115,8 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), length - 1), dtype=torch.float32)
     behaviour_logprobs = torch.zeros((len(rows), length - 1), dtype=torch.float32)
-    for i, (ids, prompt_len, lp, trained) in enumerate(rows):
+    rollout_entropy = torch.zeros((len(rows), length - 1), dtype=torch.float32)
+    for i, (ids, prompt_len, lp, h, trained) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
         if trained:  # a filtered row stays in the batch (and counted in its group's advantages), without loss
@@ -116,15 +124,20 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
             loss_mask[i, prompt_len - 1: len(ids) - 1] = 1.0
         if lp:
             behaviour_logprobs[i, prompt_len - 1: len(ids) - 1] = torch.tensor(lp, dtype=torch.float32)
+        if h:
+            rollout_entropy[i, prompt_len - 1: len(ids) - 1] = torch.tensor(h, dtype=torch.float32)
     fields = {
         "advantages": torch.tensor(advantages, dtype=torch.float32),
         "is_offline": torch.tensor(is_offline, dtype=torch.bool),
         "group_accuracy": torch.tensor(accuracy, dtype=torch.float32),
         "rewards": torch.tensor(rewards, dtype=torch.float32),
+        "group": torch.tensor(group_of, dtype=torch.long),
     }
     sampled = [g for g in groups if g.responses]
     if sampled and all(g.behaviour_logprobs is not None for g in sampled):
         fields["behaviour_logprobs"] = behaviour_logprobs
+    if sampled and all(g.rollout_entropies is not None for g in sampled):
+        fields["rollout_entropy"] = rollout_entropy
     return SequenceBatch(input_ids, attention_mask, loss_mask, fields)
 
 

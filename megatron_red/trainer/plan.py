@@ -102,6 +102,17 @@ def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: Ru
             lines.append(f"rows generated per step by each model-parallel group: {prompts} prompts x "
                          f"{config.rollout.n} = {rows}, in {waves} wave{'s' if waves > 1 else ''} of up to "
                          f"{ro.requests}")
+    if config is not None:
+        t = config.trainer
+        per_replica = t.prompts_per_step // lay.data_parallel_size
+        groups = t.prompts_per_step / t.mini_batches_per_step
+        lines.append(f"updates per step: {t.optimizer_steps_per_step} optimiser steps ({t.mini_batches_per_step} "
+                     f"mini-batches x {t.epochs_per_step} epochs) of about {groups:g} groups each "
+                     f"({per_replica // t.mini_batches_per_step} or more per replica); K and E leave the "
+                     f"micro-batches, hence the memory, unchanged (the pi_old pass of K x E > 1 is forward-only)")
+        if per_replica < t.mini_batches_per_step:
+            lines.append(f"  fewer groups per replica ({per_replica}) than mini-batches: the trainer refuses this "
+                         f"(raise trainer.prompts_per_step or lower trainer.mini_batches_per_step)")
     lines += ["", plan.table(card_gib), ""]
     for phase in plan.phases():
         worst = max(plan.peak(s, phase) for s in plan.parts)

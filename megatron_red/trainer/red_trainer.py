@@ -1,12 +1,15 @@
 """The RED trainer: one RED step (`RedTrainer.red_step`) and the loop around it.
 
 One step, top to bottom (paper Eq. 10):
-  rollout G per prompt -> rewards (graded once per model-parallel group; overlong shaping) -> [dynamic sampling: drop
-  groups without accuracy variance, sample more prompts] -> groups with the offline trace -> [entropy regulation: H_sft of the
-  traces, forward only] -> `red_policy_loss` over micro-batches with global counts at the sampling temperature
-  (pi_old = pi detached, one optimiser step per batch; on-policy rows first, whose H_rl gives w through the
-  EntropyRatioController, then the traces) -> optimiser step. The update's forward also logs pi_old vs the engine's
-  behaviour log-probs (the mismatch).
+  rollout G per prompt (the engine also reports pi's entropy at each token: H_rl) -> rewards (graded once per
+  model-parallel group; overlong shaping) -> [dynamic sampling: drop groups without accuracy variance, sample more
+  prompts] -> groups with the offline trace -> `red_policy_loss` over micro-batches with global counts at the
+  sampling temperature -> optimiser step(s). With one optimiser step per rollout batch, pi_old = pi detached and,
+  with entropy regulation, the traces are trained first (their forward gives H_sft, w = EntropyRatioController's
+  step, the gradient so far is scaled by w), then the rollouts. With K x E (`trainer.mini_batches_per_step` /
+  `epochs_per_step`), one forward-only pass gives pi_old, H_sft and w, then each mini-batch of whole groups is an
+  optimiser step and the PPO clip acts (trainer/update.py). pi_old is also compared with the engine's behaviour
+  log-probs (the mismatch).
 Every method of the paper's Table 2 runs through the same step: loss presets by name, and three schedules —
 SFT->GRPO (an SFT stage, then GRPO), ReLIFT (GRPO; prompts that all rollouts fail are buffered with their traces and
 trained on with a separate SFT step once the buffer is full) and BREAD (GRPO; all-fail prompts are re-rolled from the
@@ -44,7 +47,7 @@ from megatron_red.trainer.distributed import (DataParallel, ModelParallel, NullM
 from megatron_red.trainer.evaluate import evaluate_heldout, teacher_token_probability
 from megatron_red.trainer.groups import Group, build_batch
 from megatron_red.trainer.metrics import MetricsLog, require_wandb
-from megatron_red.trainer.update import entropy_weight, policy_update
+from megatron_red.trainer.update import policy_update, prepare_update, rollout_update
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")
 
@@ -102,6 +105,11 @@ class RedTrainer:
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
             raise ValueError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
                              f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
+        t = config.trainer
+        if t.prompts_per_step // self.dp.size < t.mini_batches_per_step:  # each replica splits its own groups
+            raise ValueError(f"trainer.mini_batches_per_step={t.mini_batches_per_step} needs at least that many groups "
+                             f"per data-parallel replica: trainer.prompts_per_step={t.prompts_per_step} over "
+                             f"{self.dp.size} replicas gives some {t.prompts_per_step // self.dp.size}")
         self.stream = PromptStream(self.task.train, config.trainer.prompts_per_step, seed=config.trainer.seed)
         self.controller = EntropyRatioController(config.rollout.n)
         self.relift_buffer: list[int] = []  # indices into task.train
@@ -124,6 +132,13 @@ class RedTrainer:
                     "each replica samples its own block of prompts with its own seed, so the resumed run would not "
                     "continue the same run. Resume with the same data-parallel size (world size / (TP x PP)); "
                     "TP and PP may change.")
+            saved_steps = state.get("optimizer_steps_per_step", 1)
+            if saved_steps != config.trainer.optimizer_steps_per_step:
+                raise ValueError(
+                    f"{checkpoint_dir} was written with {saved_steps} optimiser steps per step, this run takes "
+                    f"{config.trainer.optimizer_steps_per_step} (trainer.mini_batches_per_step x "
+                    "trainer.epochs_per_step): the learning-rate schedule counts optimiser steps, so the resumed run "
+                    "would not continue the same schedule. Resume with the same K x E.")
             self.step = state["step"]
             self.stream.load_state_dict(state["stream"])
             self.controller.load_state_dict(state["controller"])
@@ -178,10 +193,12 @@ class RedTrainer:
         set_phase("rollout")
         if loss_cfg.online_rl:  # the policy is the actor (models/base.py): sampling between its inference hooks
             self.policy.prepare_for_inference()
-            rollouts = self.roll_out(examples, loss_cfg)
-            if cfg.rollout.dynamic_sampling:
-                metrics.update(self.keep_groups_with_signal(rollouts, loss_cfg))
-            self.policy.finish_inference()
+            try:
+                rollouts = self.roll_out(examples, loss_cfg)
+                if cfg.rollout.dynamic_sampling:
+                    metrics.update(self.keep_groups_with_signal(rollouts, loss_cfg))
+            finally:  # a failed step (a grading error, an interrupt) must not leave the KV cache allocated
+                self.policy.finish_inference()
             groups = rollouts.groups
             metrics.update(self.rollout_metrics(rollouts))
             timings["time/rollout_s"] = time.perf_counter() - t0
@@ -199,20 +216,26 @@ class RedTrainer:
                             rbar_counts_trace=cfg.algo.rbar_counts_trace,
                             filter_truncated=cfg.rewards.overlong_filter)
 
-        # 4. w (Eq. 9-11) from the entropies at rollout time. The update's own forward gives pi_old and H_rl (one
-        #    optimiser step per batch: the policy being updated is the one that sampled; trainer/update.py); only
-        #    the offline rows, whose H_sft must be known before w weighs them, get a forward-only pass first.
+        # 4. w (Eq. 9-11) from the entropies at rollout time (trainer/update.py): H_rl is the engine's. With one
+        #    optimiser step per batch nothing runs here (the update's own forward gives pi_old and H_sft, and w
+        #    scales the traces' gradient once known); with K x E (trainer.mini_batches_per_step / epochs_per_step,
+        #    sampling steps only) one forward-only pass over the batch gives pi_old, H_sft and w for all of them.
         t2 = time.perf_counter()
         set_phase("log-probs")
-        w = entropy_weight(self.policy, batch, loss_cfg, self.controller, cfg.trainer.micro_batch_size, dp,
-                           temperature)
+        k, e = (cfg.trainer.mini_batches_per_step, cfg.trainer.epochs_per_step) if loss_cfg.online_rl else (1, 1)
+        batch, w, measured = prepare_update(self.policy, batch, loss_cfg, self.controller,
+                                            cfg.trainer.micro_batch_size, dp, temperature, k * e)
+        metrics.update(measured)
         timings["time/logprob_s"] = time.perf_counter() - t2
 
-        # 5-6. the policy loss over micro-batches, normalised with the step's global counts, and one update.
+        # 5-6. the policy loss over micro-batches, normalised with the global counts of each optimiser step's
+        #      (mini-)batch, and the optimiser steps.
         t3 = time.perf_counter()
         set_phase("update")
         self.policy.prepare_for_training()
-        metrics.update(self.update(batch, loss_cfg, w, temperature))
+        lr_scale = 1.0 if loss_cfg.online_rl else cfg.algo.sft_lr_multiplier
+        metrics.update(rollout_update(self.policy, batch, loss_cfg, w, cfg.trainer.micro_batch_size, dp, lr_scale,
+                                      temperature, k, e))
         timings["time/update_s"] = time.perf_counter() - t3
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
@@ -222,12 +245,6 @@ class RedTrainer:
         timings["time/step_s"] = time.perf_counter() - t0
         metrics["tokens/step"] = int(dp.all_sum(batch.loss_mask.sum()))
         return {**metrics, **timings}
-
-    def update(self, batch, loss_cfg: RedLossConfig, w, temperature: float = 1.0,
-               advance_schedule: bool = True) -> dict:
-        lr_scale = 1.0 if loss_cfg.online_rl else self.config.algo.sft_lr_multiplier
-        return policy_update(self.policy, batch, loss_cfg, w, self.config.trainer.micro_batch_size, self.dp,
-                             lr_scale, temperature, advance_schedule)
 
     # ------------------------------------------------------------------ sampling and rewards
     def roll_out(self, examples, loss_cfg: RedLossConfig, round_: int = 0) -> Rollouts:
@@ -262,16 +279,21 @@ class RedTrainer:
         `rollout.dynamic_sampling_max_rounds` extra rounds are spent; then the step is completed with dropped
         groups (earliest first), so it always keeps its batch size. Replaces `rollouts.groups`.
 
-        Every replica decides on every replica's groups (gathered in rank order), so all draw the same extra
-        batches from the stream (whose position then includes them: a resumed run replays them), and the chosen
-        groups are split over the replicas again."""
+        Every replica decides on every replica's (replica, index, has signal) triples, gathered in rank order each
+        round, so all draw the same extra batches from the stream (whose position then includes them: a resumed
+        run replays them); the groups themselves stay where they were sampled, and only those a replica must hand
+        over to even out the replicas' shares travel (`DataParallel.balance`)."""
         cfg, dp = self.config, self.dp
         target, max_rounds = cfg.trainer.prompts_per_step, cfg.rollout.dynamic_sampling_max_rounds
-        kept, dropped = [], []
+        held: list[Group] = []  # this replica's groups of every round
+        kept, dropped = [], []  # (replica, index into that replica's `held`), every replica's, in decision order
         groups, extra_rounds = rollouts.groups, 0
         while True:
-            for group in dp.gather(groups):
-                (kept if group.has_signal(loss_cfg.offline_in_group) else dropped).append(group)
+            signals = dp.gather([(dp.rank, len(held) + i, g.has_signal(loss_cfg.offline_in_group))
+                                 for i, g in enumerate(groups)])
+            held += groups
+            for replica, index, signal in signals:
+                (kept if signal else dropped).append((replica, index))
             if len(kept) >= target or extra_rounds == max_rounds:
                 break
             extra_rounds += 1
@@ -279,7 +301,7 @@ class RedTrainer:
             rollouts.sampled += more.sampled
             rollouts.branched += more.branched
             groups = more.groups
-        rollouts.groups = dp.shard((kept + dropped)[:target])
+        rollouts.groups = dp.balance((kept + dropped)[:target], held)
         return {"dynamic/kept_groups": min(len(kept), target), "dynamic/extra_rounds": extra_rounds,
                 "dynamic/prompts": target * (1 + extra_rounds)}
 
@@ -374,6 +396,7 @@ class RedTrainer:
         their accuracies and their overlong penalties."""
         group.responses = [c.token_ids for c in completions]
         group.behaviour_logprobs = [c.logprobs for c in completions]
+        group.rollout_entropies = [c.entropies for c in completions]
         group.finished = [c.finished for c in completions]
         group.rewards = list(rewards)
         group.penalties = [self.overlong_penalty(len(c.token_ids)) for c in completions]
@@ -389,7 +412,8 @@ class RedTrainer:
         sft = RedLossConfig.sft()
         batch = build_batch([Group(ex.prompt_ids, trace_ids=ex.trace_ids) for ex in examples],
                             offline_in_group=False, std_normalize=False, pad_token_id=self.tokenizer.pad_token_id)
-        out = self.update(batch, sft, 1.0, advance_schedule=False)
+        out = policy_update(self.policy, batch, sft, 1.0, self.config.trainer.micro_batch_size, self.dp,
+                            self.config.algo.sft_lr_multiplier, advance_schedule=False)
         return {"relift/sft_prompts": buffered, "relift/sft_loss": out.get("loss/loss", float("nan"))}
 
     # ------------------------------------------------------------------ the loop
@@ -430,7 +454,8 @@ class RedTrainer:
         set_phase("checkpoint")
         return checkpoint.save_checkpoint(self.run_dir, self.step, self.policy, {
             "stream": self.stream.state_dict(), "controller": self.controller.state_dict(),
-            "relift_buffer": self.relift_buffer, "data_parallel_size": self.dp.size}, tokenizer=self.tokenizer,
+            "relift_buffer": self.relift_buffer, "data_parallel_size": self.dp.size,
+            "optimizer_steps_per_step": self.config.trainer.optimizer_steps_per_step}, tokenizer=self.tokenizer,
             save_hf=self.config.trainer.save_hf, keep_last=self.config.trainer.keep_last)
 
     def evaluate(self) -> dict:
@@ -440,11 +465,13 @@ class RedTrainer:
         set_phase("evaluation")
         problems = self.task.test[: cfg.eval_problems]
         try:
-            out = evaluate_heldout(self.engine, self.tokenizer, problems, self.task.reward_fn, n=cfg.eval_samples,
+            out = evaluate_heldout(self.policy, problems, self.grade, n=cfg.eval_samples,
                                    temperature=cfg.eval_temperature, max_new_tokens=self.config.rollout.max_new_tokens,
-                                   seed=cfg.seed, hard_min_difficulty=self.task.hard_min_difficulty)
+                                   seed=cfg.seed, dp=self.dp, hard_min_difficulty=self.task.hard_min_difficulty)
         finally:
-            self.policy.finish_inference()  # the engine's KV cache is not kept through training
+            # prepare_for_inference may have offloaded the optimiser state (rollout.offload_optimizer): the next
+            # step's update, or the checkpoint written after this evaluation, needs it back.
+            self.policy.prepare_for_training()
         if self.task.hard_min_difficulty is not None:  # the built-in task: short traces, a cheap forward
             out.update(teacher_token_probability(self.policy, problems, self.tokenizer.pad_token_id,
                                                  cfg.micro_batch_size, self.task.hard_min_difficulty))

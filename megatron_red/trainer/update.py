@@ -1,10 +1,23 @@
-"""One policy update with `red_policy_loss`: the loss over micro-batches with the step's global counts, then an
-optimiser step. Shared by the RED step, the student's warm-up, ReLIFT's SFT step and the overhead benchmark.
+"""The policy update of a step: `red_policy_loss` over micro-batches with global counts, then optimiser steps.
 
-pi_old is the update's own forward, detached. Every method takes one optimiser step per batch, so the policy being
-updated is the one that sampled (and whose entropies w is built from): a separate forward-only pass over the batch
-would compute the same numbers again (it was 12-16% of a step on the built-in task). What that pass used to give
-is measured here instead: the entropies H_rl / H_sft at rollout time and the sampler-vs-trainer mismatch.
+`policy_update` is one optimiser step on a batch; the warm-up, ReLIFT's SFT step and the overhead benchmark call it
+directly. A sampling step's rollout batch goes through `prepare_update` (phase "log-probs") and `rollout_update`.
+
+H_rl (Eq. 9-11) is the entropy of pi at the sampling temperature over the on-policy tokens, as the engine computed
+it while sampling (`Completion.entropies`, the batch's `rollout_entropy`): the policy that sampled is the one whose
+entropy w needs, and the engine has its logits at every token anyway.
+
+- One optimiser step per rollout batch (K = E = 1, `trainer.mini_batches_per_step` / `epochs_per_step`): pi_old is
+  the update's own forward, detached, since the policy being updated is the one that sampled (a separate
+  forward-only pass would compute the same numbers again: it was 12-16% of a step on the built-in task); that
+  forward also gives H_sft and the sampler-vs-trainer mismatch. With entropy regulation the offline rows are
+  trained first with w factored out of their term (it is linear in w), H_sft comes from their forward, and once
+  w is known the accumulated gradient is multiplied by it before the on-policy rows add theirs: no pass is spent
+  on measuring entropies (the forward-only pass over the traces this replaced cost RED 5% over GRPO).
+- K x E > 1 optimiser steps: the policy moves between them, so pi_old, H_sft, w and the mismatch come from one
+  forward-only pass over the whole rollout batch before the first update, and w is held for all of them (one
+  controller step per rollout batch); each mini-batch (whole groups) is then one optimiser step whose loss is
+  normalised with that mini-batch's counts, and the PPO clip acts.
 """
 from __future__ import annotations
 
@@ -13,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from megatron_red.models.base import SequenceBatch
 from megatron_red.objectives import RedLossConfig, behaviour_mismatch, red_policy_loss
 from megatron_red.trainer.distributed import DataParallel
 
@@ -21,7 +35,7 @@ _WEIGHTED_MEANS = {"clip_fraction": "num_on_policy_tokens", "on_policy_ratio_mea
                    "r_off_mean": "num_offline_tokens", "tis_weight_mean": "num_on_policy_tokens",
                    "tis_capped_fraction": "num_on_policy_tokens"}
 # What a micro-batch measures besides its loss: sums (and a max) that combine exactly over micro-batches and ranks.
-_ENTROPY_SUMS = ("entropy_rl_sum", "entropy_rl_rows", "entropy_sft_sum", "entropy_sft_rows")
+_ENTROPY_SUMS = ("entropy_sft_sum", "entropy_sft_rows")
 _MISMATCH = ("mismatch_abs_sum", "mismatch_abs_max", "mismatch_outside", "mismatch_tokens")
 
 
@@ -43,16 +57,15 @@ def aggregate_micro_metrics(per_micro: list[dict]) -> dict:
 
 
 def _measured(entropy: torch.Tensor, logprobs: torch.Tensor, mb) -> dict:
-    """A micro-batch's entropy sums (per-row token means, summed over its on-policy and its offline rows, and the
-    row counts: H is the mean over rows of each row's token mean) and, with behaviour log-probs, the mismatch of
-    its on-policy tokens (`behaviour_mismatch`, pi_old = the update's forward)."""
+    """A micro-batch's H_sft sums (per-row token means summed over its offline rows, and their count: H is the mean
+    over rows of each row's token mean) and, with behaviour log-probs, the mismatch of its on-policy tokens
+    (`behaviour_mismatch`, pi_old = the update's forward)."""
     mask = mb.loss_mask.to(torch.float64)
     counts = mask.sum(dim=1)
-    row_means = (entropy.detach().double() * mask).sum(dim=1) / counts.clamp_min(1)
     offline = mb.fields["is_offline"].bool()
-    on_rows, off_rows = (counts > 0) & ~offline, (counts > 0) & offline
-    out = dict(zip(_ENTROPY_SUMS, (float(row_means[on_rows].sum()), float(on_rows.sum()),
-                                   float(row_means[off_rows].sum()), float(off_rows.sum()))))
+    rows = (counts > 0) & offline
+    row_means = (entropy.detach().double() * mask).sum(dim=1)[rows] / counts[rows]
+    out = dict(zip(_ENTROPY_SUMS, (float(row_means.sum()), float(rows.sum()))))
     if "behaviour_logprobs" in mb.fields:
         on_tokens = mb.loss_mask.bool() & ~offline.unsqueeze(-1)
         out.update(zip(_MISMATCH, behaviour_mismatch(logprobs.detach(), mb.fields["behaviour_logprobs"],
@@ -60,9 +73,9 @@ def _measured(entropy: torch.Tensor, logprobs: torch.Tensor, mb) -> dict:
     return out
 
 
-def _entropy(per_micro: list[dict], kind: str) -> float:
-    rows = sum(m[f"entropy_{kind}_rows"] for m in per_micro)
-    return sum(m[f"entropy_{kind}_sum"] for m in per_micro) / rows if rows else float("nan")
+def _entropy_sft(per_micro: list[dict]) -> float:
+    rows = sum(m["entropy_sft_rows"] for m in per_micro)
+    return sum(m["entropy_sft_sum"] for m in per_micro) / rows if rows else float("nan")
 
 
 def _mismatch_metrics(per_micro: list[dict]) -> dict:
@@ -77,48 +90,38 @@ def _mismatch_metrics(per_micro: list[dict]) -> dict:
             "mismatch/ratio_outside_half_2": sum(m["mismatch_outside"] for m in stats) / tokens}
 
 
-def entropy_weight(policy, batch, loss_cfg: RedLossConfig, controller, micro_batch_size: int,
-                   dp: DataParallel | None = None, temperature: float = 1.0) -> float | Callable[[float], float]:
-    """`policy_update`'s w: 1 without entropy regulation; with it, w as a function of H_rl (the controller's Eq.
-    9-11 step), H_sft measured first by a forward-only pass over the batch's offline rows (all replicas)."""
-    if not loss_cfg.entropy_regulation:
-        return 1.0
-    dp = dp or DataParallel()
-    offline = batch.select(batch.fields["is_offline"].nonzero().squeeze(-1))
-    entropy = (policy.get_inference_log_probs(offline, micro_batch_size, temperature)[1]
-               if len(offline) else offline.loss_mask)  # a replica without traces has no H_sft to add
-    h_sft = dp.row_mean(entropy, offline.loss_mask, torch.ones(len(offline), dtype=torch.bool))
-    return lambda h_rl: controller.update(h_rl, h_sft)
-
-
 def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[float], float],
                   micro_batch_size: int, dp: DataParallel | None = None, lr_scale: float = 1.0,
                   temperature: float = 1.0, advance_schedule: bool = True) -> dict:
     """Backpropagate `red_policy_loss` (Eq. 10, offline term weighted by `w`) over `batch` and step the optimiser.
     `batch.fields` must hold advantages, is_offline and group_accuracy (and behaviour_logprobs with
-    `loss_cfg.tis_cap`); pi_old is the update's own forward (module docstring). Counts are summed over the
-    data-parallel replicas, so the gradients summed over them are the full-batch ones. pi is computed at
+    `loss_cfg.tis_cap`). pi_old is `batch.fields["old_logprobs"]` when the batch has it (`prepare_update`'s pass),
+    else the update's own forward, detached, which then also measures H_sft and the mismatch. Counts are summed
+    over the data-parallel replicas, so the gradients summed over them are the full-batch ones. pi is computed at
     `temperature` (the one the rows were sampled at); `advance_schedule=False` takes a step at the current learning
     rate without moving the schedule (ReLIFT's extra SFT steps).
 
-    w: a number, or a function of H_rl (Eq. 9-11: the controller, given H_sft) for entropy regulation. Then the
-    on-policy rows are trained first, H_rl is taken from their forward (all replicas), and the offline rows, the
-    only ones w weighs, after it (two `forward_backward` calls; gradients accumulate until the optimiser step).
-    `entropy_weight` gives it.
+    w: a number, or a function of H_sft (Eq. 9-11: the controller, given H_rl) for entropy regulation. Then the
+    offline rows, the only ones w weighs, are trained first with w = 1 (the loss is linear in w: RedLossConfig
+    refuses an NLL term beside entropy regulation), H_sft is taken from their forward (all replicas), the
+    accumulated gradient is multiplied by w (`scale_gradients`), and the on-policy rows add theirs (two
+    `forward_backward` calls; gradients accumulate until the optimiser step).
 
-    Returns the loss metrics, entropy/H_rl, entropy/H_sft and entropy/w, and mismatch/* when the batch holds the
-    engine's behaviour log-probs."""
+    Returns the loss metrics, train/grad_norm and train/lr; when pi_old is the update's forward, also
+    entropy/H_sft, entropy/w and mismatch/* (when the batch holds the engine's behaviour log-probs)."""
     dp = dp or DataParallel()
     num_sequences = int(dp.all_sum((batch.loss_mask.sum(dim=1) > 0).sum()))
     num_tokens = dp.all_sum(batch.loss_mask.sum())
-    sft_weight = 0.0 if callable(w) else w  # 0 until w is known: the on-policy pass has no offline row
+    sft_weight = 1.0 if callable(w) else w  # w factored out of the offline rows' term until it is known
+    rollout_time = "old_logprobs" not in batch.fields  # the forward is the policy that sampled
 
     def loss_fn(logprobs, entropy, mb):
+        old = logprobs.detach() if rollout_time else mb.fields["old_logprobs"]
         loss, metrics = red_policy_loss(
-            logprobs, logprobs.detach(), mb.fields["advantages"], mb.loss_mask, mb.fields["is_offline"],
+            logprobs, old, mb.fields["advantages"], mb.loss_mask, mb.fields["is_offline"],
             mb.fields["group_accuracy"], sft_weight, loss_cfg, entropy=entropy, num_sequences=num_sequences,
             num_tokens=num_tokens, behaviour_logprobs=mb.fields.get("behaviour_logprobs"))
-        return loss, {**metrics, **_measured(entropy, logprobs, mb)}
+        return loss, {**metrics, **(_measured(entropy, logprobs, mb) if rollout_time else {})}
 
     def train(rows) -> list[dict]:
         if rows is not None and rows.numel() == 0:
@@ -128,17 +131,100 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
 
     if callable(w):
         offline = batch.fields["is_offline"].bool()
-        per_micro = dp.gather(train(torch.nonzero(~offline).squeeze(-1)))  # every replica's micro-batches
-        sft_weight = w(_entropy(per_micro, "rl"))  # loss_fn reads the new value
-        per_micro += dp.gather(train(torch.nonzero(offline).squeeze(-1)))
+        per_micro = dp.gather(train(torch.nonzero(offline).squeeze(-1)))  # every replica's micro-batches
+        sft_weight = w(_entropy_sft(per_micro))
+        policy.scale_gradients(sft_weight)
+        for m in per_micro:  # what the offline rows' losses are, now that w is known (the rows hold no other term)
+            m["loss"], m["loss_offline"] = m["loss"] * sft_weight, m["loss_offline"] * sft_weight
+        per_micro += dp.gather(train(torch.nonzero(~offline).squeeze(-1)))
     else:
         per_micro = dp.gather(train(None))
     lr = policy.learning_rate * lr_scale  # the rate this step uses (the schedule moves on inside optimizer_step)
     grad_norm = policy.optimizer_step(lr_scale, advance_schedule=advance_schedule)
-    out = {"train/grad_norm": grad_norm, "train/lr": lr, "entropy/H_rl": _entropy(per_micro, "rl"),
-           "entropy/H_sft": _entropy(per_micro, "sft"), "entropy/w": sft_weight, **_mismatch_metrics(per_micro)}
+    out = {"train/grad_norm": grad_norm, "train/lr": lr}
+    if rollout_time:
+        out.update({"entropy/H_sft": _entropy_sft(per_micro), "entropy/w": sft_weight,
+                    **_mismatch_metrics(per_micro)})
     measured = {*_ENTROPY_SUMS, *_MISMATCH, "sft_weight"}  # w: entropy/w
     losses = aggregate_micro_metrics([{k: v for k, v in m.items() if k not in measured} for m in per_micro])
     out.update({f"loss/{k}": v for k, v in losses.items()
                 if k != "r_off_mean" or loss_cfg.offline_in_group})  # r_off of a term outside the objective: none
+    return out
+
+
+def rollout_entropy(batch: SequenceBatch, dp: DataParallel) -> float:
+    """H_rl: the mean over the on-policy rows of every replica of each row's mean entropy at its trained tokens, as
+    the engine saw them (the batch's `rollout_entropy`); NaN for a batch without rollouts."""
+    if "rollout_entropy" not in batch.fields:
+        return float("nan")
+    return dp.row_mean(batch.fields["rollout_entropy"], batch.loss_mask, ~batch.fields["is_offline"].bool())
+
+
+def prepare_update(policy, batch: SequenceBatch, loss_cfg: RedLossConfig, controller, micro_batch_size: int,
+                   dp: DataParallel, temperature: float, optimizer_steps: int
+                   ) -> tuple[SequenceBatch, float | Callable[[float], float], dict]:
+    """Before the update of a rollout batch (phase "log-probs"): the batch to train, its w and what was measured
+    (entropy/H_rl; with several optimiser steps also entropy/H_sft, entropy/w and mismatch/*).
+
+    One optimiser step: no forward here; w is 1, or with entropy regulation the controller's step as a function
+    of H_sft, which the update's forward of the offline rows measures (`policy_update`). Several: one forward-only
+    pass over the whole batch at `temperature` gives pi_old (the batch's `old_logprobs` field) and H_sft (all
+    replicas), hence w (one controller step per rollout batch, Eq. 9-11), and the mismatch of pi_old against the
+    engine."""
+    h_rl = rollout_entropy(batch, dp)
+    if optimizer_steps == 1:
+        w = (lambda h_sft: controller.update(h_rl, h_sft)) if loss_cfg.entropy_regulation else 1.0
+        return batch, w, {"entropy/H_rl": h_rl}
+    old, entropy = policy.get_inference_log_probs(batch, micro_batch_size, temperature)
+    offline, mask = batch.fields["is_offline"].bool(), batch.loss_mask
+    h_sft = dp.row_mean(entropy, mask, offline)
+    w = controller.update(h_rl, h_sft) if loss_cfg.entropy_regulation else 1.0
+    metrics = {"entropy/H_rl": h_rl, "entropy/H_sft": h_sft, "entropy/w": w}
+    if "behaviour_logprobs" in batch.fields:
+        on_tokens = mask.bool() & ~offline.unsqueeze(-1)
+        sums = behaviour_mismatch(old, batch.fields["behaviour_logprobs"], on_tokens).tolist()
+        metrics.update(_mismatch_metrics(dp.gather([dict(zip(_MISMATCH, sums))])))
+    return SequenceBatch(batch.input_ids, batch.attention_mask, mask, {**batch.fields, "old_logprobs": old}), w, metrics
+
+
+def mini_batches(batch: SequenceBatch, k: int) -> list[SequenceBatch]:
+    """`batch` split into `k` mini-batches of whole groups (the `group` field), contiguous, whose numbers of groups
+    differ by at most one."""
+    group = batch.fields["group"]
+    groups = int(group.max()) + 1
+    if groups < k:
+        raise ValueError(f"{groups} groups cannot make {k} mini-batches (trainer.mini_batches_per_step)")
+    base, extra = divmod(groups, k)
+    bounds = [i * base + min(i, extra) for i in range(k + 1)]
+    return [batch.select(((group >= lo) & (group < hi)).nonzero().squeeze(-1)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def rollout_update(policy, batch: SequenceBatch, loss_cfg: RedLossConfig, w: float | Callable[[float], float],
+                   micro_batch_size: int, dp: DataParallel, lr_scale: float = 1.0, temperature: float = 1.0,
+                   mini_batches_per_step: int = 1, epochs: int = 1) -> dict:
+    """The update of a rollout batch prepared by `prepare_update`: `epochs` passes over its `mini_batches_per_step`
+    mini-batches, one `policy_update` (optimiser step) each. Returns `policy_update`'s metrics, combined over the
+    optimiser steps: loss parts, train/grad_norm and train/lr are means over them, token counts those of the
+    rollout batch, clip fraction and ratio means token-weighted."""
+    if mini_batches_per_step * epochs == 1:
+        return policy_update(policy, batch, loss_cfg, w, micro_batch_size, dp, lr_scale, temperature)
+    parts = mini_batches(batch, mini_batches_per_step)
+    steps = [policy_update(policy, part, loss_cfg, w, micro_batch_size, dp, lr_scale, temperature)
+             for _ in range(epochs) for part in parts]
+    return _combine_optimizer_steps(steps, epochs)
+
+
+def _combine_optimizer_steps(steps: list[dict], epochs: int) -> dict:
+    out = {}
+    for key in steps[0]:
+        values = [m[key] for m in steps if m.get(key) is not None and math.isfinite(m[key])]
+        weight_key = "loss/" + _WEIGHTED_MEANS.get(key.removeprefix("loss/"), "")
+        if key.startswith("loss/num_"):
+            out[key] = sum(values) / epochs
+        elif weight_key != "loss/":
+            pairs = [(m[key], m[weight_key]) for m in steps if math.isfinite(m[key])]
+            total = sum(w for _, w in pairs)
+            out[key] = sum(v * w for v, w in pairs) / total if total else float("nan")
+        else:
+            out[key] = sum(values) / len(values) if values else float("nan")
     return out

@@ -304,6 +304,11 @@ class MegatronPolicy(PolicyBackend):
         self.optim, self.step = optim, 0
         self._set_lr()
 
+    def scale_gradients(self, factor: float) -> None:
+        """megatron-core DDP's own scaling of its gradient buffers (every stage scales its part; the DP and the
+        tied-embedding reductions of `optimizer_step` come after, so they see the scaled sums)."""
+        self.model.scale_gradients(factor)
+
     def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
         _sum_over_dp_finalize([self.model])
         self._set_lr(lr_scale)
