@@ -152,10 +152,11 @@ class RewardsConfig:
     overlong.py). Shaping moves the advantages only: rbar (Eq. 8), `reward/all_fail_prompts`, dynamic sampling's
     signal rule, ReLIFT's and BREAD's "failed" tests and every accuracy metric use the verifier's accuracy."""
 
-    overlong_buffer: int = 0
+    overlong_buffer: int | None = None
     """Tokens before the generation limit (`rollout.max_new_tokens`) where the overlong penalty starts; it grows
     linearly to `overlong_penalty` at the limit. Applied to every scored sample, the offline trace included (by its
-    length), as the authors do (2000 of 8192). 0 = off."""
+    length), as the authors do (2000 of 8192). None (default) = a quarter of the limit (the authors' fraction; 48 of
+    the built-in task's 192: docs/calibration.md, O1); 0 = off."""
     overlong_penalty: float = 1.0
     """The penalty subtracted at the generation limit (DAPO and the authors: 1.0)."""
     overlong_filter: bool = False
@@ -163,7 +164,7 @@ class RewardsConfig:
     their group's advantages)."""
 
     def __post_init__(self):
-        if self.overlong_buffer < 0 or self.overlong_penalty < 0:
+        if (self.overlong_buffer or 0) < 0 or self.overlong_penalty < 0:
             raise ValueError(f"rewards.overlong_buffer and rewards.overlong_penalty must be >= 0, got "
                              f"{self.overlong_buffer}, {self.overlong_penalty}")
 
@@ -390,6 +391,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         t = config.trainer
         per_step = 1 if config.algo.method == "sft" else t.optimizer_steps_per_step
         config.optim.total_steps = max(t.steps * per_step, config.optim.warmup_steps)
+    if config.rewards.overlong_buffer is None:  # resolved here, so config.yaml records the buffer a run used
+        config.rewards.overlong_buffer = config.rollout.max_new_tokens // 4
     if config.rewards.overlong_buffer > config.rollout.max_new_tokens:
         raise ValueError(f"rewards.overlong_buffer={config.rewards.overlong_buffer} must be at most "
                          f"rollout.max_new_tokens={config.rollout.max_new_tokens} (the penalty starts that many "

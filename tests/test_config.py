@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_red.config import RunConfig, config_to_dict, load_config
+from megatron_red.config import RewardsConfig, RunConfig, config_to_dict, load_config
 from megatron_red.models.optim import OptimConfig
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "red").glob("*.yaml"))
@@ -20,8 +20,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_no_file_no_overrides_is_the_embedded_default():
     config = load_config()
-    assert config == RunConfig()
-    # The embedded default's schedule spans the whole run.
+    # The embedded default, with the values load_config derives: the overlong buffer (a quarter of the limit) ...
+    assert config.rewards.overlong_buffer == config.rollout.max_new_tokens // 4 == 48
+    assert config == dataclasses.replace(RunConfig(), rewards=RewardsConfig(overlong_buffer=48))
+    # ... and the schedule, which spans the whole run.
     assert config.optim.total_steps == config.trainer.steps == 150
     assert config.algo.method == "red" and config.data.task == "builtin" and config.model.path is None
 
@@ -29,6 +31,17 @@ def test_no_file_no_overrides_is_the_embedded_default():
 def test_builtin_default_yaml_is_the_embedded_default():
     path = next(p for p in EXAMPLES if p.name == "builtin_default.yaml")
     assert config_to_dict(load_config(path)) == config_to_dict(load_config())
+
+
+def test_overlong_buffer_default_override_and_range():
+    assert load_config(None, ["rollout.max_new_tokens=100"]).rewards.overlong_buffer == 25
+    assert load_config(None, ["rewards.overlong_buffer=0"]).rewards.overlong_buffer == 0  # off
+    for recipe in (p for p in EXAMPLES if p.name.startswith("qwen")):
+        assert load_config(recipe).rewards.overlong_buffer == 2000  # the authors' 6192 of 8192
+    with pytest.raises(ValueError, match="overlong_buffer"):
+        load_config(None, ["rewards.overlong_buffer=200"])  # beyond the 192-token limit
+    with pytest.raises(ValueError, match="overlong_buffer"):
+        load_config(None, ["rewards.overlong_buffer=-1"])
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

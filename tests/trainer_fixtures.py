@@ -34,6 +34,9 @@ TINY_OVERRIDES = [
     # ran every rollout of sft_then_grpo's GRPO step to the length limit with reward 0 even under test_trainer_e2e's
     # even-length reward (no reward variance, no gradient), so that test could not see the stage train. It keeps 10x.
     "algo.sft_lr_multiplier=10",
+    # No overlong shaping (the default: a quarter of the 24-token limit would shape nearly every toy rollout, and a
+    # test of a group without reward variance would see advantages); tests/test_rewards_overlong.py turns it on.
+    "rewards.overlong_buffer=0",
 ]
 
 
