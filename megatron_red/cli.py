@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _train(args) -> int:
     from megatron_red.config import load_config
-    from megatron_red.trainer.distributed import is_main_process, phase_named_on_failure
+    from megatron_red.distributed import is_main_process, phase_named_on_failure
     from megatron_red.trainer.evaluate import describe_heldout, evaluate_before_training
     from megatron_red.trainer.red_trainer import RedTrainer
     from megatron_red.trainer.report import initial_metrics, plot_runs
@@ -213,7 +213,7 @@ def _plot(args) -> int:
 
 
 def _export(args) -> int:
-    from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.distributed import is_main_process
     from megatron_red.models.precision import DTYPES
     from megatron_red.trainer.export import export_checkpoint
 

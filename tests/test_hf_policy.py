@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
-from megatron_red.models import HFPolicy, OptimConfig, SequenceBatch, lr_multiplier
+from megatron_red.batch import SequenceBatch
+from megatron_red.models import HFPolicy, OptimConfig, lr_multiplier
 
 VOCAB = 96
 

@@ -17,7 +17,7 @@ from dist_utils import run_distributed
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")
 
-from megatron_red.models.base import SequenceBatch  # noqa: E402
+from megatron_red.batch import SequenceBatch  # noqa: E402
 from megatron_red.models.optim import OptimConfig, build_optimizer, clip_grad_norm  # noqa: E402
 
 VOCAB = 200

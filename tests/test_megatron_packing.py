@@ -30,7 +30,7 @@ from test_megatron import (OPTIM, VOCAB, as_tensors, hf_logprobs_entropy, hf_ref
 pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
-from megatron_red.models.base import SequenceBatch  # noqa: E402
+from megatron_red.batch import SequenceBatch  # noqa: E402
 from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan, sequences_held  # noqa: E402
 from megatron_red.models.megatron.model import HFArchitecture  # noqa: E402
 from megatron_red.models.megatron.local_spec import dense_attention, varlen_attention  # noqa: E402

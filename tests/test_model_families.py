@@ -70,7 +70,7 @@ def test_hf_policy_and_local_engine_match_transformers(kind):
         assert completion.token_ids == expected
 
     # The policy's log-probs of those sequences = float64 log-softmax of transformers' logits.
-    from megatron_red.models.base import SequenceBatch
+    from megatron_red.batch import SequenceBatch
 
     ids = torch.tensor([p + c.token_ids + [PAD] * (12 - len(c.token_ids)) for p, (c,) in zip([PROMPTS[0]], out)])
     attn = (torch.arange(ids.shape[1]) < len(PROMPTS[0]) + len(out[0][0].token_ids)).long()[None]

@@ -65,7 +65,7 @@ class Tokens:
 
 def response_batch(prompts, completions):
     """Prompt + response rows, right-padded, loss on the response tokens (what the trainer scores)."""
-    from megatron_red.models.base import SequenceBatch
+    from megatron_red.batch import SequenceBatch
 
     rows = [(p, c.token_ids) for p, cs in zip(prompts, completions) for c in cs]
     length = max(len(p) + len(r) for p, r in rows)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megatron_red.objectives import RedLossConfig
-from megatron_red.trainer.groups import Group, build_batch, masked_row_mean
+from megatron_red.batch import masked_row_mean
+from megatron_red.trainer.groups import Group, build_batch
 from megatron_red.trainer.red_trainer import RedTrainer, method_names
 from trainer_fixtures import parameters, read_lines, step_lines, tiny_config
 

@@ -96,7 +96,7 @@ def test_rewards_graded_once_per_model_parallel_group(tmp_path, student):
 
     # pi_old and H_rl at the sampling temperature, against float64 on the step's tokens.
     from megatron_red.models.megatron import load_hf_config
-    from megatron_red.trainer.groups import masked_row_mean
+    from megatron_red.batch import masked_row_mean
     from test_megatron import read_hf_weights
     from transformers import AutoModelForCausalLM
 

@@ -66,7 +66,7 @@ def main() -> None:
         raise SystemExit("bench_red_step.py needs a CUDA GPU (none is visible to torch); run it under torchrun on one")
 
     from megatron_red.config import load_config
-    from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.distributed import is_main_process
     from megatron_red.trainer.red_trainer import RedTrainer
 
     run_dir = tempfile.mkdtemp(prefix="bench_red_step_")

@@ -30,7 +30,8 @@ import traceback
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from megatron_red.models import HFPolicy, OptimConfig, SequenceBatch
+from megatron_red.batch import SequenceBatch
+from megatron_red.models import HFPolicy, OptimConfig
 from megatron_red.rollout import LocalEngine, SamplingParams
 
 

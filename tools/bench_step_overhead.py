@@ -19,7 +19,8 @@ import time
 import torch
 from transformers import Qwen2Config
 
-from megatron_red.models import HFPolicy, OptimConfig, SequenceBatch
+from megatron_red.batch import SequenceBatch
+from megatron_red.models import HFPolicy, OptimConfig
 from megatron_red.objectives import EntropyRatioController, RedLossConfig
 from megatron_red.trainer.update import entropy_weight, policy_update
 

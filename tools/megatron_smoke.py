@@ -61,7 +61,7 @@ def family_config(model_type: str, vocab_size: int, max_len: int):
 
 
 def make_rows(lengths: list[int], prompts: list[int], vocab: int, seed: int):
-    from megatron_red.models.base import SequenceBatch
+    from megatron_red.batch import SequenceBatch
 
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)

@@ -120,7 +120,7 @@ def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_token
     from megatron_red.models.hf_checkpoint import HFCheckpoint
     from megatron_red.models.megatron import MegatronConfig, ShardedModel, load_hf_config
     from megatron_red.rollout.build import build_engine
-    from megatron_red.trainer.distributed import init_distributed, under_torchrun
+    from megatron_red.distributed import init_distributed, under_torchrun
 
     if not under_torchrun():
         raise ValueError("--engine megatron runs under torchrun, e.g. torchrun --nproc_per_node=2 -m "
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_red.eval.runner import EvalConfig, effective_specs, evaluate
     from megatron_red.rewards import configure_grader
     from megatron_red.rollout.build import build_engine
-    from megatron_red.trainer.distributed import init_distributed, under_torchrun
+    from megatron_red.distributed import init_distributed, under_torchrun
     from megatron_red.trainer.export import resolve_hf_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

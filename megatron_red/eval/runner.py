@@ -6,14 +6,14 @@ import os
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from megatron_red.eval.benchmarks import BenchmarkSpec, Problem, load_benchmark, resolve_benchmarks
 from megatron_red.eval.cache import CachedSample, CacheStats, GenerationCache, fingerprint
-from megatron_red.eval.metrics import BenchmarkResult, overall, summarize_benchmark
+from megatron_red.eval.metrics import overall, summarize_benchmark
 from megatron_red.eval.prompting import PromptStyle, load_system_prompt, prompt_ids
-from megatron_red.eval.report import write_reports
+from megatron_red.eval.report import EvalReport, write_reports
 from megatron_red.rewards import GraderPool, grade_math_detailed
 from megatron_red.rollout.base import RolloutEngine, SamplingParams
 
@@ -61,19 +61,6 @@ class EvalConfig:
     seed: int = 0
     grade_timeout_s: float = 5.0
     progress: bool = True
-
-
-@dataclass
-class EvalReport:
-    """What an evaluation produced: per-benchmark results, Table 2's Overall, cache bookkeeping, file paths."""
-
-    model_id: str
-    results: list[BenchmarkResult]
-    overall: dict[str, float]
-    specs: list[BenchmarkSpec]
-    cache: CacheStats
-    generated_samples: int
-    files: dict[str, str] = field(default_factory=dict)
 
 
 def effective_specs(config: EvalConfig) -> list[BenchmarkSpec]:
@@ -200,5 +187,6 @@ def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderP
                                 for s, g in zip(row, grades[i * spec.n:(i + 1) * spec.n])],
                 })
     report = EvalReport(config.model_id, results, overall(results), specs, stats, generated)
-    report.files = write_reports(report, config, dump_rows if config.dump_problems else None)
+    report.files = write_reports(report, config.out_dir, dataclasses.asdict(config),
+                                 dump_rows if config.dump_problems else None)
     return report

@@ -16,8 +16,9 @@ from typing import Literal
 
 import torch
 
+from megatron_red.batch import SequenceBatch
 from megatron_red.models.architectures import check_supported
-from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
+from megatron_red.models.base import LossFn, PolicyBackend
 from megatron_red.models.optim import OptimConfig, build_optimizer, clip_grad_norm
 
 FusedKernelMode = Literal["auto", "on", "off"]

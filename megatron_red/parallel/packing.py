@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_red.models.base import SequenceBatch
+from megatron_red.batch import SequenceBatch
 
 
 @dataclass

@@ -84,7 +84,7 @@ def tokenised_once(path: str, tokenizer, root: Path, data: DataConfig, require_t
     first (enough when `root` is on a shared file system), then local rank 0 of each node that still misses it
     (node-local disks); then every rank maps it."""
     from megatron_red.data.cache import MappedExamples, build_cache, cache_path
-    from megatron_red.trainer.distributed import barrier, global_rank, is_main_process
+    from megatron_red.distributed import barrier, global_rank, is_main_process
 
     options = dict(max_prompt_tokens=data.max_prompt_tokens, max_trace_tokens=data.max_trace_tokens,
                    skip_malformed=data.skip_malformed, require_trace=require_trace)
@@ -228,7 +228,7 @@ def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
     from megatron_red.models.hf_checkpoint import HFCheckpoint
     from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, fused_kernel_enabled, load_hf_config
     from megatron_red.models.precision import dtype_name
-    from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
+    from megatron_red.distributed import barrier, init_distributed, is_main_process
 
     init_distributed(config.trainer.dist_timeout_minutes)
     path = config.model.path

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_red.trainer.distributed import barrier, broadcast_from_main, global_rank, is_main_process
+from megatron_red.distributed import barrier, broadcast_from_main, global_rank, is_main_process
 
 HF_DIR = "hf"
 HF_CONFIG_DIR = "hf_config"

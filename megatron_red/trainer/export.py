@@ -26,7 +26,7 @@ from megatron_red.config import TrainerConfig
 from megatron_red.models.hf_checkpoint import INDEX_FILE, is_hf_checkpoint, save_state_dict
 from megatron_red.models.precision import DTYPES
 from megatron_red.trainer.checkpoint import HF_CONFIG_DIR, HF_DIR, latest_checkpoint
-from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
+from megatron_red.distributed import barrier, init_distributed, is_main_process
 
 EXPORT_MARKER = "megatron_red_export.json"
 

@@ -13,7 +13,7 @@ trained on with a separate SFT step once the buffer is full) and BREAD (GRPO; al
 shortest expert prefix of the trace that gives a success; the prefix is context, not trained).
 
 Data parallelism (Megatron backend under torchrun): each step's prompts are split over the DP replicas
-(`DataParallel.shard`); counts, entropies and metrics are reduced over them (trainer/distributed.py), so the
+(`DataParallel.shard`); counts, entropies and metrics are reduced over them (megatron_red/distributed.py), so the
 update is the full-batch one. Every decision that changes what is sampled or trained (dynamic sampling's extra
 rounds, the ReLIFT buffer) is taken from values gathered over all replicas, so every replica takes it alike; within
 a replica, rewards come from one rank (`ModelParallel.from_source`). With one process every reduction is the
@@ -39,11 +39,11 @@ from megatron_red.rollout.base import SamplingParams
 from megatron_red.rollout.build import build_engine
 from megatron_red.trainer import checkpoint
 from megatron_red.trainer.build import build_policy, build_task, engine_kind, rollout_max_sequence_length
-from megatron_red.trainer.distributed import (DataParallel, ModelParallel, NullMetricsLog, current_phase,
+from megatron_red.distributed import (DataParallel, ModelParallel, current_phase,
                                               init_distributed, is_main_process, set_phase)
 from megatron_red.trainer.evaluate import evaluate_heldout, teacher_token_probability
 from megatron_red.trainer.groups import Group, build_batch
-from megatron_red.trainer.metrics import MetricsLog, require_wandb
+from megatron_red.trainer.metrics import MetricsLog, NullMetricsLog, require_wandb
 from megatron_red.trainer.update import entropy_weight, policy_update
 
 SCHEDULES = ("sft_then_grpo", "relift", "bread")

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
+from megatron_red.batch import SequenceBatch
+from megatron_red.models.base import LossFn, PolicyBackend
 from megatron_red.models.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSpec, as_hf_weights,
                                               write_hf_checkpoint)
+from megatron_red.models.megatron import checkpoint
 from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
 from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
@@ -331,15 +333,12 @@ class MegatronPolicy(PolicyBackend):
 
     def save_checkpoint(self, directory: str) -> None:
         """Collective: model and optimiser as a reshardable dist_checkpointing checkpoint (see checkpoint.py)."""
-        from megatron_red.models.megatron.checkpoint import save_checkpoint
-
-        save_checkpoint(self, directory)
+        checkpoint.save_checkpoint(self.model, self.optimizer, self.step, directory)
 
     def load_checkpoint(self, directory: str) -> None:
         """Collective: restore a checkpoint written by `save_checkpoint`, at any TP / PP / DP layout."""
-        from megatron_red.models.megatron.checkpoint import load_checkpoint
-
-        load_checkpoint(self, directory)
+        self.step = checkpoint.load_checkpoint(self.model, self.optimizer, directory)
+        self._set_lr()
 
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """Collective: the Hugging Face checkpoint, streamed tensor by tensor (see `save_hf_pretrained`)."""

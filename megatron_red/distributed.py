@@ -1,4 +1,5 @@
-"""Data-parallel helpers of the RED trainer: process-group start-up, prompt sharding and step-wide reductions.
+"""Distributed helpers every layer may use: process-group start-up, ranks, prompt sharding, step-wide reductions,
+collective time-outs that name the phase.
 
 Under `torchrun` every data-parallel (DP) rank rolls out, rewards and trains on its own slice of the step's
 prompts (the step's prompt list is the same on every rank: `PromptStream` is seeded). For the update to equal the
@@ -34,7 +35,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_red.trainer.groups import masked_row_mean
+from megatron_red.batch import masked_row_mean
 
 
 def under_torchrun() -> bool:
@@ -253,13 +254,3 @@ class ModelParallel:
         holder = [fn() if dist.get_rank() == self.src else None]
         dist.broadcast_object_list(holder, src=self.src, group=self.group)
         return holder[0]
-
-
-class NullMetricsLog:
-    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
