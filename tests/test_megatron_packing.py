@@ -31,7 +31,8 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_red.batch import SequenceBatch  # noqa: E402
-from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan, sequences_held  # noqa: E402
+from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan  # noqa: E402
+from megatron_red.rollout.megatron import sequences_held  # noqa: E402
 from megatron_red.models.megatron.model import HFArchitecture  # noqa: E402
 from megatron_red.models.megatron.local_spec import dense_attention, varlen_attention  # noqa: E402
 from megatron_red.parallel.packing import (micro_batch_rows, packed_micro_batch, padded_micro_batch,  # noqa: E402
@@ -227,7 +228,7 @@ def _memory_counts(hf_config, hf_state, batch, rollouts, rollout_length) -> dict
 
     from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
     from megatron_red.rollout.base import SamplingParams
-    from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.build import build_engine
 
     class Tokens:
         eos_token_id, pad_token_id = 1, 0

@@ -92,7 +92,7 @@ def _worker(rank, world_size, hf_config, hf_state, eos, stops, tp, pp, check_upd
     from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
     from megatron_red.models.optim import OptimConfig
     from megatron_red.rollout.base import SamplingParams
-    from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.build import build_engine
     from megatron_red.rollout.local import LocalEngine
 
     optim = OptimConfig(lr=1e-3, warmup_steps=1, total_steps=10, grad_clip=1.0)

@@ -134,7 +134,7 @@ def bench_megatron(args, sharded, prompts, device, rows: list) -> None:
 
 def megatron_row(args, sharded, prompts, device, name, cuda_graph, params):
     from megatron_red.config import RolloutConfig
-    from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.build import build_engine
 
     n = args.samples_per_prompt
     rollout = RolloutConfig(max_batch_size=args.batch, kv_block_size=args.kv_block_size, cuda_graph=cuda_graph)

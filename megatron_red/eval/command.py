@@ -17,7 +17,7 @@ import sys
 
 from megatron_red.eval.benchmarks import BENCHMARKS, SUITES
 from megatron_red.eval.prompting import PROMPT_STYLES
-from megatron_red.rollout.build import ENGINE_KINDS
+from megatron_red.rollout.base import ENGINE_KINDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +119,7 @@ def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_token
     from megatron_red.config import RolloutConfig
     from megatron_red.models.hf_checkpoint import HFCheckpoint
     from megatron_red.models.megatron import MegatronConfig, ShardedModel, load_hf_config
-    from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.build import build_engine
     from megatron_red.distributed import init_distributed, under_torchrun
 
     if not under_torchrun():
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_red.eval.report import to_markdown
     from megatron_red.eval.runner import EvalConfig, effective_specs, evaluate
     from megatron_red.rewards import configure_grader
-    from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.build import build_engine
     from megatron_red.distributed import init_distributed, under_torchrun
     from megatron_red.trainer.export import resolve_hf_model
 

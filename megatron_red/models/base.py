@@ -32,7 +32,7 @@ class PolicyBackend(ABC):
     """
 
     rollout_engine: "RolloutEngine | None" = None
-    """The engine `infer` samples with; attached by `megatron_red.rollout.build.build_engine`."""
+    """The engine `infer` samples with; attached by `megatron_red.trainer.build.build_engine`."""
 
     @abstractmethod
     def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
@@ -79,7 +79,7 @@ class PolicyBackend(ABC):
     def infer(self, prompts: list[list[int]], n: int, params: "SamplingParams") -> list[list["Completion"]]:
         """`n` sampled completions per prompt, with behaviour log-probs, from the attached rollout engine."""
         if self.rollout_engine is None:
-            raise RuntimeError("no rollout engine attached (megatron_red.rollout.build.build_engine attaches one)")
+            raise RuntimeError("no rollout engine attached (megatron_red.trainer.build.build_engine attaches one)")
         return self.rollout_engine.generate(prompts, n, params)
 
     def finish_inference(self) -> None:

@@ -1,4 +1,5 @@
-"""Build the pieces of a run from its `RunConfig`: task (examples, tokenizer, reward), policy, rollout engine.
+"""Build the pieces of a run from its `RunConfig`: task (examples, tokenizer, reward), policy, rollout engine
+(`build_engine`, the one constructor of engines: the trainer's and `megatron-red eval`'s).
 
 The built-in task's student is a tiny Qwen2 built from a config and warmed up briefly by SFT on short solutions of
 easy problems (cached per task and seed), so that it starts like a weak base model.
@@ -16,9 +17,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_red.config import DataConfig, RunConfig
+from megatron_red.config import DataConfig, RolloutConfig, RunConfig
 from megatron_red.data.openr1 import RedExample
+from megatron_red.models.architectures import check_supported
+from megatron_red.models.base import PolicyBackend
 from megatron_red.models.precision import resolve_dtype
+from megatron_red.rollout.base import ENGINE_KINDS, RolloutEngine
 
 
 @dataclass
@@ -209,6 +213,62 @@ def engine_kind(config: RunConfig) -> str:
     if kind == "megatron" and backend != "megatron":
         raise ValueError("rollout.engine=megatron needs model.backend=megatron")
     return kind
+
+
+def build_engine(kind: str, policy, tokenizer, rollout: RolloutConfig | None = None, *,
+                 max_sequence_length: int | None = None) -> RolloutEngine:
+    """The rollout engine `kind` sampling from `policy`.
+
+    kind:                one of `ENGINE_KINDS`: "local" (torch decode loop over a Hugging Face module; CPU or one
+                         GPU) or "megatron" (megatron-core's dynamic engine on the policy's own TP x PP shards).
+    policy:              local: an `HFPolicy` or a Hugging Face causal-LM module. megatron: a `MegatronPolicy` or
+                         a `ShardedModel` (anything with `.model`, `.arch` and `.mp_group`). A policy backend gets
+                         the engine attached as `policy.rollout_engine`, which its actor hooks (`infer`, ...) use.
+    tokenizer:           gives the EOS id (and the pad id the local engine emits after it).
+    rollout:             a `RolloutConfig` (batch size, CUDA graphs, KV-cache options); None = its defaults.
+    max_sequence_length: megatron: longest prompt + response (None = `rollout.max_sequence_length`, else the
+                         model's `max_position_embeddings`).
+    """
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"unknown engine {kind!r}; known: {ENGINE_KINDS}")
+    rollout = rollout or RolloutConfig()
+    if kind == "local":
+        engine = _local_engine(policy, tokenizer, rollout)
+    else:
+        engine = _megatron_engine(policy, tokenizer, rollout, max_sequence_length)
+    if isinstance(policy, PolicyBackend):
+        policy.rollout_engine = engine
+    return engine
+
+
+def _local_engine(policy, tokenizer, rollout) -> RolloutEngine:
+    from megatron_red.rollout.local import LocalEngine
+
+    model = policy if isinstance(policy, torch.nn.Module) else getattr(policy, "model", None)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
+        raise ValueError("the local engine samples from a Hugging Face causal LM (an HFPolicy or its module); "
+                         "the Megatron backend uses rollout.engine=megatron")
+    check_supported(model.config)  # the engine runs the family's sub-modules itself
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LocalEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                       max_batch_size=rollout.max_batch_size, device=device,
+                       cuda_graph=rollout.cuda_graph and device.type == "cuda")
+
+
+def _megatron_engine(policy, tokenizer, rollout, max_sequence_length: int | None) -> RolloutEngine:
+    from megatron_red.rollout.megatron import MegatronEngine
+
+    if not all(hasattr(policy, a) for a in ("model", "arch", "mp_group")):
+        raise ValueError("the megatron engine samples from a MegatronPolicy or a ShardedModel "
+                         "(models/megatron/policy.py)")
+    length = max_sequence_length or rollout.max_sequence_length or policy.arch.max_position_embeddings
+    return MegatronEngine(
+        policy.model, valid_vocab_size=policy.arch.vocab_size, eos_token_id=tokenizer.eos_token_id,
+        max_requests=rollout.max_batch_size, max_sequence_length=length, block_size_tokens=rollout.kv_block_size,
+        kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
+        cuda_graph=rollout.cuda_graph and next(policy.model.parameters()).is_cuda,
+        release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group)
 
 
 def rollout_max_sequence_length(config: RunConfig) -> int:

@@ -4,17 +4,18 @@ RED step (generation with the megatron engine, training), against a card.
 The architecture comes from `model.path`'s config.json (or the tiny built-in student); the layout from model.*
 (TP, PP, dtype, distributed optimiser, sequence parallelism, recompute, attention, fused kernel) and the world
 size; the token counts from trainer.* / data.* / rollout.*; the engine's KV buffer, step size and phase options
-from rollout.* exactly as rollout/build.py hands them to the engine. The memory model is models/megatron/memory.py.
+from rollout.* exactly as `build_engine` (trainer/build.py) hands them to the engine. The memory model is models/megatron/memory.py.
 """
 from __future__ import annotations
 
 import math
 
 from megatron_red.config import RunConfig
-from megatron_red.models.megatron.memory import (GIB, MemoryLayout, MemoryPlan, Rollout, Workload, default_kv_buffer_gb,
-                                                 memory_plan, sequences_held, stage_parameter_numel)
+from megatron_red.models.megatron.memory import (GIB, MemoryLayout, MemoryPlan, Rollout, Workload, memory_plan,
+                                                 stage_parameter_numel)
 from megatron_red.models.megatron.model import HFArchitecture, transformer_engine_available
-from megatron_red.rollout.megatron import engine_max_requests, engine_step_tokens
+from megatron_red.rollout.megatron import (default_kv_buffer_gb, engine_max_requests, engine_step_tokens,
+                                           sequences_held)
 from megatron_red.trainer.build import engine_kind, rollout_max_sequence_length
 
 

@@ -33,14 +33,14 @@ import yaml
 
 from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
+from megatron_red.distributed import (DataParallel, ModelParallel, current_phase, init_distributed, is_main_process,
+                                      set_phase)
 from megatron_red.objectives import EntropyRatioController, RedLossConfig
 from megatron_red.rewards.overlong import overlong_penalty
 from megatron_red.rollout.base import SamplingParams
-from megatron_red.rollout.build import build_engine
 from megatron_red.trainer import checkpoint
-from megatron_red.trainer.build import build_policy, build_task, engine_kind, rollout_max_sequence_length
-from megatron_red.distributed import (DataParallel, ModelParallel, current_phase,
-                                              init_distributed, is_main_process, set_phase)
+from megatron_red.trainer.build import (build_engine, build_policy, build_task, engine_kind,
+                                       rollout_max_sequence_length)
 from megatron_red.trainer.evaluate import evaluate_heldout, teacher_token_probability
 from megatron_red.trainer.groups import Group, build_batch
 from megatron_red.trainer.metrics import MetricsLog, NullMetricsLog, require_wandb

@@ -48,11 +48,11 @@ tensors (kilobytes per request), pinned host buffers.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from megatron_red.models.megatron.model import HFArchitecture, padded_vocab_size
 from megatron_red.models.precision import DTYPES
+from megatron_red.rollout.megatron import default_kv_buffer_gb, kv_block_bytes, kv_buffer_blocks, kv_heads_per_rank
 
 GIB = 2**30
 HEAD_CHUNK_BYTES = 2 * 256 * 2**20  # two DEFAULT_CHUNK_ELEMENTS fp32 buffers of vocab_parallel_logprobs_entropy
@@ -111,32 +111,6 @@ class Workload:
     tokens_per_micro_batch: int
     max_sequence_length: int
     rollout: Rollout | None = None
-
-
-def kv_heads_per_rank(num_query_groups: int, tensor_model_parallel_size: int) -> int:
-    """Key-value heads one TP rank caches (megatron replicates them when TP exceeds the groups)."""
-    return max(1, num_query_groups // tensor_model_parallel_size)
-
-
-def kv_block_bytes(layers: int, kv_heads: int, head_dim: int, block_size_tokens: int, itemsize: int) -> int:
-    """Bytes of one KV block of this stage's `layers` (megatron's `block_size_bytes`: K and V, `kv_heads` per rank)."""
-    return 2 * layers * block_size_tokens * kv_heads * head_dim * itemsize
-
-
-def kv_buffer_blocks(kv_buffer_gb: float, block_bytes: int) -> int:
-    """Blocks megatron-core 0.19's DynamicInferenceContext allocates for `buffer_size_gb` (no paused buffer, no
-    unified memory): at least 2, one of them its dummy block."""
-    return max(2, int(kv_buffer_gb * 1024**3) // block_bytes)
-
-
-def default_kv_buffer_gb(requests: int, sequence_length: int, block_size_tokens: int, block_bytes: int) -> float:
-    """The engine's buffer when rollout.kv_buffer_gb is unset: every row at full length, plus the dummy block."""
-    return (requests * math.ceil(sequence_length / block_size_tokens) + 1) * block_bytes / 1024**3
-
-
-def sequences_held(blocks: int, sequence_length: int, block_size_tokens: int) -> int:
-    """Sequences of `sequence_length` tokens the buffer holds at once without prefix sharing (dummy block aside)."""
-    return (blocks - 1) // math.ceil(sequence_length / block_size_tokens)
 
 
 def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int) -> int:
