@@ -31,7 +31,8 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_red.batch import SequenceBatch  # noqa: E402
-from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan  # noqa: E402
+from megatron_red.models.megatron.layout import ParallelLayout  # noqa: E402
+from megatron_red.models.megatron.memory import Workload, memory_plan  # noqa: E402
 from megatron_red.rollout.megatron import sequences_held  # noqa: E402
 from megatron_red.models.megatron.model import HFArchitecture  # noqa: E402
 from megatron_red.models.megatron.local_spec import dense_attention, varlen_attention  # noqa: E402
@@ -206,7 +207,8 @@ def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_c
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
     out = {}
     for name, extra in (("padded", {}),
-                        ("packed", dict(max_tokens_per_micro_batch=budget, recompute_modules=("core_attn", "mlp")))):
+                        ("packed", dict(max_tokens_per_micro_batch=budget, recompute="selective",
+                                        recompute_modules=("core_attn", "mlp")))):
         policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(**common, **extra), OPTIM)
         logprobs, entropy = policy.logprobs_entropy(batch, 2)
         metrics = policy.forward_backward(batch, 2, loss_fn)
@@ -306,7 +308,7 @@ def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf(tmp_path):
         # the memory plan's parameter, gradient and optimiser bytes are exactly those of the real objects
         measured = r["memory"]
         plan = memory_plan(HFArchitecture.from_hf_config(plan_config),
-                           MemoryLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                           ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                                         data_parallel_size=1, dtype="bfloat16"),
                            Workload(tokens_per_micro_batch=64, max_sequence_length=16))
         for part in ("weights", "gradients", "optimizer"):

@@ -126,11 +126,12 @@ def largest_micro_batch(batch, micro_batch_size: int, max_tokens: int) -> tuple[
 
 
 def planned_activation_bytes(config, attention: str, fused: bool, tokens: int, longest: int) -> float:
-    from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan
+    from megatron_red.models.megatron.layout import ParallelLayout
+    from megatron_red.models.megatron.memory import Workload, memory_plan
     from megatron_red.models.megatron.model import HFArchitecture
 
     plan = memory_plan(HFArchitecture.from_hf_config(config),
-                       MemoryLayout(attention=attention, fused_kernel=fused, dtype="bfloat16"),
+                       ParallelLayout(attention=attention, fused_kernel=fused, dtype="bfloat16"),
                        Workload(tokens_per_micro_batch=tokens, max_sequence_length=longest), reserve_bytes=0)
     return plan.parts[0]["activations"] + plan.parts[0]["LM head"]
 
@@ -180,7 +181,7 @@ def main():
     from megatron_red.models.hf import HFPolicy
     from megatron_red.models.megatron import MegatronConfig, MegatronPolicy
     from megatron_red.models.megatron.local_spec import _varlen_attn
-    from megatron_red.models.megatron.model import transformer_engine_available
+    from megatron_red.models.megatron.layout import transformer_engine_available
     from megatron_red.models.optim import OptimConfig
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -12,6 +12,7 @@ megatron-core's engine on TP x PP shards (every process reads and holds one shar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -116,11 +117,11 @@ def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_token
     engine with the prompt allowance)."""
     import torch
 
-    from megatron_red.config import RolloutConfig
+    from megatron_red.config import ModelConfig, RolloutConfig
+    from megatron_red.distributed import init_distributed, under_torchrun
     from megatron_red.models.hf_checkpoint import HFCheckpoint
     from megatron_red.models.megatron import MegatronConfig, ShardedModel, load_hf_config
-    from megatron_red.trainer.build import build_engine
-    from megatron_red.distributed import init_distributed, under_torchrun
+    from megatron_red.trainer.build import build_engine, parallel_layout
 
     if not under_torchrun():
         raise ValueError("--engine megatron runs under torchrun, e.g. torchrun --nproc_per_node=2 -m "
@@ -130,10 +131,11 @@ def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_token
     if torch.distributed.get_world_size() != tp * pp:
         raise ValueError(f"--engine megatron evaluates with one model-parallel group: launch "
                          f"{tp} x {pp} = {tp * pp} processes, not {torch.distributed.get_world_size()}")
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = parallel_layout(ModelConfig(backend="megatron", tensor_model_parallel_size=tp,
+                                         pipeline_model_parallel_size=pp), tp * pp, device)
     sharded = ShardedModel.from_hf(load_hf_config(model_dir), HFCheckpoint(model_dir), MegatronConfig(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype, seed=args.seed,
-        dist_timeout_minutes=args.dist_timeout_minutes))
+        **dataclasses.asdict(layout), seed=args.seed, dist_timeout_minutes=args.dist_timeout_minutes))
     tokenizer = load_tokenizer_for_eval(model_dir)
     length = args.max_sequence_length or min(sharded.arch.max_position_embeddings, max_new_tokens + PROMPT_ALLOWANCE)
     rollout = RolloutConfig(max_batch_size=args.batch_size, kv_buffer_gb=args.kv_buffer_gb,

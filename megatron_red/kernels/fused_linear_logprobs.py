@@ -93,9 +93,15 @@ def _triton_importable() -> bool:
     return True
 
 
-def fused_kernel_available(device: torch.device | str) -> bool:
-    """True when the Triton kernel can run on `device`: a CUDA device with triton importable."""
-    return torch.device(device).type == "cuda" and torch.cuda.is_available() and _triton_importable()
+FUSED_KERNEL_MODES = ("auto", "on", "off")
+"""`model.fused_kernel`: `on`, `off`, or `auto` = on for CUDA devices."""
+
+
+def fused_kernel_enabled(mode: str, device: torch.device | str) -> bool:
+    """Whether `model.fused_kernel=mode` puts the LM head through this kernel on `device`: `auto` on a CUDA device
+    (Triton ships with PyTorch's CUDA builds; without it the kernel runs its torch fallback, the same function in
+    the same memory bound), so the answer depends on the device type alone and `plan` resolves it as `train` does."""
+    return mode == "on" or (mode == "auto" and torch.device(device).type == "cuda")
 
 
 def _tp_size_rank(tp_group) -> tuple[int, int]:

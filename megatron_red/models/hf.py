@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from megatron_red.batch import SequenceBatch
+from megatron_red.kernels import FUSED_KERNEL_MODES, fused_kernel_enabled
 from megatron_red.models.architectures import check_supported
 from megatron_red.models.base import LossFn, PolicyBackend
 from megatron_red.models.optim import OptimConfig, build_optimizer, clip_grad_norm
@@ -31,7 +32,7 @@ class HFPolicy(PolicyBackend):
     optim_config:   AdamW + schedule + clipping.
     device:         where the model lives (default: CUDA if available, else CPU).
     dtype:          activation dtype (default bf16 on CUDA, fp32 on CPU); parameters stay fp32.
-    fused_kernel:   "auto" (fused Triton LM head on CUDA when available), "on" (always fused; CPU uses the
+    fused_kernel:   "auto" (fused Triton LM head on CUDA), "on" (always fused; CPU uses the
                     kernel module's torch fallback), "off" (logits + vocab-parallel log-softmax).
     gradient_checkpointing: recompute each decoder layer in backward (less memory, ~1/3 more compute).
     """
@@ -40,8 +41,8 @@ class HFPolicy(PolicyBackend):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False):
         check_supported(model.config)
-        if fused_kernel not in ("auto", "on", "off"):
-            raise ValueError(f"fused_kernel must be 'auto', 'on' or 'off', got {fused_kernel!r}")
+        if fused_kernel not in FUSED_KERNEL_MODES:
+            raise ValueError(f"fused_kernel must be one of {FUSED_KERNEL_MODES}, got {fused_kernel!r}")
         lm_head = model.get_output_embeddings()
         if getattr(lm_head, "bias", None) is not None:
             raise ValueError("an LM head with a bias is not supported (Qwen2, Llama and Qwen3 heads have none)")
@@ -93,15 +94,7 @@ class HFPolicy(PolicyBackend):
     # ---- forward ------------------------------------------------------------------------------------------
 
     def _use_fused(self) -> bool:
-        if self.fused_kernel == "off":
-            return False
-        if self.fused_kernel == "on":
-            return True
-        if self.device.type != "cuda":
-            return False
-        from megatron_red.kernels import fused_kernel_available
-
-        return fused_kernel_available(self.device)
+        return fused_kernel_enabled(self.fused_kernel, self.device)
 
     def _autocast(self):
         if self.dtype == torch.float32:

@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
-from megatron_red.config import DataConfig, RolloutConfig, RunConfig
+from megatron_red.config import DataConfig, ModelConfig, RolloutConfig, RunConfig
 from megatron_red.data.openr1 import RedExample
+from megatron_red.distributed import barrier, global_rank, init_distributed, is_main_process
+from megatron_red.errors import ConfigError
+from megatron_red.kernels import fused_kernel_enabled
 from megatron_red.models.architectures import check_supported
 from megatron_red.models.base import PolicyBackend
-from megatron_red.models.precision import resolve_dtype
+from megatron_red.models.megatron.layout import ParallelLayout, resolve_attention
+from megatron_red.models.precision import dtype_name, resolve_dtype
 from megatron_red.rollout.base import ENGINE_KINDS, RolloutEngine
 
 
@@ -88,7 +93,6 @@ def tokenised_once(path: str, tokenizer, root: Path, data: DataConfig, require_t
     first (enough when `root` is on a shared file system), then local rank 0 of each node that still misses it
     (node-local disks); then every rank maps it."""
     from megatron_red.data.cache import MappedExamples, build_cache, cache_path
-    from megatron_red.distributed import barrier, global_rank, is_main_process
 
     options = dict(max_prompt_tokens=data.max_prompt_tokens, max_trace_tokens=data.max_trace_tokens,
                    skip_malformed=data.skip_malformed, require_trace=require_trace)
@@ -282,32 +286,55 @@ def rollout_max_sequence_length(config: RunConfig) -> int:
     return config.data.max_prompt_tokens + prefix + config.rollout.max_new_tokens
 
 
-def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
-    """The `MegatronPolicy` of a `RunConfig` (joins the torchrun world first). Without `model.path`, the tiny
-    built-in student (warmed up once by global rank 0 with the Hugging Face backend) is the checkpoint."""
-    from megatron_red.models.hf_checkpoint import HFCheckpoint
-    from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, fused_kernel_enabled, load_hf_config
-    from megatron_red.models.precision import dtype_name
-    from megatron_red.distributed import barrier, init_distributed, is_main_process
+def parallel_layout(model: ModelConfig, world_size: int, device: torch.device) -> ParallelLayout:
+    """The Megatron layout of `model` (the run config's model section) in a world of `world_size` processes on
+    `device`: what `train` builds and `plan` counts.
 
+    The device-dependent `auto`s follow `device`: `model.dtype` is bfloat16 on CUDA and float32 elsewhere
+    (`resolve_dtype`), `model.fused_kernel` is on for CUDA (`fused_kernel_enabled`). `train` passes the device it
+    trains on; `plan` passes CUDA, its target, on any host. `model.attention=auto` follows this installation:
+    Transformer Engine's when it is importable, else sdpa (both keep no score tensor: the plan's memory is the same).
+    """
+    tp, pp = model.tensor_model_parallel_size, model.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp} "
+                          "(model.tensor_model_parallel_size x model.pipeline_model_parallel_size)")
+    recompute = "full" if model.gradient_checkpointing else "selective" if model.recompute_modules else "none"
+    return ParallelLayout(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=world_size // (tp * pp),
+        dtype=dtype_name(resolve_dtype(model.dtype, device)), use_distributed_optimizer=model.use_distributed_optimizer,
+        sequence_parallel=model.sequence_parallel, attention=resolve_attention(model.attention), recompute=recompute,
+        recompute_modules=model.recompute_modules if recompute == "selective" else (),
+        fused_kernel=fused_kernel_enabled(model.fused_kernel, device))
+
+
+def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
+    """The `MegatronPolicy` of a `RunConfig` (joins the torchrun world first) in its `parallel_layout`. Without
+    `model.path`, the tiny built-in student (warmed up once by global rank 0 with the Hugging Face backend) is the
+    checkpoint."""
     init_distributed(config.trainer.dist_timeout_minutes)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    layout = parallel_layout(config.model, dist.get_world_size(), device)  # before the warm-up: a bad world fails now
     path = config.model.path
     if path is None:
         if is_main_process():
             warmed_up_student(config, task, cache_dir)
         barrier()
         path = warmed_up_student(config, task, cache_dir)  # cached by rank 0: only resolves the directory
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    m = config.model
-    hf_config = load_hf_config(path)
-    megatron_config = MegatronConfig(
-        tensor_model_parallel_size=m.tensor_model_parallel_size,
-        pipeline_model_parallel_size=m.pipeline_model_parallel_size,
-        dtype=dtype_name(resolve_dtype(m.dtype, device)), use_distributed_optimizer=m.use_distributed_optimizer,
-        fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
-        recompute_modules=m.recompute_modules, sequence_parallel=m.sequence_parallel, attention=m.attention,
-        max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch, seed=config.trainer.seed,
-        dist_timeout_minutes=config.trainer.dist_timeout_minutes, offload_optimizer=config.rollout.offload_optimizer,
-        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
-    return MegatronPolicy(hf_config, HFCheckpoint(path), megatron_config, config.optim)  # each rank reads its shard
+    return megatron_policy(config, layout, path)
 
+
+def megatron_policy(config: RunConfig, layout: ParallelLayout, path: str | Path):
+    """The `MegatronPolicy` of `config` in `layout` from the Hugging Face checkpoint directory `path` (every rank
+    reads only its shard)."""
+    from megatron_red.models.hf_checkpoint import HFCheckpoint
+    from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, load_hf_config
+
+    if is_main_process():
+        print(f"[model] Megatron layout: {layout.describe()}")
+    megatron_config = MegatronConfig(
+        **dataclasses.asdict(layout), max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch,
+        seed=config.trainer.seed, dist_timeout_minutes=config.trainer.dist_timeout_minutes,
+        offload_optimizer=config.rollout.offload_optimizer,
+        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
+    return MegatronPolicy(load_hf_config(path), HFCheckpoint(path), megatron_config, config.optim)

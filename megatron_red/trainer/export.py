@@ -16,17 +16,19 @@ Hugging Face backend, a megatron-core dist_checkpointing directory for the Megat
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from megatron_red.config import TrainerConfig
+from megatron_red.config import ModelConfig, TrainerConfig
+from megatron_red.distributed import barrier, init_distributed, is_main_process
+from megatron_red.errors import ConfigError
 from megatron_red.models.hf_checkpoint import INDEX_FILE, is_hf_checkpoint, save_state_dict
 from megatron_red.models.precision import DTYPES
 from megatron_red.trainer.checkpoint import HF_CONFIG_DIR, HF_DIR, latest_checkpoint
-from megatron_red.distributed import barrier, init_distributed, is_main_process
 
 EXPORT_MARKER = "megatron_red_export.json"
 
@@ -103,13 +105,16 @@ def _export_megatron(checkpoint: Path, out: Path, hf_config, dtype, tp: int, pp:
 
     from megatron_red.models.megatron.checkpoint import load_model_weights
     from megatron_red.models.megatron.policy import MegatronConfig, build_sharded_model, save_hf_pretrained
+    from megatron_red.trainer.build import parallel_layout
 
     if tp * pp != dist.get_world_size():
-        raise ValueError(f"--tp {tp} x --pp {pp} must equal the number of processes ({dist.get_world_size()}); "
-                         f"run under torchrun --nproc_per_node={tp * pp}, or change --tp / --pp")
-    _, model, _ = build_sharded_model(hf_config, None, MegatronConfig(tensor_model_parallel_size=tp,
-                                                                      pipeline_model_parallel_size=pp,
-                                                                      dtype=_training_dtype(hf_config)))
+        raise ConfigError(f"--tp {tp} x --pp {pp} must equal the number of processes ({dist.get_world_size()}); "
+                          f"run under torchrun --nproc_per_node={tp * pp}, or change --tp / --pp")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = parallel_layout(ModelConfig(backend="megatron", tensor_model_parallel_size=tp,
+                                         pipeline_model_parallel_size=pp, dtype=_training_dtype(hf_config)),
+                             tp * pp, device)
+    _, model, _ = build_sharded_model(hf_config, None, MegatronConfig(**dataclasses.asdict(layout)))
     load_model_weights(model, str(checkpoint))
     save_hf_pretrained(model, hf_config, str(out), dtype)
 

@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from megatron_red.objectives import RedLossConfig, behaviour_mismatch, red_policy_loss
 from megatron_red.distributed import DataParallel
+from megatron_red.objectives import RedLossConfig, behaviour_mismatch, red_policy_loss
 
 # Local means of `red_policy_loss`, each with the token count that weighs it when micro-batches are combined.
 _WEIGHTED_MEANS = {"clip_fraction": "num_on_policy_tokens", "on_policy_ratio_mean": "num_on_policy_tokens",

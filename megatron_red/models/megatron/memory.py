@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from megatron_red.models.megatron.layout import ParallelLayout
 from megatron_red.models.megatron.model import HFArchitecture, padded_vocab_size
 from megatron_red.models.precision import DTYPES
 from megatron_red.rollout.megatron import default_kv_buffer_gb, kv_block_bytes, kv_buffer_blocks, kv_heads_per_rank
@@ -57,24 +58,6 @@ from megatron_red.rollout.megatron import default_kv_buffer_gb, kv_block_bytes, 
 GIB = 2**30
 HEAD_CHUNK_BYTES = 2 * 256 * 2**20  # two DEFAULT_CHUNK_ELEMENTS fp32 buffers of vocab_parallel_logprobs_entropy
 FUSED_KERNEL_EXTRA_BYTES = 256 * 2**20  # the fused kernel's extra-memory bound (docs: kernel targets)
-
-
-@dataclass
-class MemoryLayout:
-    """The run's parallel layout and numerics (model.* of the run config, DP from the world size)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    data_parallel_size: int = 1
-    dtype: str = "bfloat16"
-    use_distributed_optimizer: bool = True
-    sequence_parallel: bool = False
-    attention: str = "sdpa"
-    """Which attention runs: `sdpa` and `te` keep no score tensor; `local` does."""
-    recompute: str = "none"
-    """`none`, `full`, or `selective` (then `recompute_modules`)."""
-    recompute_modules: tuple[str, ...] = ()
-    fused_kernel: bool = True
 
 
 @dataclass
@@ -134,7 +117,7 @@ def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int) ->
     return numel
 
 
-def activation_bytes_per_token_layer(arch: HFArchitecture, layout: MemoryLayout, sequence_length: int) -> float:
+def activation_bytes_per_token_layer(arch: HFArchitecture, layout: ParallelLayout, sequence_length: int) -> float:
     """Bytes autograd keeps per token per layer without recompute (see the module docstring)."""
     a = DTYPES[layout.dtype].itemsize
     t = layout.tensor_model_parallel_size
@@ -170,7 +153,7 @@ class MemoryPlan:
     the KV cache's geometry (`kv_blocks` blocks of `kv_block_bytes`; 0 without a rollout)."""
 
     parts: dict[int, dict[str, float]]
-    layout: MemoryLayout
+    layout: ParallelLayout
     workload: Workload
     kv_blocks: int = 0
     kv_block_bytes: int = 0
@@ -211,7 +194,7 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def generation_bytes(arch: HFArchitecture, layout: MemoryLayout, rollout: Rollout, stage: int) -> dict[str, float]:
+def generation_bytes(arch: HFArchitecture, layout: ParallelLayout, rollout: Rollout, stage: int) -> dict[str, float]:
     """The engine's working memory on `stage` beyond weights and KV cache: one step's largest transient and the
     sampling logits (module docstring)."""
     a = DTYPES[layout.dtype].itemsize
@@ -229,12 +212,10 @@ def generation_bytes(arch: HFArchitecture, layout: MemoryLayout, rollout: Rollou
     return {"prefill step": prefill, "sampling logits": logits}
 
 
-def memory_plan(arch: HFArchitecture, layout: MemoryLayout, workload: Workload,
+def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload,
                 reserve_bytes: float = 3 * GIB) -> MemoryPlan:
     """Per-GPU bytes by part for the first and the last pipeline stage (the two largest)."""
     tp, pp, dp = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size)
-    if layout.recompute not in ("none", "full", "selective"):
-        raise ValueError(f"recompute must be none, full or selective, got {layout.recompute!r}")
     a = DTYPES[layout.dtype].itemsize
     tokens = workload.tokens_per_micro_batch
     per_layer = activation_bytes_per_token_layer(arch, layout, workload.max_sequence_length)

@@ -25,6 +25,7 @@ from megatron_red.models.base import LossFn, PolicyBackend
 from megatron_red.models.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSpec, as_hf_weights,
                                               write_hf_checkpoint)
 from megatron_red.models.megatron import checkpoint
+from megatron_red.models.megatron.layout import ParallelLayout
 from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
 from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
@@ -34,23 +35,10 @@ from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entrop
 
 
 @dataclass
-class MegatronConfig:
-    """Parallel layout and numerics of the Megatron backend.
+class MegatronConfig(ParallelLayout):
+    """What a `MegatronPolicy` (or a `ShardedModel`) is built with: its `ParallelLayout` (the fields above, resolved
+    by `trainer.build.parallel_layout`) and the run's settings the policy applies itself:
 
-    tensor_model_parallel_size:   TP degree (must divide heads and key/value groups).
-    pipeline_model_parallel_size: PP degree (must divide the layers). DP = world size / (TP x PP).
-    dtype:                        parameter / compute dtype ("bfloat16" or "float32"); with bf16 params the
-                                  optimiser keeps fp32 master weights and reduces grads in fp32. "float16" is
-                                  refused: it needs loss scaling, which this backend does not wire into the
-                                  schedule, and a dynamic scaler's skipped steps would drop whole RED steps.
-    use_distributed_optimizer:    shard optimiser state over DP (megatron-core DistributedOptimizer); False uses
-                                  the plain (replicated) optimiser.
-    fused_kernel:                 compute log-probs / entropies with the fused LM-head Triton kernel.
-    recompute_activations:        full activation recomputation per layer (long sequences on small memory).
-    recompute_modules:            selective recomputation of these submodules of each layer instead
-                                  ("core_attn", "mlp", "layernorm"); empty = none.
-    sequence_parallel:            split norm / residual activations along the sequence over the TP ranks.
-    attention:                    "auto" | "te" | "sdpa" | "local" (model.attention; see local_spec.py).
     max_tokens_per_micro_batch:   > 0: pack rows into THD micro-batches of at most this many tokens
                                   (first-fit-decreasing, parallel/packing.py) instead of micro_batch_size rows.
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
@@ -60,40 +48,16 @@ class MegatronConfig:
                                   the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
     inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
                                   inference engine's decode steps (off while training; GPU only).
+
+    A 16-bit layout is bfloat16 only: float16 would need loss scaling, which this backend does not wire into the
+    schedule (a dynamic scaler's skipped steps would drop whole RED steps); the run config refuses it.
     """
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    dtype: str = "bfloat16"
-    use_distributed_optimizer: bool = True
-    fused_kernel: bool = False
-    recompute_activations: bool = False
-    recompute_modules: tuple[str, ...] = ()
-    sequence_parallel: bool = False
-    attention: str = "auto"
     max_tokens_per_micro_batch: int = 0
     seed: int = 1234
     dist_timeout_minutes: float = 60.0
     offload_optimizer: bool = False
     inference_cuda_graphs: bool = False
-
-    def __post_init__(self):
-        if self.dtype == "float16":
-            raise ValueError("model.dtype=float16 is not supported by the Megatron backend (it would need loss "
-                             "scaling); use bfloat16, or float32")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
-        if self.max_tokens_per_micro_batch < 0:
-            raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
-        if self.attention == "local" and self.max_tokens_per_micro_batch:
-            raise ValueError("model.attention=local (megatron's DotProductAttention) cannot run packed micro-batches "
-                             "(trainer.max_tokens_per_micro_batch > 0); use sdpa or te")
-        if self.sequence_parallel and self.max_tokens_per_micro_batch % self.tensor_model_parallel_size:
-            raise ValueError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
-                             f"{self.max_tokens_per_micro_batch} must be a multiple of TP="
-                             f"{self.tensor_model_parallel_size} (packs are padded to a multiple of TP)")
 
 
 def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
@@ -128,12 +92,8 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
         tensor_parallel.model_parallel_cuda_manual_seed(config.seed,
                                                         use_cudagraphable_rng=config.inference_cuda_graphs)
     dtype = DTYPES[config.dtype]
-    tconfig = make_transformer_config(
-        arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
-        pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
-        use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
-        recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel,
-        cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
+    tconfig = make_transformer_config(arch, config, use_cpu_initialization=not on_gpu,
+                                      cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
     tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
     tconfig.perform_initialization = False  # every weight is loaded next: random init would only cost time
     model = build_gpt_model(arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
