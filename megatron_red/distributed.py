@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_red.batch import masked_row_mean
+from megatron_red.errors import ConfigError
 
 
 def under_torchrun() -> bool:
@@ -52,15 +53,15 @@ def init_distributed(timeout_minutes: float, single_process: bool = False) -> No
     if dist.is_initialized():
         return
     if timeout_minutes <= 0:
-        raise ValueError(f"trainer.dist_timeout_minutes must be > 0, got {timeout_minutes}")
+        raise ConfigError(f"trainer.dist_timeout_minutes must be > 0, got {timeout_minutes}")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not under_torchrun():
         if single_process:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timedelta(minutes=timeout_minutes))
             return
-        raise ValueError("model.backend=megatron runs under torchrun (WORLD_SIZE / RANK / MASTER_ADDR unset); "
-                         "e.g. torchrun --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron ...")
+        raise ConfigError("model.backend=megatron runs under torchrun (WORLD_SIZE / RANK / MASTER_ADDR unset); "
+                          "e.g. torchrun --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron ...")
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     watch_phases(timeout_minutes)
 
@@ -183,8 +184,8 @@ class DataParallel:
         """This replica's contiguous block of `items` (blocks differ in length by at most one); concatenating
         the blocks in rank order gives `items` back, so `gather(shard(x)) == x`."""
         if len(items) < self.size:
-            raise ValueError(f"{len(items)} items cannot be split over {self.size} data-parallel ranks; "
-                             f"raise trainer.prompts_per_step (or the ReLIFT buffer) to at least {self.size}")
+            raise ConfigError(f"{len(items)} items cannot be split over {self.size} data-parallel ranks; "
+                              f"raise trainer.prompts_per_step (or the ReLIFT buffer) to at least {self.size}")
         base, extra = divmod(len(items), self.size)
         start = self.rank * base + min(self.rank, extra)
         return list(items[start:start + base + (self.rank < extra)])

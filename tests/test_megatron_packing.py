@@ -341,7 +341,7 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
     assert main(["plan", "--world-size", str(world_size), path, *overrides]) == 0
     out = capsys.readouterr().out
     assert "generation peak" in out and "of 80 GiB: fits\ntraining peak" in out and out.endswith("of 80 GiB: fits\n")
-    config = load_config(path, overrides)
+    config = load_config(path, overrides, data_files=False)
     m = config.model
     weights = stage_parameter_numel(run_architecture(config), m.tensor_model_parallel_size,
                                     m.pipeline_model_parallel_size, 0) * 2 / 2**30
@@ -352,19 +352,9 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
         assert main(["plan", "--world-size", "3", path, *overrides]) == 2  # not a multiple of TP x PP
     assert main(["plan", path, *overrides, "model.backend=hf"]) == 2  # plan models the Megatron backend only
 
-    base, offload, keep = (plan_for_config(load_config(path, overrides + extra), world_size) for extra in
+    base, offload, keep = (plan_for_config(load_config(path, overrides + extra, data_files=False), world_size) for extra in
                            ([], ["rollout.offload_optimizer=true"], ["rollout.release_kv_cache=false"]))
     p = base.parts[0]
     assert offload.peak(0, "generation") == pytest.approx(base.peak(0, "generation") - p["gradients"] - p["optimizer"])
     assert offload.peak(0, "training") == base.peak(0, "training")
     assert keep.peak(0, "training") == pytest.approx(base.peak(0, "training") + p["KV cache"])
-
-
-def test_megatron_only_options_rejected_on_the_hf_backend(tmp_path):
-    from megatron_red.config import load_config
-    from megatron_red.trainer.build import build_policy
-
-    for override in ("trainer.max_tokens_per_micro_batch=4096", "model.sequence_parallel=true",
-                     "model.recompute_modules=[mlp]"):
-        with pytest.raises(ValueError, match=override.split("=")[0].replace("[", r"\[")):
-            build_policy(load_config(None, [override]), None, tmp_path)

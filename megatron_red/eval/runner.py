@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from megatron_red.errors import ConfigError
 from megatron_red.eval.benchmarks import BenchmarkSpec, Problem, load_benchmark, resolve_benchmarks
 from megatron_red.eval.cache import CachedSample, CacheStats, GenerationCache, fingerprint
 from megatron_red.eval.metrics import overall, summarize_benchmark
@@ -68,7 +69,7 @@ def effective_specs(config: EvalConfig) -> list[BenchmarkSpec]:
     overrides = {k: getattr(config, k) for k in ("n", "temperature", "top_p", "max_new_tokens")
                  if getattr(config, k) is not None}
     if overrides.get("n", 1) < 1 or overrides.get("max_new_tokens", 1) < 1:
-        raise ValueError(f"n and max_new_tokens must be >= 1, got {overrides}")
+        raise ConfigError(f"n and max_new_tokens must be >= 1, got {overrides}")
     return [dataclasses.replace(s, **overrides) for s in resolve_benchmarks(config.suite, config.benchmarks)]
 
 
@@ -93,7 +94,7 @@ def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderP
     grades, writes and returns the report (the others return None).
     """
     if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
     specs = effective_specs(config)
     system_prompt = None
     if config.prompt_style == "chat-think":

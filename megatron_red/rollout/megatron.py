@@ -26,6 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_red.errors import ConfigError
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.megatron_attention import select_inference_attention
 from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens, sampling_logprobs
@@ -257,15 +258,15 @@ class MegatronEngine(RolloutEngine):
     def _check_limits(self, rows: list[list[int]], params: SamplingParams) -> None:
         longest = max(len(r) for r in rows)
         if longest + params.max_new_tokens > self.max_sequence_length:
-            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
-                             f"engine's max_sequence_length={self.max_sequence_length}; raise "
-                             f"rollout.max_sequence_length (eval: --max-sequence-length)")
+            raise ConfigError(f"a prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+                              f"engine's max_sequence_length={self.max_sequence_length}; raise "
+                              f"rollout.max_sequence_length (eval: --max-sequence-length)")
         needed = math.ceil((longest + params.max_new_tokens) / self.block_size_tokens)
         if needed > self.num_blocks - 1:
-            raise ValueError(f"one sequence of {longest + params.max_new_tokens} tokens needs {needed} KV blocks of "
-                             f"{self.block_size_tokens} tokens but the KV buffer ({self.kv_buffer_gb:.3g} GB) holds "
-                             f"{self.num_blocks - 1}; raise rollout.kv_buffer_gb (eval: --kv-buffer-gb) to at least "
-                             f"{(needed + 1) * self.block_bytes / 2**30:.3g}")
+            raise ConfigError(f"one sequence of {longest + params.max_new_tokens} tokens needs {needed} KV blocks of "
+                              f"{self.block_size_tokens} tokens but the KV buffer ({self.kv_buffer_gb:.3g} GB) holds "
+                              f"{self.num_blocks - 1}; raise rollout.kv_buffer_gb (eval: --kv-buffer-gb) to at least "
+                              f"{(needed + 1) * self.block_bytes / 2**30:.3g}")
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         from megatron.core.inference.sampling_params import SamplingParams as MegatronSamplingParams

@@ -61,31 +61,23 @@ def build_task(config: RunConfig, cache_dir: Path | None = None) -> Task:
         return Task(task.train_examples, task.test_examples, task.tokenizer,
                     lambda texts, answers: [task.grade(t, a) for t, a in zip(texts, answers)],
                     hard_min_difficulty=task_config.hard_min_steps, warmup=task.warmup_examples())
-    if data.task == "openr1":
-        from megatron_red.data.cache import heldout_split
-        from megatron_red.data.tokenizer import HFTokenizer
-        from megatron_red.rewards import grade_math
+    from megatron_red.data.cache import heldout_split
+    from megatron_red.data.tokenizer import HFTokenizer
+    from megatron_red.rewards import grade_math
 
-        if not data.path:
-            raise ValueError("data.task=openr1 needs data.path (a parquet/jsonl file in the OpenR1-Math schema)")
-        if not config.model.path:
-            raise ValueError("data.task=openr1 needs model.path (a Hugging Face checkpoint with its tokenizer)")
-        if data.eval_path and data.eval_fraction:
-            raise ValueError("set data.eval_fraction or data.eval_path, not both")
-        tokenizer = HFTokenizer(config.model.path)
-        root = Path(data.cache_dir) if data.cache_dir else (
-            cache_dir or Path(config.trainer.out_dir).parent / ".cache") / "data"
-        examples = tokenised_once(data.path, tokenizer, root, data, require_trace=True)
-        if not len(examples):
-            raise ValueError(f"{data.path}: no usable rows")
-        test = []
-        if data.eval_path:
-            test = tokenised_once(data.eval_path, tokenizer, root, data, require_trace=False)
-        elif data.eval_fraction:
-            train_rows, test_rows = heldout_split(examples.prompt_digests(), data.eval_fraction)
-            examples, test = examples.select(train_rows), examples.select(test_rows)
-        return Task(examples, test, tokenizer, lambda texts, answers: grade_math(texts, answers))
-    raise ValueError(f"unknown data.task {data.task!r}; valid: builtin, openr1")
+    tokenizer = HFTokenizer(config.model.path)  # data.task=openr1
+    root = Path(data.cache_dir) if data.cache_dir else (
+        cache_dir or Path(config.trainer.out_dir).parent / ".cache") / "data"
+    examples = tokenised_once(data.path, tokenizer, root, data, require_trace=True)
+    if not len(examples):
+        raise ConfigError(f"data.path={data.path}: no usable rows")
+    test = []
+    if data.eval_path:
+        test = tokenised_once(data.eval_path, tokenizer, root, data, require_trace=False)
+    elif data.eval_fraction:
+        train_rows, test_rows = heldout_split(examples.prompt_digests(), data.eval_fraction)
+        examples, test = examples.select(train_rows), examples.select(test_rows)
+    return Task(examples, test, tokenizer, lambda texts, answers: grade_math(texts, answers))
 
 
 def tokenised_once(path: str, tokenizer, root: Path, data: DataConfig, require_trace: bool):
@@ -131,15 +123,6 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
 
     if config.model.backend == "megatron":
         return build_megatron_policy(config, task, cache_dir)
-    if config.model.backend != "hf":
-        raise ValueError(f"unknown model.backend {config.model.backend!r}; valid: hf, megatron")
-    megatron_only = {"trainer.max_tokens_per_micro_batch": config.trainer.max_tokens_per_micro_batch,
-                     "model.recompute_modules": config.model.recompute_modules,
-                     "model.sequence_parallel": config.model.sequence_parallel,
-                     "rollout.offload_optimizer": config.rollout.offload_optimizer}
-    used = [name for name, value in megatron_only.items() if value]
-    if used:
-        raise ValueError(f"{', '.join(used)} need model.backend=megatron")
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     common = dict(optim_config=config.optim, device=device, dtype=dtype, fused_kernel=config.model.fused_kernel,
@@ -209,14 +192,9 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
 
 def engine_kind(config: RunConfig) -> str:
     """`rollout.engine` with `auto` resolved: the local engine for the HF backend, megatron's for Megatron."""
-    kind, backend = config.rollout.engine, config.model.backend
-    if kind == "auto":
-        return "megatron" if backend == "megatron" else "local"
-    if kind == "local" and backend == "megatron":
-        raise ValueError("model.backend=megatron samples with its own shards: rollout.engine=megatron (or auto)")
-    if kind == "megatron" and backend != "megatron":
-        raise ValueError("rollout.engine=megatron needs model.backend=megatron")
-    return kind
+    if config.rollout.engine == "auto":
+        return "megatron" if config.model.backend == "megatron" else "local"
+    return config.rollout.engine
 
 
 def build_engine(kind: str, policy, tokenizer, rollout: RolloutConfig | None = None, *,

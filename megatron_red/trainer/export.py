@@ -41,9 +41,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"{path}: the run has no complete checkpoint (checkpoints/latest missing)")
+            raise ConfigError(f"{path}: the run has no complete checkpoint (checkpoints/latest missing)")
         return latest
-    raise FileNotFoundError(f"{path}: neither a run directory (checkpoints/) nor a checkpoint (trainer.pt)")
+    raise ConfigError(f"{path}: neither a run directory (checkpoints/) nor a checkpoint (trainer.pt)")
 
 
 def _load_hf_config(checkpoint: Path):
@@ -51,15 +51,15 @@ def _load_hf_config(checkpoint: Path):
 
     meta = checkpoint / HF_CONFIG_DIR
     if not (meta / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: no {HF_CONFIG_DIR}/config.json (the model config every checkpoint "
-                                f"holds); was it written by an older version?")
+        raise ConfigError(f"{checkpoint}: no {HF_CONFIG_DIR}/config.json (the model config every checkpoint "
+                          f"holds); was it written by an older version?")
     return AutoConfig.from_pretrained(str(meta), local_files_only=True)
 
 
 def _training_dtype(hf_config) -> str:
     name = str(getattr(hf_config, "dtype", None) or "float32").removeprefix("torch.")
     if name not in DTYPES:
-        raise ValueError(f"{HF_CONFIG_DIR}/config.json has dtype {name!r}; expected one of {sorted(DTYPES)}")
+        raise ConfigError(f"{HF_CONFIG_DIR}/config.json has dtype {name!r}; expected one of {sorted(DTYPES)}")
     return name
 
 
@@ -78,8 +78,8 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype | No
     megatron = not (checkpoint / "policy.pt").is_file()
     if megatron:
         if not is_megatron_checkpoint(str(checkpoint)):
-            raise FileNotFoundError(f"{checkpoint}: neither policy.pt (Hugging Face backend) nor a Megatron "
-                                    f"checkpoint")
+            raise ConfigError(f"{checkpoint}: neither policy.pt (Hugging Face backend) nor a Megatron "
+                              f"checkpoint")
         init_distributed(TrainerConfig.dist_timeout_minutes, single_process=True)
     if is_main_process() and out.is_dir():  # an earlier export here: none of its weights may survive
         for stale in [*out.glob("model-*.safetensors"), out / INDEX_FILE, out / EXPORT_MARKER]:

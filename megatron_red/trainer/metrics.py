@@ -8,18 +8,11 @@ values there; metrics.jsonl and TensorBoard hold the resumed run's values.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 WANDB_ID_FILE = "wandb_run_id"
-
-
-def require_wandb() -> None:
-    """Raise a clear error when `trainer.wandb_project` is set but wandb is not installed."""
-    if importlib.util.find_spec("wandb") is None:
-        raise ValueError("trainer.wandb_project is set but wandb is not installed: pip install 'megatron_red[wandb]'")
 
 
 class MetricsLog:

@@ -35,7 +35,8 @@ from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
 from megatron_red.distributed import (DataParallel, ModelParallel, current_phase, init_distributed, is_main_process,
                                       set_phase)
-from megatron_red.objectives import EntropyRatioController, RedLossConfig
+from megatron_red.errors import ConfigError
+from megatron_red.objectives import SCHEDULES, EntropyRatioController, RedLossConfig
 from megatron_red.rewards.overlong import overlong_penalty
 from megatron_red.rollout.base import SamplingParams
 from megatron_red.trainer import checkpoint
@@ -43,17 +44,8 @@ from megatron_red.trainer.build import (build_engine, build_policy, build_task, 
                                        rollout_max_sequence_length)
 from megatron_red.trainer.evaluate import evaluate_heldout, teacher_token_probability
 from megatron_red.trainer.groups import Group, build_batch
-from megatron_red.trainer.metrics import MetricsLog, NullMetricsLog, require_wandb
+from megatron_red.trainer.metrics import MetricsLog, NullMetricsLog
 from megatron_red.trainer.update import entropy_weight, policy_update
-
-SCHEDULES = ("sft_then_grpo", "relift", "bread")
-
-
-def method_names() -> tuple[str, ...]:
-    from megatron_red.objectives.loss import PRESETS
-
-    return PRESETS + SCHEDULES
-
 
 @dataclass
 class Rollouts:
@@ -71,13 +63,8 @@ class Rollouts:
 
 class RedTrainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, resume: bool = False):
-        if config.algo.method not in method_names():
-            raise ValueError(f"unknown algo.method {config.algo.method!r}; valid: {', '.join(method_names())}")
-        if config.trainer.wandb_project:
-            require_wandb()  # on every rank, before any of them waits for rank 0
+        """`config` as `load_config` returns it: validated."""
         self.config = config
-        for step in (0, config.trainer.steps - 1):  # a bad `algo.loss` override fails now, not after the warm-up
-            self.loss_config(step)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config.model.backend == "megatron":
@@ -92,8 +79,8 @@ class RedTrainer:
         self.dp = DataParallel.for_backend(config.model.backend)
         self.mp = ModelParallel.for_backend(config.model.backend)
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
-            raise ValueError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
-                             f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
+            raise ConfigError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
+                              f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
         self.stream = PromptStream(self.task.train, config.trainer.prompts_per_step, seed=config.trainer.seed)
         self.controller = EntropyRatioController(config.rollout.n)
         self.relift_buffer: list[int] = []  # indices into task.train
@@ -101,15 +88,14 @@ class RedTrainer:
         self._trace_reward: dict[str, float] = {}
         self.reward_seconds = 0.0  # grading time of the current step
         self.step = 0
-        checkpoint.check_keep_last(config.trainer.keep_last)
         checkpoint_dir = checkpoint.latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint_dir is None:
-            raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint there (checkpoints/latest missing)")
+            raise ConfigError(f"--resume {self.run_dir}: no checkpoint there (checkpoints/latest missing)")
         if checkpoint_dir is not None:
             state = checkpoint.load_checkpoint(checkpoint_dir, self.policy)
             saved_dp = state.get("data_parallel_size", self.dp.size)
             if saved_dp != self.dp.size:
-                raise ValueError(
+                raise ConfigError(
                     f"{checkpoint_dir} was written at data-parallel size {saved_dp}, this run has {self.dp.size}: "
                     "each replica samples its own block of prompts with its own seed, so the resumed run would not "
                     "continue the same run. Resume with the same data-parallel size (world size / (TP x PP)); "
@@ -136,13 +122,9 @@ class RedTrainer:
     def loss_config(self, step: int) -> RedLossConfig:
         """The loss preset in force at `step` (0-based), with the user's overrides."""
         algo = self.config.algo
-        if algo.method == "sft_then_grpo":
-            name = "sft" if step < round(algo.sft_then_grpo_fraction * self.config.trainer.steps) else "grpo"
-        elif algo.method in ("relift", "bread"):
-            name = "grpo"
-        else:
-            name = algo.method
-        loss = RedLossConfig.from_name(name)
+        presets = SCHEDULES.get(algo.method, (algo.method,))
+        first_stage = step < round(algo.sft_then_grpo_fraction * self.config.trainer.steps)
+        loss = RedLossConfig.from_name(presets[0] if first_stage else presets[-1])
         if loss.normalization == "constant":
             # LUFFY / the authors divide token sums by the generation limit: ours, not their 8192.
             loss = dataclasses.replace(loss, max_response_length=self.config.rollout.max_new_tokens)

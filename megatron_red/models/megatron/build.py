@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_red.errors import ConfigError
 from megatron_red.models.hf_checkpoint import is_hf_checkpoint
 
 
@@ -16,5 +17,5 @@ def load_hf_config(path: str | Path):
     from transformers import AutoConfig
 
     if not is_hf_checkpoint(path):
-        raise ValueError(f"{path}: expected a Hugging Face checkpoint directory (config.json + *.safetensors)")
+        raise ConfigError(f"{path}: expected a Hugging Face checkpoint directory (config.json + *.safetensors)")
     return AutoConfig.from_pretrained(str(path), local_files_only=True)

@@ -13,6 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron_red.errors import ConfigError
 from megatron_red.models.megatron.weights import unwrap_model
 
 TRAINER_STATE_FILE = "trainer_state.pt"  # the optimiser step; its presence marks a complete checkpoint
@@ -96,7 +97,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     from megatron.core import dist_checkpointing
 
     if not is_megatron_checkpoint(path):
-        raise ValueError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+        raise ConfigError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
     model = unwrap_model(model)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"])
@@ -107,7 +108,7 @@ def load_checkpoint(model, optimizer, path: str) -> int:
     from megatron.core import dist_checkpointing
 
     if not is_megatron_checkpoint(path):
-        raise ValueError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+        raise ConfigError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
     _allocate_optimizer_state(optimizer)
     loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer, True), path)
     unwrap_model(model).load_state_dict(loaded["model"])
