@@ -30,7 +30,7 @@ def _worker(rank, world_size, hf_config, hf_state, tp, path, save):
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
 
     def train_step():
-        policy.forward_backward(batch, 2, loss_fn)
+        policy.get_loss_and_metrics(batch, 2, loss_fn)
         policy.optimizer_step()
 
     out = {}
@@ -89,7 +89,7 @@ def _bf16_worker(rank, world_size, hf_config, hf_state, distributed_optimizer, p
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
 
     def train_step():
-        policy.forward_backward(batch, 2, loss_fn)
+        policy.get_loss_and_metrics(batch, 2, loss_fn)
         policy.optimizer_step()
 
     def weights():  # bf16 has no numpy dtype; fp32 holds every bf16 value exactly

@@ -210,8 +210,8 @@ def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_c
                         ("packed", dict(max_tokens_per_micro_batch=budget, recompute="selective",
                                         recompute_modules=("core_attn", "mlp")))):
         policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(**common, **extra), OPTIM)
-        logprobs, entropy = policy.logprobs_entropy(batch, 2)
-        metrics = policy.forward_backward(batch, 2, loss_fn)
+        logprobs, entropy = policy.get_inference_log_probs(batch, 2)
+        metrics = policy.get_loss_and_metrics(batch, 2, loss_fn)
         grad_norm = policy.optimizer_step()
         out[name] = dict(logprobs=logprobs, entropy=entropy, grad_norm=grad_norm, stepped=hf_weights(policy),
                          loss=sum(m["loss"] for m in metrics), micro_batches=len(metrics))
@@ -238,7 +238,7 @@ def _memory_counts(hf_config, hf_state, batch, rollouts, rollout_length) -> dict
     policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
         tensor_model_parallel_size=2, pipeline_model_parallel_size=2, dtype="bfloat16",
         use_distributed_optimizer=True), OPTIM)
-    policy.forward_backward(batch, 4, pg_loss_fn(float(batch.loss_mask.sum())))
+    policy.get_loss_and_metrics(batch, 4, pg_loss_fn(float(batch.loss_mask.sum())))
     params = list(policy.model.parameters())
     counts = {"stage": ps.get_pipeline_model_parallel_rank(),
               "weights": sum(p.numel() * p.element_size() for p in params),
@@ -352,8 +352,8 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
         assert main(["plan", "--world-size", "3", path, *overrides]) == 2  # not a multiple of TP x PP
     assert main(["plan", path, *overrides, "model.backend=hf"]) == 2  # plan models the Megatron backend only
 
-    base, offload, keep = (plan_for_config(load_config(path, overrides + extra, data_files=False), world_size) for extra in
-                           ([], ["rollout.offload_optimizer=true"], ["rollout.release_kv_cache=false"]))
+    base, offload, keep = (plan_for_config(load_config(path, overrides + extra, data_files=False), world_size)
+                           for extra in ([], ["rollout.offload_optimizer=true"], ["rollout.release_kv_cache=false"]))
     p = base.parts[0]
     assert offload.peak(0, "generation") == pytest.approx(base.peak(0, "generation") - p["gradients"] - p["optimizer"])
     assert offload.peak(0, "training") == base.peak(0, "training")

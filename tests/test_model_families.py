@@ -78,7 +78,7 @@ def test_hf_policy_and_local_engine_match_transformers(kind):
     attn = (torch.arange(ids.shape[1]) < len(PROMPTS[0]) + len(out[0][0].token_ids)).long()[None]
     loss_mask = attn[:, 1:].clone()
     loss_mask[:, :len(PROMPTS[0]) - 1] = 0
-    logprobs, _ = policy.logprobs_entropy(SequenceBatch(ids, attn, loss_mask), micro_batch_size=1)
+    logprobs, _ = policy.get_inference_log_probs(SequenceBatch(ids, attn, loss_mask), micro_batch_size=1)
     model64 = copy.deepcopy(model).double()
     with torch.no_grad():
         logp = torch.log_softmax(model64(ids, attention_mask=attn).logits[:, :-1], dim=-1)

@@ -44,7 +44,7 @@ def _worker(rank, world_size, run_dir, student):
         return [max(float(r), float(len(t) % 2 == 0)) for r, t in zip(verify(texts, answers), texts)]
 
     trainer.task.reward_fn = reward_fn
-    parts, micro, forward_backward = [], [], trainer.policy.forward_backward
+    parts, micro, train = [], [], trainer.policy.get_loss_and_metrics
 
     def recording(batch, micro_batch_size, loss_fn, temperature=1.0):
         def recording_loss(logprobs, entropy, mb):  # the log-probs the loss is given: pi, and pi_old detached
@@ -53,9 +53,9 @@ def _worker(rank, world_size, run_dir, student):
             return loss_fn(logprobs, entropy, mb)
 
         parts.append((batch, temperature))
-        return forward_backward(batch, micro_batch_size, recording_loss, temperature)
+        return train(batch, micro_batch_size, recording_loss, temperature)
 
-    trainer.policy.forward_backward = recording
+    trainer.policy.get_loss_and_metrics = recording
     metrics = trainer.red_step(trainer.dp.shard(trainer.stream.next_batch()), trainer.loss_config(0))
     ps.destroy_model_parallel()
     # The step's rows as the update received them (on-policy rows first, then the traces).

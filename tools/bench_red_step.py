@@ -1,11 +1,11 @@
 """Time RED steps of the Megatron backend on one GPU, split by phase, with the peak GPU memory of each phase.
 
 Phases (what each wraps on the trainer's policy, the actor): generate (`rollout_engine.generate`, the megatron
-engine on the policy's own weights), log-probs (`logprobs_entropy`: the traces' entropies behind H_sft; pi_old is
-the update's own forward), train (`forward_backward` + `optimizer_step`), weight-sync (`rollout_engine.sync_weights`;
-the megatron engine shares the weights, so this is the cost of nothing), and the phase switches
-(`prepare_for_inference` / `finish_inference` / `prepare_for_training`: KV-cache release and rebuild, CUDA-graph
-capture, optimiser offload).
+engine on the policy's own weights), log-probs (`get_inference_log_probs`: the traces' entropies behind H_sft; pi_old
+is the update's own forward), train (`get_loss_and_metrics` + `optimizer_step`), weight-sync
+(`rollout_engine.sync_weights`; the megatron engine shares the weights, so this is the cost of nothing), and the phase
+switches (`prepare_for_inference` / `finish_inference` / `prepare_for_training`: KV-cache release and rebuild,
+CUDA-graph capture, optimiser offload).
 The first step builds the engine and is reported separately.
 
 Default workload: the built-in task with a Qwen2.5-1.5B-shaped student (28 layers, hidden 1536, 12 / 2 heads, FFN
@@ -78,7 +78,7 @@ def main() -> None:
         clock = PhaseClock()
         engine.generate = clock.wrap("generate", type(engine).generate.__get__(engine))
         engine.sync_weights = clock.wrap("weight-sync", type(engine).sync_weights.__get__(engine))
-        for name, phase in (("logprobs_entropy", "log-probs"), ("forward_backward", "train"),
+        for name, phase in (("get_inference_log_probs", "log-probs"), ("get_loss_and_metrics", "train"),
                             ("optimizer_step", "train"), ("prepare_for_inference", "phase switches"),
                             ("finish_inference", "phase switches"), ("prepare_for_training", "phase switches")):
             setattr(policy, name, clock.wrap(phase, getattr(type(policy), name).__get__(policy)))

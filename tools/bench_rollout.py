@@ -220,14 +220,14 @@ def bench_train(args, config, device, rows: list) -> None:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
         policy = HFPolicy(model, OptimConfig(lr=1e-6), device=device, fused_kernel=fused,
                           gradient_checkpointing=args.grad_ckpt)
-        logprobs, _ = policy.logprobs_entropy(batch, args.micro_batch)
+        logprobs, _ = policy.get_inference_log_probs(batch, args.micro_batch)
         if reference is None:
             reference = logprobs
         else:
             diff = (logprobs - reference).abs().max().item()
             print(f"  max |logprob(fused on) - logprob(fused off)| = {diff:.2e}", flush=True)
         def step():
-            policy.forward_backward(batch, args.micro_batch, loss_fn)
+            policy.get_loss_and_metrics(batch, args.micro_batch, loss_fn)
             policy.optimizer_step()
         step()  # warm-up: kernel compilation, allocator growth
         if device.type == "cuda":

@@ -141,11 +141,11 @@ def run(name, policy, batch, mbs, config, peak_tflops, plan=None):
     tokens = int(batch.attention_mask.sum())
     loss_fn = pg_loss(float(batch.loss_mask.sum()))
     try:
-        policy.logprobs_entropy(batch, mbs)  # warm-up on the same rows: autotuning, allocator, optimiser state
-        policy.forward_backward(batch, mbs, loss_fn)
+        policy.get_inference_log_probs(batch, mbs)  # warm-up on the same rows: autotuning, allocator, optimiser state
+        policy.get_loss_and_metrics(batch, mbs, loss_fn)
         policy.optimizer_step()
-        (lp, _), t_fwd, m_fwd, _ = timed(lambda: policy.logprobs_entropy(batch, mbs))
-        _, t_step, m_step, base = timed(lambda: (policy.forward_backward(batch, mbs, loss_fn),
+        (lp, _), t_fwd, m_fwd, _ = timed(lambda: policy.get_inference_log_probs(batch, mbs))
+        _, t_step, m_step, base = timed(lambda: (policy.get_loss_and_metrics(batch, mbs, loss_fn),
                                                  policy.optimizer_step()))
     except torch.cuda.OutOfMemoryError:
         gc.collect()

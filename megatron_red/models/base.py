@@ -35,17 +35,17 @@ class PolicyBackend(ABC):
     """The engine `infer` samples with; attached by `megatron_red.trainer.build.build_engine`."""
 
     @abstractmethod
-    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward only, no gradient: fp32 `log pi(target)` and full-vocabulary entropy, each [B, L-1] on CPU,
-        zero where `loss_mask` is 0."""
+    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actor hook. Forward only, no gradient: fp32 `log pi(target)` and full-vocabulary entropy at
+        `temperature`, each [B, L-1] on CPU, zero where `loss_mask` is 0 (the trainer's H_sft of the traces)."""
 
     @abstractmethod
-    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
-                         temperature: float = 1.0) -> list[dict[str, float]]:
-        """For each micro-batch: log-probs and entropies with gradient, `loss, metrics = loss_fn(...)`,
-        `loss.backward()`; gradients accumulate across micro-batches (the loss must already be normalised with
-        global counts). Returns the metrics of each micro-batch."""
+    def get_loss_and_metrics(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                             temperature: float = 1.0) -> list[dict[str, float]]:
+        """Actor hook. For each micro-batch: log-probs and entropies with gradient, `loss, metrics = loss_fn(...)`,
+        `loss.backward()`; gradients accumulate across micro-batches and calls (the loss must already be normalised
+        with global counts) until `optimizer_step`. Returns the metrics of each micro-batch."""
 
     @abstractmethod
     def optimizer_step(self, lr_scale: float = 1.0, advance_schedule: bool = True) -> float:
@@ -87,28 +87,8 @@ class PolicyBackend(ABC):
         if self.rollout_engine is not None:
             self.rollout_engine.suspend()
 
-    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
-                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi_old of the step (and the token entropies): `logprobs_entropy` with no gradient."""
-        return self.logprobs_entropy(batch, micro_batch_size, temperature)
-
     def prepare_for_training(self) -> None:
         """Before the update: nothing to do by default."""
-
-    def get_loss_and_metrics(self, batch: SequenceBatch, forward_only: bool, micro_batch_size: int, loss_fn: LossFn,
-                             temperature: float = 1.0) -> list[dict[str, float]]:
-        """The loss of every micro-batch of `batch` and its metrics; with `forward_only=False` its gradients are
-        accumulated (`forward_backward`), with True nothing is (log-probs and entropies without gradient)."""
-        if not forward_only:
-            return self.forward_backward(batch, micro_batch_size, loss_fn, temperature)
-        logprobs, entropy = self.logprobs_entropy(batch, micro_batch_size, temperature)
-        metrics = []
-        for rows in batch.micro_batch_rows(micro_batch_size):
-            mb = batch.select(rows).trimmed()
-            width = mb.loss_mask.shape[1]
-            _, out = loss_fn(logprobs[rows, :width], entropy[rows, :width], mb)
-            metrics.append(out)
-        return metrics
 
     def finish_training(self) -> None:
         """After the optimiser step: the rollout engine samples from the new weights from now on."""

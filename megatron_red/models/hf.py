@@ -130,8 +130,8 @@ class HFPolicy(PolicyBackend):
         zeros = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
         return zeros.masked_scatter(mask, logprobs.float()), zeros.masked_scatter(mask, entropy.float())
 
-    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         _check_args(micro_batch_size, temperature)
         out = torch.zeros(2, *batch.loss_mask.shape, dtype=torch.float32)
         was_training = self.model.training
@@ -147,8 +147,8 @@ class HFPolicy(PolicyBackend):
             self.model.train(was_training)
         return out[0], out[1]
 
-    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
-                         temperature: float = 1.0) -> list[dict[str, float]]:
+    def get_loss_and_metrics(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                             temperature: float = 1.0) -> list[dict[str, float]]:
         _check_args(micro_batch_size, temperature)
         self.model.train()  # HF only checkpoints layers in training mode; the model has no dropout (see __init__)
         metrics = []

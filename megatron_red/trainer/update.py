@@ -103,7 +103,7 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
 
     w: a number, or a function of H_rl (Eq. 9-11: the controller, given H_sft) for entropy regulation. Then the
     on-policy rows are trained first, H_rl is taken from their forward (all replicas), and the offline rows, the
-    only ones w weighs, after it (two `forward_backward` calls; gradients accumulate until the optimiser step).
+    only ones w weighs, after it (two `get_loss_and_metrics` calls; gradients accumulate until the optimiser step).
     `entropy_weight` gives it.
 
     Returns the loss metrics, entropy/H_rl, entropy/H_sft and entropy/w, and mismatch/* when the batch holds the
@@ -124,7 +124,7 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
         if rows is not None and rows.numel() == 0:
             return []
         part = batch if rows is None else batch.select(rows)
-        return policy.get_loss_and_metrics(part, False, micro_batch_size, loss_fn, temperature=temperature)
+        return policy.get_loss_and_metrics(part, micro_batch_size, loss_fn, temperature=temperature)
 
     if callable(w):
         offline = batch.fields["is_offline"].bool()

@@ -1,6 +1,6 @@
 """`MegatronPolicy`: the RED policy as a megatron-core GPTModel with tensor, pipeline and data parallelism.
 
-One training step is `forward_backward` (any number of calls; gradients accumulate) then `optimizer_step`.
+One training step is `get_loss_and_metrics` (any number of calls; gradients accumulate) then `optimizer_step`.
 
 Loss normalisation. The trainer's `loss_fn` divides by *global* token / sequence counts (over all micro-batches
 and all data-parallel ranks), so the gradient of the step is the plain sum of the per-micro-batch gradients over
@@ -10,7 +10,7 @@ by the number of micro-batches and DDP scales gradients by 1/DP before its reduc
 sum over DP (gradient_scaling_factor = 1); the per-token division megatron would then apply in
 `finalize_model_grads` is skipped by calling it with `num_tokens=None`. Gradients are therefore a sum, and
 TP, PP, DP and the micro-batch size do not change the update. The DP reduction (and the tied-embedding reduction
-between first and last stage) happens once, in `optimizer_step`, so several `forward_backward` calls per step
+between first and last stage) happens once, in `optimizer_step`, so several `get_loss_and_metrics` calls per step
 accumulate correctly.
 """
 from __future__ import annotations
@@ -231,13 +231,13 @@ class MegatronPolicy(PolicyBackend):
         return LogprobHead(tp_group=self.tp_group, valid_vocab_size=self.arch.vocab_size, temperature=temperature,
                            fused_kernel=self.config.fused_kernel)
 
-    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group,
                                          max_tokens=self.config.max_tokens_per_micro_batch)
 
-    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
-                         temperature: float = 1.0) -> list[dict[str, float]]:
+    def get_loss_and_metrics(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                             temperature: float = 1.0) -> list[dict[str, float]]:
         budget = self.config.max_tokens_per_micro_batch
         rows = micro_batch_rows(batch, micro_batch_size, budget)
         metrics = run_pipeline(self.model, [batch.select(r) for r in rows], self._head(temperature),
