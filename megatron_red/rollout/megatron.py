@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_red.errors import ConfigError
+from megatron_red.megatron_internals import prefill_token_counts, set_sampling
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.megatron_attention import select_inference_attention
 from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens, sampling_logprobs
@@ -220,7 +221,7 @@ class MegatronEngine(RolloutEngine):
         if self._engine is None:
             context = DynamicInferenceContext(self.model.config, self._inference_config())
             controller = TextGenerationController(GPTInferenceWrapper(self.model, context), _NoDetokenizer())
-            controller._sampling = self._sampler  # megatron's sampling backend seam (`Sampling`)
+            set_sampling(controller, self._sampler)
             self._engine = DynamicInferenceEngine(controller, context)
             self._engine.controller.set_stop_word_finished_ids_callback(self._sampler.stopped_request_ids)
         else:
@@ -250,8 +251,7 @@ class MegatronEngine(RolloutEngine):
         built: megatron's own cumulative counters (what its step log prints)."""
         if self._engine is None:
             return {"computed": 0, "skipped": 0}
-        return {"computed": int(self._engine._prefill_tokens_computed),
-                "skipped": int(self._engine._prefill_tokens_skipped)}
+        return prefill_token_counts(self._engine)
 
     # ---- generation ---------------------------------------------------------------------------------------------
 
