@@ -18,12 +18,12 @@ CUDA. Overrides are `key=value` pairs as for `megatron-red train`:
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 from collections import defaultdict
 
 import torch
+
+from harness import command_line, require_cuda, timed, with_peak_memory
 
 DEFAULTS = [
     "model.backend=megatron", "model.hidden_size=1536", "model.num_layers=28", "model.num_heads=12",
@@ -42,28 +42,20 @@ class PhaseClock:
         self.seconds, self.peak = defaultdict(float), defaultdict(float)
 
     def wrap(self, phase: str, fn):
-        def timed(*args, **kwargs):
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-                self.peak[phase] = max(self.peak[phase], torch.cuda.max_memory_allocated() / 2**30)
-            self.seconds[phase] += time.perf_counter() - start
+        def clocked(*args, **kwargs):
+            (out, seconds), peak, _ = with_peak_memory(lambda: timed(lambda: fn(*args, **kwargs)))
+            self.peak[phase] = max(self.peak[phase], peak / 2**30)
+            self.seconds[phase] += seconds
             return out
-        return timed
+        return clocked
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__, out=None)
     parser.add_argument("--steps", type=int, default=2, help="RED steps (the first one is the warm-up)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_red_step.py needs a CUDA GPU (none is visible to torch); run it under torchrun on one")
+    require_cuda("bench_red_step.py", hint="; run it under torchrun on one")
 
     from megatron_red.config import load_config
     from megatron_red.distributed import is_main_process
@@ -83,9 +75,7 @@ def main() -> None:
                             ("finish_inference", "phase switches"), ("prepare_for_training", "phase switches")):
             setattr(policy, name, clock.wrap(phase, getattr(type(policy), name).__get__(policy)))
         examples = trainer.dp.shard(trainer.stream.next_batch())
-        start = time.perf_counter()
-        metrics = trainer.red_step(examples, trainer.loss_config(trainer.step))
-        clock.seconds["step"] = time.perf_counter() - start
+        metrics, clock.seconds["step"] = timed(lambda: trainer.red_step(examples, trainer.loss_config(trainer.step)))
         clock.tokens = metrics.get("tokens/step", 0)
         clock.length = metrics.get("response/mean_length", 0.0)
         clock.mismatch = (metrics.get("mismatch/logprob_abs_mean", float("nan")),
@@ -94,7 +84,7 @@ def main() -> None:
         clocks.append(clock)
     if is_main_process():
         rows = ("generate", "log-probs", "train", "weight-sync", "phase switches", "step")
-        print(f"\nRED step, Megatron backend, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}: "
+        print(f"\nRED step, Megatron backend, {torch.cuda.get_device_name()}: "
               f"{config.trainer.prompts_per_step} prompts x {config.rollout.n} samples, "
               f"<= {config.rollout.max_new_tokens} new tokens")
         print(f"{'phase':16}" + "".join(f"{'step ' + str(i + 1) + ' s':>12}{'peak GiB':>10}" for i in range(len(clocks))))

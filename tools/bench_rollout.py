@@ -22,14 +22,13 @@ and graphed) or `local-eager`, `local-graph`, `megatron-eager`, `megatron-graph`
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import time
 import traceback
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from harness import command_line, require_cuda, timed
 from megatron_red.batch import SequenceBatch
 from megatron_red.models import HFPolicy, OptimConfig
 from megatron_red.rollout import LocalEngine, SamplingParams
@@ -43,19 +42,6 @@ def model_config(quick: bool) -> Qwen2Config:
     return Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                        rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
 
 
 def gib(x: float) -> str:
@@ -243,7 +229,7 @@ def bench_train(args, config, device, rows: list) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__, out=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small model and shapes")
     parser.add_argument("--shapes", help="rollout rows x new tokens, comma-separated (default 64x512,512x1024; "
@@ -275,9 +261,8 @@ def main() -> None:
         parser.error(f"unknown --engines {sorted(set(args.engines) - known)}; known: {sorted(known)}")
     if args.device == "cpu":
         args.engines = [e for e in args.engines if not e.startswith("megatron")]  # megatron's engine needs CUDA
-    elif not torch.cuda.is_available():
-        raise SystemExit("bench_rollout.py needs a CUDA GPU for --device cuda (none is visible to torch); "
-                         "`--device cpu --quick` smoke-tests the local engine")
+    else:
+        require_cuda("bench_rollout.py --device cuda", hint="; `--device cpu --quick` smoke-tests the local engine")
 
     if args.train_steps < 1 or args.micro_batch < 1:
         parser.error("--train-steps and --micro-batch must be >= 1")
