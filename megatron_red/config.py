@@ -48,9 +48,11 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     dtype: str = "auto"
-    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16` (`float16`: Hugging Face backend only)."""
+    """`auto` = bfloat16 on CUDA, float32 on CPU (`megatron-red plan` plans for CUDA); or `float32` / `bfloat16`
+    (`float16`: Hugging Face backend only)."""
     device: str = "auto"
-    """`auto` = cuda when available, else cpu."""
+    """`auto` = cuda when available, else cpu. Hugging Face backend; the Megatron backend puts each rank on its own
+    GPU (cuda:LOCAL_RANK), so it takes `auto` only."""
     fused_kernel: str = "auto"
     """LM head + log-prob + entropy through the fused Triton kernel: `auto` (on for CUDA), `on`, `off`."""
     gradient_checkpointing: bool = False
