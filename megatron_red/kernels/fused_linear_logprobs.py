@@ -17,7 +17,7 @@ V = 152k); this module never does:
 Extra memory is the fp32 grad_h accumulator plus the dZ buffers (`FusedKernelConfig.grad_chunk_bytes` in all),
 flat in V.
 Off CUDA (and without TRITON_INTERPRET=1) the same function computes logits chunk by chunk in torch and calls
-`megatron_red.parallel.vocab_parallel_logprobs_entropy`.
+`megatron_red.kernels.vocab_parallel_logprobs_entropy`.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
+
+from megatron_red.kernels.vocab_parallel import vocab_parallel_logprobs_entropy
 
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -344,8 +346,6 @@ class _AllReduceGradient(torch.autograd.Function):
 
 
 def _fallback_chunk(hidden, weight, targets, tp_group, temperature, valid_vocab_size):
-    from megatron_red.parallel import vocab_parallel_logprobs_entropy
-
     logits = (hidden.float() @ weight.float().t()) / temperature
     return vocab_parallel_logprobs_entropy(logits, targets, tp_group, valid_vocab_size=valid_vocab_size)
 

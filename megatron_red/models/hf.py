@@ -3,7 +3,7 @@
 Log-probs and entropies are computed from the decoder's final hidden states at the loss-mask positions only
 (response and trace tokens), so the LM head never runs on prompt or padding tokens. The head is either the
 fused Triton kernel (`megatron_red.kernels`, no [N, V] logits tensor) or plain logits followed by
-`megatron_red.parallel.vocab_parallel_logprobs_entropy`.
+`megatron_red.kernels.vocab_parallel_logprobs_entropy`.
 
 Precision: parameters, gradients and optimiser state stay fp32 (a bf16 master copy would drop RED's 2e-6
 updates below bf16's resolution); activations run in `dtype` under autocast (bf16 on GPU, fp32 on CPU).
@@ -120,7 +120,7 @@ class HFPolicy(PolicyBackend):
             logprobs, entropy = fused_linear_logprobs_entropy(
                 hidden_sel.to(self.dtype), weight.to(self.dtype), targets, temperature=temperature)
         else:
-            from megatron_red.parallel import vocab_parallel_logprobs_entropy
+            from megatron_red.kernels import vocab_parallel_logprobs_entropy
 
             # Scaling the hidden states is the same as scaling the logits (no bias) and avoids an fp32 [N, V] copy;
             # the log-softmax itself runs in fp32 chunks whatever the logits' dtype.

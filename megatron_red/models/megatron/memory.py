@@ -26,7 +26,7 @@ What each part counts (bytes on one GPU of a pipeline stage):
                first pipeline stage holds PP micro-batches in flight (1F1B), stage s holds PP - s.
 - LM head:     training, last stage: the loss-mask hidden states (a h per token) and the log-prob / entropy head's
                buffers: the fused kernel's <= 256 MiB, or the [tokens, V / t] logits and their gradient plus two
-               256 MiB fp32 chunks (parallel/vocab_parallel.py).
+               256 MiB fp32 chunks (kernels/vocab_parallel.py).
 - KV cache:    the engine's paged KV buffer, sized as megatron-core 0.19's `DynamicInferenceContext` sizes it:
                blocks = max(2, int(rollout.kv_buffer_gb * 2**30) // block bytes) (one of them megatron's dummy
                block), block bytes = 2 (K, V) x this stage's layers x kv_block_size x key-value heads per TP rank
