@@ -478,8 +478,8 @@ def validate(config: RunConfig, *, data_files: bool = True) -> None:
 
 
 def _section(where: str, cls, overrides: dict, build: Callable[[], Any]) -> None:
-    """Check the `overrides` of another module's dataclass `cls` (kept as a dict so that this module stays light) by
-    building it; its own checks name the field."""
+    """Check the `overrides` of another module's dataclass `cls` (a dict: they apply on top of a preset or regime
+    chosen by another key) by building it; its own checks name the field."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(overrides) - names
     if unknown:
@@ -494,7 +494,7 @@ def _check_model(config: RunConfig) -> None:
     m, t = config.model, config.trainer
     if m.path is not None and not (Path(m.path) / "config.json").is_file():
         raise ConfigError(f"model.path={m.path}: no Hugging Face checkpoint directory there (config.json); `train` "
-                          "needs the checkpoint, `megatron-red plan` only its config.json (examples/red/architectures/"
+                          "needs the checkpoint, `megatron-red plan` only its config.json (examples/red/architectures/ "
                           "holds the recipes' models, e.g. model.path=examples/red/architectures/qwen2.5-math-7b)")
     if m.num_heads % m.num_kv_heads or m.hidden_size % m.num_heads:
         raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}, which "
@@ -503,7 +503,8 @@ def _check_model(config: RunConfig) -> None:
     if m.backend == "hf":
         used = [key for key, off in _MEGATRON_ONLY.items() if _value(config, key) != off]
         if used:
-            raise ConfigError(f"{', '.join(used)}: Megatron backend options; they need model.backend=megatron")
+            them = "it" if len(used) == 1 else "them"
+            raise ConfigError(f"{', '.join(used)}: only the Megatron backend reads {them} (model.backend=megatron)")
         if engine == "megatron":
             raise ConfigError("rollout.engine=megatron needs model.backend=megatron")
         return

@@ -198,9 +198,9 @@ def test_out_of_range_values_name_the_key_and_range(override, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.sequence_parallel=true"], "model.sequence_parallel: Megatron backend options"),
+    (["model.sequence_parallel=true"], "model.sequence_parallel: only the Megatron backend reads it"),
     (["trainer.max_tokens_per_micro_batch=4096", "model.tensor_model_parallel_size=2"],
-     "model.tensor_model_parallel_size, trainer.max_tokens_per_micro_batch: Megatron backend options"),
+     "model.tensor_model_parallel_size, trainer.max_tokens_per_micro_batch: only the Megatron backend reads them"),
     (["rollout.engine=megatron"], "rollout.engine=megatron needs model.backend=megatron"),
     (["model.backend=megatron", "rollout.engine=local"], "rollout.engine=megatron (or auto)"),
     (["model.backend=megatron", "model.gradient_checkpointing=true", "model.recompute_modules=[mlp]"],
