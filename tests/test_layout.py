@@ -53,17 +53,17 @@ def _built_layout(rank, world_size, runs):
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    import megatron_red.kernels
     from megatron_red.batch import SequenceBatch
     from megatron_red.config import load_config
     from megatron_red.models.megatron.layout import ParallelLayout
     from megatron_red.models.megatron.local_spec import SDPACoreAttention
     from megatron_red.models.megatron.weights import unwrap_model
+    from megatron_red.parallel import pipeline
     from megatron_red.trainer.build import megatron_policy, parallel_layout
 
-    fused_calls = []
-    fused = megatron_red.kernels.fused_linear_logprobs_entropy
-    megatron_red.kernels.fused_linear_logprobs_entropy = lambda *a, **k: fused_calls.append(1) or fused(*a, **k)
+    fused_calls = []  # the kernel as the pipeline's LM head (LogprobHead) calls it
+    fused = pipeline.fused_linear_logprobs_entropy
+    pipeline.fused_linear_logprobs_entropy = lambda *a, **k: fused_calls.append(1) or fused(*a, **k)
     built = {}
     for name, path, overrides in runs:
         config = load_config(path, overrides)
