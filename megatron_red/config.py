@@ -437,7 +437,7 @@ _RANGES = {
     "algo.method": _one_of(METHODS),
     "algo.sft_lr_multiplier": _POSITIVE, "algo.sft_then_grpo_fraction": _FRACTION,
     "algo.relift_buffer_size": _at_least(1),
-    "algo.bread_prefix_fractions": _each(_Range(lambda v: 0 < v < 1, "in (0, 1)")),
+    "algo.bread_prefix_fractions": _each(_Range(lambda v: 0 < v <= 1, "in (0, 1]")),
     "algo.tis_cap": _optional(_POSITIVE),
     "trainer.steps": _at_least(1), "trainer.prompts_per_step": _at_least(1), "trainer.micro_batch_size": _at_least(1),
     "trainer.max_tokens_per_micro_batch": _at_least(0), "trainer.seed": _at_least(0),

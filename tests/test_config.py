@@ -182,7 +182,7 @@ def test_on_off_string_fields_keep_their_word(tmp_path, value):
     ("trainer.dist_timeout_minutes=0", "trainer.dist_timeout_minutes=0.0: must be > 0"),
     ("data.eval_fraction=1", "data.eval_fraction=1.0: must be in [0, 1)"),
     ("algo.method=nope", "algo.method='nope': must be one of red, "),
-    ("algo.bread_prefix_fractions=[0.5, 1.0]", "algo.bread_prefix_fractions=(0.5, 1.0): must be a list of values in"),
+    ("algo.bread_prefix_fractions=[0.5, 1.5]", "algo.bread_prefix_fractions=(0.5, 1.5): must be a list of values in"),
     ("model.dtype=fp8", "model.dtype='fp8': must be one of auto, float32, bfloat16, float16"),
     ("model.attention=flash", "model.attention='flash': must be one of auto, te, sdpa, local"),
     ("model.device=gpu", "model.device='gpu': must be auto or a torch device"),
