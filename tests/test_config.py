@@ -1,7 +1,6 @@
 """`load_config`: embedded default <- YAML file <- dotted overrides, with type coercion and unknown-key errors."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
