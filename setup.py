@@ -31,8 +31,6 @@ setup(
         # megatron-core's dynamic inference engine uses flash-attn >= 2.7.3 when present (builds against the local
         # CUDA toolkit; NGC images ship one); without it rollout/megatron_attention.py runs our paged attention.
         "flash-attn": ["flash-attn>=2.7.3"],
-        "vllm": ["vllm>=0.10"],
-        "bridge": ["megatron-bridge>=0.2"],
         "wandb": ["wandb>=0.17"],
         # wandb in dev so CI runs the W&B offline-mode test (tests/test_wandb.py) instead of skipping it.
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17"],

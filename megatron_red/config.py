@@ -1,4 +1,6 @@
-"""Typed run configuration: one dataclass per concern, loadable from YAML, overridable with dotted `key=value`.
+"""Typed run configuration: one dataclass per concern, loadable from YAML, overridable with dotted `key=value`, and
+validated when loaded (`validate`: every key against its valid range, the sections against each other), so a wrong
+value is a `ConfigError` naming the key before any work starts.
 
 The defaults of `RunConfig` are the embedded default: RED on the built-in task with a tiny Qwen2 student on CPU.
 `examples/red/*.yaml` hold the other recipes; each YAML file holds only the fields it changes.
@@ -6,14 +8,28 @@ The defaults of `RunConfig` are the embedded default: RED on the built-in task w
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
+import torch
 import yaml
 
+from megatron_red.data.builtin import BuiltinTaskConfig
+from megatron_red.errors import ConfigError
+from megatron_red.kernels import FUSED_KERNEL_MODES
+from megatron_red.models.megatron.layout import ATTENTIONS, SELECTIVE_RECOMPUTE_MODULES, check_divides
 from megatron_red.models.optim import OptimConfig
+from megatron_red.models.precision import DTYPES
+from megatron_red.objectives.loss import METHODS, SCHEDULES, RedLossConfig
+from megatron_red.rollout.base import ENGINE_KINDS
+
+BACKENDS = ("hf", "megatron")
+TASKS = ("builtin", "openr1")
 
 
 @dataclass
@@ -32,9 +48,11 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     dtype: str = "auto"
-    """`auto` = bfloat16 on CUDA, float32 on CPU; or `float32` / `bfloat16` (`float16`: Hugging Face backend only)."""
+    """`auto` = bfloat16 on CUDA, float32 on CPU (`megatron-red plan` plans for CUDA); or `float32` / `bfloat16`
+    (`float16`: Hugging Face backend only)."""
     device: str = "auto"
-    """`auto` = cuda when available, else cpu."""
+    """`auto` = cuda when available, else cpu. Hugging Face backend; the Megatron backend puts each rank on its own
+    GPU (cuda:LOCAL_RANK), so it takes `auto` only."""
     fused_kernel: str = "auto"
     """LM head + log-prob + entropy through the fused Triton kernel: `auto` (on for CUDA), `on`, `off`."""
     gradient_checkpointing: bool = False
@@ -140,11 +158,6 @@ class RolloutConfig:
     is completed with dropped groups (earliest first), as it would have been without dynamic sampling, so it keeps
     its batch size."""
 
-    def __post_init__(self):
-        if self.dynamic_sampling_max_rounds < 0:
-            raise ValueError(f"rollout.dynamic_sampling_max_rounds must be >= 0, got "
-                             f"{self.dynamic_sampling_max_rounds}")
-
 
 @dataclass
 class RewardsConfig:
@@ -162,11 +175,6 @@ class RewardsConfig:
     overlong_filter: bool = False
     """DAPO's overlong filtering: rollouts cut at the generation limit (no EOS) carry no loss (they still count in
     their group's advantages)."""
-
-    def __post_init__(self):
-        if (self.overlong_buffer or 0) < 0 or self.overlong_penalty < 0:
-            raise ValueError(f"rewards.overlong_buffer and rewards.overlong_penalty must be >= 0, got "
-                             f"{self.overlong_buffer}, {self.overlong_penalty}")
 
 
 @dataclass
@@ -199,13 +207,6 @@ class AlgoConfig:
     """Truncated importance sampling on on-policy tokens, for every method: each token's surrogate is weighted by
     sg(min(pi_old / pi_behaviour, tis_cap)), pi_behaviour being the rollout engine's log-prob (verl's
     `tis_imp_ratio_cap`; 2 is a common cap). None = off, the paper's objective. See objectives/loss.py."""
-
-    def __post_init__(self):
-        if self.sft_then_grpo_sft_steps is not None and self.sft_then_grpo_sft_steps < 1:
-            raise ValueError(f"algo.sft_then_grpo_sft_steps must be >= 1 (or null for trainer.steps), got "
-                             f"{self.sft_then_grpo_sft_steps}")
-        if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ValueError(f"algo.tis_cap must be > 0 (or null for off), got {self.tis_cap}")
 
 
 @dataclass
@@ -266,14 +267,6 @@ class TrainerConfig:
     completions (math-verify, per-answer time-outs) or while rank 0 writes a checkpoint's Hugging Face copy. 60 min
     covers those with room to spare, and a real hang still surfaces within the hour."""
 
-    def __post_init__(self):
-        if self.mini_batches_per_step < 1 or self.epochs_per_step < 1:
-            raise ValueError(f"trainer.mini_batches_per_step and trainer.epochs_per_step must be >= 1, got "
-                             f"{self.mini_batches_per_step}, {self.epochs_per_step}")
-        if self.mini_batches_per_step > self.prompts_per_step:
-            raise ValueError(f"trainer.mini_batches_per_step={self.mini_batches_per_step} must be at most "
-                             f"trainer.prompts_per_step={self.prompts_per_step} (a mini-batch holds whole groups)")
-
     @property
     def optimizer_steps_per_step(self) -> int:
         """Optimiser steps of one sampling step: K x E."""
@@ -298,7 +291,7 @@ def _coerce(value, annotation, where: str):
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _from_dict(annotation, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -308,9 +301,9 @@ def _coerce(value, annotation, where: str):
                 continue
             try:
                 return _coerce(value, arg, where)
-            except (TypeError, ValueError):
+            except ConfigError:
                 continue
-        raise ValueError(f"{where}: cannot read {value!r} as {annotation}")
+        raise ConfigError(f"{where}: cannot read {value!r} as {annotation}")
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
         return tuple(_coerce(v, args[0], where) for v in items)
@@ -321,19 +314,19 @@ def _coerce(value, annotation, where: str):
             return True
         if str(value).lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if annotation is str and isinstance(value, bool):
         return "on" if value else "off"  # YAML reads a bare on/off as a boolean
     if annotation is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if annotation in (int, float, str):
         try:
             return annotation(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
     if annotation is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     return value
 
@@ -343,7 +336,7 @@ def _from_dict(cls, data: dict, where: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; valid: {sorted(names)}")
+        raise ConfigError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; valid: {sorted(names)}")
     base = cls()
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -355,7 +348,17 @@ def _from_dict(cls, data: dict, where: str = ""):
                 kwargs[f.name] = _coerce(merged, type(current), sub)
             else:
                 kwargs[f.name] = _coerce(data[f.name], hints[f.name], sub)
-    return dataclasses.replace(base, **kwargs)
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except ValueError as err:  # a section's own check (OptimConfig's): named by the section
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not YAML ({err})") from None
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
@@ -364,26 +367,29 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = _yaml(raw, f"override {dotted}") if raw != "" else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Embedded default <- YAML file (if given) <- dotted `section.key=value` overrides (values parsed as YAML)."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, data_files: bool = True) -> RunConfig:
+    """Embedded default <- YAML file (if given) <- dotted `section.key=value` overrides (values parsed as YAML),
+    then `validate`d. `data_files=False` skips the existence of data.path / data.eval_path (`megatron-red plan`
+    reads no data)."""
     tree: dict = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            tree = yaml.safe_load(f) or {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"config file {path}: {err.strerror}") from None
+        tree = _yaml(text, str(path)) or {}
         if not isinstance(tree, dict):
-            raise ValueError(f"{path}: the config file must be a mapping of sections")
+            raise ConfigError(f"{path}: the config file must be a mapping of sections")
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw)
     config = _from_dict(RunConfig, tree)
-    _check_keys(config.data.builtin, "megatron_red.data.builtin", "BuiltinTaskConfig", "data.builtin")
-    _check_keys(config.algo.loss, "megatron_red.objectives.loss", "RedLossConfig", "algo.loss")
     if "optim" not in tree or "total_steps" not in tree.get("optim", {}):
         # The schedule spans the run's optimiser steps (K x E per RL step; SFT steps take one each; SFT->GRPO's SFT
         # stage has its own schedule, trainer/red_trainer.py); never shorter than its warm-up (OptimConfig's own
@@ -393,22 +399,190 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         config.optim.total_steps = max(t.steps * per_step, config.optim.warmup_steps)
     if config.rewards.overlong_buffer is None:  # resolved here, so config.yaml records the buffer a run used
         config.rewards.overlong_buffer = config.rollout.max_new_tokens // 4
-    if config.rewards.overlong_buffer > config.rollout.max_new_tokens:
-        raise ValueError(f"rewards.overlong_buffer={config.rewards.overlong_buffer} must be at most "
-                         f"rollout.max_new_tokens={config.rollout.max_new_tokens} (the penalty starts that many "
-                         "tokens before the generation limit)")
+    validate(config, data_files=data_files)
     return config
-
-
-def _check_keys(overrides: dict, module: str, cls_name: str, where: str) -> None:
-    """Field overrides for another dataclass (kept as dicts so this module stays light) must name its fields."""
-    import importlib
-
-    names = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls_name))}
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; valid: {sorted(names)}")
 
 
 def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@dataclass(frozen=True)
+class _Range:
+    """A key's valid values: `ok(value)`, described as `text` in the error."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def _at_least(low) -> _Range:
+    return _Range(lambda v: v >= low, f">= {low}")
+
+
+def _one_of(names) -> _Range:
+    return _Range(lambda v: v in names, f"one of {', '.join(map(str, names))}")
+
+
+def _optional(rule: _Range) -> _Range:
+    return _Range(lambda v: v is None or rule.ok(v), f"null or {rule.text}")
+
+
+def _each(rule: _Range) -> _Range:
+    return _Range(lambda v: all(rule.ok(x) for x in v), f"a list of values {rule.text}")
+
+
+def _device_name(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return name == "auto"
+    return True
+
+
+_POSITIVE = _Range(lambda v: v > 0, "> 0")
+# Every key whose valid values do not depend on another key's.
+_RANGES = {
+    "model.backend": _one_of(BACKENDS),
+    "model.hidden_size": _at_least(1), "model.num_layers": _at_least(1), "model.num_heads": _at_least(1),
+    "model.num_kv_heads": _at_least(1), "model.intermediate_size": _at_least(1),
+    "model.max_position_embeddings": _at_least(2),
+    "model.dtype": _one_of(("auto", *DTYPES)),
+    "model.device": _Range(_device_name, "auto or a torch device (cpu, cuda, cuda:1, ...)"),
+    "model.fused_kernel": _one_of(FUSED_KERNEL_MODES),
+    "model.recompute_modules": _each(_one_of(SELECTIVE_RECOMPUTE_MODULES)),
+    "model.attention": _one_of(("auto", *ATTENTIONS)),
+    "model.tensor_model_parallel_size": _at_least(1), "model.pipeline_model_parallel_size": _at_least(1),
+    "data.task": _one_of(TASKS),
+    "data.max_prompt_tokens": _at_least(1), "data.max_trace_tokens": _at_least(1),
+    "data.eval_fraction": _Range(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.warmup_steps": _at_least(0), "data.warmup_lr": _POSITIVE, "data.warmup_batch_size": _at_least(1),
+    "rollout.engine": _one_of(("auto", *ENGINE_KINDS)),
+    "rollout.n": _at_least(1), "rollout.temperature": _POSITIVE,
+    "rollout.top_p": _Range(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rollout.max_new_tokens": _at_least(1), "rollout.max_batch_size": _at_least(1),
+    "rollout.max_sequence_length": _optional(_at_least(2)), "rollout.kv_buffer_gb": _optional(_POSITIVE),
+    "rollout.kv_block_size": _at_least(1), "rollout.dynamic_sampling_max_rounds": _at_least(0),
+    "rewards.overlong_buffer": _at_least(0), "rewards.overlong_penalty": _at_least(0),
+    "algo.method": _one_of(METHODS),
+    "algo.sft_lr_multiplier": _POSITIVE, "algo.sft_then_grpo_sft_steps": _optional(_at_least(1)),
+    "algo.relift_buffer_size": _at_least(1),
+    "algo.bread_prefix_fractions": _each(_Range(lambda v: 0 < v <= 1, "in (0, 1]")),
+    "algo.tis_cap": _optional(_POSITIVE),
+    "trainer.steps": _at_least(1), "trainer.prompts_per_step": _at_least(1), "trainer.micro_batch_size": _at_least(1),
+    "trainer.max_tokens_per_micro_batch": _at_least(0), "trainer.seed": _at_least(0),
+    "trainer.save_every": _at_least(1), "trainer.keep_last": _at_least(0), "trainer.eval_every": _at_least(0),
+    "trainer.eval_samples": _at_least(1), "trainer.eval_temperature": _POSITIVE, "trainer.eval_problems": _at_least(1),
+    "trainer.dist_timeout_minutes": _POSITIVE,
+    "trainer.mini_batches_per_step": _at_least(1), "trainer.epochs_per_step": _at_least(1),
+}
+# Options only the Megatron backend reads: with model.backend=hf they would do nothing.
+_MEGATRON_ONLY = {"model.recompute_modules": (), "model.sequence_parallel": False, "model.attention": "auto",
+                  "model.tensor_model_parallel_size": 1, "model.pipeline_model_parallel_size": 1,
+                  "trainer.max_tokens_per_micro_batch": 0, "rollout.offload_optimizer": False}
+
+
+def _value(config: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def validate(config: RunConfig, *, data_files: bool = True) -> None:
+    """Raise ConfigError, naming the key and its valid range, unless every value is in range and the sections agree
+    with each other; before any work (warm-up, data, model). `data_files=False` skips data.path's existence."""
+    for key, rule in _RANGES.items():
+        value = _value(config, key)
+        if not rule.ok(value):
+            raise ConfigError(f"{key}={value!r}: must be {rule.text}")
+    _check_model(config)
+    _check_data(config.data, config.model, data_files)
+    r, t = config.rollout, config.trainer
+    if t.mini_batches_per_step > t.prompts_per_step:
+        raise ConfigError(f"trainer.mini_batches_per_step={t.mini_batches_per_step} must be at most "
+                          f"trainer.prompts_per_step={t.prompts_per_step} (a mini-batch holds whole groups)")
+    if config.rewards.overlong_buffer > r.max_new_tokens:
+        raise ConfigError(f"rewards.overlong_buffer={config.rewards.overlong_buffer} must be at most "
+                          f"rollout.max_new_tokens={r.max_new_tokens} (the penalty starts that many tokens before "
+                          "the generation limit)")
+    _section("algo.loss", RedLossConfig, config.algo.loss,
+             lambda: [dataclasses.replace(RedLossConfig.from_name(name), **config.algo.loss)
+                      for name in SCHEDULES.get(config.algo.method, (config.algo.method,))])
+    if t.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"trainer.wandb_project={t.wandb_project!r} needs wandb: pip install 'megatron_red[wandb]'")
+
+
+def _section(where: str, cls, overrides: dict, build: Callable[[], Any]) -> None:
+    """Check the `overrides` of another module's dataclass `cls` (a dict: they apply on top of a preset or regime
+    chosen by another key) by building it; its own checks name the field."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; valid: {sorted(names)}")
+    try:
+        build()
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _check_model(config: RunConfig) -> None:
+    m, t = config.model, config.trainer
+    if m.path is not None and not (Path(m.path) / "config.json").is_file():
+        raise ConfigError(f"model.path={m.path}: no Hugging Face checkpoint directory there (config.json); `train` "
+                          "needs the checkpoint, `megatron-red plan` only its config.json (examples/red/architectures/ "
+                          "holds the recipes' models, e.g. model.path=examples/red/architectures/qwen2.5-math-7b)")
+    if m.num_heads % m.num_kv_heads or m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}, which "
+                          f"must divide model.hidden_size={m.hidden_size}")
+    engine = config.rollout.engine
+    if m.backend == "hf":
+        used = [key for key, off in _MEGATRON_ONLY.items() if _value(config, key) != off]
+        if used:
+            them = "it" if len(used) == 1 else "them"
+            raise ConfigError(f"{', '.join(used)}: only the Megatron backend reads {them} (model.backend=megatron)")
+        if engine == "megatron":
+            raise ConfigError("rollout.engine=megatron needs model.backend=megatron")
+        return
+    if engine == "local":
+        raise ConfigError("model.backend=megatron samples with its own shards: rollout.engine=megatron (or auto)")
+    if m.dtype == "float16":
+        raise ConfigError("model.dtype=float16 is not supported by the Megatron backend (it would need loss "
+                          "scaling); use bfloat16, or float32")
+    if m.device != "auto":
+        raise ConfigError(f"model.device={m.device!r}: the Megatron backend puts each rank on its own GPU "
+                          "(cuda:LOCAL_RANK, else the CPU); leave model.device=auto")
+    if m.gradient_checkpointing and m.recompute_modules:
+        raise ConfigError("choose full recompute (model.gradient_checkpointing) or selective recompute "
+                          "(model.recompute_modules), not both")
+    tp = m.tensor_model_parallel_size
+    if m.sequence_parallel and tp == 1:
+        raise ConfigError("model.sequence_parallel needs model.tensor_model_parallel_size > 1")
+    if t.max_tokens_per_micro_batch:
+        if m.attention == "local":
+            raise ConfigError("model.attention=local (megatron's DotProductAttention) cannot run packed micro-batches "
+                              "(trainer.max_tokens_per_micro_batch > 0); use sdpa or te")
+        if m.sequence_parallel and t.max_tokens_per_micro_batch % tp:
+            raise ConfigError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
+                              f"{t.max_tokens_per_micro_batch} must be a multiple of TP={tp} (packs are padded to a "
+                              "multiple of TP)")
+    heads, groups, layers = m.num_heads, m.num_kv_heads, m.num_layers
+    if m.path is not None:
+        arch = json.loads((Path(m.path) / "config.json").read_text(encoding="utf-8"))
+        heads, layers = arch["num_attention_heads"], arch["num_hidden_layers"]
+        groups = arch.get("num_key_value_heads") or heads
+    check_divides(tp, m.pipeline_model_parallel_size, heads, groups, layers)
+
+
+def _check_data(data: DataConfig, model: ModelConfig, files: bool) -> None:
+    _section("data.builtin", BuiltinTaskConfig, data.builtin, lambda: BuiltinTaskConfig.for_regime(**data.builtin))
+    if data.task != "openr1":
+        return
+    if not data.path:
+        raise ConfigError("data.task=openr1 needs data.path (a parquet/jsonl file in the OpenR1-Math schema)")
+    if not model.path:
+        raise ConfigError("data.task=openr1 needs model.path (a Hugging Face checkpoint with its tokenizer)")
+    if data.eval_path and data.eval_fraction:
+        raise ConfigError("set data.eval_fraction or data.eval_path, not both")
+    for key in ("path", "eval_path"):
+        file = getattr(data, key)
+        if files and file and not Path(file).is_file():
+            raise ConfigError(f"data.{key}={file}: no such file (tools/prepare_data.py writes one)")

@@ -136,15 +136,15 @@ def test_compare_jobs_trains_in_processes_like_in_process(compared, tmp_path, ca
 
 def test_compare_jobs_start_the_listed_methods_first_over_all_seeds(tmp_path, monkeypatch):
     """With --jobs, runs start method by method over the seeds, so the longest (listed first) do not start last."""
-    from megatron_red import cli
+    from megatron_red.trainer import compare
 
     started = []
 
-    def record(pending, args, jobs):
+    def record(pending, train_args, jobs):
         started.extend((method, seed) for seed, method, _, _ in pending)
         raise KeyboardInterrupt  # nothing is trained
 
-    monkeypatch.setattr(cli, "_train_processes", record)
+    monkeypatch.setattr(compare, "_train_processes", record)
     with pytest.raises(KeyboardInterrupt):
         main(["compare", "--methods", "red,grpo,sft", "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "2",
               *TINY_OVERRIDES])
@@ -198,3 +198,35 @@ def test_bad_override_is_a_usage_error(tmp_path, capsys):
     assert main(["train", "trainer.stepz=3", f"trainer.out_dir={tmp_path / 't'}"]) == 2
     assert "stepz" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_bad_value_is_refused_before_any_work(tmp_path, capsys):
+    """Validated when loaded: the warm-up of the built-in student (minutes) does not run first."""
+    run_dir = tmp_path / "t"
+    assert main(["train", *TINY_OVERRIDES, "trainer.save_every=0", f"trainer.out_dir={run_dir}"]) == 2
+    out, err = capsys.readouterr()
+    assert err == "error: trainer.save_every=0: must be >= 1\n"
+    assert "[warm-up]" not in out and not run_dir.exists() and not (tmp_path / ".cache").exists()
+
+
+def test_plan_names_a_missing_model_path_and_the_architectures(capsys):
+    assert main(["plan", "--world-size", "8", "examples/red/qwen25_math_7b_8gpu.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.path=/models/Qwen2.5-Math-7B: ") and "examples/red/architectures/" in err
+
+
+def test_only_config_errors_become_usage_errors(tmp_path, monkeypatch):
+    """A ValueError that is not a ConfigError is a bug: it keeps its traceback (train and eval)."""
+    from megatron_red.trainer import export, red_trainer
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(red_trainer.RedTrainer, "__init__", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["train", *TINY_OVERRIDES, f"trainer.out_dir={tmp_path / 't'}"])
+    eval_args = ["eval", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")]
+    assert main(eval_args) == 2  # no model there: a usage error
+    monkeypatch.setattr(export, "resolve_hf_model", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(eval_args)

@@ -7,9 +7,21 @@ from pathlib import Path
 import pytest
 
 from megatron_red.config import RewardsConfig, RunConfig, config_to_dict, load_config
+from megatron_red.errors import ConfigError
 from megatron_red.models.optim import OptimConfig
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "red").glob("*.yaml"))
+ARCHITECTURES = EXAMPLES[0].parent / "architectures"
+# The recipes name a local checkpoint directory (/models/...) and a data file that are not here: their
+# architectures stand in for the checkpoints (validation reads config.json), and data files are not looked for.
+RECIPE_MODELS = {"qwen25_math_1p5b_1gpu.yaml": "qwen2.5-math-1.5b", "qwen25_math_1p5b_8gpu.yaml": "qwen2.5-math-1.5b",
+                 "qwen25_math_7b_8gpu.yaml": "qwen2.5-math-7b", "qwen25_32b_16gpu.yaml": "qwen2.5-32b"}
+SOME_MODEL = str(ARCHITECTURES / "qwen2.5-math-1.5b")
+
+
+def load_recipe(path: Path, overrides: list[str] = ()):
+    model = [f"model.path={ARCHITECTURES / RECIPE_MODELS[path.name]}"] if path.name in RECIPE_MODELS else []
+    return load_config(path, [*model, *overrides], data_files=False)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -37,22 +49,22 @@ def test_overlong_buffer_default_override_and_range():
     assert load_config(None, ["rollout.max_new_tokens=100"]).rewards.overlong_buffer == 25
     assert load_config(None, ["rewards.overlong_buffer=0"]).rewards.overlong_buffer == 0  # off
     for recipe in (p for p in EXAMPLES if p.name.startswith("qwen")):
-        assert load_config(recipe).rewards.overlong_buffer == 2000  # the authors' 6192 of 8192
-    with pytest.raises(ValueError, match="overlong_buffer"):
+        assert load_recipe(recipe).rewards.overlong_buffer == 2000  # the authors' 6192 of 8192
+    with pytest.raises(ConfigError, match="overlong_buffer"):
         load_config(None, ["rewards.overlong_buffer=200"])  # beyond the 192-token limit
-    with pytest.raises(ValueError, match="overlong_buffer"):
+    with pytest.raises(ConfigError, match="overlong_buffer"):
         load_config(None, ["rewards.overlong_buffer=-1"])
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_recipe_loads(path):
-    config = load_config(path)
+    config = load_recipe(path)
     assert isinstance(config, RunConfig)
     assert isinstance(config.optim, OptimConfig)
 
 
 def test_qwen_recipe_values():
-    config = load_config(next(p for p in EXAMPLES if p.name == "qwen25_math_1p5b_1gpu.yaml"))
+    config = load_recipe(next(p for p in EXAMPLES if p.name == "qwen25_math_1p5b_1gpu.yaml"))
     assert config.data.task == "openr1" and config.model.dtype == "bfloat16"
     assert config.model.gradient_checkpointing is True
     assert config.optim.lr == pytest.approx(2e-6) and config.optim.min_lr_ratio == pytest.approx(0.1)
@@ -65,7 +77,7 @@ def test_qwen_recipe_values():
 def test_recipes_at_scale_take_four_optimiser_steps_with_clip_higher(name):
     """The authors' later GRPO code: 4 optimiser steps per rollout batch, clip (1 - 0.2, 1 + 0.28); the schedule
     counts optimiser steps, so its warm-up and length are 4x the RL steps'."""
-    config = load_config(next(p for p in EXAMPLES if p.name == name))
+    config = load_recipe(next(p for p in EXAMPLES if p.name == name))
     assert (config.trainer.prompts_per_step, config.trainer.mini_batches_per_step) == (64, 4)
     assert config.algo.loss == {"clip_eps_high": 0.28}
     assert config.optim.total_steps == 4 * config.trainer.steps and config.optim.warmup_steps == 40
@@ -102,7 +114,7 @@ def test_type_coercion():
         "model.gradient_checkpointing=yes",
         "algo.bread_prefix_fractions=0.1,0.9",  # comma list -> tuple
         "optim.betas=[0.8, 0.9]",               # YAML list -> tuple
-        "model.path=/models/x",                 # str | None
+        f"model.path={SOME_MODEL}",             # str | None
         "data.path=null",
     ])
     assert config.trainer.steps == 7 and type(config.trainer.steps) is int
@@ -112,7 +124,7 @@ def test_type_coercion():
     assert config.model.gradient_checkpointing is True
     assert config.algo.bread_prefix_fractions == (0.1, 0.9)
     assert config.optim.betas == (0.8, 0.9)
-    assert config.model.path == "/models/x" and config.data.path is None
+    assert config.model.path == SOME_MODEL and config.data.path is None
 
 
 @pytest.mark.parametrize("override, named", [
@@ -167,7 +179,7 @@ def test_saved_config_yaml_round_trips(tmp_path):
     import yaml
 
     config = load_config(None, ["trainer.steps=9", "algo.bread_prefix_fractions=[0.5]", "data.builtin={seed: 2}",
-                                "optim.betas=[0.8, 0.9]", "model.path=/m"])
+                                "optim.betas=[0.8, 0.9]", f"model.path={SOME_MODEL}"])
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     assert load_config(path) == config
@@ -179,3 +191,83 @@ def test_on_off_string_fields_keep_their_word(tmp_path, value):
     # must reach the policy as the words, not as "True"/"False" (which HFPolicy rejects).
     assert load_config(None, [f"model.fused_kernel={value}"]).model.fused_kernel == value
     assert load_config(_write(tmp_path, f"model:\n  fused_kernel: {value}\n")).model.fused_kernel == value
+
+
+# ---------------------------------------------------------------------------------------------- validation at load
+@pytest.mark.parametrize("override, message", [
+    ("rollout.n=0", "rollout.n=0: must be >= 1"),
+    ("rollout.temperature=-1", "rollout.temperature=-1.0: must be > 0"),
+    ("rollout.top_p=1.5", "rollout.top_p=1.5: must be in (0, 1]"),
+    ("rollout.engine=vllm", "rollout.engine='vllm': must be one of auto, local, megatron"),
+    ("rollout.kv_buffer_gb=0", "rollout.kv_buffer_gb=0.0: must be null or > 0"),
+    ("trainer.save_every=0", "trainer.save_every=0: must be >= 1"),
+    ("trainer.keep_last=-1", "trainer.keep_last=-1: must be >= 0"),
+    ("trainer.dist_timeout_minutes=0", "trainer.dist_timeout_minutes=0.0: must be > 0"),
+    ("data.eval_fraction=1", "data.eval_fraction=1.0: must be in [0, 1)"),
+    ("algo.method=nope", "algo.method='nope': must be one of red, "),
+    ("algo.bread_prefix_fractions=[0.5, 1.5]", "algo.bread_prefix_fractions=(0.5, 1.5): must be a list of values in"),
+    ("model.dtype=fp8", "model.dtype='fp8': must be one of auto, float32, bfloat16, float16"),
+    ("model.attention=flash", "model.attention='flash': must be one of auto, te, sdpa, local"),
+    ("model.device=gpu", "model.device='gpu': must be auto or a torch device"),
+    ("optim.lr=0", "optim: lr must be > 0"),
+    ("algo.loss={clip_eps: -1}", "algo.loss: "),
+    ("data.builtin={regime: nope}", "data.builtin: unknown data.builtin.regime 'nope'"),
+    ("rewards.overlong_buffer=500", "rewards.overlong_buffer=500 must be at most rollout.max_new_tokens=192"),
+])
+def test_out_of_range_values_name_the_key_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.sequence_parallel=true"], "model.sequence_parallel: only the Megatron backend reads it"),
+    (["trainer.max_tokens_per_micro_batch=4096", "model.tensor_model_parallel_size=2"],
+     "model.tensor_model_parallel_size, trainer.max_tokens_per_micro_batch: only the Megatron backend reads them"),
+    (["rollout.engine=megatron"], "rollout.engine=megatron needs model.backend=megatron"),
+    (["model.backend=megatron", "rollout.engine=local"], "rollout.engine=megatron (or auto)"),
+    (["model.backend=megatron", "model.gradient_checkpointing=true", "model.recompute_modules=[mlp]"],
+     "(model.gradient_checkpointing) or selective recompute (model.recompute_modules), not both"),
+    (["model.backend=megatron", "model.recompute_modules=[mlp, attn]"], "model.recompute_modules=('mlp', 'attn')"),
+    (["model.backend=megatron", "model.sequence_parallel=true"], "model.sequence_parallel needs"),
+    (["model.backend=megatron", "model.tensor_model_parallel_size=3"],
+     "model.tensor_model_parallel_size=3 must divide the 4 attention heads"),
+    (["model.backend=megatron", "model.pipeline_model_parallel_size=3"],
+     "model.pipeline_model_parallel_size=3 must divide the 4 layers"),
+    (["model.backend=megatron", "model.attention=local", "trainer.max_tokens_per_micro_batch=64"],
+     "cannot run packed micro-batches"),
+    (["model.backend=megatron", "model.tensor_model_parallel_size=2", "model.sequence_parallel=true",
+      "trainer.max_tokens_per_micro_batch=65"], "must be a multiple of TP=2"),
+    (["model.backend=megatron", "model.device=cpu"], "model.device='cpu': the Megatron backend puts each rank"),
+    (["data.task=openr1"], "data.task=openr1 needs data.path"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads=3 must divide model.num_heads=4"),
+])
+def test_contradicting_settings_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_paths_are_checked_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="model.path=/models/nowhere: no Hugging Face checkpoint directory there"):
+        load_config(None, ["model.path=/models/nowhere"])
+    openr1 = ["data.task=openr1", f"model.path={SOME_MODEL}"]
+    with pytest.raises(ConfigError, match=f"data.path={tmp_path / 'rows.parquet'}: no such file"):
+        load_config(None, [*openr1, f"data.path={tmp_path / 'rows.parquet'}"])
+    config = load_config(None, [*openr1, f"data.path={tmp_path / 'rows.parquet'}"], data_files=False)  # plan's
+    assert config.data.path == str(tmp_path / "rows.parquet")
+    # The architecture a Megatron layout must divide comes from model.path's config.json (Qwen2.5-Math-7B: 28
+    # heads, 4 key/value groups, 28 layers).
+    seven_b = ["model.backend=megatron", f"model.path={ARCHITECTURES / 'qwen2.5-math-7b'}"]
+    assert load_config(None, [*seven_b, "model.tensor_model_parallel_size=4", "model.pipeline_model_parallel_size=7"])
+    with pytest.raises(ConfigError, match="must divide the 28 attention heads and the 4 key/value groups"):
+        load_config(None, [*seven_b, "model.tensor_model_parallel_size=7"])
+
+
+def test_config_errors_are_value_errors_of_their_own_type():
+    assert issubclass(ConfigError, ValueError)
+    for override in ("trainer.stepz=3", "trainer.steps=many", "trainer.steps", "rollout.n=0"):
+        with pytest.raises(ConfigError):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config("missing.yaml")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dist_utils import run_distributed
-from megatron_red.trainer import distributed
+from megatron_red import distributed
 
 TIMEOUT_MINUTES = 0.05  # 3 s
 
@@ -19,7 +19,7 @@ def _worker(rank, world_size):
     import torch
     import torch.distributed as dist
 
-    from megatron_red.trainer.distributed import (CollectiveTimeout, init_distributed, phase_named_on_failure,
+    from megatron_red.distributed import (CollectiveTimeout, init_distributed, phase_named_on_failure,
                                                   set_phase)
 
     # run_distributed's world has the default time-out: join a second world with ours, on a port rank 0 picks (the

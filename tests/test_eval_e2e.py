@@ -15,7 +15,7 @@ from megatron_red.eval import EvalConfig, evaluate
 from megatron_red.eval.command import add_arguments, load_model_and_tokenizer, run
 from megatron_red.eval.runner import CACHE_FILE
 from megatron_red.rewards import configure_grader
-from megatron_red.rollout.build import build_engine
+from megatron_red.trainer.build import build_engine
 from shared_files import needs_shared
 from test_eval import DATA_DIR, build_tiny_tokenizer, corpus
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
-from megatron_red.models import HFPolicy, OptimConfig, SequenceBatch, lr_multiplier
+from megatron_red.batch import SequenceBatch
+from megatron_red.models import HFPolicy, OptimConfig, lr_multiplier
 
 VOCAB = 96
 
@@ -59,7 +60,7 @@ def test_logprobs_entropy_match_float64_reference(arch, tied):
     if tied:
         assert policy.model.get_output_embeddings().weight is policy.model.get_input_embeddings().weight
     batch = make_batch()
-    lp, ent = policy.logprobs_entropy(batch, micro_batch_size=3, temperature=0.7)
+    lp, ent = policy.get_inference_log_probs(batch, micro_batch_size=3, temperature=0.7)
     ref_lp, ref_ent = reference_logprobs_entropy(policy.model, batch, 0.7)
     assert lp.dtype == torch.float32 and lp.shape == batch.loss_mask.shape
     torch.testing.assert_close(lp.double(), ref_lp, atol=1e-5, rtol=0)
@@ -72,13 +73,13 @@ def test_fused_kernel_on_matches_off():
     on = make_policy(fused_kernel="on")
     on.model.load_state_dict(off.model.state_dict())
     batch = make_batch(seed=1)
-    lp_off, ent_off = off.logprobs_entropy(batch, 4, temperature=1.3)
-    lp_on, ent_on = on.logprobs_entropy(batch, 4, temperature=1.3)
+    lp_off, ent_off = off.get_inference_log_probs(batch, 4, temperature=1.3)
+    lp_on, ent_on = on.get_inference_log_probs(batch, 4, temperature=1.3)
     torch.testing.assert_close(lp_on, lp_off, atol=1e-5, rtol=0)
     torch.testing.assert_close(ent_on, ent_off, atol=1e-5, rtol=0)
     loss_fn = weighted_token_loss(batch)
-    off.forward_backward(batch, 4, loss_fn, temperature=1.3)
-    on.forward_backward(batch, 4, loss_fn, temperature=1.3)
+    off.get_loss_and_metrics(batch, 4, loss_fn, temperature=1.3)
+    on.get_loss_and_metrics(batch, 4, loss_fn, temperature=1.3)
     for (name, p_off), p_on in zip(off.model.named_parameters(), on.model.parameters()):
         torch.testing.assert_close(p_on.grad, p_off.grad, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -110,7 +111,7 @@ def test_micro_batching_does_not_change_gradients():
     grads = []
     for micro in (1, len(batch)):
         policy = make_policy(tied=True)
-        metrics = policy.forward_backward(batch, micro, weighted_token_loss(batch), temperature=0.9)
+        metrics = policy.get_loss_and_metrics(batch, micro, weighted_token_loss(batch), temperature=0.9)
         assert len(metrics) == math.ceil(len(batch) / micro)
         grads.append({n: p.grad.clone() for n, p in policy.model.named_parameters()})
     for name in grads[0]:
@@ -118,13 +119,13 @@ def test_micro_batching_does_not_change_gradients():
 
 
 @pytest.mark.parametrize("tied,checkpointing", [(False, False), (True, True)])
-def test_forward_backward_gradients_match_float64_autograd(tied, checkpointing):
+def test_get_loss_and_metrics_gradients_match_float64_autograd(tied, checkpointing):
     policy = HFPolicy.from_config(tiny_config("qwen2", tied), device="cpu", fused_kernel="off", seed=0,
                                   gradient_checkpointing=checkpointing)
     batch = make_batch(seed=3)
     calls = []
     policy.model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    policy.forward_backward(batch, 2, weighted_token_loss(batch))
+    policy.get_loss_and_metrics(batch, 2, weighted_token_loss(batch))
     assert len(calls) == (4 if checkpointing else 2)  # 2 micro-batches; checkpointing re-runs the layer in backward
     model64 = copy.deepcopy(policy.model).double()
     model64.zero_grad(set_to_none=True)
@@ -151,7 +152,7 @@ def test_optimizer_step_reduces_loss_and_reports_norm():
         return loss, {"nll": float(loss.detach())}
     losses = []
     for _ in range(5):
-        losses.append(sum(m["nll"] for m in policy.forward_backward(batch, 2, nll)))
+        losses.append(sum(m["nll"] for m in policy.get_loss_and_metrics(batch, 2, nll)))
         expected_norm = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None]).norm()
         norm = policy.optimizer_step()
         assert norm == pytest.approx(float(expected_norm), rel=1e-5)
@@ -171,7 +172,7 @@ def test_schedule_matches_closed_form():
             expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         assert lr_multiplier(step, cfg) == pytest.approx(expected, abs=1e-12)
         assert policy.learning_rate == pytest.approx(1e-3 * expected, rel=1e-9)
-        policy.forward_backward(batch, 4, weighted_token_loss(batch))
+        policy.get_loss_and_metrics(batch, 4, weighted_token_loss(batch))
         policy.optimizer_step()
     assert policy.learning_rate == pytest.approx(1e-4)
 
@@ -182,7 +183,7 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     loss_fn = weighted_token_loss(batch)
     a = make_policy(optim=cfg)
     for _ in range(2):
-        a.forward_backward(batch, 2, loss_fn)
+        a.get_loss_and_metrics(batch, 2, loss_fn)
         a.optimizer_step()
     a.save_checkpoint(str(tmp_path))
     b = make_policy(optim=cfg, seed=123)  # different initial weights, fresh optimiser
@@ -190,7 +191,7 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     assert b.learning_rate == a.learning_rate
     for policy in (a, b):
         for _ in range(2):
-            policy.forward_backward(batch, 2, loss_fn)
+            policy.get_loss_and_metrics(batch, 2, loss_fn)
             policy.optimizer_step()
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.equal(pa, pb), name
@@ -202,15 +203,16 @@ def test_save_pretrained_loads_back(tmp_path):
     assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
     loaded = HFPolicy.from_pretrained(str(tmp_path), device="cpu", fused_kernel="off")
     batch = make_batch(seed=7)
-    torch.testing.assert_close(loaded.logprobs_entropy(batch, 4), policy.logprobs_entropy(batch, 4), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.get_inference_log_probs(batch, 4), policy.get_inference_log_probs(batch, 4),
+                               atol=0, rtol=0)
 
 
 def test_bad_inputs_raise():
     policy = make_policy()
     with pytest.raises(ValueError, match="temperature"):
-        policy.logprobs_entropy(make_batch(), 2, temperature=0.0)
+        policy.get_inference_log_probs(make_batch(), 2, temperature=0.0)
     with pytest.raises(ValueError, match="micro_batch_size"):
-        policy.logprobs_entropy(make_batch(), 0)
+        policy.get_inference_log_probs(make_batch(), 0)
     with pytest.raises(ValueError, match="fused_kernel"):
         HFPolicy(policy.model, fused_kernel="maybe")
     with pytest.raises(ValueError, match="does not exist"):
@@ -223,7 +225,7 @@ def test_lr_scale_equals_a_scaled_learning_rate_for_one_step():
     scaled = make_policy(optim=OptimConfig(lr=1e-3, weight_decay=0.0))
     larger = make_policy(optim=OptimConfig(lr=4e-3, weight_decay=0.0))
     for policy in (scaled, larger):
-        policy.forward_backward(batch, len(batch), weighted_token_loss(batch))
+        policy.get_loss_and_metrics(batch, len(batch), weighted_token_loss(batch))
     scaled.optimizer_step(lr_scale=4.0)
     larger.optimizer_step()
     for a, b in zip(scaled.model.parameters(), larger.model.parameters()):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from megatron_red.kernels import (
     FusedKernelConfig,
-    fused_kernel_available,
+    fused_kernel_enabled,
     fused_linear_logprobs_entropy,
     reference_linear_logprobs_entropy,
 )
@@ -49,9 +49,10 @@ def test_reference_matches_closed_form_for_uniform_logits():
     assert torch.allclose(ent, torch.full_like(ent, math.log(30)), atol=1e-12)
 
 
-def test_fused_kernel_unavailable_off_cuda():
-    assert not fused_kernel_available("cpu")
-    assert not fused_kernel_available(torch.device("meta"))
+def test_fused_kernel_auto_is_on_for_cuda_devices_only():
+    assert not fused_kernel_enabled("auto", "cpu") and not fused_kernel_enabled("auto", torch.device("meta"))
+    assert fused_kernel_enabled("auto", torch.device("cuda", 3))  # the device type decides: plan resolves it too
+    assert fused_kernel_enabled("on", "cpu") and not fused_kernel_enabled("off", "cuda")
 
 
 @pytest.mark.parametrize("dtype,grad_tol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-3)])

@@ -17,7 +17,7 @@ from dist_utils import run_distributed
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")
 
-from megatron_red.models.base import SequenceBatch  # noqa: E402
+from megatron_red.batch import SequenceBatch  # noqa: E402
 from megatron_red.models.optim import OptimConfig, build_optimizer, clip_grad_norm  # noqa: E402
 
 VOCAB = 200
@@ -157,8 +157,8 @@ def _worker(rank, world_size, cases, tp, pp, batch, micro_batch_size, fused_kern
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         rows = torch.arange(dp_rank, len(batch), dp)
         local = batch.select(rows)
-        logprobs, entropy = policy.logprobs_entropy(local, micro_batch_size)
-        metrics = policy.forward_backward(local, micro_batch_size, pg_loss_fn(float(batch.loss_mask.sum())))
+        logprobs, entropy = policy.get_inference_log_probs(local, micro_batch_size)
+        metrics = policy.get_loss_and_metrics(local, micro_batch_size, pg_loss_fn(float(batch.loss_mask.sum())))
         grad_norm = policy.optimizer_step()
         stepped = hf_weights(policy)
         ps.destroy_model_parallel()
@@ -222,11 +222,11 @@ def _restart_worker(rank, world_size, hf_config, hf_state, batch, second):
     policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(dtype="float32", use_distributed_optimizer=True),
                             OPTIM)
     total = float(batch.loss_mask.sum())
-    policy.forward_backward(batch, 2, pg_loss_fn(total))
+    policy.get_loss_and_metrics(batch, 2, pg_loss_fn(total))
     policy.optimizer_step()
     policy.restart_optimizer(second)
     restarted = hf_weights(policy), policy.learning_rate
-    policy.forward_backward(batch, 2, pg_loss_fn(total))
+    policy.get_loss_and_metrics(batch, 2, pg_loss_fn(total))
     policy.optimizer_step()
     return portable(dict(restarted=restarted[0], lr=restarted[1], stepped=hf_weights(policy)))
 
@@ -246,12 +246,12 @@ def test_restart_optimizer_is_a_fresh_adam_and_schedule():
     result = as_tensors(result)
     hf = HFPolicy(model, OPTIM, device="cpu", dtype=torch.float32, fused_kernel="off")
     total = float(batch.loss_mask.sum())
-    hf.forward_backward(batch, 2, pg_loss_fn(total))
+    hf.get_loss_and_metrics(batch, 2, pg_loss_fn(total))
     hf.optimizer_step()
     hf.restart_optimizer(second)
     assert hf.learning_rate == pytest.approx(second.lr * lr_multiplier(0, second)) == pytest.approx(result["lr"])
     before = {k: v.detach().clone() for k, v in hf.model.state_dict().items()}
-    hf.forward_backward(batch, 2, pg_loss_fn(total))
+    hf.get_loss_and_metrics(batch, 2, pg_loss_fn(total))
     hf.optimizer_step()
     after = hf.model.state_dict()
     step = second.lr * lr_multiplier(0, second)

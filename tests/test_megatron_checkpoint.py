@@ -22,7 +22,6 @@ def _worker(rank, world_size, hf_config, hf_state, tp, path, save):
     megatron_compat.install()
     from megatron.core import parallel_state as ps
 
-    from megatron_red.models.megatron.checkpoint import load_checkpoint, save_checkpoint
     from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
 
     policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
@@ -31,16 +30,16 @@ def _worker(rank, world_size, hf_config, hf_state, tp, path, save):
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
 
     def train_step():
-        policy.forward_backward(batch, 2, loss_fn)
+        policy.get_loss_and_metrics(batch, 2, loss_fn)
         policy.optimizer_step()
 
     out = {}
     if save:
         train_step()
         out["saved"] = hf_weights(policy)
-        save_checkpoint(policy, path, trainer_state={"controller": {"h_rl": 0.5}})
+        policy.save_checkpoint(path)
     else:
-        out["trainer_state"] = load_checkpoint(policy, path)
+        policy.load_checkpoint(path)
         out["loaded"] = hf_weights(policy)
         out["step"] = policy.step
     train_step()
@@ -58,7 +57,6 @@ def test_save_tp2_load_tp1(tmp_path):
     loaded = as_tensors(run_distributed(_worker, 1, config, other, 1, path, False)[0])
 
     assert loaded["step"] == 1
-    assert loaded["trainer_state"] == {"controller": {"h_rl": 0.5}}
     for k, v in saved["saved"].items():
         assert not torch.equal(other[k], v) or v.abs().max() == 0, k  # loading really replaced the weights
         assert torch.equal(loaded["loaded"][k], v), k
@@ -82,7 +80,6 @@ def _bf16_worker(rank, world_size, hf_config, hf_state, distributed_optimizer, p
     megatron_compat.install()
     from megatron.core import parallel_state as ps
 
-    from megatron_red.models.megatron.checkpoint import load_checkpoint, save_checkpoint
     from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
     from megatron_red.models.megatron.weights import unwrap_model
 
@@ -92,7 +89,7 @@ def _bf16_worker(rank, world_size, hf_config, hf_state, distributed_optimizer, p
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
 
     def train_step():
-        policy.forward_backward(batch, 2, loss_fn)
+        policy.get_loss_and_metrics(batch, 2, loss_fn)
         policy.optimizer_step()
 
     def weights():  # bf16 has no numpy dtype; fp32 holds every bf16 value exactly
@@ -102,9 +99,9 @@ def _bf16_worker(rank, world_size, hf_config, hf_state, distributed_optimizer, p
     if save:
         train_step()
         out["weights"], out["optim"] = weights(), _optimizer_tensors(policy)
-        save_checkpoint(policy, path)
+        policy.save_checkpoint(path)
     else:
-        load_checkpoint(policy, path)
+        policy.load_checkpoint(path)
         out["weights"], out["optim"] = weights(), _optimizer_tensors(policy)
     train_step()
     out["next"] = weights()

@@ -30,8 +30,10 @@ from test_megatron import (OPTIM, VOCAB, as_tensors, hf_logprobs_entropy, hf_ref
 pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
-from megatron_red.models.base import SequenceBatch  # noqa: E402
-from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan, sequences_held  # noqa: E402
+from megatron_red.batch import SequenceBatch  # noqa: E402
+from megatron_red.models.megatron.layout import ParallelLayout  # noqa: E402
+from megatron_red.models.megatron.memory import Workload, memory_plan  # noqa: E402
+from megatron_red.rollout.megatron import sequences_held  # noqa: E402
 from megatron_red.models.megatron.model import HFArchitecture  # noqa: E402
 from megatron_red.models.megatron.local_spec import dense_attention, varlen_attention  # noqa: E402
 from megatron_red.parallel.packing import (micro_batch_rows, packed_micro_batch, padded_micro_batch,  # noqa: E402
@@ -205,10 +207,11 @@ def _packing_worker(rank, world_size, hf_config, hf_state, batch, budget, plan_c
     loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
     out = {}
     for name, extra in (("padded", {}),
-                        ("packed", dict(max_tokens_per_micro_batch=budget, recompute_modules=("core_attn", "mlp")))):
+                        ("packed", dict(max_tokens_per_micro_batch=budget, recompute="selective",
+                                        recompute_modules=("core_attn", "mlp")))):
         policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(**common, **extra), OPTIM)
-        logprobs, entropy = policy.logprobs_entropy(batch, 2)
-        metrics = policy.forward_backward(batch, 2, loss_fn)
+        logprobs, entropy = policy.get_inference_log_probs(batch, 2)
+        metrics = policy.get_loss_and_metrics(batch, 2, loss_fn)
         grad_norm = policy.optimizer_step()
         out[name] = dict(logprobs=logprobs, entropy=entropy, grad_norm=grad_norm, stepped=hf_weights(policy),
                          loss=sum(m["loss"] for m in metrics), micro_batches=len(metrics))
@@ -227,7 +230,7 @@ def _memory_counts(hf_config, hf_state, batch, rollouts, rollout_length) -> dict
 
     from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
     from megatron_red.rollout.base import SamplingParams
-    from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.build import build_engine
 
     class Tokens:
         eos_token_id, pad_token_id = 1, 0
@@ -235,7 +238,7 @@ def _memory_counts(hf_config, hf_state, batch, rollouts, rollout_length) -> dict
     policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
         tensor_model_parallel_size=2, pipeline_model_parallel_size=2, dtype="bfloat16",
         use_distributed_optimizer=True), OPTIM)
-    policy.forward_backward(batch, 4, pg_loss_fn(float(batch.loss_mask.sum())))
+    policy.get_loss_and_metrics(batch, 4, pg_loss_fn(float(batch.loss_mask.sum())))
     params = list(policy.model.parameters())
     counts = {"stage": ps.get_pipeline_model_parallel_rank(),
               "weights": sum(p.numel() * p.element_size() for p in params),
@@ -305,7 +308,7 @@ def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf(tmp_path):
         # the memory plan's parameter, gradient and optimiser bytes are exactly those of the real objects
         measured = r["memory"]
         plan = memory_plan(HFArchitecture.from_hf_config(plan_config),
-                           MemoryLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                           ParallelLayout(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                                         data_parallel_size=1, dtype="bfloat16"),
                            Workload(tokens_per_micro_batch=64, max_sequence_length=16))
         for part in ("weights", "gradients", "optimizer"):
@@ -338,7 +341,7 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
     assert main(["plan", "--world-size", str(world_size), path, *overrides]) == 0
     out = capsys.readouterr().out
     assert "generation peak" in out and "of 80 GiB: fits\ntraining peak" in out and out.endswith("of 80 GiB: fits\n")
-    config = load_config(path, overrides)
+    config = load_config(path, overrides, data_files=False)
     m = config.model
     weights = stage_parameter_numel(run_architecture(config), m.tensor_model_parallel_size,
                                     m.pipeline_model_parallel_size, 0) * 2 / 2**30
@@ -349,19 +352,9 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
         assert main(["plan", "--world-size", "3", path, *overrides]) == 2  # not a multiple of TP x PP
     assert main(["plan", path, *overrides, "model.backend=hf"]) == 2  # plan models the Megatron backend only
 
-    base, offload, keep = (plan_for_config(load_config(path, overrides + extra), world_size) for extra in
-                           ([], ["rollout.offload_optimizer=true"], ["rollout.release_kv_cache=false"]))
+    base, offload, keep = (plan_for_config(load_config(path, overrides + extra, data_files=False), world_size)
+                           for extra in ([], ["rollout.offload_optimizer=true"], ["rollout.release_kv_cache=false"]))
     p = base.parts[0]
     assert offload.peak(0, "generation") == pytest.approx(base.peak(0, "generation") - p["gradients"] - p["optimizer"])
     assert offload.peak(0, "training") == base.peak(0, "training")
     assert keep.peak(0, "training") == pytest.approx(base.peak(0, "training") + p["KV cache"])
-
-
-def test_megatron_only_options_rejected_on_the_hf_backend(tmp_path):
-    from megatron_red.config import load_config
-    from megatron_red.trainer.build import build_policy
-
-    for override in ("trainer.max_tokens_per_micro_batch=4096", "model.sequence_parallel=true",
-                     "model.recompute_modules=[mlp]"):
-        with pytest.raises(ValueError, match=override.split("=")[0].replace("[", r"\[")):
-            build_policy(load_config(None, [override]), None, tmp_path)

@@ -4,6 +4,7 @@ rollout engine, against transformers' own model; and the config keys that every 
 The Megatron side (logits, export and one training step at TP=2 against the HF model) is in tests/test_megatron.py.
 """
 import copy
+import types
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from megatron_red.models.hf import HFPolicy
 from megatron_red.models.megatron.model import HFArchitecture
 from megatron_red.models.precision import resolve_dtype
 from megatron_red.rollout import LocalEngine, SamplingParams
+from megatron_red.trainer.build import build_engine
 
 VOCAB, PAD, EOS = 64, 0, 7
 PROMPTS = [[5, 9, 17, 3, 8], [11, 2], [40, 41, 42, 43, 44, 45, 46]]
@@ -70,13 +72,13 @@ def test_hf_policy_and_local_engine_match_transformers(kind):
         assert completion.token_ids == expected
 
     # The policy's log-probs of those sequences = float64 log-softmax of transformers' logits.
-    from megatron_red.models.base import SequenceBatch
+    from megatron_red.batch import SequenceBatch
 
     ids = torch.tensor([p + c.token_ids + [PAD] * (12 - len(c.token_ids)) for p, (c,) in zip([PROMPTS[0]], out)])
     attn = (torch.arange(ids.shape[1]) < len(PROMPTS[0]) + len(out[0][0].token_ids)).long()[None]
     loss_mask = attn[:, 1:].clone()
     loss_mask[:, :len(PROMPTS[0]) - 1] = 0
-    logprobs, _ = policy.logprobs_entropy(SequenceBatch(ids, attn, loss_mask), micro_batch_size=1)
+    logprobs, _ = policy.get_inference_log_probs(SequenceBatch(ids, attn, loss_mask), micro_batch_size=1)
     model64 = copy.deepcopy(model).double()
     with torch.no_grad():
         logp = torch.log_softmax(model64(ids, attention_mask=attn).logits[:, :-1], dim=-1)
@@ -99,7 +101,8 @@ def test_unsupported_configs_are_refused_with_the_key():
         with pytest.raises(ValueError, match=key):
             HFArchitecture.from_hf_config(config)
     with pytest.raises(ValueError, match="use_sliding_window=True"):  # the local engine refuses it too
-        LocalEngine(AutoModelForCausalLM.from_config(cases[1][0]), eos_token_id=EOS, pad_token_id=PAD)
+        build_engine("local", AutoModelForCausalLM.from_config(cases[1][0]),
+                     types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD))
 
 
 def test_megatron_accepts_only_the_rope_scaling_megatron_core_implements():
@@ -123,11 +126,11 @@ def test_megatron_accepts_only_the_rope_scaling_megatron_core_implements():
 
 
 def test_megatron_refuses_fp16_and_unknown_dtypes_are_named():
-    from megatron_red.models.megatron.policy import MegatronConfig
+    from megatron_red.config import load_config
 
     with pytest.raises(ValueError, match="model.dtype=float16 is not supported by the Megatron backend"):
-        MegatronConfig(dtype="float16")
-    assert MegatronConfig(dtype="bfloat16").dtype == "bfloat16"
+        load_config(None, ["model.backend=megatron", "model.dtype=float16"])
+    assert load_config(None, ["model.backend=megatron", "model.dtype=bfloat16"]).model.dtype == "bfloat16"
     with pytest.raises(ValueError, match="model.dtype='fp8'"):
         resolve_dtype("fp8", torch.device("cpu"))
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

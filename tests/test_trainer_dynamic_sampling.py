@@ -43,7 +43,7 @@ class _Trainer:
     """What `keep_groups_with_signal` reads of a `RedTrainer`; counts the groups that cross replicas."""
 
     def __init__(self, dp, signal, target=4, max_rounds=3):
-        from megatron_red.trainer.distributed import DataParallel
+        from megatron_red.distributed import DataParallel
 
         self.config = SimpleNamespace(trainer=SimpleNamespace(prompts_per_step=target),
                                       rollout=SimpleNamespace(dynamic_sampling_max_rounds=max_rounds))
@@ -76,7 +76,7 @@ def _worker(rank, world_size):
     import torch.distributed as dist
 
     from megatron_red.objectives import RedLossConfig
-    from megatron_red.trainer.distributed import DataParallel
+    from megatron_red.distributed import DataParallel
     from megatron_red.trainer.red_trainer import RedTrainer
 
     dp, loss_cfg, out = DataParallel(rank, world_size, dist.group.WORLD), RedLossConfig.grpo(), {}
@@ -113,6 +113,6 @@ def test_decisions_equal_the_previous_implementation_with_only_surplus_groups_se
 
 
 def test_balance_with_one_replica_is_the_chosen_items_in_order():
-    from megatron_red.trainer.distributed import DataParallel
+    from megatron_red.distributed import DataParallel
 
     assert DataParallel().balance([(0, 2), (0, 0)], ["a", "b", "c"]) == ["c", "a"]

@@ -12,10 +12,11 @@ import statistics
 import pytest
 import torch
 
+from megatron_red.batch import masked_row_mean
 from megatron_red.models.optim import lr_multiplier
-from megatron_red.objectives import RedLossConfig
-from megatron_red.trainer.groups import Group, build_batch, masked_row_mean
-from megatron_red.trainer.red_trainer import RedTrainer, method_names
+from megatron_red.objectives import METHODS, RedLossConfig
+from megatron_red.trainer.groups import Group, build_batch
+from megatron_red.trainer.red_trainer import RedTrainer
 from trainer_fixtures import parameters, read_lines, step_lines, tiny_config
 
 STEPS = 2
@@ -45,7 +46,7 @@ def _pay_even_lengths(trainer: RedTrainer) -> None:
                                                      for r, t in zip(verify(texts, answers), texts)]
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS)
 def test_method_trains(root, method):
     trainer = _trainer(root, method, f"algo.method={method}")
     _pay_even_lengths(trainer)

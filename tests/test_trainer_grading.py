@@ -44,7 +44,7 @@ def _worker(rank, world_size, run_dir, student):
         return [max(float(r), float(len(t) % 2 == 0)) for r, t in zip(verify(texts, answers), texts)]
 
     trainer.task.reward_fn = reward_fn
-    parts, micro, forward_backward = [], [], trainer.policy.forward_backward
+    parts, micro, train = [], [], trainer.policy.get_loss_and_metrics
 
     def recording(batch, micro_batch_size, loss_fn, temperature=1.0):
         def recording_loss(logprobs, entropy, mb):  # the log-probs the loss is given: pi, and pi_old detached
@@ -53,9 +53,9 @@ def _worker(rank, world_size, run_dir, student):
             return loss_fn(logprobs, entropy, mb)
 
         parts.append((batch, temperature))
-        return forward_backward(batch, micro_batch_size, recording_loss, temperature)
+        return train(batch, micro_batch_size, recording_loss, temperature)
 
-    trainer.policy.forward_backward = recording
+    trainer.policy.get_loss_and_metrics = recording
     metrics = trainer.red_step(trainer.dp.shard(trainer.stream.next_batch()), trainer.loss_config(0))
     ps.destroy_model_parallel()
     # The step's rows as the update received them (the traces first, then the on-policy rows).
@@ -96,7 +96,7 @@ def test_rewards_graded_once_per_model_parallel_group(tmp_path, student):
 
     # pi_old and H_rl at the sampling temperature, against float64 on the step's tokens.
     from megatron_red.models.megatron import load_hf_config
-    from megatron_red.trainer.groups import masked_row_mean
+    from megatron_red.batch import masked_row_mean
     from test_megatron import read_hf_weights
     from transformers import AutoModelForCausalLM
 

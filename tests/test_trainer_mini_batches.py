@@ -61,11 +61,11 @@ def _record(trainer, monkeypatch) -> dict:
         rec.update(batch=batch, w=w, loss_cfg=loss_cfg)
         return rollout_update(policy_, batch, loss_cfg, w, *args, **kwargs)
 
-    forward_backward, optimizer_step = policy.forward_backward, policy.optimizer_step
+    train, optimizer_step = policy.get_loss_and_metrics, policy.optimizer_step
 
-    def recording_forward_backward(batch, *args, **kwargs):
+    def recording_train(batch, *args, **kwargs):
         rec["batches"].append(batch)
-        return forward_backward(batch, *args, **kwargs)
+        return train(batch, *args, **kwargs)
 
     def recording_optimizer_step(lr_scale=1.0, advance_schedule=True):
         params = dict(policy.model.named_parameters())
@@ -79,7 +79,7 @@ def _record(trainer, monkeypatch) -> dict:
         return optimizer_step(lr_scale, advance_schedule)
 
     monkeypatch.setattr(red_trainer, "rollout_update", recording_update)
-    policy.forward_backward = recording_forward_backward
+    policy.get_loss_and_metrics = recording_train
     policy.optimizer_step = recording_optimizer_step
     return rec
 
@@ -269,7 +269,7 @@ def test_the_schedule_counts_optimizer_steps(root):
 
 
 def test_every_replica_needs_a_group_per_mini_batch(root, monkeypatch):
-    from megatron_red.trainer.distributed import DataParallel
+    from megatron_red.distributed import DataParallel
 
     # As if over two replicas: the step's two prompts give each one group, too few for two mini-batches.
     monkeypatch.setattr(DataParallel, "for_backend", classmethod(lambda cls, backend: cls(0, 2)))

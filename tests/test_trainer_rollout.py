@@ -47,7 +47,7 @@ def _trainer(root, name, *extra, resume=False) -> RedTrainer:
 def _record_updates(trainer) -> list[dict]:
     """Wrap the policy's training forward: every micro-batch records its rows, the log-probs and entropies the
     loss was given (pi, whose detached value is pi_old), the temperature and the weights it ran on."""
-    records, forward_backward = [], trainer.policy.forward_backward
+    records, train = [], trainer.policy.get_loss_and_metrics
 
     def recording(batch, micro_batch_size, loss_fn, temperature=1.0):
         model = copy.deepcopy(trainer.policy.model)
@@ -57,9 +57,9 @@ def _record_updates(trainer) -> list[dict]:
                             "temperature": temperature, "model": model})
             return loss_fn(logprobs, entropy, mb)
 
-        return forward_backward(batch, micro_batch_size, recording_loss, temperature)
+        return train(batch, micro_batch_size, recording_loss, temperature)
 
-    trainer.policy.forward_backward = recording
+    trainer.policy.get_loss_and_metrics = recording
     return records
 
 

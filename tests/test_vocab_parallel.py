@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from megatron_red.parallel import vocab_parallel_logprobs_entropy
+from megatron_red.kernels import vocab_parallel_logprobs_entropy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Gradient tolerances: the gradient is computed in fp32 and returned in the input dtype, so it carries that

@@ -11,18 +11,17 @@ import json
 
 import pytest
 
-from megatron_red.trainer import metrics
+from megatron_red import config as config_module
+from megatron_red.errors import ConfigError
 from megatron_red.trainer.metrics import read_metrics
 from trainer_fixtures import tiny_config
 
 
 def test_a_project_without_wandb_installed_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)
-    from megatron_red.trainer.red_trainer import RedTrainer
-
-    config = tiny_config(tmp_path / "run", "trainer.wandb_project=p")
-    with pytest.raises(ValueError, match=r"trainer.wandb_project is set but wandb is not installed.*\[wandb\]"):
-        RedTrainer(config, tmp_path / "run")
+    """Refused when the config is loaded (on every rank, before any of them waits for another)."""
+    monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"trainer.wandb_project='p' needs wandb: pip install .*\[wandb\]"):
+        tiny_config(tmp_path / "run", "trainer.wandb_project=p")
 
 
 def _records(path):

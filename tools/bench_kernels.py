@@ -16,13 +16,13 @@ torch.compile (which `--compile-budget-s` drops from later shapes when it compil
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from harness import Report, command_line, median_ms, require_cuda, with_peak_memory
 
 SHAPES = [(16384, 1536, 151936), (8192, 3584, 152064), (4096, 5120, 152064)]
 QUICK_SHAPES = [(2048, 1024, 32768)]
@@ -102,25 +102,6 @@ def loss_of(out, a, b):
     return loss if entropy is None else loss + (entropy * b).sum()
 
 
-def time_ms(fn, budget_ms=600.0) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    reps = int(min(20, max(3, budget_ms / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def bench_row(name, fn, n, d, v, entropy_flag):
     hidden, weight, targets, a, b = make_inputs(n, d, v)
 
@@ -135,15 +116,11 @@ def bench_row(name, fn, n, d, v, entropy_flag):
     row = {"name": name, "shape": f"{n} x {d} x {v}", "entropy": entropy_flag}
     try:
         fwd_bwd()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        grads = fwd_bwd()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base
+        grads, peak, base = with_peak_memory(fwd_bwd)
+        extra = peak - base
         del grads
         grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
-        row.update(ms=time_ms(fwd_bwd), fwd_ms=time_ms(fwd), extra_gib=extra / 2**30,
+        row.update(ms=median_ms(fwd_bwd), fwd_ms=median_ms(fwd), extra_gib=extra / 2**30,
                    beyond_grads_mib=(extra - grad_bytes) / 2**20)
         row["tflops"] = 6 * n * d * v / (row["ms"] * 1e-3) / 1e12
     except torch.cuda.OutOfMemoryError:
@@ -165,7 +142,7 @@ def format_row(row) -> str:
 def matmul_tflops() -> float:
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda: x @ y, budget_ms=200)
+    ms = median_ms(lambda: x @ y, budget_ms=200)
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
@@ -197,25 +174,18 @@ def check_correctness(n, d, v, dtype, temperature=0.8, valid_vocab_size=None) ->
 
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__)
     parser.add_argument("--quick", action="store_true", help="one small shape only (a smoke test)")
-    parser.add_argument("--out", type=str, default=None, help="also write the markdown report to this path")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(naive)")
     parser.add_argument("--compile-budget-s", type=float, default=90.0,
                         help="skip torch.compile on later shapes once its compilation took longer than this")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_kernels.py needs a CUDA GPU", file=sys.stderr)
-        return 1
+    require_cuda("bench_kernels.py")
 
     import triton
 
     t_start = time.time()
-    lines = []
-
-    def emit(line=""):
-        print(line, flush=True)
-        lines.append(line)
+    emit = Report(args.out)
 
     card = torch.cuda.get_device_name()
     rate = matmul_tflops()
@@ -272,10 +242,7 @@ def main(argv=None) -> int:
         emit()
 
     emit(f"total runtime {time.time() - t_start:.1f} s")
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+    emit.write()
     return 0
 
 

@@ -1,12 +1,12 @@
 """Time RED steps of the Megatron backend on one GPU, split by phase, with the peak GPU memory of each phase.
 
 Phases (what each wraps on the trainer's policy, the actor): generate (`rollout_engine.generate`, the megatron
-engine on the policy's own weights), log-probs (`logprobs_entropy`: with K x E > 1 optimiser steps per rollout
-batch, `trainer.mini_batches_per_step` / `epochs_per_step`, the forward-only pi_old pass; nothing with one, where
-pi_old and H_sft come from the update's own forward), train (`forward_backward` + `optimizer_step`), weight-sync (`rollout_engine.sync_weights`;
-the megatron engine shares the weights, so this is the cost of nothing), and the phase switches
-(`prepare_for_inference` / `finish_inference` / `prepare_for_training`: KV-cache release and rebuild, CUDA-graph
-capture, optimiser offload).
+engine on the policy's own weights), log-probs (`get_inference_log_probs`: with K x E > 1 optimiser steps per
+rollout batch, `trainer.mini_batches_per_step` / `epochs_per_step`, the forward-only pi_old pass; nothing with one,
+where pi_old and H_sft come from the update's own forward), train (`get_loss_and_metrics` + `optimizer_step`),
+weight-sync (`rollout_engine.sync_weights`; the megatron engine shares the weights, so this is the cost of nothing),
+and the phase switches (`prepare_for_inference` / `finish_inference` / `prepare_for_training`: KV-cache release and
+rebuild, CUDA-graph capture, optimiser offload).
 The first step builds the engine and is reported separately.
 
 Default workload: the built-in task with a Qwen2.5-1.5B-shaped student (28 layers, hidden 1536, 12 / 2 heads, FFN
@@ -19,12 +19,12 @@ CUDA. Overrides are `key=value` pairs as for `megatron-red train`:
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 from collections import defaultdict
 
 import torch
+
+from harness import command_line, require_cuda, timed, with_peak_memory
 
 DEFAULTS = [
     "model.backend=megatron", "model.hidden_size=1536", "model.num_layers=28", "model.num_heads=12",
@@ -43,31 +43,23 @@ class PhaseClock:
         self.seconds, self.peak = defaultdict(float), defaultdict(float)
 
     def wrap(self, phase: str, fn):
-        def timed(*args, **kwargs):
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-                self.peak[phase] = max(self.peak[phase], torch.cuda.max_memory_allocated() / 2**30)
-            self.seconds[phase] += time.perf_counter() - start
+        def clocked(*args, **kwargs):
+            (out, seconds), peak, _ = with_peak_memory(lambda: timed(lambda: fn(*args, **kwargs)))
+            self.peak[phase] = max(self.peak[phase], peak / 2**30)
+            self.seconds[phase] += seconds
             return out
-        return timed
+        return clocked
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__, out=None)
     parser.add_argument("--steps", type=int, default=2, help="RED steps (the first one is the warm-up)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_red_step.py needs a CUDA GPU (none is visible to torch); run it under torchrun on one")
+    require_cuda("bench_red_step.py", hint="; run it under torchrun on one")
 
     from megatron_red.config import load_config
-    from megatron_red.trainer.distributed import is_main_process
+    from megatron_red.distributed import is_main_process
     from megatron_red.trainer.red_trainer import RedTrainer
 
     run_dir = tempfile.mkdtemp(prefix="bench_red_step_")
@@ -79,14 +71,12 @@ def main() -> None:
         clock = PhaseClock()
         engine.generate = clock.wrap("generate", type(engine).generate.__get__(engine))
         engine.sync_weights = clock.wrap("weight-sync", type(engine).sync_weights.__get__(engine))
-        for name, phase in (("logprobs_entropy", "log-probs"), ("forward_backward", "train"),
+        for name, phase in (("get_inference_log_probs", "log-probs"), ("get_loss_and_metrics", "train"),
                             ("optimizer_step", "train"), ("prepare_for_inference", "phase switches"),
                             ("finish_inference", "phase switches"), ("prepare_for_training", "phase switches")):
             setattr(policy, name, clock.wrap(phase, getattr(type(policy), name).__get__(policy)))
         examples = trainer.dp.shard(trainer.stream.next_batch())
-        start = time.perf_counter()
-        metrics = trainer.red_step(examples, trainer.loss_config(trainer.step))
-        clock.seconds["step"] = time.perf_counter() - start
+        metrics, clock.seconds["step"] = timed(lambda: trainer.red_step(examples, trainer.loss_config(trainer.step)))
         clock.tokens = metrics.get("tokens/step", 0)
         clock.length = metrics.get("response/mean_length", 0.0)
         clock.mismatch = (metrics.get("mismatch/logprob_abs_mean", float("nan")),
@@ -96,7 +86,7 @@ def main() -> None:
         clocks.append(clock)
     if is_main_process():
         rows = ("generate", "log-probs", "train", "weight-sync", "phase switches", "step")
-        print(f"\nRED step, Megatron backend, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}: "
+        print(f"\nRED step, Megatron backend, {torch.cuda.get_device_name()}: "
               f"{config.trainer.prompts_per_step} prompts x {config.rollout.n} samples, "
               f"<= {config.rollout.max_new_tokens} new tokens, {config.trainer.optimizer_steps_per_step} optimiser "
               f"step(s) per rollout batch, {config.model.dtype}")

@@ -22,15 +22,15 @@ and graphed) or `local-eager`, `local-graph`, `megatron-eager`, `megatron-graph`
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import time
 import traceback
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from megatron_red.models import HFPolicy, OptimConfig, SequenceBatch
+from harness import command_line, require_cuda, timed
+from megatron_red.batch import SequenceBatch
+from megatron_red.models import HFPolicy, OptimConfig
 from megatron_red.rollout import LocalEngine, SamplingParams
 
 
@@ -42,19 +42,6 @@ def model_config(quick: bool) -> Qwen2Config:
     return Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                        rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
 
 
 def gib(x: float) -> str:
@@ -133,7 +120,7 @@ def bench_megatron(args, sharded, prompts, device, rows: list) -> None:
 
 def megatron_row(args, sharded, prompts, device, name, cuda_graph, params):
     from megatron_red.config import RolloutConfig
-    from megatron_red.rollout.build import build_engine
+    from megatron_red.trainer.build import build_engine
 
     n = args.samples_per_prompt
     rollout = RolloutConfig(max_batch_size=args.batch, kv_block_size=args.kv_block_size, cuda_graph=cuda_graph)
@@ -219,14 +206,14 @@ def bench_train(args, config, device, rows: list) -> None:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
         policy = HFPolicy(model, OptimConfig(lr=1e-6), device=device, fused_kernel=fused,
                           gradient_checkpointing=args.grad_ckpt)
-        logprobs, _ = policy.logprobs_entropy(batch, args.micro_batch)
+        logprobs, _ = policy.get_inference_log_probs(batch, args.micro_batch)
         if reference is None:
             reference = logprobs
         else:
             diff = (logprobs - reference).abs().max().item()
             print(f"  max |logprob(fused on) - logprob(fused off)| = {diff:.2e}", flush=True)
         def step():
-            policy.forward_backward(batch, args.micro_batch, loss_fn)
+            policy.get_loss_and_metrics(batch, args.micro_batch, loss_fn)
             policy.optimizer_step()
         step()  # warm-up: kernel compilation, allocator growth
         if device.type == "cuda":
@@ -242,7 +229,7 @@ def bench_train(args, config, device, rows: list) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__, out=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small model and shapes")
     parser.add_argument("--shapes", help="rollout rows x new tokens, comma-separated (default 64x512,512x1024; "
@@ -274,9 +261,8 @@ def main() -> None:
         parser.error(f"unknown --engines {sorted(set(args.engines) - known)}; known: {sorted(known)}")
     if args.device == "cpu":
         args.engines = [e for e in args.engines if not e.startswith("megatron")]  # megatron's engine needs CUDA
-    elif not torch.cuda.is_available():
-        raise SystemExit("bench_rollout.py needs a CUDA GPU for --device cuda (none is visible to torch); "
-                         "`--device cpu --quick` smoke-tests the local engine")
+    else:
+        require_cuda("bench_rollout.py --device cuda", hint="; `--device cpu --quick` smoke-tests the local engine")
 
     if args.train_steps < 1 or args.micro_batch < 1:
         parser.error("--train-steps and --micro-batch must be >= 1")

@@ -24,9 +24,10 @@ import time
 import torch
 from transformers import Qwen2Config
 
-from megatron_red.models import HFPolicy, OptimConfig, SequenceBatch
+from megatron_red.batch import SequenceBatch
+from megatron_red.models import HFPolicy, OptimConfig
 from megatron_red.objectives import EntropyRatioController, RedLossConfig
-from megatron_red.trainer.distributed import DataParallel
+from megatron_red.distributed import DataParallel
 from megatron_red.trainer.update import prepare_update, rollout_update
 
 

@@ -23,13 +23,13 @@ Run: `python tools/megatron_smoke.py [--out FILE.md]` (CUDA; megatron-core; no T
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
-import time
 
 import torch
 import torch.distributed as dist
+
+from harness import Report, command_line, require_cuda, timed, with_peak_memory
 
 GIB = 2**30
 
@@ -61,7 +61,7 @@ def family_config(model_type: str, vocab_size: int, max_len: int):
 
 
 def make_rows(lengths: list[int], prompts: list[int], vocab: int, seed: int):
-    from megatron_red.models.base import SequenceBatch
+    from megatron_red.batch import SequenceBatch
 
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)
@@ -104,16 +104,6 @@ def pg_loss(total_tokens: float):
     return loss_fn
 
 
-def timed(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - start, torch.cuda.max_memory_allocated(), base
-
-
 def largest_micro_batch(batch, micro_batch_size: int, max_tokens: int) -> tuple[int, int]:
     """(tokens of the largest micro-batch as the model runs it, longest row)."""
     from megatron_red.parallel.packing import micro_batch_rows
@@ -126,11 +116,12 @@ def largest_micro_batch(batch, micro_batch_size: int, max_tokens: int) -> tuple[
 
 
 def planned_activation_bytes(config, attention: str, fused: bool, tokens: int, longest: int) -> float:
-    from megatron_red.models.megatron.memory import MemoryLayout, Workload, memory_plan
+    from megatron_red.models.megatron.layout import ParallelLayout
+    from megatron_red.models.megatron.memory import Workload, memory_plan
     from megatron_red.models.megatron.model import HFArchitecture
 
     plan = memory_plan(HFArchitecture.from_hf_config(config),
-                       MemoryLayout(attention=attention, fused_kernel=fused, dtype="bfloat16"),
+                       ParallelLayout(attention=attention, fused_kernel=fused, dtype="bfloat16"),
                        Workload(tokens_per_micro_batch=tokens, max_sequence_length=longest), reserve_bytes=0)
     return plan.parts[0]["activations"] + plan.parts[0]["LM head"]
 
@@ -140,12 +131,18 @@ def run(name, policy, batch, mbs, config, peak_tflops, plan=None):
     tokens = int(batch.attention_mask.sum())
     loss_fn = pg_loss(float(batch.loss_mask.sum()))
     try:
-        policy.logprobs_entropy(batch, mbs)  # warm-up on the same rows: autotuning, allocator, optimiser state
-        policy.forward_backward(batch, mbs, loss_fn)
+        policy.get_inference_log_probs(batch, mbs)  # warm-up on the same rows: autotuning, allocator, optimiser state
+        policy.get_loss_and_metrics(batch, mbs, loss_fn)
         policy.optimizer_step()
-        (lp, _), t_fwd, m_fwd, _ = timed(lambda: policy.logprobs_entropy(batch, mbs))
-        _, t_step, m_step, base = timed(lambda: (policy.forward_backward(batch, mbs, loss_fn),
-                                                 policy.optimizer_step()))
+
+        def forward():
+            return policy.get_inference_log_probs(batch, mbs)
+
+        def step():
+            return policy.get_loss_and_metrics(batch, mbs, loss_fn), policy.optimizer_step()
+
+        ((lp, _), t_fwd), m_fwd, _ = with_peak_memory(lambda: timed(forward))
+        (_, t_step), m_step, base = with_peak_memory(lambda: timed(step))
     except torch.cuda.OutOfMemoryError:
         gc.collect()
         torch.cuda.empty_cache()
@@ -159,7 +156,7 @@ def run(name, policy, batch, mbs, config, peak_tflops, plan=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__, out="also write the table to this Markdown file")
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--groups", type=int, default=2, help="RED-shaped groups in the `red` workload")
     parser.add_argument("--padded-rows", type=int, default=2, help="rows per padded micro-batch")
@@ -168,19 +165,17 @@ def main():
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-local", action="store_true", help="skip megatron's unfused local-spec attention")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
-    parser.add_argument("--out", help="also write the table to this Markdown file")
     parser.add_argument("--model-type", default="qwen2", choices=("qwen2", "qwen3", "llama3"),
                         help="model family (random weights): Qwen2.5-1.5B, Qwen3-0.6B or Llama-3.2-1B shaped")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("megatron_smoke.py needs a CUDA GPU (none is visible to torch)")
+    require_cuda("megatron_smoke.py")
 
     from transformers import AutoModelForCausalLM
 
     from megatron_red.models.hf import HFPolicy
     from megatron_red.models.megatron import MegatronConfig, MegatronPolicy
     from megatron_red.models.megatron.local_spec import _varlen_attn
-    from megatron_red.models.megatron.model import transformer_engine_available
+    from megatron_red.models.megatron.layout import transformer_engine_available
     from megatron_red.models.optim import OptimConfig
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -249,11 +244,11 @@ def main():
                 diff = (lp - ref)[mask].abs()
                 lines.append(f"\n{name} vs megatron sdpa padded: log-prob |diff| max {diff.max():.2e}, "
                              f"mean {diff.mean():.2e} (bf16)")
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(table + "\n")
+    print()
+    report = Report(args.out)
+    for line in lines:
+        report(line)
+    report.write()
     dist.destroy_process_group()
 
 

@@ -13,32 +13,18 @@ the fastest variant within the memory bound, as a FusedKernelConfig to make the 
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 
 import torch
 
+from harness import Report, command_line, median_ms, require_cuda, with_peak_memory
+
 MIB = 2**20
+REPS = 5  # CUDA-event timings per measurement, after a warm-up call (their median is reported)
 CHUNK_BYTES = (64 * MIB, 128 * MIB, 160 * MIB)
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages) of the dZ kernel; None = its autotuned set.
 TILES = [None, (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4)]
-
-
-def time_ms(fn, reps: int = 5) -> float:
-    """Median of `reps` CUDA-event timings of fn() after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def tile_name(tile) -> str:
@@ -52,17 +38,13 @@ def tile_config(tile) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--d", type=int, default=1536)
     parser.add_argument("--v", type=int, default=151936)
     parser.add_argument("--bound-mib", type=float, default=256.0, help="extra-memory bound for the best config")
-    parser.add_argument("--out", type=str, default=None, help="also write the markdown report to this path")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_kernel_backward.py needs a CUDA GPU (none is visible to torch); nothing was measured.",
-              file=sys.stderr)
-        return 1
+    require_cuda("profile_kernel_backward.py")
 
     import triton
 
@@ -71,11 +53,7 @@ def main(argv=None) -> int:
     from megatron_red.kernels.triton_kernels import grad_logits_best_config, launch_grad_logits
 
     t_start = time.time()
-    lines = []
-
-    def emit(line=""):
-        print(line, flush=True)
-        lines.append(line)
+    emit = Report(args.out)
 
     n, d, v = args.n, args.d, args.v
     nd_v = n * d * v
@@ -101,7 +79,7 @@ def main(argv=None) -> int:
         return fused_linear_logprobs_entropy(hidden, weight, targets, config=config)
 
     with torch.no_grad():
-        fwd_ms = time_ms(forward)
+        fwd_ms = median_ms(forward, reps=REPS)
     logprobs, entropy = forward()
     node = logprobs.grad_fn  # a view of the fused autograd node's output
     while "_FusedLinearLogprobsEntropy" not in type(node).__name__:
@@ -129,7 +107,7 @@ def main(argv=None) -> int:
                                        0, flp._LOG2E, 8, blocks, warps, stages)
 
             for tile in TILES:
-                ms = time_ms(lambda tile=tile: dz_all(tile))
+                ms = median_ms(lambda tile=tile: dz_all(tile), reps=REPS)
                 label = tile_name(tile)
                 if tile is None:
                     label += f" ({grad_logits_best_config()})"
@@ -159,12 +137,12 @@ def main(argv=None) -> int:
                 for (s, w_), dzw in zip(chunks, views):
                     acc.add_(torch.mm(dzw, weight[s:s + w_]))
 
-            ms = time_ms(grad_w_all)
+            ms = median_ms(grad_w_all, reps=REPS)
             emit(f"| grad_W = dZ^T h (mm out=) | {width} | cuBLAS | {ms:.2f} | {tflops(2 * nd_v, ms)} |")
             if flp._ADDMM_FP32_OUT:
-                ms = time_ms(grad_h_addmm)
+                ms = median_ms(grad_h_addmm, reps=REPS)
                 emit(f"| grad_h += dZ W | {width} | addmm out_dtype=fp32 | {ms:.2f} | {tflops(2 * nd_v, ms)} |")
-            ms = time_ms(grad_h_fallback)
+            ms = median_ms(grad_h_fallback, reps=REPS)
             emit(f"| grad_h += dZ W | {width} | fallback add_(mm) | {ms:.2f} | {tflops(2 * nd_v, ms)} |")
         emit(f"\n_accumulate_matmul path on this torch: **{path}**")
         del buffer, dz, views, grad_w, acc
@@ -192,18 +170,14 @@ def main(argv=None) -> int:
             return torch.autograd.grad((lp * a).sum() + (ent * b).sum(), [hidden, weight])
 
         fwd_bwd()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        grads = fwd_bwd()
-        torch.cuda.synchronize()
-        extra_mib = (torch.cuda.max_memory_allocated() - base - grad_bytes) / MIB
+        grads, peak, base = with_peak_memory(fwd_bwd)
+        extra_mib = (peak - base - grad_bytes) / MIB
         del grads
         lp, ent = forward(config)
         loss = (lp * a).sum() + (ent * b).sum()
-        bwd_ms = time_ms(lambda loss=loss: torch.autograd.grad(loss, [hidden, weight], retain_graph=True))
+        bwd_ms = median_ms(lambda loss=loss: torch.autograd.grad(loss, [hidden, weight], retain_graph=True), reps=REPS)
         del lp, ent, loss
-        total_ms = time_ms(fwd_bwd)
+        total_ms = median_ms(fwd_bwd, reps=REPS)
         width = flp._grad_chunk_cols(n, v, 2, config)
         results.append((total_ms, extra_mib, name, config))
         emit(f"| {name} | {width} | {bwd_ms:.1f} | {tflops(6 * nd_v, bwd_ms)} | {total_ms:.1f} | {extra_mib:.0f} |")
@@ -217,10 +191,7 @@ def main(argv=None) -> int:
     else:
         emit(f"no variant stayed within {args.bound_mib:.0f} MiB")
     emit(f"\ntotal runtime {time.time() - t_start:.1f} s")
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+    emit.write()
     return 0
 
 

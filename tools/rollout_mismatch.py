@@ -14,13 +14,13 @@ samples of up to 192 new tokens per step), 4 steps. `model.device=cuda` insists 
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
+
+from harness import command_line, require_cuda, timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__, out=None)
     parser.add_argument("--config", default=None, help="a run config YAML (default: the embedded default)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -38,10 +38,7 @@ def main() -> None:
         overrides.append(f"algo.tis_cap={args.tis_cap}")
     config = load_config(args.config, overrides)
     if config.model.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("rollout_mismatch.py: model.device=cuda needs a CUDA GPU (none is visible to torch)")
+        require_cuda("rollout_mismatch.py with model.device=cuda")
     trainer = RedTrainer(config, run_dir)
     print(f"policy on {getattr(trainer.policy, 'device', 'megatron')}, engine {type(trainer.engine).__name__}, "
           f"method {config.algo.method}, temperature {args.temperature}, tis_cap {args.tis_cap}")
@@ -50,11 +47,11 @@ def main() -> None:
     print("| step | " + " | ".join(c.split("/")[1] for c in columns) + " | step s |")
     print("|---" * (len(columns) + 2) + "|")
     for _ in range(args.steps):
-        start = time.perf_counter()
-        metrics = trainer.red_step(trainer.dp.shard(trainer.stream.next_batch()), trainer.loss_config(trainer.step))
+        examples = trainer.dp.shard(trainer.stream.next_batch())
+        metrics, seconds = timed(lambda: trainer.red_step(examples, trainer.loss_config(trainer.step)))
         trainer.step += 1
         cells = [f"{metrics[c]:.3g}" if isinstance(metrics.get(c), float) else "-" for c in columns]
-        print(f"| {trainer.step} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.1f} |")
+        print(f"| {trainer.step} | " + " | ".join(cells) + f" | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from megatron_red.data.openr1 import RedExample
 from megatron_red.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from megatron_red.errors import ConfigError
 
 # (name, pronoun) pairs and countable items the stories draw from; few of each keeps the vocabulary tiny.
 PEOPLE = (("Sam", "He"), ("Tom", "He"), ("Ann", "She"), ("Mia", "She"))
@@ -236,7 +237,7 @@ class BuiltinTask:
                 if key not in self.test_keys:
                     break
             else:
-                raise ValueError(f"cannot draw {count} distinct {steps}-step problems; lower num_test")
+                raise ConfigError(f"cannot draw {count} distinct {steps}-step problems; lower num_test")
             if distinct:
                 self.test_keys.add(key)
             name, pronoun = rng.choice(PEOPLE)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from megatron_red.data.tokenizer import Tokenizer
+from megatron_red.errors import ConfigError
 
 FORMATS = ("parquet", "jsonl")
 
@@ -185,7 +186,7 @@ def load_openr1(
             except _Malformed as e:
                 message = f"{p}: row {i}: {e}"
                 if not skip_malformed:
-                    raise ValueError(message) from None
+                    raise ConfigError(message) from None
                 stats.skipped_malformed += 1
                 stats.malformed_reasons.append(message)
                 continue

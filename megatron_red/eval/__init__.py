@@ -14,7 +14,8 @@ from megatron_red.eval.benchmarks import (
 )
 from megatron_red.eval.cache import GenerationCache, fingerprint
 from megatron_red.eval.metrics import BenchmarkResult, avg_at_k, overall, pass_at_k, summarize_benchmark
-from megatron_red.eval.runner import EvalConfig, EvalReport, evaluate
+from megatron_red.eval.report import EvalReport
+from megatron_red.eval.runner import EvalConfig, evaluate
 
 __all__ = [
     "BENCHMARKS",

@@ -14,6 +14,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
+from megatron_red.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -73,20 +75,20 @@ LUFFY_PARQUET_NAMES = ("valid.all.parquet", "luffy_valid.all.parquet")
 def resolve_benchmarks(suite: str = "red-paper", names: str | list[str] | None = None) -> list[BenchmarkSpec]:
     """The suite's benchmarks, or the subset named (comma-separated string or list), in the suite's order."""
     if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
+        raise ConfigError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
     if names is None:
         return [BENCHMARKS[n] for n in SUITES[suite]]
     wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     wanted = [n for n in wanted if n]
     unknown = [n for n in wanted if n not in BENCHMARKS]
     if unknown or not wanted:
-        raise ValueError(f"unknown benchmark(s) {unknown or names!r}; known: {list(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark(s) {unknown or names!r}; known: {list(BENCHMARKS)}")
     return [BENCHMARKS[n] for n in dict.fromkeys(wanted)]
 
 
 def _problem_from_json(row: dict, line_no: int, path: str) -> Problem:
     if "problem" not in row or ("answer" not in row and "answers" not in row):
-        raise ValueError(f"{path}:{line_no}: a row needs `problem` and `answer` (or `answers`)")
+        raise ConfigError(f"{path}:{line_no}: a row needs `problem` and `answer` (or `answers`)")
     golds = row.get("answers") or [row["answer"]]
     if isinstance(golds, str):
         golds = [golds]
@@ -119,7 +121,7 @@ def load_luffy_parquet(path: str, data_source: str | None = None) -> list[Proble
             continue
         user_turns = [m["content"] for m in row["prompt"] if m["role"] == "user"]
         if not user_turns:
-            raise ValueError(f"{path}: row {row_no} has no user message")
+            raise ConfigError(f"{path}: row {row_no} has no user message")
         gold = row["reward_model"]["ground_truth"]
         key = (row["data_source"], user_turns[-1], gold)
         if key in seen:
@@ -141,7 +143,7 @@ def load_problems(path: str, data_source: str | None = None) -> list[Problem]:
         return load_luffy_parquet(path, data_source)
     if path.endswith(".jsonl"):
         return load_jsonl_problems(path)
-    raise ValueError(f"{path}: expected a .jsonl or .parquet file")
+    raise ConfigError(f"{path}: expected a .jsonl or .parquet file")
 
 
 def load_benchmark(spec: BenchmarkSpec, data_dir: str, limit: int | None = None) -> list[Problem]:
@@ -153,16 +155,16 @@ def load_benchmark(spec: BenchmarkSpec, data_dir: str, limit: int | None = None)
         parquet = next((os.path.join(data_dir, p) for p in LUFFY_PARQUET_NAMES
                         if os.path.exists(os.path.join(data_dir, p))), None)
         if parquet is None:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"benchmark {spec.name!r}: neither {jsonl} nor one of {LUFFY_PARQUET_NAMES} in {data_dir}")
         if spec.name == "minerva":
             warnings.warn("Minerva from LUFFY's parquet: its Python-style golds (e.g. 4.5e33) are often mis-graded "
                           "by math-verify; prefer a jsonl with LaTeX golds", stacklevel=2)
         problems = load_luffy_parquet(parquet, spec.luffy_source)
     if not problems:
-        raise ValueError(f"benchmark {spec.name!r}: no problems found in {data_dir}")
+        raise ConfigError(f"benchmark {spec.name!r}: no problems found in {data_dir}")
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+            raise ConfigError(f"limit must be >= 1, got {limit}")
         problems = problems[:limit]
     return problems

@@ -12,12 +12,14 @@ megatron-core's engine on TP x PP shards (every process reads and holds one shar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
+from megatron_red.errors import ConfigError
 from megatron_red.eval.benchmarks import BENCHMARKS, SUITES
 from megatron_red.eval.prompting import PROMPT_STYLES
-from megatron_red.rollout.build import ENGINE_KINDS
+from megatron_red.rollout.base import ENGINE_KINDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +102,7 @@ def load_model_and_tokenizer(path: str, device: str):
     from transformers import AutoModelForCausalLM
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {path}: not a directory")
+        raise ConfigError(f"--model {path}: not a directory")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = load_tokenizer_for_eval(path)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
@@ -116,24 +118,25 @@ def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_token
     engine with the prompt allowance)."""
     import torch
 
-    from megatron_red.config import RolloutConfig
+    from megatron_red.config import ModelConfig, RolloutConfig
+    from megatron_red.distributed import init_distributed, under_torchrun
     from megatron_red.models.hf_checkpoint import HFCheckpoint
     from megatron_red.models.megatron import MegatronConfig, ShardedModel, load_hf_config
-    from megatron_red.rollout.build import build_engine
-    from megatron_red.trainer.distributed import init_distributed, under_torchrun
+    from megatron_red.trainer.build import build_engine, parallel_layout
 
     if not under_torchrun():
-        raise ValueError("--engine megatron runs under torchrun, e.g. torchrun --nproc_per_node=2 -m "
-                         "megatron_red.cli eval --engine megatron --tensor-model-parallel-size 2 ...")
+        raise ConfigError("--engine megatron runs under torchrun, e.g. torchrun --nproc_per_node=2 -m "
+                          "megatron_red.cli eval --engine megatron --tensor-model-parallel-size 2 ...")
     init_distributed(args.dist_timeout_minutes)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if torch.distributed.get_world_size() != tp * pp:
-        raise ValueError(f"--engine megatron evaluates with one model-parallel group: launch "
-                         f"{tp} x {pp} = {tp * pp} processes, not {torch.distributed.get_world_size()}")
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        raise ConfigError(f"--engine megatron evaluates with one model-parallel group: launch "
+                          f"{tp} x {pp} = {tp * pp} processes, not {torch.distributed.get_world_size()}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = parallel_layout(ModelConfig(backend="megatron", tensor_model_parallel_size=tp,
+                                         pipeline_model_parallel_size=pp), tp * pp, device)
     sharded = ShardedModel.from_hf(load_hf_config(model_dir), HFCheckpoint(model_dir), MegatronConfig(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype=dtype, seed=args.seed,
-        dist_timeout_minutes=args.dist_timeout_minutes))
+        **dataclasses.asdict(layout), seed=args.seed, dist_timeout_minutes=args.dist_timeout_minutes))
     tokenizer = load_tokenizer_for_eval(model_dir)
     length = args.max_sequence_length or min(sharded.arch.max_position_embeddings, max_new_tokens + PROMPT_ALLOWANCE)
     rollout = RolloutConfig(max_batch_size=args.batch_size, kv_buffer_gb=args.kv_buffer_gb,
@@ -152,25 +155,22 @@ def _broadcast_from_rank0(obj):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from megatron_red.config import RolloutConfig
+    from megatron_red.distributed import init_distributed, under_torchrun
     from megatron_red.eval.report import to_markdown
     from megatron_red.eval.runner import EvalConfig, effective_specs, evaluate
     from megatron_red.rewards import configure_grader
-    from megatron_red.rollout.build import build_engine
-    from megatron_red.trainer.distributed import init_distributed, under_torchrun
+    from megatron_red.trainer.build import build_engine
     from megatron_red.trainer.export import resolve_hf_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    try:
-        # Under torchrun (`--engine megatron`) a checkpoint without hf/ is exported by the whole world at its layout.
-        layout = (1, 1)
-        if args.engine == "megatron" and under_torchrun():
-            init_distributed(args.dist_timeout_minutes)
-            layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-        model_dir = str(resolve_hf_model(args.model, os.path.join(args.out, "model"), *layout))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"megatron-red eval: error: --model {args.model}: {e}", file=sys.stderr)
-        return 2
+    # Under torchrun (`--engine megatron`) a checkpoint without hf/ is exported by the whole world at its layout.
+    layout = (1, 1)
+    if args.engine == "megatron" and under_torchrun():
+        init_distributed(args.dist_timeout_minutes)
+        layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    model_dir = str(resolve_hf_model(args.model, os.path.join(args.out, "model"), *layout))
     config = EvalConfig(
         model_id=os.path.realpath(model_dir), out_dir=args.out, suite=args.suite,
         benchmarks=args.benchmarks.split(",") if args.benchmarks else None, data_dir=args.data_dir, n=args.n,
@@ -182,20 +182,15 @@ def run(args: argparse.Namespace) -> int:
     if args.grade_workers is not None:
         configure_grader(args.grade_workers)
     writer, share = True, None
+    if args.engine == "megatron":
+        longest = max(s.max_new_tokens for s in effective_specs(config))
+        engine, tokenizer = load_megatron_engine(args, model_dir, longest)
+        writer, share = torch.distributed.get_rank() == 0, _broadcast_from_rank0
+    else:
+        model, tokenizer = load_model_and_tokenizer(model_dir, device)
+        engine = build_engine(args.engine, model, tokenizer, RolloutConfig(max_batch_size=args.batch_size))
     try:
-        if args.engine == "megatron":
-            engine, tokenizer = load_megatron_engine(args, model_dir,
-                                                     max(s.max_new_tokens for s in effective_specs(config)))
-            writer, share = torch.distributed.get_rank() == 0, _broadcast_from_rank0
-        else:
-            from megatron_red.config import RolloutConfig
-
-            model, tokenizer = load_model_and_tokenizer(model_dir, device)
-            engine = build_engine(args.engine, model, tokenizer, RolloutConfig(max_batch_size=args.batch_size))
         report = evaluate(engine, tokenizer, config, writer=writer, share=share)
-    except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
-        print(f"megatron-red eval: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished samples are cached in {args.out}: rerun the same command to resume",
               file=sys.stderr)
@@ -207,13 +202,3 @@ def run(args: argparse.Namespace) -> int:
     for kind, path in report.files.items():
         print(f"{kind}: {path}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-red eval", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

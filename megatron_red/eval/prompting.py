@@ -5,6 +5,8 @@ import os
 import warnings
 from typing import Literal
 
+from megatron_red.errors import ConfigError
+
 PromptStyle = Literal["chat-think", "chat", "plain"]
 PROMPT_STYLES: tuple[str, ...] = ("chat-think", "chat", "plain")
 SYSTEM_PROMPT_FILE = "luffy_system_prompt.txt"
@@ -17,7 +19,7 @@ def load_system_prompt(path: str) -> str:
     if os.path.isdir(path):
         path = os.path.join(path, SYSTEM_PROMPT_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"system prompt file {path} not found (needed by --prompt-style chat-think)")
+        raise ConfigError(f"system prompt file {path} not found (needed by --prompt-style chat-think)")
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
 

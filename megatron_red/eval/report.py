@@ -4,13 +4,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-if TYPE_CHECKING:
-    from megatron_red.eval.runner import EvalConfig, EvalReport
+from megatron_red.eval.benchmarks import BenchmarkSpec
+from megatron_red.eval.cache import CacheStats
+from megatron_red.eval.metrics import BenchmarkResult
 
 OVERALL_NOTE = ("Overall = unweighted mean over the benchmarks of Acc and of LEN (as the paper's Table 2 Overall). "
                 "Acc = avg@n (pass@1 for n = 1), in %; LEN = mean response length in tokens.")
+
+
+@dataclass
+class EvalReport:
+    """What an evaluation produced: per-benchmark results, Table 2's Overall, cache bookkeeping, file paths."""
+
+    model_id: str
+    results: list[BenchmarkResult]
+    overall: dict[str, float]
+    specs: list[BenchmarkSpec]
+    cache: CacheStats
+    generated_samples: int
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def to_markdown(report: EvalReport) -> str:
@@ -35,10 +49,11 @@ def to_markdown(report: EvalReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(report: EvalReport, config: EvalConfig) -> dict:
+def to_json(report: EvalReport, settings: dict) -> dict:
+    """results.json: `settings` (the evaluation's `EvalConfig` as a dict) beside every benchmark's results."""
     return {
         "model": report.model_id,
-        "config": dataclasses.asdict(config),
+        "config": settings,
         "benchmarks": {
             r.name: {**dataclasses.asdict(r), "pass_at": {str(k): v for k, v in r.pass_at.items()},
                      "sampling": {k: getattr(s, k) for k in ("n", "temperature", "top_p", "max_new_tokens")}}
@@ -50,17 +65,16 @@ def to_json(report: EvalReport, config: EvalConfig) -> dict:
     }
 
 
-def write_reports(report: EvalReport, config: EvalConfig, dump_rows: list[dict] | None) -> dict[str, str]:
-    """Writes results.md, results.json and (when given rows) problems.jsonl into config.out_dir."""
-    os.makedirs(config.out_dir, exist_ok=True)
-    files = {"markdown": os.path.join(config.out_dir, "results.md"),
-             "json": os.path.join(config.out_dir, "results.json")}
+def write_reports(report: EvalReport, out_dir: str, settings: dict, dump_rows: list[dict] | None) -> dict[str, str]:
+    """Writes results.md, results.json (with `settings`) and (when given rows) problems.jsonl into `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    files = {"markdown": os.path.join(out_dir, "results.md"), "json": os.path.join(out_dir, "results.json")}
     with open(files["markdown"], "w", encoding="utf-8") as f:
         f.write(to_markdown(report))
     with open(files["json"], "w", encoding="utf-8") as f:
-        json.dump(to_json(report, config), f, indent=2)
+        json.dump(to_json(report, settings), f, indent=2)
     if dump_rows is not None:
-        files["problems"] = os.path.join(config.out_dir, "problems.jsonl")
+        files["problems"] = os.path.join(out_dir, "problems.jsonl")
         with open(files["problems"], "w", encoding="utf-8") as f:
             for row in dump_rows:
                 f.write(json.dumps(row) + "\n")

@@ -6,14 +6,15 @@ import os
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
+from megatron_red.errors import ConfigError
 from megatron_red.eval.benchmarks import BenchmarkSpec, Problem, load_benchmark, resolve_benchmarks
 from megatron_red.eval.cache import CachedSample, CacheStats, GenerationCache, fingerprint
-from megatron_red.eval.metrics import BenchmarkResult, overall, summarize_benchmark
+from megatron_red.eval.metrics import overall, summarize_benchmark
 from megatron_red.eval.prompting import PromptStyle, load_system_prompt, prompt_ids
-from megatron_red.eval.report import write_reports
+from megatron_red.eval.report import EvalReport, write_reports
 from megatron_red.rewards import GraderPool, grade_math_detailed
 from megatron_red.rollout.base import RolloutEngine, SamplingParams
 
@@ -63,25 +64,12 @@ class EvalConfig:
     progress: bool = True
 
 
-@dataclass
-class EvalReport:
-    """What an evaluation produced: per-benchmark results, Table 2's Overall, cache bookkeeping, file paths."""
-
-    model_id: str
-    results: list[BenchmarkResult]
-    overall: dict[str, float]
-    specs: list[BenchmarkSpec]
-    cache: CacheStats
-    generated_samples: int
-    files: dict[str, str] = field(default_factory=dict)
-
-
 def effective_specs(config: EvalConfig) -> list[BenchmarkSpec]:
     """The benchmarks to run with the config's overrides applied."""
     overrides = {k: getattr(config, k) for k in ("n", "temperature", "top_p", "max_new_tokens")
                  if getattr(config, k) is not None}
     if overrides.get("n", 1) < 1 or overrides.get("max_new_tokens", 1) < 1:
-        raise ValueError(f"n and max_new_tokens must be >= 1, got {overrides}")
+        raise ConfigError(f"n and max_new_tokens must be >= 1, got {overrides}")
     return [dataclasses.replace(s, **overrides) for s in resolve_benchmarks(config.suite, config.benchmarks)]
 
 
@@ -106,7 +94,7 @@ def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderP
     grades, writes and returns the report (the others return None).
     """
     if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
     specs = effective_specs(config)
     system_prompt = None
     if config.prompt_style == "chat-think":
@@ -200,5 +188,6 @@ def evaluate(engine: RolloutEngine, tokenizer, config: EvalConfig, pool: GraderP
                                 for s, g in zip(row, grades[i * spec.n:(i + 1) * spec.n])],
                 })
     report = EvalReport(config.model_id, results, overall(results), specs, stats, generated)
-    report.files = write_reports(report, config, dump_rows if config.dump_problems else None)
+    report.files = write_reports(report, config.out_dir, dataclasses.asdict(config),
+                                 dump_rows if config.dump_problems else None)
     return report

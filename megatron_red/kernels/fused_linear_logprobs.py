@@ -17,7 +17,7 @@ V = 152k); this module never does:
 Extra memory is the fp32 grad_h accumulator plus the dZ buffers (`FusedKernelConfig.grad_chunk_bytes` in all),
 flat in V.
 Off CUDA (and without TRITON_INTERPRET=1) the same function computes logits chunk by chunk in torch and calls
-`megatron_red.parallel.vocab_parallel_logprobs_entropy`.
+`megatron_red.kernels.vocab_parallel_logprobs_entropy`.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
+
+from megatron_red.kernels.vocab_parallel import vocab_parallel_logprobs_entropy
 
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -93,9 +95,15 @@ def _triton_importable() -> bool:
     return True
 
 
-def fused_kernel_available(device: torch.device | str) -> bool:
-    """True when the Triton kernel can run on `device`: a CUDA device with triton importable."""
-    return torch.device(device).type == "cuda" and torch.cuda.is_available() and _triton_importable()
+FUSED_KERNEL_MODES = ("auto", "on", "off")
+"""`model.fused_kernel`: `on`, `off`, or `auto` = on for CUDA devices."""
+
+
+def fused_kernel_enabled(mode: str, device: torch.device | str) -> bool:
+    """Whether `model.fused_kernel=mode` puts the LM head through this kernel on `device`: `auto` on a CUDA device
+    (Triton ships with PyTorch's CUDA builds; without it the kernel runs its torch fallback, the same function in
+    the same memory bound), so the answer depends on the device type alone and `plan` resolves it as `train` does."""
+    return mode == "on" or (mode == "auto" and torch.device(device).type == "cuda")
 
 
 def _tp_size_rank(tp_group) -> tuple[int, int]:
@@ -338,8 +346,6 @@ class _AllReduceGradient(torch.autograd.Function):
 
 
 def _fallback_chunk(hidden, weight, targets, tp_group, temperature, valid_vocab_size):
-    from megatron_red.parallel import vocab_parallel_logprobs_entropy
-
     logits = (hidden.float() @ weight.float().t()) / temperature
     return vocab_parallel_logprobs_entropy(logits, targets, tp_group, valid_vocab_size=valid_vocab_size)
 

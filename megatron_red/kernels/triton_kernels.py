@@ -68,24 +68,28 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, D, stride_h, stride_w,
 
 
 @triton.jit
+def _grouped_tile(N, n_col_tiles, group_rows, BLOCK_N: tl.constexpr):
+    """This program's tile of a grid of cdiv(N, BLOCK_N) row blocks x `n_col_tiles` column tiles, numbered so that
+    `group_rows` consecutive row blocks take each column tile in turn (they share it in L2): its rows (clamped
+    into range: `row_ok` masks the results of the clamped ones), `row_ok`, and its column tile."""
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = group_rows * n_col_tiles
+    first_rb = (pid // per_group) * group_rows
+    group_size = tl.minimum(n_row_blocks - first_rb, group_rows)
+    local = pid % per_group
+    rows = (first_rb + local % group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    return tl.where(row_ok, rows, 0), row_ok, local // group_size
+
+
+@triton.jit
 def _forward_stats_kernel(h_ptr, w_ptr, m_ptr, s_ptr, t_ptr,
                           N, D, n_valid, split_cols, n_splits, group_rows,
                           stride_h, stride_w, scale2, N_BUCKET,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                           EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(N, BLOCK_N)
-    per_group = group_rows * n_splits
-    first_rb = (pid // per_group) * group_rows
-    group_size = tl.minimum(n_row_blocks - first_rb, group_rows)
-    local = pid % per_group
-    rb = first_rb + local % group_size
-    split = local // group_size
-
-    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows = tl.where(row_ok, rows, 0)
-
+    rows, row_ok, split = _grouped_tile(N, n_splits, group_rows, BLOCK_N)
     v_begin = split * split_cols
     v_end = tl.minimum(v_begin + split_cols, n_valid)
     m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
@@ -121,19 +125,7 @@ def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse2_ptr, coef_p_ptr, coef_logp_p
                         stride_h, stride_w, scale2, N_BUCKET,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(N, BLOCK_N)
-    n_col_blocks = tl.cdiv(chunk_cols, BLOCK_V)
-    per_group = group_rows * n_col_blocks
-    first_rb = (pid // per_group) * group_rows
-    group_size = tl.minimum(n_row_blocks - first_rb, group_rows)
-    local = pid % per_group
-    rb = first_rb + local % group_size
-    cb = local // group_size
-
-    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows = tl.where(row_ok, rows, 0)
+    rows, row_ok, cb = _grouped_tile(N, tl.cdiv(chunk_cols, BLOCK_V), group_rows, BLOCK_N)
     chunk_col = cb * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = chunk_col < chunk_cols
     # Only the weight rows are clamped; the dZ offsets below keep the plain arange so that Triton's contiguity

@@ -13,6 +13,8 @@ is a parameter), which are the values of every released Llama 3.1 / 3.2 / 3.3 ch
 """
 from __future__ import annotations
 
+from megatron_red.errors import ConfigError
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 # megatron-core's RotaryEmbedding._apply_scaling defaults, which GPTModel gives no way to change.
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -33,7 +35,7 @@ def check_supported(hf_config, megatron: bool = False) -> None:
     """Raise ValueError naming the first config key (and its value) that a backend would not reproduce."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+        raise ConfigError(f"model_type={model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
     unsupported = [
         ("hidden_act", getattr(hf_config, "hidden_act", "silu"), lambda v: v == "silu", "silu (SwiGLU)"),
         ("mlp_bias", getattr(hf_config, "mlp_bias", False), lambda v: not v, "false"),
@@ -47,7 +49,7 @@ def check_supported(hf_config, megatron: bool = False) -> None:
     ]
     for key, value, ok, expected in unsupported:
         if not ok(value):
-            raise ValueError(f"{model_type} config: {key}={value!r} is not supported (expected {expected})")
+            raise ConfigError(f"{model_type} config: {key}={value!r} is not supported (expected {expected})")
     if megatron:
         _check_megatron_rope(model_type, rope_parameters(hf_config))
 
@@ -57,9 +59,9 @@ def _check_megatron_rope(model_type: str, rope: dict) -> None:
     if rope_type == "default":
         return
     if rope_type != "llama3":
-        raise ValueError(f"{model_type} config: rope_scaling.rope_type={rope_type!r} is not supported by the Megatron "
-                         "backend (plain RoPE or llama3 only)")
+        raise ConfigError(f"{model_type} config: rope_scaling.rope_type={rope_type!r} is not supported by the Megatron "
+                          "backend (plain RoPE or llama3 only)")
     for key, value in MEGATRON_LLAMA3_ROPE.items():
         if float(rope.get(key, value)) != value:
-            raise ValueError(f"{model_type} config: rope_scaling.{key}={rope[key]!r} is not supported by the Megatron "
-                             f"backend: megatron-core 0.19 hard-codes {key}={value} for llama3 RoPE scaling")
+            raise ConfigError(f"{model_type} config: rope_scaling.{key}={rope[key]!r} is not supported by the Megatron "
+                              f"backend: megatron-core 0.19 hard-codes {key}={value} for llama3 RoPE scaling")

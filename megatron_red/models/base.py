@@ -1,85 +1,20 @@
 """The policy-backend interface: what the RED trainer needs from a policy, however it is sharded.
 
 Every backend (Hugging Face on one device, megatron-core with TP/PP/DP) implements `PolicyBackend`; the trainer
-never touches a model directly. Sequences are prompt + response (or prompt + offline trace), right-padded; every
-per-token tensor is aligned with the *targets* `input_ids[:, 1:]`, so it has shape `[B, L - 1]`.
+never touches a model directly. Batches are `megatron_red.batch.SequenceBatch` (per-token tensors [B, L - 1]).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from megatron_red.batch import SequenceBatch
+
 if TYPE_CHECKING:
     from megatron_red.models.optim import OptimConfig
     from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
-
-
-@dataclass
-class SequenceBatch:
-    """Right-padded token sequences plus the per-row / per-token inputs of the loss.
-
-    input_ids:      [B, L] long, prompt followed by response or trace tokens, right-padded.
-    attention_mask: [B, L] 1 on real tokens.
-    loss_mask:      [B, L-1] 1 where the target `input_ids[:, t+1]` is a response / trace token.
-    fields:         loss inputs, each with leading dimension B (e.g. old_logprobs [B, L-1], advantages [B],
-                    is_offline [B], group_accuracy [B]); sliced together with the sequences.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
-    fields: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self):
-        b, l = self.input_ids.shape
-        if self.attention_mask.shape != (b, l):
-            raise ValueError(f"attention_mask {tuple(self.attention_mask.shape)} != input_ids {(b, l)}")
-        if self.loss_mask.shape != (b, l - 1):
-            raise ValueError(f"loss_mask {tuple(self.loss_mask.shape)} must be [B, L-1] = {(b, l - 1)}")
-        for name, value in self.fields.items():
-            if value.shape[0] != b:
-                raise ValueError(f"field {name!r} has leading dim {value.shape[0]}, expected B={b}")
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, rows: slice | torch.Tensor) -> "SequenceBatch":
-        """Rows `rows` of every tensor (a slice or an index tensor)."""
-        return SequenceBatch(
-            self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows],
-            {k: v[rows] for k, v in self.fields.items()},
-        )
-
-    def micro_batch_rows(self, micro_batch_size: int) -> list[torch.Tensor]:
-        """Row indices of micro-batches of at most `micro_batch_size` rows, longest rows first (ties in row order).
-        A micro-batch is padded to its longest row (`trimmed`), and a step's rows mix lengths (short answers,
-        teacher traces, rollouts cut at the generation limit): grouping rows of similar length pads the least.
-        Losses are normalised with the step's global counts, so the grouping does not change the update."""
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        lengths = self.attention_mask.sum(dim=1)
-        order = torch.sort(lengths, descending=True, stable=True).indices
-        return list(order.split(micro_batch_size))
-
-    def trimmed(self) -> "SequenceBatch":
-        """Drop trailing columns that are padding in every row (saves compute on short micro-batches)."""
-        length = int(self.attention_mask.sum(dim=1).max().item()) if len(self) else 0
-        length = max(length, 2)
-        if length >= self.input_ids.shape[1]:
-            return self
-        fields = {
-            k: (v[:, : length - 1] if v.dim() >= 2 and v.shape[1] == self.input_ids.shape[1] - 1 else v)
-            for k, v in self.fields.items()
-        }
-        return SequenceBatch(self.input_ids[:, :length], self.attention_mask[:, :length],
-                             self.loss_mask[:, : length - 1], fields)
-
-    def to(self, device: torch.device | str) -> "SequenceBatch":
-        return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
-                             {k: v.to(device) for k, v in self.fields.items()})
 
 
 # loss_fn(logprobs [b, L-1], entropy [b, L-1], micro_batch) -> (scalar loss to backpropagate, metrics)
@@ -98,20 +33,21 @@ class PolicyBackend(ABC):
     """
 
     rollout_engine: "RolloutEngine | None" = None
-    """The engine `infer` samples with; attached by `megatron_red.rollout.build.build_engine`."""
+    """The engine `infer` samples with; attached by `megatron_red.trainer.build.build_engine`."""
 
     @abstractmethod
-    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward only, no gradient: fp32 `log pi(target)` and full-vocabulary entropy, each [B, L-1] on CPU,
-        zero where `loss_mask` is 0."""
+    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actor hook. Forward only, no gradient: fp32 `log pi(target)` and full-vocabulary entropy at
+        `temperature`, each [B, L-1] on CPU, zero where `loss_mask` is 0 (pi_old of a rollout batch trained with
+        several optimiser steps, and H_sft; the teacher-token probabilities of the held-out evaluation)."""
 
     @abstractmethod
-    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
-                         temperature: float = 1.0) -> list[dict[str, float]]:
-        """For each micro-batch: log-probs and entropies with gradient, `loss, metrics = loss_fn(...)`,
-        `loss.backward()`; gradients accumulate across micro-batches (the loss must already be normalised with
-        global counts). Returns the metrics of each micro-batch."""
+    def get_loss_and_metrics(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                             temperature: float = 1.0) -> list[dict[str, float]]:
+        """Actor hook. For each micro-batch: log-probs and entropies with gradient, `loss, metrics = loss_fn(...)`,
+        `loss.backward()`; gradients accumulate across micro-batches and calls (the loss must already be normalised
+        with global counts) until `optimizer_step`. Returns the metrics of each micro-batch."""
 
     @abstractmethod
     def scale_gradients(self, factor: float) -> None:
@@ -154,7 +90,7 @@ class PolicyBackend(ABC):
     def infer(self, prompts: list[list[int]], n: int, params: "SamplingParams") -> list[list["Completion"]]:
         """`n` sampled completions per prompt, with behaviour log-probs, from the attached rollout engine."""
         if self.rollout_engine is None:
-            raise RuntimeError("no rollout engine attached (megatron_red.rollout.build.build_engine attaches one)")
+            raise RuntimeError("no rollout engine attached (megatron_red.trainer.build.build_engine attaches one)")
         return self.rollout_engine.generate(prompts, n, params)
 
     def finish_inference(self) -> None:
@@ -162,29 +98,8 @@ class PolicyBackend(ABC):
         if self.rollout_engine is not None:
             self.rollout_engine.suspend()
 
-    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
-                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi_old of a rollout batch trained with several optimiser steps (and the token entropies, H_sft's input):
-        `logprobs_entropy` with no gradient."""
-        return self.logprobs_entropy(batch, micro_batch_size, temperature)
-
     def prepare_for_training(self) -> None:
         """Before the update: nothing to do by default."""
-
-    def get_loss_and_metrics(self, batch: SequenceBatch, forward_only: bool, micro_batch_size: int, loss_fn: LossFn,
-                             temperature: float = 1.0) -> list[dict[str, float]]:
-        """The loss of every micro-batch of `batch` and its metrics; with `forward_only=False` its gradients are
-        accumulated (`forward_backward`), with True nothing is (log-probs and entropies without gradient)."""
-        if not forward_only:
-            return self.forward_backward(batch, micro_batch_size, loss_fn, temperature)
-        logprobs, entropy = self.logprobs_entropy(batch, micro_batch_size, temperature)
-        metrics = []
-        for rows in batch.micro_batch_rows(micro_batch_size):
-            mb = batch.select(rows).trimmed()
-            width = mb.loss_mask.shape[1]
-            _, out = loss_fn(logprobs[rows, :width], entropy[rows, :width], mb)
-            metrics.append(out)
-        return metrics
 
     def finish_training(self) -> None:
         """After the optimiser step: the rollout engine samples from the new weights from now on."""

@@ -3,7 +3,7 @@
 Log-probs and entropies are computed from the decoder's final hidden states at the loss-mask positions only
 (response and trace tokens), so the LM head never runs on prompt or padding tokens. The head is either the
 fused Triton kernel (`megatron_red.kernels`, no [N, V] logits tensor) or plain logits followed by
-`megatron_red.parallel.vocab_parallel_logprobs_entropy`.
+`megatron_red.kernels.vocab_parallel_logprobs_entropy`.
 
 Precision: parameters, gradients and optimiser state stay fp32 (a bf16 master copy would drop RED's 2e-6
 updates below bf16's resolution); activations run in `dtype` under autocast (bf16 on GPU, fp32 on CPU).
@@ -16,8 +16,10 @@ from typing import Literal
 
 import torch
 
+from megatron_red.batch import SequenceBatch
+from megatron_red.kernels import FUSED_KERNEL_MODES, fused_kernel_enabled
 from megatron_red.models.architectures import check_supported
-from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
+from megatron_red.models.base import LossFn, PolicyBackend
 from megatron_red.models.optim import OptimConfig, build_optimizer, clip_grad_norm
 
 FusedKernelMode = Literal["auto", "on", "off"]
@@ -30,7 +32,7 @@ class HFPolicy(PolicyBackend):
     optim_config:   AdamW + schedule + clipping.
     device:         where the model lives (default: CUDA if available, else CPU).
     dtype:          activation dtype (default bf16 on CUDA, fp32 on CPU); parameters stay fp32.
-    fused_kernel:   "auto" (fused Triton LM head on CUDA when available), "on" (always fused; CPU uses the
+    fused_kernel:   "auto" (fused Triton LM head on CUDA), "on" (always fused; CPU uses the
                     kernel module's torch fallback), "off" (logits + vocab-parallel log-softmax).
     gradient_checkpointing: recompute each decoder layer in backward (less memory, ~1/3 more compute).
     """
@@ -39,8 +41,8 @@ class HFPolicy(PolicyBackend):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False):
         check_supported(model.config)
-        if fused_kernel not in ("auto", "on", "off"):
-            raise ValueError(f"fused_kernel must be 'auto', 'on' or 'off', got {fused_kernel!r}")
+        if fused_kernel not in FUSED_KERNEL_MODES:
+            raise ValueError(f"fused_kernel must be one of {FUSED_KERNEL_MODES}, got {fused_kernel!r}")
         lm_head = model.get_output_embeddings()
         if getattr(lm_head, "bias", None) is not None:
             raise ValueError("an LM head with a bias is not supported (Qwen2, Llama and Qwen3 heads have none)")
@@ -92,15 +94,7 @@ class HFPolicy(PolicyBackend):
     # ---- forward ------------------------------------------------------------------------------------------
 
     def _use_fused(self) -> bool:
-        if self.fused_kernel == "off":
-            return False
-        if self.fused_kernel == "on":
-            return True
-        if self.device.type != "cuda":
-            return False
-        from megatron_red.kernels import fused_kernel_available
-
-        return fused_kernel_available(self.device)
+        return fused_kernel_enabled(self.fused_kernel, self.device)
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -126,7 +120,7 @@ class HFPolicy(PolicyBackend):
             logprobs, entropy = fused_linear_logprobs_entropy(
                 hidden_sel.to(self.dtype), weight.to(self.dtype), targets, temperature=temperature)
         else:
-            from megatron_red.parallel import vocab_parallel_logprobs_entropy
+            from megatron_red.kernels import vocab_parallel_logprobs_entropy
 
             # Scaling the hidden states is the same as scaling the logits (no bias) and avoids an fp32 [N, V] copy;
             # the log-softmax itself runs in fp32 chunks whatever the logits' dtype.
@@ -136,8 +130,8 @@ class HFPolicy(PolicyBackend):
         zeros = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
         return zeros.masked_scatter(mask, logprobs.float()), zeros.masked_scatter(mask, entropy.float())
 
-    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         _check_args(micro_batch_size, temperature)
         out = torch.zeros(2, *batch.loss_mask.shape, dtype=torch.float32)
         was_training = self.model.training
@@ -153,8 +147,8 @@ class HFPolicy(PolicyBackend):
             self.model.train(was_training)
         return out[0], out[1]
 
-    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
-                         temperature: float = 1.0) -> list[dict[str, float]]:
+    def get_loss_and_metrics(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                             temperature: float = 1.0) -> list[dict[str, float]]:
         _check_args(micro_batch_size, temperature)
         self.model.train()  # HF only checkpoints layers in training mode; the model has no dropout (see __init__)
         metrics = []

@@ -26,6 +26,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from megatron_red.errors import ConfigError
+
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 # torch dtype -> safetensors dtype name
@@ -57,8 +59,8 @@ class HFCheckpoint:
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not (self.path / "config.json").is_file() or not files:
-            raise ValueError(f"{self.path}: expected a Hugging Face checkpoint directory "
-                             f"(config.json + *.safetensors or {INDEX_FILE})")
+            raise ConfigError(f"{self.path}: expected a Hugging Face checkpoint directory "
+                              f"(config.json + *.safetensors or {INDEX_FILE})")
         self._file: dict[str, Path] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         for name in files:

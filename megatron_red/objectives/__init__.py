@@ -33,8 +33,10 @@ from megatron_red.objectives.advantages import (
 )
 from megatron_red.objectives.entropy_controller import EntropyRatioController
 from megatron_red.objectives.loss import (
+    METHODS,
     NORMALIZATIONS,
     PRESETS,
+    SCHEDULES,
     RedLossConfig,
     behaviour_mismatch,
     red_policy_loss,
@@ -42,9 +44,11 @@ from megatron_red.objectives.loss import (
 )
 
 __all__ = [
+    "METHODS",
     "NORMALIZATIONS",
     "POLICY_SHIFTS",
     "PRESETS",
+    "SCHEDULES",
     "EntropyRatioController",
     "RedLossConfig",
     "accuracy_aware_pi_offline",

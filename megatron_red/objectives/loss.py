@@ -176,7 +176,13 @@ def _srft_preset(cls) -> RedLossConfig:
 # default; attached afterwards, instances read their own bool and the class reads the preset.
 RedLossConfig.srft = classmethod(_srft_preset)
 
-PRESETS = ("red", "red_undetached", "red_entropy_only", "red_policy_shift_only", "grpo", "mixpolicy", "luffy", "sft", "srft")
+PRESETS = ("red", "red_undetached", "red_entropy_only", "red_policy_shift_only", "grpo", "mixpolicy", "luffy", "sft",
+           "srft")
+SCHEDULES = {"sft_then_grpo": ("sft", "grpo"), "relift": ("grpo",), "bread": ("grpo",)}
+"""The schedules over the presets (package docstring; trainer/red_trainer.py runs them): the presets their RL steps
+train with, in order (SFT->GRPO switches after its SFT stage, `algo.sft_then_grpo_sft_steps`)."""
+METHODS = PRESETS + tuple(SCHEDULES)
+"""What `algo.method` names: a preset, or a schedule."""
 
 
 def _count(value, local: torch.Tensor, what: str) -> torch.Tensor:

@@ -1,4 +1,2 @@
-"""Parallel building blocks over explicit process groups: vocabulary-parallel log-probs and entropy."""
-from megatron_red.parallel.vocab_parallel import vocab_parallel_logprobs_entropy
-
-__all__ = ["vocab_parallel_logprobs_entropy"]
+"""Megatron-core's pipeline schedule for RED's forwards and updates (pipeline.py) and the micro-batches it runs:
+right-padded rows or THD-packed sequences (packing.py)."""

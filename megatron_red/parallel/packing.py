@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_red.models.base import SequenceBatch
+from megatron_red.batch import SequenceBatch
+from megatron_red.errors import ConfigError
 
 
 @dataclass
@@ -74,8 +75,8 @@ def token_budget_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
         raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 1 to pack rows, got {max_tokens}")
     longest = max(lengths, default=0)
     if longest > max_tokens:
-        raise ValueError(f"a row of {longest} tokens does not fit trainer.max_tokens_per_micro_batch={max_tokens}; "
-                         f"raise the budget to at least {longest}")
+        raise ConfigError(f"a row of {longest} tokens does not fit trainer.max_tokens_per_micro_batch={max_tokens}; "
+                          f"raise the budget to at least {longest}")
     groups: list[list[int]] = []
     used: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megatron_red.kernels import fused_linear_logprobs_entropy, vocab_parallel_logprobs_entropy
 from megatron_red.parallel.packing import ModelMicroBatch, micro_batch_rows, packed_micro_batch, padded_micro_batch
-from megatron_red.parallel.vocab_parallel import vocab_parallel_logprobs_entropy
 
 
 @dataclass
@@ -63,8 +63,6 @@ class LogprobHead:
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, positions)
         weight = output_weight if output_weight is not None else output_layer.weight
         if self.fused_kernel:
-            from megatron_red.kernels import fused_linear_logprobs_entropy
-
             # The kernel sums the hidden-state gradient over tp_group itself (ColumnParallelLinear's job otherwise).
             return fused_linear_logprobs_entropy(hidden, weight, targets, tp_group=self.tp_group,
                                                  temperature=self.temperature,

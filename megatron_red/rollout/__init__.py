@@ -1,6 +1,6 @@
 """Rollout engines behind one interface (`RolloutEngine`): the local torch engine (Hugging Face backend) and
 megatron-core's dynamic engine on the Megatron policy's own shards (`rollout.megatron`, imported on use: it needs
-megatron-core); `rollout.build.build_engine` constructs either."""
+megatron-core); `megatron_red.trainer.build.build_engine` constructs either."""
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.local import LocalEngine
 

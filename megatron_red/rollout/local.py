@@ -27,7 +27,6 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from megatron_red.models.architectures import check_supported
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens
 
@@ -35,7 +34,8 @@ from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_to
 class LocalEngine(RolloutEngine):
     """Sampling engine for an HF causal LM.
 
-    model:          the HF module (e.g. `HFPolicy.model`).
+    model:          the HF module (e.g. `HFPolicy.model`) of a supported family (`trainer.build.build_engine` checks
+                    it with `models.architectures.check_supported`).
     eos_token_id:   a row stops after emitting it (or one of `SamplingParams.stop_token_ids`).
     pad_token_id:   emitted by finished rows (never returned).
     max_batch_size: rows (prompts x n) decoded together; bounds KV-cache memory.
@@ -51,7 +51,6 @@ class LocalEngine(RolloutEngine):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  cuda_graph: bool = False, sync_every: int = 16):
         config = model.config
-        check_supported(config)
         if max_batch_size < 1 or sync_every < 1:
             raise ValueError(f"max_batch_size and sync_every must be >= 1, got {max_batch_size}, {sync_every}")
         source_param = next(model.parameters())

@@ -26,8 +26,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron_red.models.megatron.memory import (default_kv_buffer_gb, kv_block_bytes, kv_buffer_blocks,
-                                                 kv_heads_per_rank)
+from megatron_red.errors import ConfigError
+from megatron_red.megatron_internals import prefill_token_counts, set_sampling
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.megatron_attention import select_inference_attention
 from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens, sampling_logprobs
@@ -44,6 +44,34 @@ def engine_max_requests(max_batch_size: int, tensor_model_parallel_size: int) ->
 def engine_step_tokens(max_requests: int, max_sequence_length: int) -> int:
     """megatron's max_tokens: the tokens one engine step runs (at least one whole prompt, one per request)."""
     return max(DEFAULT_STEP_TOKENS, max_sequence_length, max_requests)
+
+
+# The KV cache's geometry as megatron-core 0.19's DynamicInferenceContext computes it: the engine sizes its buffer
+# with it, and `megatron-red plan`'s memory model (models/megatron/memory.py) counts the same bytes.
+def kv_heads_per_rank(num_query_groups: int, tensor_model_parallel_size: int) -> int:
+    """Key-value heads one TP rank caches (megatron replicates them when TP exceeds the groups)."""
+    return max(1, num_query_groups // tensor_model_parallel_size)
+
+
+def kv_block_bytes(layers: int, kv_heads: int, head_dim: int, block_size_tokens: int, itemsize: int) -> int:
+    """Bytes of one KV block of this stage's `layers` (megatron's `block_size_bytes`: K and V, `kv_heads` per rank)."""
+    return 2 * layers * block_size_tokens * kv_heads * head_dim * itemsize
+
+
+def kv_buffer_blocks(kv_buffer_gb: float, block_bytes: int) -> int:
+    """Blocks megatron-core 0.19's DynamicInferenceContext allocates for `buffer_size_gb` (no paused buffer, no
+    unified memory): at least 2, one of them its dummy block."""
+    return max(2, int(kv_buffer_gb * 1024**3) // block_bytes)
+
+
+def default_kv_buffer_gb(requests: int, sequence_length: int, block_size_tokens: int, block_bytes: int) -> float:
+    """The engine's buffer when rollout.kv_buffer_gb is unset: every row at full length, plus the dummy block."""
+    return (requests * math.ceil(sequence_length / block_size_tokens) + 1) * block_bytes / 1024**3
+
+
+def sequences_held(blocks: int, sequence_length: int, block_size_tokens: int) -> int:
+    """Sequences of `sequence_length` tokens the buffer holds at once without prefix sharing (dummy block aside)."""
+    return (blocks - 1) // math.ceil(sequence_length / block_size_tokens)
 
 
 class _NoDetokenizer:
@@ -196,7 +224,7 @@ class MegatronEngine(RolloutEngine):
         if self._engine is None:
             context = DynamicInferenceContext(self.model.config, self._inference_config())
             controller = TextGenerationController(GPTInferenceWrapper(self.model, context), _NoDetokenizer())
-            controller._sampling = self._sampler  # megatron's sampling backend seam (`Sampling`)
+            set_sampling(controller, self._sampler)
             self._engine = DynamicInferenceEngine(controller, context)
             self._engine.controller.set_stop_word_finished_ids_callback(self._sampler.stopped_request_ids)
         else:
@@ -226,23 +254,22 @@ class MegatronEngine(RolloutEngine):
         built: megatron's own cumulative counters (what its step log prints)."""
         if self._engine is None:
             return {"computed": 0, "skipped": 0}
-        return {"computed": int(self._engine._prefill_tokens_computed),
-                "skipped": int(self._engine._prefill_tokens_skipped)}
+        return prefill_token_counts(self._engine)
 
     # ---- generation ---------------------------------------------------------------------------------------------
 
     def _check_limits(self, rows: list[list[int]], params: SamplingParams) -> None:
         longest = max(len(r) for r in rows)
         if longest + params.max_new_tokens > self.max_sequence_length:
-            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
-                             f"engine's max_sequence_length={self.max_sequence_length}; raise "
-                             f"rollout.max_sequence_length (eval: --max-sequence-length)")
+            raise ConfigError(f"a prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+                              f"engine's max_sequence_length={self.max_sequence_length}; raise "
+                              f"rollout.max_sequence_length (eval: --max-sequence-length)")
         needed = math.ceil((longest + params.max_new_tokens) / self.block_size_tokens)
         if needed > self.num_blocks - 1:
-            raise ValueError(f"one sequence of {longest + params.max_new_tokens} tokens needs {needed} KV blocks of "
-                             f"{self.block_size_tokens} tokens but the KV buffer ({self.kv_buffer_gb:.3g} GB) holds "
-                             f"{self.num_blocks - 1}; raise rollout.kv_buffer_gb (eval: --kv-buffer-gb) to at least "
-                             f"{(needed + 1) * self.block_bytes / 2**30:.3g}")
+            raise ConfigError(f"one sequence of {longest + params.max_new_tokens} tokens needs {needed} KV blocks of "
+                              f"{self.block_size_tokens} tokens but the KV buffer ({self.kv_buffer_gb:.3g} GB) holds "
+                              f"{self.num_blocks - 1}; raise rollout.kv_buffer_gb (eval: --kv-buffer-gb) to at least "
+                              f"{(needed + 1) * self.block_bytes / 2**30:.3g}")
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         from megatron.core.inference.sampling_params import SamplingParams as MegatronSamplingParams

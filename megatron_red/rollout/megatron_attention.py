@@ -6,7 +6,8 @@ functions it imports at module level, `flash_attn_varlen_func(..., block_table=)
 in every forward. There is no hook to pass another implementation, so when no usable flash-attn is installed,
 `select_inference_attention` puts this module's two functions (same signatures, `megatron_red.kernels.
 paged_attention` underneath: Triton on GPU, torch on CPU) into that module's namespace, answers its version check
-for them, and, without einops, gives it the one `rearrange` pattern it uses. This is the only place where the
+for them, and, without einops, gives it the one `rearrange` pattern it uses (megatron_red/megatron_internals.py
+does the replacing, against the megatron-core version it was written for). This is the only place where the
 package changes another library's module; it runs once, only when flash-attn is absent, and says which attention
 runs in one line.
 """
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_red.kernels.paged_attention import paged_attention, paged_attention_backend
+from megatron_red.megatron_internals import flash_attn_usable, replace_flash_attn
 
 FLASH_ATTN_MIN_VERSION = "2.7.3"
 _selected: str | None = None
@@ -70,33 +72,16 @@ def _stand_in_meets_version(version: str, check_equality: bool = True) -> bool:
     return stand_in >= asked if check_equality else stand_in > asked
 
 
-def _flash_attn_usable(attention) -> bool:
-    if attention.HAVE_FA3 or attention.HAVE_FA4:
-        return True
-    if attention.flash_attn_varlen_func is None or attention.flash_attn_with_kvcache is None:
-        return False
-    try:
-        return bool(attention.is_fa_min_version(FLASH_ATTN_MIN_VERSION))
-    except Exception:  # noqa: BLE001 - any failure to read the version means "not usable"
-        return False
-
-
 def select_inference_attention(device: torch.device) -> str:
     """Make megatron-core's dynamic attention runnable here and return what runs ("flash-attn", or
     "megatron_red paged attention (triton | torch)"). Idempotent; logs once on global rank 0."""
     global _selected
     if _selected is not None:
         return _selected
-    import megatron.core.transformer.attention as attention
-
-    if _flash_attn_usable(attention):
+    if flash_attn_usable(FLASH_ATTN_MIN_VERSION):
         _selected = "flash-attn"
     else:
-        attention.flash_attn_varlen_func = flash_attn_varlen_func
-        attention.flash_attn_with_kvcache = flash_attn_with_kvcache
-        attention.is_fa_min_version = _stand_in_meets_version
-        if attention.rearrange is None:
-            attention.rearrange = _merge_heads
+        replace_flash_attn(flash_attn_varlen_func, flash_attn_with_kvcache, _stand_in_meets_version, _merge_heads)
         _selected = f"megatron_red paged attention ({paged_attention_backend(device)})"
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"[rollout] megatron inference attention: {_selected}", flush=True)

@@ -1,4 +1,5 @@
-"""Build the pieces of a run from its `RunConfig`: task (examples, tokenizer, reward), policy, rollout engine.
+"""Build the pieces of a run from its `RunConfig`: task (examples, tokenizer, reward), policy, rollout engine
+(`build_engine`, the one constructor of engines: the trainer's and `megatron-red eval`'s).
 
 The built-in task's student is a tiny Qwen2 built from a config and warmed up briefly by SFT on short solutions of
 easy problems (cached per task and seed), so that it starts like a weak base model.
@@ -15,10 +16,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
-from megatron_red.config import DataConfig, RunConfig
+from megatron_red.config import DataConfig, ModelConfig, RolloutConfig, RunConfig
 from megatron_red.data.openr1 import RedExample
-from megatron_red.models.precision import resolve_dtype
+from megatron_red.distributed import barrier, global_rank, init_distributed, is_main_process
+from megatron_red.errors import ConfigError
+from megatron_red.kernels import fused_kernel_enabled
+from megatron_red.models.architectures import check_supported
+from megatron_red.models.base import PolicyBackend
+from megatron_red.models.megatron.layout import ParallelLayout, resolve_attention
+from megatron_red.models.precision import dtype_name, resolve_dtype
+from megatron_red.rollout.base import ENGINE_KINDS, RolloutEngine
 
 
 @dataclass
@@ -52,31 +61,23 @@ def build_task(config: RunConfig, cache_dir: Path | None = None) -> Task:
         return Task(task.train_examples, task.test_examples, task.tokenizer,
                     lambda texts, answers: [task.grade(t, a) for t, a in zip(texts, answers)],
                     hard_min_difficulty=task_config.hard_min_steps, warmup=task.warmup_examples())
-    if data.task == "openr1":
-        from megatron_red.data.cache import heldout_split
-        from megatron_red.data.tokenizer import HFTokenizer
-        from megatron_red.rewards import grade_math
+    from megatron_red.data.cache import heldout_split
+    from megatron_red.data.tokenizer import HFTokenizer
+    from megatron_red.rewards import grade_math
 
-        if not data.path:
-            raise ValueError("data.task=openr1 needs data.path (a parquet/jsonl file in the OpenR1-Math schema)")
-        if not config.model.path:
-            raise ValueError("data.task=openr1 needs model.path (a Hugging Face checkpoint with its tokenizer)")
-        if data.eval_path and data.eval_fraction:
-            raise ValueError("set data.eval_fraction or data.eval_path, not both")
-        tokenizer = HFTokenizer(config.model.path)
-        root = Path(data.cache_dir) if data.cache_dir else (
-            cache_dir or Path(config.trainer.out_dir).parent / ".cache") / "data"
-        examples = tokenised_once(data.path, tokenizer, root, data, require_trace=True)
-        if not len(examples):
-            raise ValueError(f"{data.path}: no usable rows")
-        test = []
-        if data.eval_path:
-            test = tokenised_once(data.eval_path, tokenizer, root, data, require_trace=False)
-        elif data.eval_fraction:
-            train_rows, test_rows = heldout_split(examples.prompt_digests(), data.eval_fraction)
-            examples, test = examples.select(train_rows), examples.select(test_rows)
-        return Task(examples, test, tokenizer, lambda texts, answers: grade_math(texts, answers))
-    raise ValueError(f"unknown data.task {data.task!r}; valid: builtin, openr1")
+    tokenizer = HFTokenizer(config.model.path)  # data.task=openr1
+    root = Path(data.cache_dir) if data.cache_dir else (
+        cache_dir or Path(config.trainer.out_dir).parent / ".cache") / "data"
+    examples = tokenised_once(data.path, tokenizer, root, data, require_trace=True)
+    if not len(examples):
+        raise ConfigError(f"data.path={data.path}: no usable rows")
+    test = []
+    if data.eval_path:
+        test = tokenised_once(data.eval_path, tokenizer, root, data, require_trace=False)
+    elif data.eval_fraction:
+        train_rows, test_rows = heldout_split(examples.prompt_digests(), data.eval_fraction)
+        examples, test = examples.select(train_rows), examples.select(test_rows)
+    return Task(examples, test, tokenizer, lambda texts, answers: grade_math(texts, answers))
 
 
 def tokenised_once(path: str, tokenizer, root: Path, data: DataConfig, require_trace: bool):
@@ -84,7 +85,6 @@ def tokenised_once(path: str, tokenizer, root: Path, data: DataConfig, require_t
     first (enough when `root` is on a shared file system), then local rank 0 of each node that still misses it
     (node-local disks); then every rank maps it."""
     from megatron_red.data.cache import MappedExamples, build_cache, cache_path
-    from megatron_red.trainer.distributed import barrier, global_rank, is_main_process
 
     options = dict(max_prompt_tokens=data.max_prompt_tokens, max_trace_tokens=data.max_trace_tokens,
                    skip_malformed=data.skip_malformed, require_trace=require_trace)
@@ -123,15 +123,6 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
 
     if config.model.backend == "megatron":
         return build_megatron_policy(config, task, cache_dir)
-    if config.model.backend != "hf":
-        raise ValueError(f"unknown model.backend {config.model.backend!r}; valid: hf, megatron")
-    megatron_only = {"trainer.max_tokens_per_micro_batch": config.trainer.max_tokens_per_micro_batch,
-                     "model.recompute_modules": config.model.recompute_modules,
-                     "model.sequence_parallel": config.model.sequence_parallel,
-                     "rollout.offload_optimizer": config.rollout.offload_optimizer}
-    used = [name for name, value in megatron_only.items() if value]
-    if used:
-        raise ValueError(f"{', '.join(used)} need model.backend=megatron")
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     common = dict(optim_config=config.optim, device=device, dtype=dtype, fused_kernel=config.model.fused_kernel,
@@ -201,14 +192,65 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
 
 def engine_kind(config: RunConfig) -> str:
     """`rollout.engine` with `auto` resolved: the local engine for the HF backend, megatron's for Megatron."""
-    kind, backend = config.rollout.engine, config.model.backend
-    if kind == "auto":
-        return "megatron" if backend == "megatron" else "local"
-    if kind == "local" and backend == "megatron":
-        raise ValueError("model.backend=megatron samples with its own shards: rollout.engine=megatron (or auto)")
-    if kind == "megatron" and backend != "megatron":
-        raise ValueError("rollout.engine=megatron needs model.backend=megatron")
-    return kind
+    if config.rollout.engine == "auto":
+        return "megatron" if config.model.backend == "megatron" else "local"
+    return config.rollout.engine
+
+
+def build_engine(kind: str, policy, tokenizer, rollout: RolloutConfig | None = None, *,
+                 max_sequence_length: int | None = None) -> RolloutEngine:
+    """The rollout engine `kind` sampling from `policy`.
+
+    kind:                one of `ENGINE_KINDS`: "local" (torch decode loop over a Hugging Face module; CPU or one
+                         GPU) or "megatron" (megatron-core's dynamic engine on the policy's own TP x PP shards).
+    policy:              local: an `HFPolicy` or a Hugging Face causal-LM module. megatron: a `MegatronPolicy` or
+                         a `ShardedModel` (anything with `.model`, `.arch` and `.mp_group`). A policy backend gets
+                         the engine attached as `policy.rollout_engine`, which its actor hooks (`infer`, ...) use.
+    tokenizer:           gives the EOS id (and the pad id the local engine emits after it).
+    rollout:             a `RolloutConfig` (batch size, CUDA graphs, KV-cache options); None = its defaults.
+    max_sequence_length: megatron: longest prompt + response (None = `rollout.max_sequence_length`, else the
+                         model's `max_position_embeddings`).
+    """
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"unknown engine {kind!r}; known: {ENGINE_KINDS}")
+    rollout = rollout or RolloutConfig()
+    if kind == "local":
+        engine = _local_engine(policy, tokenizer, rollout)
+    else:
+        engine = _megatron_engine(policy, tokenizer, rollout, max_sequence_length)
+    if isinstance(policy, PolicyBackend):
+        policy.rollout_engine = engine
+    return engine
+
+
+def _local_engine(policy, tokenizer, rollout) -> RolloutEngine:
+    from megatron_red.rollout.local import LocalEngine
+
+    model = policy if isinstance(policy, torch.nn.Module) else getattr(policy, "model", None)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_decoder"):
+        raise ValueError("the local engine samples from a Hugging Face causal LM (an HFPolicy or its module); "
+                         "the Megatron backend uses rollout.engine=megatron")
+    check_supported(model.config)  # the engine runs the family's sub-modules itself
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LocalEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                       max_batch_size=rollout.max_batch_size, device=device,
+                       cuda_graph=rollout.cuda_graph and device.type == "cuda")
+
+
+def _megatron_engine(policy, tokenizer, rollout, max_sequence_length: int | None) -> RolloutEngine:
+    from megatron_red.rollout.megatron import MegatronEngine
+
+    if not all(hasattr(policy, a) for a in ("model", "arch", "mp_group")):
+        raise ValueError("the megatron engine samples from a MegatronPolicy or a ShardedModel "
+                         "(models/megatron/policy.py)")
+    length = max_sequence_length or rollout.max_sequence_length or policy.arch.max_position_embeddings
+    return MegatronEngine(
+        policy.model, valid_vocab_size=policy.arch.vocab_size, eos_token_id=tokenizer.eos_token_id,
+        max_requests=rollout.max_batch_size, max_sequence_length=length, block_size_tokens=rollout.kv_block_size,
+        kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
+        cuda_graph=rollout.cuda_graph and next(policy.model.parameters()).is_cuda,
+        release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group)
 
 
 def rollout_max_sequence_length(config: RunConfig) -> int:
@@ -222,32 +264,55 @@ def rollout_max_sequence_length(config: RunConfig) -> int:
     return config.data.max_prompt_tokens + prefix + config.rollout.max_new_tokens
 
 
-def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
-    """The `MegatronPolicy` of a `RunConfig` (joins the torchrun world first). Without `model.path`, the tiny
-    built-in student (warmed up once by global rank 0 with the Hugging Face backend) is the checkpoint."""
-    from megatron_red.models.hf_checkpoint import HFCheckpoint
-    from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, fused_kernel_enabled, load_hf_config
-    from megatron_red.models.precision import dtype_name
-    from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
+def parallel_layout(model: ModelConfig, world_size: int, device: torch.device) -> ParallelLayout:
+    """The Megatron layout of `model` (the run config's model section) in a world of `world_size` processes on
+    `device`: what `train` builds and `plan` counts.
 
+    The device-dependent `auto`s follow `device`: `model.dtype` is bfloat16 on CUDA and float32 elsewhere
+    (`resolve_dtype`), `model.fused_kernel` is on for CUDA (`fused_kernel_enabled`). `train` passes the device it
+    trains on; `plan` passes CUDA, its target, on any host. `model.attention=auto` follows this installation:
+    Transformer Engine's when it is importable, else sdpa (both keep no score tensor: the plan's memory is the same).
+    """
+    tp, pp = model.tensor_model_parallel_size, model.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp} "
+                          "(model.tensor_model_parallel_size x model.pipeline_model_parallel_size)")
+    recompute = "full" if model.gradient_checkpointing else "selective" if model.recompute_modules else "none"
+    return ParallelLayout(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=world_size // (tp * pp),
+        dtype=dtype_name(resolve_dtype(model.dtype, device)), use_distributed_optimizer=model.use_distributed_optimizer,
+        sequence_parallel=model.sequence_parallel, attention=resolve_attention(model.attention), recompute=recompute,
+        recompute_modules=model.recompute_modules if recompute == "selective" else (),
+        fused_kernel=fused_kernel_enabled(model.fused_kernel, device))
+
+
+def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
+    """The `MegatronPolicy` of a `RunConfig` (joins the torchrun world first) in its `parallel_layout`. Without
+    `model.path`, the tiny built-in student (warmed up once by global rank 0 with the Hugging Face backend) is the
+    checkpoint."""
     init_distributed(config.trainer.dist_timeout_minutes)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    layout = parallel_layout(config.model, dist.get_world_size(), device)  # before the warm-up: a bad world fails now
     path = config.model.path
     if path is None:
         if is_main_process():
             warmed_up_student(config, task, cache_dir)
         barrier()
         path = warmed_up_student(config, task, cache_dir)  # cached by rank 0: only resolves the directory
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    m = config.model
-    hf_config = load_hf_config(path)
-    megatron_config = MegatronConfig(
-        tensor_model_parallel_size=m.tensor_model_parallel_size,
-        pipeline_model_parallel_size=m.pipeline_model_parallel_size,
-        dtype=dtype_name(resolve_dtype(m.dtype, device)), use_distributed_optimizer=m.use_distributed_optimizer,
-        fused_kernel=fused_kernel_enabled(m.fused_kernel), recompute_activations=m.gradient_checkpointing,
-        recompute_modules=m.recompute_modules, sequence_parallel=m.sequence_parallel, attention=m.attention,
-        max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch, seed=config.trainer.seed,
-        dist_timeout_minutes=config.trainer.dist_timeout_minutes, offload_optimizer=config.rollout.offload_optimizer,
-        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
-    return MegatronPolicy(hf_config, HFCheckpoint(path), megatron_config, config.optim)  # each rank reads its shard
+    return megatron_policy(config, layout, path)
 
+
+def megatron_policy(config: RunConfig, layout: ParallelLayout, path: str | Path):
+    """The `MegatronPolicy` of `config` in `layout` from the Hugging Face checkpoint directory `path` (every rank
+    reads only its shard)."""
+    from megatron_red.models.hf_checkpoint import HFCheckpoint
+    from megatron_red.models.megatron import MegatronConfig, MegatronPolicy, load_hf_config
+
+    if is_main_process():
+        print(f"[model] Megatron layout: {layout.describe()}")
+    megatron_config = MegatronConfig(
+        **dataclasses.asdict(layout), max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch,
+        seed=config.trainer.seed, dist_timeout_minutes=config.trainer.dist_timeout_minutes,
+        offload_optimizer=config.rollout.offload_optimizer,
+        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
+    return MegatronPolicy(load_hf_config(path), HFCheckpoint(path), megatron_config, config.optim)

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_red.trainer.distributed import barrier, broadcast_from_main, global_rank, is_main_process
+from megatron_red.distributed import barrier, broadcast_from_main, global_rank, is_main_process
+from megatron_red.errors import ConfigError
 
 HF_DIR = "hf"
 HF_CONFIG_DIR = "hf_config"
@@ -35,8 +36,9 @@ _STEP_DIR = re.compile(r"step_(\d+)")
 FREE_SPACE_MARGIN = 1.1
 
 
-class DiskSpaceError(OSError):
-    """Too little free space for the next checkpoint."""
+class DiskSpaceError(ConfigError):
+    """Too little free space for the next checkpoint: trainer.out_dir's file system cannot hold what
+    trainer.keep_last keeps."""
 
 
 def rng_state() -> dict:
@@ -68,7 +70,6 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, trainer_state: dict,
     tokenizer: saved with the model's config into `hf_config/` (and `hf/`). save_hf: also write the Hugging Face
     export `hf/`. keep_last: complete checkpoints kept afterwards (0: all).
     """
-    check_keep_last(keep_last)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -104,11 +105,6 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, trainer_state: dict,
         prune_checkpoints(root, keep_last)
     barrier()
     return final
-
-
-def check_keep_last(keep_last: int) -> None:
-    if keep_last < 0:
-        raise ValueError(f"trainer.keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:

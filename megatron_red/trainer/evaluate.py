@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from megatron_red.rollout.base import SamplingParams
-from megatron_red.trainer.distributed import DataParallel
+from megatron_red.distributed import DataParallel
 from megatron_red.trainer.groups import Group, build_batch
 
 

@@ -16,17 +16,19 @@ Hugging Face backend, a megatron-core dist_checkpointing directory for the Megat
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from megatron_red.config import TrainerConfig
+from megatron_red.config import ModelConfig, TrainerConfig
+from megatron_red.distributed import barrier, init_distributed, is_main_process
+from megatron_red.errors import ConfigError
 from megatron_red.models.hf_checkpoint import INDEX_FILE, is_hf_checkpoint, save_state_dict
 from megatron_red.models.precision import DTYPES
 from megatron_red.trainer.checkpoint import HF_CONFIG_DIR, HF_DIR, latest_checkpoint
-from megatron_red.trainer.distributed import barrier, init_distributed, is_main_process
 
 EXPORT_MARKER = "megatron_red_export.json"
 
@@ -39,9 +41,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "checkpoints").is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"{path}: the run has no complete checkpoint (checkpoints/latest missing)")
+            raise ConfigError(f"{path}: the run has no complete checkpoint (checkpoints/latest missing)")
         return latest
-    raise FileNotFoundError(f"{path}: neither a run directory (checkpoints/) nor a checkpoint (trainer.pt)")
+    raise ConfigError(f"{path}: neither a run directory (checkpoints/) nor a checkpoint (trainer.pt)")
 
 
 def _load_hf_config(checkpoint: Path):
@@ -49,15 +51,15 @@ def _load_hf_config(checkpoint: Path):
 
     meta = checkpoint / HF_CONFIG_DIR
     if not (meta / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: no {HF_CONFIG_DIR}/config.json (the model config every checkpoint "
-                                f"holds); was it written by an older version?")
+        raise ConfigError(f"{checkpoint}: no {HF_CONFIG_DIR}/config.json (the model config every checkpoint "
+                          f"holds); was it written by an older version?")
     return AutoConfig.from_pretrained(str(meta), local_files_only=True)
 
 
 def _training_dtype(hf_config) -> str:
     name = str(getattr(hf_config, "dtype", None) or "float32").removeprefix("torch.")
     if name not in DTYPES:
-        raise ValueError(f"{HF_CONFIG_DIR}/config.json has dtype {name!r}; expected one of {sorted(DTYPES)}")
+        raise ConfigError(f"{HF_CONFIG_DIR}/config.json has dtype {name!r}; expected one of {sorted(DTYPES)}")
     return name
 
 
@@ -76,8 +78,8 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype | No
     megatron = not (checkpoint / "policy.pt").is_file()
     if megatron:
         if not is_megatron_checkpoint(str(checkpoint)):
-            raise FileNotFoundError(f"{checkpoint}: neither policy.pt (Hugging Face backend) nor a Megatron "
-                                    f"checkpoint")
+            raise ConfigError(f"{checkpoint}: neither policy.pt (Hugging Face backend) nor a Megatron "
+                              f"checkpoint")
         init_distributed(TrainerConfig.dist_timeout_minutes, single_process=True)
     if is_main_process() and out.is_dir():  # an earlier export here: none of its weights may survive
         for stale in [*out.glob("model-*.safetensors"), out / INDEX_FILE, out / EXPORT_MARKER]:
@@ -103,13 +105,16 @@ def _export_megatron(checkpoint: Path, out: Path, hf_config, dtype, tp: int, pp:
 
     from megatron_red.models.megatron.checkpoint import load_model_weights
     from megatron_red.models.megatron.policy import MegatronConfig, build_sharded_model, save_hf_pretrained
+    from megatron_red.trainer.build import parallel_layout
 
     if tp * pp != dist.get_world_size():
-        raise ValueError(f"--tp {tp} x --pp {pp} must equal the number of processes ({dist.get_world_size()}); "
-                         f"run under torchrun --nproc_per_node={tp * pp}, or change --tp / --pp")
-    _, model, _ = build_sharded_model(hf_config, None, MegatronConfig(tensor_model_parallel_size=tp,
-                                                                      pipeline_model_parallel_size=pp,
-                                                                      dtype=_training_dtype(hf_config)))
+        raise ConfigError(f"--tp {tp} x --pp {pp} must equal the number of processes ({dist.get_world_size()}); "
+                          f"run under torchrun --nproc_per_node={tp * pp}, or change --tp / --pp")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layout = parallel_layout(ModelConfig(backend="megatron", tensor_model_parallel_size=tp,
+                                         pipeline_model_parallel_size=pp, dtype=_training_dtype(hf_config)),
+                             tp * pp, device)
+    _, model, _ = build_sharded_model(hf_config, None, MegatronConfig(**dataclasses.asdict(layout)))
     load_model_weights(model, str(checkpoint))
     save_hf_pretrained(model, hf_config, str(out), dtype)
 

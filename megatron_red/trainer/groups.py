@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_red.models.base import SequenceBatch
+from megatron_red.batch import SequenceBatch
 from megatron_red.objectives import group_advantages
 
 
@@ -139,15 +139,3 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
     if sampled and all(g.rollout_entropies is not None for g in sampled):
         fields["rollout_entropy"] = rollout_entropy
     return SequenceBatch(input_ids, attention_mask, loss_mask, fields)
-
-
-def masked_row_mean(values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> float:
-    """Mean over the selected rows of each row's token mean (the authors' per-sample entropy, then over samples).
-    NaN when no selected row has a token."""
-    mask = mask.to(values.dtype)
-    counts = mask.sum(dim=1)
-    keep = rows & (counts > 0)
-    if not bool(keep.any()):
-        return float("nan")
-    per_row = (values * mask).sum(dim=1)[keep] / counts[keep]
-    return float(per_row.mean())

@@ -8,18 +8,11 @@ values there; metrics.jsonl and TensorBoard hold the resumed run's values.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 WANDB_ID_FILE = "wandb_run_id"
-
-
-def require_wandb() -> None:
-    """Raise a clear error when `trainer.wandb_project` is set but wandb is not installed."""
-    if importlib.util.find_spec("wandb") is None:
-        raise ValueError("trainer.wandb_project is set but wandb is not installed: pip install 'megatron_red[wandb]'")
 
 
 class MetricsLog:
@@ -96,3 +89,13 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+class NullMetricsLog:
+    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

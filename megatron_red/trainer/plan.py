@@ -1,21 +1,28 @@
 """`megatron-red plan CONFIG`: per-GPU memory of a run with the Megatron backend, by part, for each phase of a
 RED step (generation with the megatron engine, training), against a card.
 
-The architecture comes from `model.path`'s config.json (or the tiny built-in student); the layout from model.*
-(TP, PP, dtype, distributed optimiser, sequence parallelism, recompute, attention, fused kernel) and the world
-size; the token counts from trainer.* / data.* / rollout.*; the engine's KV buffer, step size and phase options
-from rollout.* exactly as rollout/build.py hands them to the engine. The memory model is models/megatron/memory.py.
+The architecture comes from `model.path`'s config.json (or the tiny built-in student); the layout is
+`trainer.build.parallel_layout` of model.* and the world size, the one `train` builds, resolved for the target
+machine: a CUDA device whatever host `plan` runs on (`auto` dtype bfloat16, `auto` fused kernel on); the token
+counts from trainer.* / data.* / rollout.*; the engine's KV buffer, step size and phase options from rollout.*
+exactly as `build_engine` (trainer/build.py) hands them to the engine. The memory model is models/megatron/memory.py.
 """
 from __future__ import annotations
 
 import math
 
+import torch
+
 from megatron_red.config import RunConfig
-from megatron_red.models.megatron.memory import (GIB, MemoryLayout, MemoryPlan, Rollout, Workload, default_kv_buffer_gb,
-                                                 memory_plan, sequences_held, stage_parameter_numel)
-from megatron_red.models.megatron.model import HFArchitecture, transformer_engine_available
-from megatron_red.rollout.megatron import engine_max_requests, engine_step_tokens
-from megatron_red.trainer.build import engine_kind, rollout_max_sequence_length
+from megatron_red.errors import ConfigError
+from megatron_red.models.megatron.memory import GIB, MemoryPlan, Rollout, Workload, memory_plan, stage_parameter_numel
+from megatron_red.models.megatron.model import HFArchitecture
+from megatron_red.rollout.megatron import (default_kv_buffer_gb, engine_max_requests, engine_step_tokens,
+                                           sequences_held)
+from megatron_red.trainer.build import parallel_layout, rollout_max_sequence_length
+
+TARGET_DEVICE = torch.device("cuda")
+"""What `plan` resolves the device-dependent `auto`s for: the GPUs the run will train on."""
 
 
 def run_architecture(config: RunConfig) -> HFArchitecture:
@@ -32,24 +39,10 @@ def run_architecture(config: RunConfig) -> HFArchitecture:
 def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
     m, t, r = config.model, config.trainer, config.rollout
     if m.backend != "megatron":
-        raise ValueError(f"plan models the Megatron backend; got model.backend={m.backend!r} "
-                         f"(set model.backend=megatron)")
-    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}")
-    if m.gradient_checkpointing and m.recompute_modules:
-        raise ValueError("choose model.gradient_checkpointing or model.recompute_modules, not both")
-    if engine_kind(config) != "megatron":  # conflicting choices are refused there, naming the option
-        raise ValueError(f"plan models the megatron rollout engine; got rollout.engine={config.rollout.engine!r}")
-    attention = m.attention
-    if attention == "auto":
-        attention = "te" if transformer_engine_available() else "sdpa"
-    layout = MemoryLayout(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=world_size // (tp * pp),
-        dtype="bfloat16" if m.dtype == "auto" else m.dtype, use_distributed_optimizer=m.use_distributed_optimizer,
-        sequence_parallel=m.sequence_parallel, attention=attention,
-        recompute="full" if m.gradient_checkpointing else "selective" if m.recompute_modules else "none",
-        recompute_modules=m.recompute_modules, fused_kernel=m.fused_kernel != "off")
+        raise ConfigError(f"plan models the Megatron backend; got model.backend={m.backend!r} "
+                          f"(set model.backend=megatron)")
+    layout = parallel_layout(m, world_size, TARGET_DEVICE)
+    tp = layout.tensor_model_parallel_size
     longest = config.data.max_prompt_tokens + max(r.max_new_tokens, config.data.max_trace_tokens)
     requests = engine_max_requests(r.max_batch_size, tp)
     sequence_length = rollout_max_sequence_length(config)
@@ -67,13 +60,9 @@ def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: Ru
     each model-parallel group generates per step."""
     lay, work, ro = plan.layout, plan.workload, plan.workload.rollout
     total = stage_parameter_numel(arch, 1, 1, 0)  # the whole model (vocabulary padded to 128)
-    recompute = lay.recompute + (f" {list(lay.recompute_modules)}" if lay.recompute == "selective" else "")
     lines = [
         f"model: {arch.model_type}, {arch.num_layers} layers x {arch.hidden_size}, {total / 1e9:.2f}B parameters",
-        f"layout: TP {lay.tensor_model_parallel_size} x PP {lay.pipeline_model_parallel_size} x "
-        f"DP {lay.data_parallel_size}, {lay.dtype}, distributed optimizer {lay.use_distributed_optimizer}, "
-        f"sequence parallel {lay.sequence_parallel}, recompute {recompute}, attention {lay.attention}, "
-        f"fused LM-head kernel {lay.fused_kernel}",
+        f"layout: {lay.describe()}",
         f"training: {work.tokens_per_micro_batch} tokens per micro-batch (rows up to {work.max_sequence_length})",
     ]
     if ro is not None:

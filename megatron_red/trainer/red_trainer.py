@@ -16,7 +16,7 @@ trained on with a separate SFT step once the buffer is full) and BREAD (GRPO; al
 shortest expert prefix of the trace that gives a success; the prefix is context, not trained).
 
 Data parallelism (Megatron backend under torchrun): each step's prompts are split over the DP replicas
-(`DataParallel.shard`); counts, entropies and metrics are reduced over them (trainer/distributed.py), so the
+(`DataParallel.shard`); counts, entropies and metrics are reduced over them (megatron_red/distributed.py), so the
 update is the full-batch one. Every decision that changes what is sampled or trained (dynamic sampling's extra
 rounds, the ReLIFT buffer) is taken from values gathered over all replicas, so every replica takes it alike; within
 a replica, rewards come from one rank (`ModelParallel.from_source`). With one process every reduction is the
@@ -36,27 +36,19 @@ import yaml
 
 from megatron_red.config import RunConfig, config_to_dict
 from megatron_red.data.stream import PromptStream
-from megatron_red.objectives import EntropyRatioController, RedLossConfig
+from megatron_red.distributed import (DataParallel, ModelParallel, current_phase, init_distributed, is_main_process,
+                                      set_phase)
+from megatron_red.errors import ConfigError
+from megatron_red.objectives import SCHEDULES, EntropyRatioController, RedLossConfig
 from megatron_red.rewards.overlong import overlong_penalty
 from megatron_red.rollout.base import SamplingParams
-from megatron_red.rollout.build import build_engine
 from megatron_red.trainer import checkpoint
-from megatron_red.trainer.build import build_policy, build_task, engine_kind, rollout_max_sequence_length
-from megatron_red.trainer.distributed import (DataParallel, ModelParallel, NullMetricsLog, current_phase,
-                                              init_distributed, is_main_process, set_phase)
+from megatron_red.trainer.build import (build_engine, build_policy, build_task, engine_kind,
+                                       rollout_max_sequence_length)
 from megatron_red.trainer.evaluate import evaluate_heldout, teacher_token_probability
 from megatron_red.trainer.groups import Group, build_batch
-from megatron_red.trainer.metrics import MetricsLog, require_wandb
+from megatron_red.trainer.metrics import MetricsLog, NullMetricsLog
 from megatron_red.trainer.update import policy_update, prepare_update, rollout_update
-
-SCHEDULES = ("sft_then_grpo", "relift", "bread")
-
-
-def method_names() -> tuple[str, ...]:
-    from megatron_red.objectives.loss import PRESETS
-
-    return PRESETS + SCHEDULES
-
 
 @dataclass
 class Rollouts:
@@ -74,17 +66,12 @@ class Rollouts:
 
 class RedTrainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, resume: bool = False):
-        if config.algo.method not in method_names():
-            raise ValueError(f"unknown algo.method {config.algo.method!r}; valid: {', '.join(method_names())}")
-        if config.trainer.wandb_project:
-            require_wandb()  # on every rank, before any of them waits for rank 0
+        """`config` as `load_config` returns it: validated."""
         self.config = config
         # SFT->GRPO's SFT stage (the paper's SFT checkpoint) comes before its `trainer.steps` GRPO steps.
         self.sft_stage_steps = ((config.algo.sft_then_grpo_sft_steps or config.trainer.steps)
                                 if config.algo.method == "sft_then_grpo" else 0)
         self.total_steps = self.sft_stage_steps + config.trainer.steps
-        for step in (0, self.total_steps - 1):  # a bad `algo.loss` override fails now, not after the warm-up
-            self.loss_config(step)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if config.model.backend == "megatron":
@@ -103,13 +90,13 @@ class RedTrainer:
         self.dp = DataParallel.for_backend(config.model.backend)
         self.mp = ModelParallel.for_backend(config.model.backend)
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
-            raise ValueError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
-                             f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
+            raise ConfigError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
+                              f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
         t = config.trainer
         if t.prompts_per_step // self.dp.size < t.mini_batches_per_step:  # each replica splits its own groups
-            raise ValueError(f"trainer.mini_batches_per_step={t.mini_batches_per_step} needs at least that many groups "
-                             f"per data-parallel replica: trainer.prompts_per_step={t.prompts_per_step} over "
-                             f"{self.dp.size} replicas gives some {t.prompts_per_step // self.dp.size}")
+            raise ConfigError(f"trainer.mini_batches_per_step={t.mini_batches_per_step} needs at least that many "
+                              f"groups per data-parallel replica: trainer.prompts_per_step={t.prompts_per_step} over "
+                              f"{self.dp.size} replicas gives some {t.prompts_per_step // self.dp.size}")
         self.stream = PromptStream(self.task.train, config.trainer.prompts_per_step, seed=config.trainer.seed)
         self.controller = EntropyRatioController(config.rollout.n)
         self.relift_buffer: list[int] = []  # indices into task.train
@@ -117,24 +104,23 @@ class RedTrainer:
         self._trace_reward: dict[str, float] = {}
         self.reward_seconds = 0.0  # grading time of the current step
         self.step = 0
-        checkpoint.check_keep_last(config.trainer.keep_last)
         checkpoint_dir = checkpoint.latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint_dir is None:
-            raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint there (checkpoints/latest missing)")
+            raise ConfigError(f"--resume {self.run_dir}: no checkpoint there (checkpoints/latest missing)")
         if checkpoint_dir is not None:
             if checkpoint.saved_step(checkpoint_dir) >= self.sft_stage_steps > 0:  # saved in SFT->GRPO's GRPO stage
                 self.policy.restart_optimizer(self.config.optim)  # its schedule, before its state is loaded
             state = checkpoint.load_checkpoint(checkpoint_dir, self.policy)
             saved_dp = state.get("data_parallel_size", self.dp.size)
             if saved_dp != self.dp.size:
-                raise ValueError(
+                raise ConfigError(
                     f"{checkpoint_dir} was written at data-parallel size {saved_dp}, this run has {self.dp.size}: "
                     "each replica samples its own block of prompts with its own seed, so the resumed run would not "
                     "continue the same run. Resume with the same data-parallel size (world size / (TP x PP)); "
                     "TP and PP may change.")
             saved_steps = state.get("optimizer_steps_per_step", 1)
             if saved_steps != config.trainer.optimizer_steps_per_step:
-                raise ValueError(
+                raise ConfigError(
                     f"{checkpoint_dir} was written with {saved_steps} optimiser steps per step, this run takes "
                     f"{config.trainer.optimizer_steps_per_step} (trainer.mini_batches_per_step x "
                     "trainer.epochs_per_step): the learning-rate schedule counts optimiser steps, so the resumed run "
@@ -161,13 +147,8 @@ class RedTrainer:
     def loss_config(self, step: int) -> RedLossConfig:
         """The loss preset in force at `step` (0-based), with the user's overrides."""
         algo = self.config.algo
-        if algo.method == "sft_then_grpo":
-            name = "sft" if step < self.sft_stage_steps else "grpo"
-        elif algo.method in ("relift", "bread"):
-            name = "grpo"
-        else:
-            name = algo.method
-        loss = RedLossConfig.from_name(name)
+        presets = SCHEDULES.get(algo.method, (algo.method,))
+        loss = RedLossConfig.from_name(presets[0] if step < self.sft_stage_steps else presets[-1])
         if loss.normalization == "constant":
             # LUFFY / the authors divide token sums by the generation limit: ours, not their 8192.
             loss = dataclasses.replace(loss, max_response_length=self.config.rollout.max_new_tokens)

@@ -26,9 +26,9 @@ from typing import Callable
 
 import torch
 
-from megatron_red.models.base import SequenceBatch
+from megatron_red.batch import SequenceBatch
+from megatron_red.distributed import DataParallel
 from megatron_red.objectives import RedLossConfig, behaviour_mismatch, red_policy_loss
-from megatron_red.trainer.distributed import DataParallel
 
 # Local means of `red_policy_loss`, each with the token count that weighs it when micro-batches are combined.
 _WEIGHTED_MEANS = {"clip_fraction": "num_on_policy_tokens", "on_policy_ratio_mean": "num_on_policy_tokens",
@@ -105,7 +105,7 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
     offline rows, the only ones w weighs, are trained first with w = 1 (the loss is linear in w: RedLossConfig
     refuses an NLL term beside entropy regulation), H_sft is taken from their forward (all replicas), the
     accumulated gradient is multiplied by w (`scale_gradients`), and the on-policy rows add theirs (two
-    `forward_backward` calls; gradients accumulate until the optimiser step).
+    `get_loss_and_metrics` calls; gradients accumulate until the optimiser step).
 
     Returns the loss metrics, train/grad_norm and train/lr; when pi_old is the update's forward, also
     entropy/H_sft, entropy/w and mismatch/* (when the batch holds the engine's behaviour log-probs)."""
@@ -127,7 +127,7 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
         if rows is not None and rows.numel() == 0:
             return []
         part = batch if rows is None else batch.select(rows)
-        return policy.get_loss_and_metrics(part, False, micro_batch_size, loss_fn, temperature=temperature)
+        return policy.get_loss_and_metrics(part, micro_batch_size, loss_fn, temperature=temperature)
 
     if callable(w):
         offline = batch.fields["is_offline"].bool()

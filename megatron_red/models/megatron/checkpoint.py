@@ -1,9 +1,10 @@
 """Resumable Megatron checkpoints with megatron-core `dist_checkpointing` (reshardable across TP / PP / DP).
 
 A checkpoint directory holds the model and optimiser as a sharded state dict (each tensor saved once, addressed
-by its global shape and offset, so a run saved at TP2 loads at TP1), the optimiser step and the trainer's own
-state (an opaque dict: controller state, data position, RNG...). Hugging Face exports are separate
-(`MegatronPolicy.save_pretrained`; `load_model_weights` reads a checkpoint's weights alone for an export).
+by its global shape and offset, so a run saved at TP2 loads at TP1) and the optimiser step (the trainer writes its
+own state beside it, trainer/checkpoint.py). Hugging Face exports are separate (`MegatronPolicy.save_pretrained`;
+`load_model_weights` reads a checkpoint's weights alone for an export). The functions take the (DDP-wrapped) model
+and megatron's optimizer, as `MegatronPolicy` holds them.
 """
 from __future__ import annotations
 
@@ -12,24 +13,22 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron_red.models.megatron.policy import MegatronPolicy
+from megatron_red.errors import ConfigError
 from megatron_red.models.megatron.weights import unwrap_model
 
-TRAINER_STATE_FILE = "trainer_state.pt"
+TRAINER_STATE_FILE = "trainer_state.pt"  # the optimiser step; its presence marks a complete checkpoint
 
 
-def _sharded_state_dict(policy: MegatronPolicy, is_loading: bool, with_optimizer: bool) -> dict:
-    model_state = unwrap_model(policy.model).sharded_state_dict()
-    state = {"model": model_state}
-    if with_optimizer:
-        # The distributed optimiser's default layout ("fully_sharded_model_space") no longer passes megatron-core's
-        # own validation (flattened ranges); "fully_reshardable" also reshards across DP.
-        state["optimizer"] = policy.optimizer.sharded_state_dict(
-            model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-    return state
+def _sharded_state_dict(model, optimizer, is_loading: bool) -> dict:
+    model_state = unwrap_model(model).sharded_state_dict()
+    # The distributed optimiser's default layout ("fully_sharded_model_space") no longer passes megatron-core's own
+    # validation (flattened ranges); "fully_reshardable" also reshards across DP.
+    return {"model": model_state,
+            "optimizer": optimizer.sharded_state_dict(
+                model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})}
 
 
-def _allocate_optimizer_state(policy: MegatronPolicy) -> None:
+def _allocate_optimizer_state(optimizer) -> None:
     """Give a fresh distributed optimiser zero Adam state with a `step`, which the checkpoint then overwrites.
 
     Why: the DistributedOptimizer builds its loading state dict from its own `state_dict()`, which with PyTorch's
@@ -37,7 +36,7 @@ def _allocate_optimizer_state(policy: MegatronPolicy) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for opt in policy.optimizer.chained_optimizers:
+    for opt in optimizer.chained_optimizers:
         inner = opt.optimizer
         if not isinstance(opt, DistributedOptimizer) or len(inner.state) > 0 or opt.init_state_fn is None:
             continue
@@ -48,8 +47,8 @@ def _allocate_optimizer_state(policy: MegatronPolicy) -> None:
                     inner.state[p]["step"] = torch.tensor(0.0)
 
 
-def _load_optimizer_state(policy: MegatronPolicy, state) -> None:
-    """`policy.optimizer.load_state_dict(state)`, with the distributed optimiser's parameter state loaded while
+def _load_optimizer_state(optimizer, state) -> None:
+    """`optimizer.load_state_dict(state)`, with the distributed optimiser's parameter state loaded while
     PyTorch Adam's per-parameter `step` tensors are set aside.
 
     Why: megatron-core copies every tensor of the inner optimiser's state from the checkpoint, but
@@ -59,7 +58,7 @@ def _load_optimizer_state(policy: MegatronPolicy, state) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    optimizers = policy.optimizer.chained_optimizers
+    optimizers = optimizer.chained_optimizers
     states = [state] if len(optimizers) == 1 else [v for _, v in sorted(state.items())]
     for opt, opt_state in zip(optimizers, states):
         if not isinstance(opt, DistributedOptimizer) or "param_state" not in opt_state:
@@ -75,18 +74,16 @@ def _load_optimizer_state(policy: MegatronPolicy, state) -> None:
             opt.optimizer.state[p]["step"] = step.clone()
 
 
-def save_checkpoint(policy: MegatronPolicy, path: str, trainer_state: dict | None = None,
-                    with_optimizer: bool = True) -> None:
-    """Collectively save `policy` (and `trainer_state`, written by global rank 0) under directory `path`."""
+def save_checkpoint(model, optimizer, step: int, path: str) -> None:
+    """Collectively save `model` and `optimizer` (and `step`, written by global rank 0) under directory `path`."""
     from megatron.core import dist_checkpointing
 
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(policy, False, with_optimizer), path)
+    dist_checkpointing.save(_sharded_state_dict(model, optimizer, False), path)
     if dist.get_rank() == 0:
-        torch.save({"step": policy.step, "trainer_state": trainer_state or {}},
-                   os.path.join(path, TRAINER_STATE_FILE))
+        torch.save({"step": step}, os.path.join(path, TRAINER_STATE_FILE))
     dist.barrier()
 
 
@@ -100,25 +97,20 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
     from megatron.core import dist_checkpointing
 
     if not is_megatron_checkpoint(path):
-        raise ValueError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+        raise ConfigError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
     model = unwrap_model(model)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"])
 
 
-def load_checkpoint(policy: MegatronPolicy, path: str, with_optimizer: bool = True) -> dict:
-    """Collectively load a checkpoint saved by `save_checkpoint` (any TP/PP/DP layout); returns the trainer state."""
+def load_checkpoint(model, optimizer, path: str) -> int:
+    """Collectively load a checkpoint saved by `save_checkpoint` (any TP/PP/DP layout); returns its step."""
     from megatron.core import dist_checkpointing
 
     if not is_megatron_checkpoint(path):
-        raise ValueError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
-    if with_optimizer:
-        _allocate_optimizer_state(policy)
-    loaded = dist_checkpointing.load(_sharded_state_dict(policy, True, with_optimizer), path)
-    unwrap_model(policy.model).load_state_dict(loaded["model"])
-    if with_optimizer:
-        _load_optimizer_state(policy, loaded["optimizer"])
-    meta = torch.load(os.path.join(path, TRAINER_STATE_FILE), weights_only=False)
-    policy.step = meta["step"]
-    policy._set_lr()
-    return meta["trainer_state"]
+        raise ConfigError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+    _allocate_optimizer_state(optimizer)
+    loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer, True), path)
+    unwrap_model(model).load_state_dict(loaded["model"])
+    _load_optimizer_state(optimizer, loaded["optimizer"])
+    return torch.load(os.path.join(path, TRAINER_STATE_FILE), weights_only=False)["step"]

@@ -26,8 +26,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "te", "sdpa", "local")
-
 try:  # recent torch; earlier versions of varlen_attn lack grouped-query attention and windows: not used then
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 
@@ -35,20 +33,6 @@ try:  # recent torch; earlier versions of varlen_attn lack grouped-query attenti
         _varlen_attn = None
 except ImportError:
     _varlen_attn = None
-
-
-def resolve_attention(name: str, te_available: bool) -> str:
-    """`model.attention` -> the implementation that runs: `te` (Transformer Engine spec, fused attention),
-    `sdpa` (local spec + SDPACoreAttention) or `local` (local spec + megatron's DotProductAttention).
-    `auto` is `te` when Transformer Engine is importable, else `sdpa`."""
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
-    if name == "auto":
-        return "te" if te_available else "sdpa"
-    if name == "te" and not te_available:
-        raise ValueError("model.attention=te needs Transformer Engine (pip install megatron_red[gpu]); "
-                         "use sdpa without it")
-    return name
 
 
 def local_layer_spec(spec, attention: str):

@@ -26,7 +26,7 @@ What each part counts (bytes on one GPU of a pipeline stage):
                first pipeline stage holds PP micro-batches in flight (1F1B), stage s holds PP - s.
 - LM head:     training, last stage: the loss-mask hidden states (a h per token) and the log-prob / entropy head's
                buffers: the fused kernel's <= 256 MiB, or the [tokens, V / t] logits and their gradient plus two
-               256 MiB fp32 chunks (parallel/vocab_parallel.py).
+               256 MiB fp32 chunks (kernels/vocab_parallel.py).
 - KV cache:    the engine's paged KV buffer, sized as megatron-core 0.19's `DynamicInferenceContext` sizes it:
                blocks = max(2, int(rollout.kv_buffer_gb * 2**30) // block bytes) (one of them megatron's dummy
                block), block bytes = 2 (K, V) x this stage's layers x kv_block_size x key-value heads per TP rank
@@ -48,33 +48,16 @@ tensors (kilobytes per request), pinned host buffers.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
+from megatron_red.models.megatron.layout import ParallelLayout
 from megatron_red.models.megatron.model import HFArchitecture, padded_vocab_size
 from megatron_red.models.precision import DTYPES
+from megatron_red.rollout.megatron import default_kv_buffer_gb, kv_block_bytes, kv_buffer_blocks, kv_heads_per_rank
 
 GIB = 2**30
 HEAD_CHUNK_BYTES = 2 * 256 * 2**20  # two DEFAULT_CHUNK_ELEMENTS fp32 buffers of vocab_parallel_logprobs_entropy
 FUSED_KERNEL_EXTRA_BYTES = 256 * 2**20  # the fused kernel's extra-memory bound (docs: kernel targets)
-
-
-@dataclass
-class MemoryLayout:
-    """The run's parallel layout and numerics (model.* of the run config, DP from the world size)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    data_parallel_size: int = 1
-    dtype: str = "bfloat16"
-    use_distributed_optimizer: bool = True
-    sequence_parallel: bool = False
-    attention: str = "sdpa"
-    """Which attention runs: `sdpa` and `te` keep no score tensor; `local` does."""
-    recompute: str = "none"
-    """`none`, `full`, or `selective` (then `recompute_modules`)."""
-    recompute_modules: tuple[str, ...] = ()
-    fused_kernel: bool = True
 
 
 @dataclass
@@ -113,32 +96,6 @@ class Workload:
     rollout: Rollout | None = None
 
 
-def kv_heads_per_rank(num_query_groups: int, tensor_model_parallel_size: int) -> int:
-    """Key-value heads one TP rank caches (megatron replicates them when TP exceeds the groups)."""
-    return max(1, num_query_groups // tensor_model_parallel_size)
-
-
-def kv_block_bytes(layers: int, kv_heads: int, head_dim: int, block_size_tokens: int, itemsize: int) -> int:
-    """Bytes of one KV block of this stage's `layers` (megatron's `block_size_bytes`: K and V, `kv_heads` per rank)."""
-    return 2 * layers * block_size_tokens * kv_heads * head_dim * itemsize
-
-
-def kv_buffer_blocks(kv_buffer_gb: float, block_bytes: int) -> int:
-    """Blocks megatron-core 0.19's DynamicInferenceContext allocates for `buffer_size_gb` (no paused buffer, no
-    unified memory): at least 2, one of them its dummy block."""
-    return max(2, int(kv_buffer_gb * 1024**3) // block_bytes)
-
-
-def default_kv_buffer_gb(requests: int, sequence_length: int, block_size_tokens: int, block_bytes: int) -> float:
-    """The engine's buffer when rollout.kv_buffer_gb is unset: every row at full length, plus the dummy block."""
-    return (requests * math.ceil(sequence_length / block_size_tokens) + 1) * block_bytes / 1024**3
-
-
-def sequences_held(blocks: int, sequence_length: int, block_size_tokens: int) -> int:
-    """Sequences of `sequence_length` tokens the buffer holds at once without prefix sharing (dummy block aside)."""
-    return (blocks - 1) // math.ceil(sequence_length / block_size_tokens)
-
-
 def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int) -> int:
     """Parameters held by one TP rank of pipeline stage `stage` (megatron's GPTModel built by build_gpt_model)."""
     h, d, q, g, f = (arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups,
@@ -160,7 +117,7 @@ def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int) ->
     return numel
 
 
-def activation_bytes_per_token_layer(arch: HFArchitecture, layout: MemoryLayout, sequence_length: int) -> float:
+def activation_bytes_per_token_layer(arch: HFArchitecture, layout: ParallelLayout, sequence_length: int) -> float:
     """Bytes autograd keeps per token per layer without recompute (see the module docstring)."""
     a = DTYPES[layout.dtype].itemsize
     t = layout.tensor_model_parallel_size
@@ -196,7 +153,7 @@ class MemoryPlan:
     the KV cache's geometry (`kv_blocks` blocks of `kv_block_bytes`; 0 without a rollout)."""
 
     parts: dict[int, dict[str, float]]
-    layout: MemoryLayout
+    layout: ParallelLayout
     workload: Workload
     kv_blocks: int = 0
     kv_block_bytes: int = 0
@@ -237,7 +194,7 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def generation_bytes(arch: HFArchitecture, layout: MemoryLayout, rollout: Rollout, stage: int) -> dict[str, float]:
+def generation_bytes(arch: HFArchitecture, layout: ParallelLayout, rollout: Rollout, stage: int) -> dict[str, float]:
     """The engine's working memory on `stage` beyond weights and KV cache: one step's largest transient and the
     sampling logits (module docstring)."""
     a = DTYPES[layout.dtype].itemsize
@@ -255,12 +212,10 @@ def generation_bytes(arch: HFArchitecture, layout: MemoryLayout, rollout: Rollou
     return {"prefill step": prefill, "sampling logits": logits}
 
 
-def memory_plan(arch: HFArchitecture, layout: MemoryLayout, workload: Workload,
+def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload,
                 reserve_bytes: float = 3 * GIB) -> MemoryPlan:
     """Per-GPU bytes by part for the first and the last pipeline stage (the two largest)."""
     tp, pp, dp = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size)
-    if layout.recompute not in ("none", "full", "selective"):
-        raise ValueError(f"recompute must be none, full or selective, got {layout.recompute!r}")
     a = DTYPES[layout.dtype].itemsize
     tokens = workload.tokens_per_micro_batch
     per_layer = activation_bytes_per_token_layer(arch, layout, workload.max_sequence_length)

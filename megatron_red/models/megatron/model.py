@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_red.errors import ConfigError
 from megatron_red.models.architectures import check_supported, rope_parameters
+from megatron_red.models.megatron.layout import ParallelLayout, check_divides, transformer_engine_available
+from megatron_red.models.precision import DTYPES
 
 VOCAB_PAD_MULTIPLE = 128
-SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 
 
 @dataclass
@@ -88,51 +90,29 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size: int = 1,
-                            pipeline_model_parallel_size: int = 1, params_dtype: torch.dtype = torch.float32,
-                            use_cpu_initialization: bool = False, recompute_activations: bool = False,
-                            recompute_modules: tuple[str, ...] = (), sequence_parallel: bool = False,
+def make_transformer_config(arch: HFArchitecture, layout: ParallelLayout, *, use_cpu_initialization: bool = False,
                             cuda_graph_impl: str = "none"):
-    """A `TransformerConfig` for `arch` with dropout off and every fusion that needs apex/TE disabled.
+    """A `TransformerConfig` for `arch` in `layout` (TP, PP, dtype, sequence parallelism, recompute) with dropout off
+    and every fusion that needs apex/TE disabled.
 
     `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row (or packed to a token
     budget), so pipeline stages exchange activation shapes per micro-batch.
-    Activation recompute: `recompute_activations` recomputes every layer in backward (megatron's full, uniform,
-    one layer per checkpoint); `recompute_modules` recomputes only those submodules of each layer (megatron's
-    selective: "core_attn", "mlp", "layernorm"). `sequence_parallel` splits the norm / residual activations over
-    the tensor-parallel ranks along the sequence (needs TP > 1). `cuda_graph_impl="local"` gives the layers
-    megatron's CUDA-graph managers, which its inference engine uses for decode steps (training toggles them off:
-    `megatron_red.rollout.megatron`).
+    Activation recompute: `full` recomputes every layer in backward (megatron's full, uniform, one layer per
+    checkpoint); `selective` only `layout.recompute_modules` of each layer. `cuda_graph_impl="local"` gives the
+    layers megatron's CUDA-graph managers, which its inference engine uses for decode steps (training toggles them
+    off: `megatron_red.rollout.megatron`).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if arch.num_attention_heads % tensor_model_parallel_size or arch.num_query_groups % tensor_model_parallel_size:
-        raise ValueError(f"TP={tensor_model_parallel_size} must divide the {arch.num_attention_heads} attention "
-                         f"heads and the {arch.num_query_groups} key/value groups")
-    if arch.num_layers % pipeline_model_parallel_size:
-        raise ValueError(f"PP={pipeline_model_parallel_size} must divide the {arch.num_layers} layers")
-    if recompute_activations and recompute_modules:
-        raise ValueError("choose full recompute (model.gradient_checkpointing) or selective recompute "
-                         "(model.recompute_modules), not both")
-    unknown = set(recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES)
-    if unknown:
-        raise ValueError(f"model.recompute_modules: unknown {sorted(unknown)}; valid: {SELECTIVE_RECOMPUTE_MODULES}")
-    if sequence_parallel and tensor_model_parallel_size == 1:
-        raise ValueError("model.sequence_parallel needs tensor_model_parallel_size > 1")
-    if recompute_activations:
+    check_divides(layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, arch.num_attention_heads,
+                  arch.num_query_groups, arch.num_layers)
+    if layout.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif recompute_modules:
-        recompute = dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
+    elif layout.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=list(layout.recompute_modules))
     else:
         recompute = {}
+    params_dtype = DTYPES[layout.dtype]
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,
@@ -142,32 +122,33 @@ def make_transformer_config(arch: HFArchitecture, *, tensor_model_parallel_size:
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         params_dtype=params_dtype, pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization, variable_seq_lengths=True,
-        sequence_parallel=sequence_parallel,
+        sequence_parallel=layout.sequence_parallel,
         # No experts here; megatron-core rejects variable_seq_lengths with its default MoE dispatcher anyway.
         moe_token_dispatcher_type="alltoall", cuda_graph_impl=cuda_graph_impl,
         **recompute,
     )
 
 
-def build_gpt_model(arch: HFArchitecture, config, *, pre_process: bool, post_process: bool,
-                    attention: str = "auto"):
+def build_gpt_model(arch: HFArchitecture, config, *, pre_process: bool, post_process: bool, attention: str):
     """The `GPTModel` stage for this rank (`pre_process`: holds the embedding; `post_process`: holds the head).
 
-    `attention` (`model.attention`): `te` = the Transformer Engine spec; `sdpa` / `local` = megatron's local spec
-    with `SDPACoreAttention` / `DotProductAttention`; `auto` = `te` exactly when Transformer Engine is importable.
+    `attention` (resolved `model.attention`): `te` = the Transformer Engine spec; `sdpa` / `local` = megatron's local
+    spec with `SDPACoreAttention` / `DotProductAttention`.
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
 
-    from megatron_red.models.megatron.local_spec import local_block_spec, local_layer_spec, resolve_attention
+    from megatron_red.models.megatron.local_spec import local_block_spec, local_layer_spec
 
-    attention = resolve_attention(attention, transformer_engine_available())
+    if attention == "te" and not transformer_engine_available():
+        raise ConfigError("model.attention=te needs Transformer Engine (pip install megatron_red[gpu]); use sdpa "
+                          "without it")
     rope_scaling = {} if arch.rope_scaling_factor is None else dict(rope_scaling=True,
                                                                      rope_scaling_factor=arch.rope_scaling_factor)
     if attention == "te":

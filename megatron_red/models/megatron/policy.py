@@ -1,6 +1,6 @@
 """`MegatronPolicy`: the RED policy as a megatron-core GPTModel with tensor, pipeline and data parallelism.
 
-One training step is `forward_backward` (any number of calls; gradients accumulate) then `optimizer_step`.
+One training step is `get_loss_and_metrics` (any number of calls; gradients accumulate) then `optimizer_step`.
 
 Loss normalisation. The trainer's `loss_fn` divides by *global* token / sequence counts (over all micro-batches
 and all data-parallel ranks), so the gradient of the step is the plain sum of the per-micro-batch gradients over
@@ -10,7 +10,7 @@ by the number of micro-batches and DDP scales gradients by 1/DP before its reduc
 sum over DP (gradient_scaling_factor = 1); the per-token division megatron would then apply in
 `finalize_model_grads` is skipped by calling it with `num_tokens=None`. Gradients are therefore a sum, and
 TP, PP, DP and the micro-batch size do not change the update. The DP reduction (and the tied-embedding reduction
-between first and last stage) happens once, in `optimizer_step`, so several `forward_backward` calls per step
+between first and last stage) happens once, in `optimizer_step`, so several `get_loss_and_metrics` calls per step
 accumulate correctly.
 """
 from __future__ import annotations
@@ -20,9 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_red.models.base import LossFn, PolicyBackend, SequenceBatch
+from megatron_red.batch import SequenceBatch
+from megatron_red.models.base import LossFn, PolicyBackend
 from megatron_red.models.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSpec, as_hf_weights,
                                               write_hf_checkpoint)
+from megatron_red.models.megatron import checkpoint
+from megatron_red.models.megatron.layout import ParallelLayout
 from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
 from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
@@ -32,23 +35,10 @@ from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entrop
 
 
 @dataclass
-class MegatronConfig:
-    """Parallel layout and numerics of the Megatron backend.
+class MegatronConfig(ParallelLayout):
+    """What a `MegatronPolicy` (or a `ShardedModel`) is built with: its `ParallelLayout` (the fields above, resolved
+    by `trainer.build.parallel_layout`) and the run's settings the policy applies itself:
 
-    tensor_model_parallel_size:   TP degree (must divide heads and key/value groups).
-    pipeline_model_parallel_size: PP degree (must divide the layers). DP = world size / (TP x PP).
-    dtype:                        parameter / compute dtype ("bfloat16" or "float32"); with bf16 params the
-                                  optimiser keeps fp32 master weights and reduces grads in fp32. "float16" is
-                                  refused: it needs loss scaling, which this backend does not wire into the
-                                  schedule, and a dynamic scaler's skipped steps would drop whole RED steps.
-    use_distributed_optimizer:    shard optimiser state over DP (megatron-core DistributedOptimizer); False uses
-                                  the plain (replicated) optimiser.
-    fused_kernel:                 compute log-probs / entropies with the fused LM-head Triton kernel.
-    recompute_activations:        full activation recomputation per layer (long sequences on small memory).
-    recompute_modules:            selective recomputation of these submodules of each layer instead
-                                  ("core_attn", "mlp", "layernorm"); empty = none.
-    sequence_parallel:            split norm / residual activations along the sequence over the TP ranks.
-    attention:                    "auto" | "te" | "sdpa" | "local" (model.attention; see local_spec.py).
     max_tokens_per_micro_batch:   > 0: pack rows into THD micro-batches of at most this many tokens
                                   (first-fit-decreasing, parallel/packing.py) instead of micro_batch_size rows.
     seed:                         seed of megatron's model-parallel RNG tracker (GPU only).
@@ -58,40 +48,16 @@ class MegatronConfig:
                                   the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
     inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
                                   inference engine's decode steps (off while training; GPU only).
+
+    A 16-bit layout is bfloat16 only: float16 would need loss scaling, which this backend does not wire into the
+    schedule (a dynamic scaler's skipped steps would drop whole RED steps); the run config refuses it.
     """
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    dtype: str = "bfloat16"
-    use_distributed_optimizer: bool = True
-    fused_kernel: bool = False
-    recompute_activations: bool = False
-    recompute_modules: tuple[str, ...] = ()
-    sequence_parallel: bool = False
-    attention: str = "auto"
     max_tokens_per_micro_batch: int = 0
     seed: int = 1234
     dist_timeout_minutes: float = 60.0
     offload_optimizer: bool = False
     inference_cuda_graphs: bool = False
-
-    def __post_init__(self):
-        if self.dtype == "float16":
-            raise ValueError("model.dtype=float16 is not supported by the Megatron backend (it would need loss "
-                             "scaling); use bfloat16, or float32")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
-        if self.max_tokens_per_micro_batch < 0:
-            raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
-        if self.attention == "local" and self.max_tokens_per_micro_batch:
-            raise ValueError("model.attention=local (megatron's DotProductAttention) cannot run packed micro-batches "
-                             "(trainer.max_tokens_per_micro_batch > 0); use sdpa or te")
-        if self.sequence_parallel and self.max_tokens_per_micro_batch % self.tensor_model_parallel_size:
-            raise ValueError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
-                             f"{self.max_tokens_per_micro_batch} must be a multiple of TP="
-                             f"{self.tensor_model_parallel_size} (packs are padded to a multiple of TP)")
 
 
 def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
@@ -126,12 +92,8 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
         tensor_parallel.model_parallel_cuda_manual_seed(config.seed,
                                                         use_cudagraphable_rng=config.inference_cuda_graphs)
     dtype = DTYPES[config.dtype]
-    tconfig = make_transformer_config(
-        arch, tensor_model_parallel_size=config.tensor_model_parallel_size,
-        pipeline_model_parallel_size=config.pipeline_model_parallel_size, params_dtype=dtype,
-        use_cpu_initialization=not on_gpu, recompute_activations=config.recompute_activations,
-        recompute_modules=config.recompute_modules, sequence_parallel=config.sequence_parallel,
-        cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
+    tconfig = make_transformer_config(arch, config, use_cpu_initialization=not on_gpu,
+                                      cuda_graph_impl="local" if config.inference_cuda_graphs else "none")
     tconfig.calculate_per_token_loss = True  # gradients are sums; see the module docstring
     tconfig.perform_initialization = False  # every weight is loaded next: random init would only cost time
     model = build_gpt_model(arch, tconfig, pre_process=ps.is_pipeline_first_stage(),
@@ -269,13 +231,13 @@ class MegatronPolicy(PolicyBackend):
         return LogprobHead(tp_group=self.tp_group, valid_vocab_size=self.arch.vocab_size, temperature=temperature,
                            fused_kernel=self.config.fused_kernel)
 
-    def logprobs_entropy(self, batch: SequenceBatch, micro_batch_size: int,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
+                                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group,
                                          max_tokens=self.config.max_tokens_per_micro_batch)
 
-    def forward_backward(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
-                         temperature: float = 1.0) -> list[dict[str, float]]:
+    def get_loss_and_metrics(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
+                             temperature: float = 1.0) -> list[dict[str, float]]:
         budget = self.config.max_tokens_per_micro_batch
         rows = micro_batch_rows(batch, micro_batch_size, budget)
         metrics = run_pipeline(self.model, [batch.select(r) for r in rows], self._head(temperature),
@@ -344,15 +306,12 @@ class MegatronPolicy(PolicyBackend):
 
     def save_checkpoint(self, directory: str) -> None:
         """Collective: model and optimiser as a reshardable dist_checkpointing checkpoint (see checkpoint.py)."""
-        from megatron_red.models.megatron.checkpoint import save_checkpoint
-
-        save_checkpoint(self, directory)
+        checkpoint.save_checkpoint(self.model, self.optimizer, self.step, directory)
 
     def load_checkpoint(self, directory: str) -> None:
         """Collective: restore a checkpoint written by `save_checkpoint`, at any TP / PP / DP layout."""
-        from megatron_red.models.megatron.checkpoint import load_checkpoint
-
-        load_checkpoint(self, directory)
+        self.step = checkpoint.load_checkpoint(self.model, self.optimizer, directory)
+        self._set_lr()
 
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """Collective: the Hugging Face checkpoint, streamed tensor by tensor (see `save_hf_pretrained`)."""

@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_red.errors import ConfigError
 from megatron_red.models.hf_checkpoint import TensorSpec
 from megatron_red.models.megatron.model import HFArchitecture
 
@@ -185,8 +186,8 @@ def load_hf_weights(model: torch.nn.Module, weights, arch: HFArchitecture,
                 problems.append(f"{hf_name}: expected shape {expected}, found {found} in {weights.where(hf_name)}")
         plan.append((param, copies))
     if problems:
-        raise ValueError(f"the Hugging Face checkpoint does not fit the model ({len(problems)} tensor(s)):\n  "
-                         + "\n  ".join(dict.fromkeys(problems)))
+        raise ConfigError(f"the Hugging Face checkpoint does not fit the model ({len(problems)} tensor(s)):\n  "
+                          + "\n  ".join(dict.fromkeys(problems)))
     for param, copies in plan:
         if sum(_numel(c.local, tuple(param.shape)) for c in copies) < param.numel():
             param.zero_()  # vocabulary padding rows

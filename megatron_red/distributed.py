@@ -1,4 +1,5 @@
-"""Data-parallel helpers of the RED trainer: process-group start-up, prompt sharding and step-wide reductions.
+"""Distributed helpers every layer may use: process-group start-up, ranks, prompt sharding, step-wide reductions,
+collective time-outs that name the phase.
 
 Under `torchrun` every data-parallel (DP) rank rolls out, rewards and trains on its own slice of the step's
 prompts (the step's prompt list is the same on every rank: `PromptStream` is seeded). For the update to equal the
@@ -34,7 +35,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_red.trainer.groups import masked_row_mean
+from megatron_red.batch import masked_row_mean
+from megatron_red.errors import ConfigError
 
 
 def under_torchrun() -> bool:
@@ -51,15 +53,15 @@ def init_distributed(timeout_minutes: float, single_process: bool = False) -> No
     if dist.is_initialized():
         return
     if timeout_minutes <= 0:
-        raise ValueError(f"trainer.dist_timeout_minutes must be > 0, got {timeout_minutes}")
+        raise ConfigError(f"trainer.dist_timeout_minutes must be > 0, got {timeout_minutes}")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not under_torchrun():
         if single_process:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timedelta(minutes=timeout_minutes))
             return
-        raise ValueError("model.backend=megatron runs under torchrun (WORLD_SIZE / RANK / MASTER_ADDR unset); "
-                         "e.g. torchrun --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron ...")
+        raise ConfigError("model.backend=megatron runs under torchrun (WORLD_SIZE / RANK / MASTER_ADDR unset); "
+                          "e.g. torchrun --nproc_per_node=1 -m megatron_red.cli train model.backend=megatron ...")
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     watch_phases(timeout_minutes)
 
@@ -183,8 +185,8 @@ class DataParallel:
         the blocks in rank order gives `items` back, so `gather(shard(x)) == x`. Fewer items than replicas is an
         error unless `allow_empty` (the last replicas then get none)."""
         if len(items) < self.size and not allow_empty:
-            raise ValueError(f"{len(items)} items cannot be split over {self.size} data-parallel ranks; "
-                             f"raise trainer.prompts_per_step (or the ReLIFT buffer) to at least {self.size}")
+            raise ConfigError(f"{len(items)} items cannot be split over {self.size} data-parallel ranks; "
+                              f"raise trainer.prompts_per_step (or the ReLIFT buffer) to at least {self.size}")
         base, extra = divmod(len(items), self.size)
         start = self.rank * base + min(self.rank, extra)
         return list(items[start:start + base + (self.rank < extra)])
@@ -270,13 +272,3 @@ class ModelParallel:
         holder = [fn() if dist.get_rank() == self.src else None]
         dist.broadcast_object_list(holder, src=self.src, group=self.group)
         return holder[0]
-
-
-class NullMetricsLog:
-    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

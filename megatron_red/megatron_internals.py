@@ -1,0 +1,93 @@
+"""The megatron-core internals megatron_red relies on beyond megatron-core's public API, all behind this module:
+
+- the dynamic inference engine's sampling seam, `TextGenerationController._sampling`, which our row sampler takes
+  (rollout/megatron.py), and the engine's prefill counters `DynamicInferenceEngine._prefill_tokens_computed` /
+  `_prefill_tokens_skipped` (what its own step log prints);
+- the names megatron's attention module (`megatron.core.transformer.attention`) imports from flash-attn and checks
+  it with, which rollout/megatron_attention.py replaces when no usable flash-attn is installed.
+
+They were read in megatron-core 0.19 (setup.py pins >=0.19,<0.20). On first use, `check()` compares the installed
+version with that and looks for every module-level name; a use looks for the instance attribute it touches. What
+changed fails as `MegatronCoreChanged`, naming it, instead of a wrong result or an AttributeError inside megatron.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+
+READ_IN = "0.19"
+"""The megatron-core minor version whose internals this module touches."""
+ATTENTION_MODULE = "megatron.core.transformer.attention"
+ATTENTION_NAMES = ("flash_attn_varlen_func", "flash_attn_with_kvcache", "is_fa_min_version", "rearrange", "HAVE_FA3",
+                   "HAVE_FA4")
+"""What megatron's attention module takes from flash-attn (and einops) at import, and its flash-attn version check."""
+
+
+class MegatronCoreChanged(RuntimeError):
+    """The installed megatron-core is not the one whose internals megatron_red uses; the message names the change."""
+
+
+@functools.cache
+def check() -> None:
+    """The installed megatron-core is 0.19 and its attention module has every name we replace (once per process)."""
+    installed = importlib.metadata.version("megatron-core")
+    if ".".join(installed.split(".")[:2]) != READ_IN:
+        raise MegatronCoreChanged(f"megatron-core {installed} is installed, but megatron_red reaches into the "
+                                  f"internals of {READ_IN} (megatron_red/megatron_internals.py): install "
+                                  "megatron-core>=0.19,<0.20, or port that module")
+    missing = [name for name in ATTENTION_NAMES if not hasattr(_attention(), name)]
+    if missing:
+        raise MegatronCoreChanged(f"{ATTENTION_MODULE} no longer has {missing}, which megatron_red's paged attention "
+                                  "replaces when flash-attn is absent (rollout/megatron_attention.py)")
+
+
+def _attention():
+    return importlib.import_module(ATTENTION_MODULE)
+
+
+def _require(obj, *names: str, what: str) -> None:
+    check()
+    missing = [name for name in names if not hasattr(obj, name)]
+    if missing:
+        raise MegatronCoreChanged(f"megatron-core's {type(obj).__name__} has no {missing} ({what})")
+
+
+def set_sampling(controller, sampling) -> None:
+    """Make megatron's `TextGenerationController` sample with `sampling` (a megatron `Sampling`)."""
+    _require(controller, "_sampling", what="the sampling backend megatron_red's row sampler replaces")
+    controller._sampling = sampling
+
+
+def prefill_token_counts(engine) -> dict[str, int]:
+    """Prompt tokens a `DynamicInferenceEngine` prefilled ("computed") and took from shared KV blocks ("skipped")
+    since it was built."""
+    _require(engine, "_prefill_tokens_computed", "_prefill_tokens_skipped", what="its prefill counters")
+    return {"computed": int(engine._prefill_tokens_computed), "skipped": int(engine._prefill_tokens_skipped)}
+
+
+def flash_attn_usable(min_version: str) -> bool:
+    """Whether megatron's dynamic attention found a flash-attn it can run: FA3 / FA4, or both FA2 functions at
+    `min_version` or later."""
+    check()
+    attention = _attention()
+    if attention.HAVE_FA3 or attention.HAVE_FA4:
+        return True
+    if attention.flash_attn_varlen_func is None or attention.flash_attn_with_kvcache is None:
+        return False
+    try:
+        return bool(attention.is_fa_min_version(min_version))
+    except Exception:  # noqa: BLE001 - any failure to read the version means "not usable"
+        return False
+
+
+def replace_flash_attn(varlen_func, with_kvcache, meets_version, rearrange) -> None:
+    """Put these in place of megatron's flash-attn functions, its version check and (when einops is absent) its
+    `rearrange`, in its attention module's namespace."""
+    check()
+    attention = _attention()
+    attention.flash_attn_varlen_func = varlen_func
+    attention.flash_attn_with_kvcache = with_kvcache
+    attention.is_fa_min_version = meets_version
+    if attention.rearrange is None:
+        attention.rearrange = rearrange

@@ -1,0 +1,87 @@
+"""`ParallelLayout`: the parallel layout and numerics of a Megatron run with every `auto` resolved: what `train`
+builds (policy.py) and what `plan` counts (memory.py), both from `trainer.build.parallel_layout`.
+
+The names the layout's fields take (attention implementations, selective-recompute modules) and the rule that the
+layout fits a model (`check_divides`) are defined here once: the run config's validation, the resolution and the
+model builder use them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_red.errors import ConfigError
+
+ATTENTIONS = ("te", "sdpa", "local")
+"""Core attention implementations (`model.attention` takes these or `auto`): Transformer Engine's fused attention,
+torch SDPA in megatron's local spec (local_spec.py), megatron's unfused DotProductAttention."""
+SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+"""Submodules megatron's selective recompute can recompute (`model.recompute_modules`)."""
+
+
+@dataclass
+class ParallelLayout:
+    """A Megatron run's layout, resolved (no `auto`)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: splits heads, key/value groups, MLP width and vocabulary; must divide the heads and groups."""
+    pipeline_model_parallel_size: int = 1
+    """PP: stages of consecutive layers; must divide the layers."""
+    data_parallel_size: int = 1
+    """DP = world size / (TP x PP): replicas of the model. megatron-core takes it from the world; the memory plan
+    divides the distributed optimizer's state by it."""
+    dtype: str = "bfloat16"
+    """Parameter and compute dtype, `bfloat16` (fp32 master weights in the optimizer, fp32 gradient reduction) or
+    `float32`."""
+    use_distributed_optimizer: bool = True
+    """Optimizer state sharded over the DP replicas (megatron-core's DistributedOptimizer)."""
+    sequence_parallel: bool = False
+    """Norm / residual activations split along the sequence over the TP ranks (TP > 1)."""
+    attention: str = "sdpa"
+    """One of `ATTENTIONS`."""
+    recompute: str = "none"
+    """Activation recompute in backward: `none`, `full` (every layer) or `selective` (`recompute_modules`)."""
+    recompute_modules: tuple[str, ...] = ()
+    """Selective recompute's submodules (of `SELECTIVE_RECOMPUTE_MODULES`); empty unless `recompute=selective`."""
+    fused_kernel: bool = False
+    """LM head + log-prob + entropy through the fused kernel (megatron_red.kernels), else logits + vocab-parallel
+    log-softmax."""
+
+    def __post_init__(self):
+        if (self.recompute == "selective") != bool(self.recompute_modules):
+            raise ValueError(f"recompute_modules {self.recompute_modules} go with recompute='selective' (and only "
+                             f"then), got recompute={self.recompute!r}")
+
+    def describe(self) -> str:
+        """One line: what `megatron-red plan` prints and `train` logs."""
+        recompute = self.recompute + (f" {list(self.recompute_modules)}" if self.recompute == "selective" else "")
+        return (f"TP {self.tensor_model_parallel_size} x PP {self.pipeline_model_parallel_size} x "
+                f"DP {self.data_parallel_size}, {self.dtype}, distributed optimizer {self.use_distributed_optimizer}, "
+                f"sequence parallel {self.sequence_parallel}, recompute {recompute}, attention {self.attention}, "
+                f"fused LM-head kernel {self.fused_kernel}")
+
+
+def check_divides(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, num_attention_heads: int,
+                  num_query_groups: int, num_layers: int) -> None:
+    """Raise ConfigError unless TP divides the heads and key/value groups and PP the layers."""
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if num_attention_heads % tp or num_query_groups % tp:
+        raise ConfigError(f"model.tensor_model_parallel_size={tp} must divide the {num_attention_heads} attention "
+                          f"heads and the {num_query_groups} key/value groups")
+    if num_layers % pp:
+        raise ConfigError(f"model.pipeline_model_parallel_size={pp} must divide the {num_layers} layers")
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention(name: str) -> str:
+    """`model.attention` -> the implementation that runs: `auto` is `te` when Transformer Engine is importable in
+    this installation, else `sdpa`; the others name themselves."""
+    if name == "auto":
+        return "te" if transformer_engine_available() else "sdpa"
+    return name
