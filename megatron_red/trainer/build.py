@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -173,12 +174,16 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     generator = torch.Generator().manual_seed(config.trainer.seed)
     examples = task.warmup
     batch_size = config.data.warmup_batch_size
-    print(f"[warm-up] {steps} SFT steps on {len(examples)} short solutions of easy problems")
-    for _ in range(steps):
+    print(f"[warm-up] {steps} SFT steps on {len(examples)} solutions of the warm-up problems", flush=True)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
         rows = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
         batch = build_batch([Group(examples[i].prompt_ids, trace_ids=examples[i].trace_ids) for i in rows],
                             offline_in_group=False, std_normalize=False, pad_token_id=task.tokenizer.pad_token_id)
-        policy_update(policy, batch, sft, 1.0, config.trainer.micro_batch_size)
+        metrics = policy_update(policy, batch, sft, 1.0, config.trainer.micro_batch_size)
+        if step % max(1, steps // 5) == 0 or step == steps:
+            print(f"[warm-up] step {step}/{steps}, loss {metrics['loss/loss']:.3f}, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
     # A private temporary directory, renamed into place: concurrent runs (compare, DP ranks) never see half a student.
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     policy.save_pretrained(str(tmp))
