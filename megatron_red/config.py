@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from megatron_red.data.builtin import BuiltinTaskConfig
+from megatron_red.data.builtin import DEFAULT_REGIME, BuiltinTaskConfig
 from megatron_red.errors import ConfigError
 from megatron_red.kernels import FUSED_KERNEL_MODES
 from megatron_red.models.megatron.layout import ATTENTIONS, SELECTIVE_RECOMPUTE_MODULES, check_divides
@@ -100,8 +100,9 @@ class DataConfig:
     None = `.cache/data` beside the run directory."""
     builtin: dict = field(default_factory=dict)
     """Overrides of `BuiltinTaskConfig` fields (regime, seed, num_train, max_steps, ...). `regime` names a set of
-    them (data/builtin.py, REGIMES): `new_skill` (default: the student never saw a hard problem) or `latent_skill`
-    (part of its warm-up holds long chains, as the paper's students half-know their teacher's reasoning)."""
+    them (data/builtin.py, REGIMES): `latent_skill` (default: part of its warm-up holds long chains, as the paper's
+    students half-know their teacher's reasoning) or `new_skill` (the student never saw a hard problem). A dict given
+    whole (`data.builtin={seed: 1}`) replaces this one; a missing `regime` still means the default."""
     warmup_steps: int = 500
     """Built-in task: SFT steps on short solutions of easy problems that make the tiny student a weak base model."""
     warmup_lr: float = 3e-3
@@ -399,6 +400,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, da
         config.optim.total_steps = max(t.steps * per_step, config.optim.warmup_steps)
     if config.rewards.overlong_buffer is None:  # resolved here, so config.yaml records the buffer a run used
         config.rewards.overlong_buffer = config.rollout.max_new_tokens // 4
+    if config.data.task == "builtin" and isinstance(config.data.builtin, dict):
+        # Recorded, so a run's config.yaml keeps its regime when the default moves.
+        config.data.builtin.setdefault("regime", DEFAULT_REGIME)
     validate(config, data_files=data_files)
     return config
 

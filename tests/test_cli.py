@@ -127,7 +127,8 @@ def test_compare_jobs_trains_in_processes_like_in_process(compared, tmp_path, ca
     assert out.count("[pid ") == 2 and out.count(" done") == 2
     assert len(list((tmp_path / ".cache").glob("student_*"))) == 1
     logs = [(tmp_path / f"{method}_seed0" / "train.log").read_text() for method in ("red", "grpo")]
-    assert sum(log.count("[warm-up]") for log in logs) == 1  # the second run waited for the first's student
+    # The second run waited for the first's student: one warm-up in both logs.
+    assert sum(log.count("[warm-up] 3 SFT steps on") for log in logs) == 1
     for method in ("red", "grpo"):
         assert (tmp_path / f"{method}_seed0" / "train.log").read_text().count("held-out accuracy on") == 1
         assert _comparable(tmp_path / f"{method}_seed0") == _comparable(compared / f"{method}_seed0")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from megatron_red.config import RewardsConfig, RunConfig, config_to_dict, load_config
+from megatron_red.data.builtin import DEFAULT_REGIME
 from megatron_red.errors import ConfigError
 from megatron_red.models.optim import OptimConfig
 
@@ -32,9 +33,11 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_no_file_no_overrides_is_the_embedded_default():
     config = load_config()
-    # The embedded default, with the values load_config derives: the overlong buffer (a quarter of the limit) ...
+    # The embedded default, with the values load_config derives: the overlong buffer (a quarter of the limit), the
+    # built-in task's regime ...
     assert config.rewards.overlong_buffer == config.rollout.max_new_tokens // 4 == 48
-    assert config == dataclasses.replace(RunConfig(), rewards=RewardsConfig(overlong_buffer=48))
+    data = dataclasses.replace(RunConfig().data, builtin={"regime": DEFAULT_REGIME})
+    assert config == dataclasses.replace(RunConfig(), rewards=RewardsConfig(overlong_buffer=48), data=data)
     # ... and the schedule, which spans the whole run.
     assert config.optim.total_steps == config.trainer.steps == 150
     assert config.algo.method == "red" and config.data.task == "builtin" and config.model.path is None
@@ -43,6 +46,15 @@ def test_no_file_no_overrides_is_the_embedded_default():
 def test_builtin_default_yaml_is_the_embedded_default():
     path = next(p for p in EXAMPLES if p.name == "builtin_default.yaml")
     assert config_to_dict(load_config(path)) == config_to_dict(load_config())
+
+
+def test_builtin_regime_default_is_recorded():
+    # The embedded default runs the latent-skill regime (docs/results.md, issue 25); load_config writes the regime
+    # into the config, so config.yaml keeps it, also where a dict given whole names none.
+    assert DEFAULT_REGIME == "latent_skill"
+    assert load_config().data.builtin == {"regime": "latent_skill"}
+    assert load_config(None, ["data.builtin={seed: 1}"]).data.builtin == {"seed": 1, "regime": "latent_skill"}
+    assert load_config(None, ["data.builtin.regime=new_skill"]).data.builtin == {"regime": "new_skill"}
 
 
 def test_overlong_buffer_default_override_and_range():
@@ -91,7 +103,7 @@ def test_file_then_overrides(tmp_path):
     assert config.rollout.n == 4
     assert config.rollout.temperature == RunConfig().rollout.temperature
     # A dotted key reaches into a dict field and merges with the file's entries.
-    assert config.data.builtin == {"num_test": 5, "num_train": 10}
+    assert config.data.builtin == {"num_test": 5, "num_train": 10, "regime": DEFAULT_REGIME}
     assert config.algo.method == "grpo"
     # total_steps follows trainer.steps unless it is set explicitly.
     assert config.optim.total_steps == 12
@@ -100,7 +112,7 @@ def test_file_then_overrides(tmp_path):
 
 def test_dict_override_as_yaml_flow_mapping():
     config = load_config(None, ["data.builtin={num_train: 64, num_test: 16}", "algo.loss={normalization: constant}"])
-    assert config.data.builtin == {"num_train": 64, "num_test": 16}
+    assert config.data.builtin == {"num_train": 64, "num_test": 16, "regime": DEFAULT_REGIME}
     assert config.algo.loss == {"normalization": "constant"}
 
 

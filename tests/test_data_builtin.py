@@ -6,7 +6,7 @@ import re
 import pytest
 
 from megatron_red.data import BuiltinTask, BuiltinTaskConfig, grade
-from megatron_red.data.builtin import teacher_trace
+from megatron_red.data.builtin import DEFAULT_REGIME, teacher_trace
 
 CONFIG = BuiltinTaskConfig(seed=5, num_train=600, num_test=120, num_warmup=300)
 OPERATION = r"(?:He|She) (?:gets \d+ more|gives away \d+|multiplies them by \d+)\."
@@ -160,7 +160,8 @@ def test_regimes_set_defaults_under_the_users_keys():
     latent = BuiltinTaskConfig.for_regime(regime="latent_skill", seed=3)
     assert latent.seed == 3 and all(getattr(latent, k) == v for k, v in REGIMES["latent_skill"].items())
     assert BuiltinTaskConfig.for_regime(regime="latent_skill", warmup_long_fraction=0.5).warmup_long_fraction == 0.5
-    assert BuiltinTaskConfig.for_regime() == BuiltinTaskConfig()
+    assert BuiltinTaskConfig.for_regime(regime="new_skill") == BuiltinTaskConfig()  # the field defaults
+    assert BuiltinTaskConfig.for_regime() == BuiltinTaskConfig.for_regime(regime=DEFAULT_REGIME)
     with pytest.raises(ValueError, match="unknown data.builtin.regime"):
         BuiltinTaskConfig.for_regime(regime="other")
 

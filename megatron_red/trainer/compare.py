@@ -132,7 +132,7 @@ def compare(methods: list[str], seeds: list[int], config_path: str | None, overr
     report = ""
     task = next(iter(configs.values())).data
     if task.task == "builtin":
-        regime = task.builtin.get("regime", "new_skill")
+        regime = task.builtin["regime"]  # recorded by load_config
         report += f"## Premises (regime {regime})\n\n{premises_table(regime, initial, finals)}\n"
     candidates = {m: f for m, f in finals.items() if m not in CLAIM_BASELINES}
     report += (f"## The paper's claim\n\n{claim_table(candidates, finals.get('grpo', []), finals.get('sft', []))}\n"
