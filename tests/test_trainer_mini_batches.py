@@ -156,6 +156,17 @@ def _preset_controller(trainer, previous: dict) -> None:
     trainer.controller.prev_h_sft = 3 * previous["entropy/H_sft"]
 
 
+def _recorded_second_step(trainer, monkeypatch) -> tuple[dict, dict, tuple[float, float]]:
+    """Step 0, the controller preset from it, then step 1 recorded: its metrics, what `_record` saw, and the
+    controller's previous (H_rl, H_sft) that step 1's w is computed against."""
+    first = trainer.red_step(trainer.stream.next_batch(), trainer.loss_config(0))
+    trainer.step = 1
+    _preset_controller(trainer, first)
+    prev = (trainer.controller.prev_h_rl, trainer.controller.prev_h_sft)
+    rec = _record(trainer, monkeypatch)
+    return trainer.red_step(trainer.stream.next_batch(), trainer.loss_config(1)), rec, prev
+
+
 def _w64(trainer_g: int, h_rl: float, h_sft: float, prev_rl: float, prev_sft: float) -> float:
     return min(max(abs(1 - h_sft / prev_sft) / abs(1 - h_rl / prev_rl), 1.0), float(trainer_g))
 
@@ -165,12 +176,7 @@ def _w64(trainer_g: int, h_rl: float, h_sft: float, prev_rl: float, prev_sft: fl
 def test_optimizer_steps_of_a_rollout_batch_match_float64(root, monkeypatch, mini_batches, epochs, prompts):
     trainer = _trainer(root, f"k{mini_batches}_e{epochs}", *CLIPPED, f"trainer.mini_batches_per_step={mini_batches}",
                        f"trainer.epochs_per_step={epochs}", f"trainer.prompts_per_step={prompts}")
-    first = trainer.red_step(trainer.stream.next_batch(), trainer.loss_config(0))
-    trainer.step = 1
-    _preset_controller(trainer, first)
-    prev = (trainer.controller.prev_h_rl, trainer.controller.prev_h_sft)
-    rec = _record(trainer, monkeypatch)
-    metrics = trainer.red_step(trainer.stream.next_batch(), trainer.loss_config(1))
+    metrics, rec, prev = _recorded_second_step(trainer, monkeypatch)
     final = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
 
     batch, w, loss_cfg, steps = rec["batch"], rec["w"], rec["loss_cfg"], rec["steps"]
@@ -216,12 +222,7 @@ def test_optimizer_steps_of_a_rollout_batch_match_float64(root, monkeypatch, min
 
 def test_one_step_with_entropy_regulation_scales_the_offline_gradient_by_w(root, monkeypatch):
     trainer = _trainer(root, "k1_regulated", "optim.lr=1e-3", "optim.warmup_steps=0", "rollout.temperature=0.7")
-    first = trainer.red_step(trainer.stream.next_batch(), trainer.loss_config(0))
-    trainer.step = 1
-    _preset_controller(trainer, first)
-    prev = (trainer.controller.prev_h_rl, trainer.controller.prev_h_sft)
-    rec = _record(trainer, monkeypatch)
-    metrics = trainer.red_step(trainer.stream.next_batch(), trainer.loss_config(1))
+    metrics, rec, prev = _recorded_second_step(trainer, monkeypatch)
 
     batch, (step,) = rec["batch"], rec["steps"]
     assert "old_logprobs" not in batch.fields  # no forward-only pass: pi_old is the update's own forward

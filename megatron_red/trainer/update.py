@@ -65,12 +65,17 @@ def _measured(entropy: torch.Tensor, logprobs: torch.Tensor, mb) -> dict:
     offline = mb.fields["is_offline"].bool()
     rows = (counts > 0) & offline
     row_means = (entropy.detach().double() * mask).sum(dim=1)[rows] / counts[rows]
-    out = dict(zip(_ENTROPY_SUMS, (float(row_means.sum()), float(rows.sum()))))
-    if "behaviour_logprobs" in mb.fields:
-        on_tokens = mb.loss_mask.bool() & ~offline.unsqueeze(-1)
-        out.update(zip(_MISMATCH, behaviour_mismatch(logprobs.detach(), mb.fields["behaviour_logprobs"],
-                                                     on_tokens).tolist()))
-    return out
+    return {**dict(zip(_ENTROPY_SUMS, (float(row_means.sum()), float(rows.sum())))), **_mismatch_sums(logprobs, mb)}
+
+
+def _mismatch_sums(old_logprobs: torch.Tensor, batch: SequenceBatch) -> dict:
+    """`behaviour_mismatch`'s sums over the on-policy tokens of `batch` (pi_old against the engine's behaviour
+    log-probs), by `_MISMATCH` name; empty when the batch has no behaviour log-probs."""
+    if "behaviour_logprobs" not in batch.fields:
+        return {}
+    on_tokens = batch.loss_mask.bool() & ~batch.fields["is_offline"].bool().unsqueeze(-1)
+    return dict(zip(_MISMATCH, behaviour_mismatch(old_logprobs.detach(), batch.fields["behaviour_logprobs"],
+                                                  on_tokens).tolist()))
 
 
 def _entropy_sft(per_micro: list[dict]) -> float:
@@ -180,10 +185,7 @@ def prepare_update(policy, batch: SequenceBatch, loss_cfg: RedLossConfig, contro
     h_sft = dp.row_mean(entropy, mask, offline)
     w = controller.update(h_rl, h_sft) if loss_cfg.entropy_regulation else 1.0
     metrics = {"entropy/H_rl": h_rl, "entropy/H_sft": h_sft, "entropy/w": w}
-    if "behaviour_logprobs" in batch.fields:
-        on_tokens = mask.bool() & ~offline.unsqueeze(-1)
-        sums = behaviour_mismatch(old, batch.fields["behaviour_logprobs"], on_tokens).tolist()
-        metrics.update(_mismatch_metrics(dp.gather([dict(zip(_MISMATCH, sums))])))
+    metrics.update(_mismatch_metrics(dp.gather([_mismatch_sums(old, batch)])))
     return SequenceBatch(batch.input_ids, batch.attention_mask, mask, {**batch.fields, "old_logprobs": old}), w, metrics
 
 
