@@ -65,7 +65,7 @@ def _plan(args) -> int:
     from megatron_red.config import load_config
     from megatron_red.trainer.plan import describe, plan_for_config, run_architecture
 
-    config = load_config(args.config, args.overrides, data_files=False)
+    config = load_config(args.config, args.overrides, planning=True)
     print(describe(plan_for_config(config, args.world_size), run_architecture(config), args.gpu_memory_gib, config))
     return 0
 

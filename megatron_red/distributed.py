@@ -148,6 +148,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+def check_same_tokens(tokens: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """Every rank of the model-parallel `group` must have sampled the same `tokens` (they train on them): a
+    position-weighted checksum, max-reduced with its negation, differs on some rank otherwise (a RuntimeError on
+    every rank). No-op for a group of one."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    if dist.get_backend(group) == "nccl":
+        tokens = tokens.cuda()
+    weights = torch.arange(1, tokens.numel() + 1, device=tokens.device, dtype=torch.float64)
+    checksum = ((tokens.reshape(-1).double() + 2) * weights.remainder(9973)).sum()
+    both = torch.stack([checksum, -checksum])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if both[0] != -both[1]:
+        raise RuntimeError("ranks of one model-parallel group sampled different tokens (their logits differ); "
+                           "rollouts would no longer match across tensor / pipeline ranks")
+
+
 def broadcast_from_main(obj):
     """Global rank 0's `obj` (picklable) on every rank; `obj` itself with one process."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -22,7 +22,7 @@ SOME_MODEL = str(ARCHITECTURES / "qwen2.5-math-1.5b")
 
 def load_recipe(path: Path, overrides: list[str] = ()):
     model = [f"model.path={ARCHITECTURES / RECIPE_MODELS[path.name]}"] if path.name in RECIPE_MODELS else []
-    return load_config(path, [*model, *overrides], data_files=False)
+    return load_config(path, [*model, *overrides], planning=True)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -237,7 +237,7 @@ def test_out_of_range_values_name_the_key_and_range(override, message):
     (["trainer.max_tokens_per_micro_batch=4096", "model.tensor_model_parallel_size=2"],
      "model.tensor_model_parallel_size, trainer.max_tokens_per_micro_batch: only the Megatron backend reads them"),
     (["rollout.engine=megatron"], "rollout.engine=megatron needs model.backend=megatron"),
-    (["model.backend=megatron", "rollout.engine=local"], "rollout.engine=megatron (or auto)"),
+    (["model.backend=megatron", "rollout.engine=local"], "rollout.engine=megatron (its own shards; or auto) or vllm"),
     (["model.backend=megatron", "model.gradient_checkpointing=true", "model.recompute_modules=[mlp]"],
      "(model.gradient_checkpointing) or selective recompute (model.recompute_modules), not both"),
     (["model.backend=megatron", "model.recompute_modules=[mlp, attn]"], "model.recompute_modules=('mlp', 'attn')"),
@@ -266,7 +266,7 @@ def test_paths_are_checked_at_load(tmp_path):
     openr1 = ["data.task=openr1", f"model.path={SOME_MODEL}"]
     with pytest.raises(ConfigError, match=f"data.path={tmp_path / 'rows.parquet'}: no such file"):
         load_config(None, [*openr1, f"data.path={tmp_path / 'rows.parquet'}"])
-    config = load_config(None, [*openr1, f"data.path={tmp_path / 'rows.parquet'}"], data_files=False)  # plan's
+    config = load_config(None, [*openr1, f"data.path={tmp_path / 'rows.parquet'}"], planning=True)  # plan's
     assert config.data.path == str(tmp_path / "rows.parquet")
     # The architecture a Megatron layout must divide comes from model.path's config.json (Qwen2.5-Math-7B: 28
     # heads, 4 key/value groups, 28 layers).

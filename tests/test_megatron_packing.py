@@ -341,7 +341,7 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
     assert main(["plan", "--world-size", str(world_size), path, *overrides]) == 0
     out = capsys.readouterr().out
     assert "generation peak" in out and "of 80 GiB: fits\ntraining peak" in out and out.endswith("of 80 GiB: fits\n")
-    config = load_config(path, overrides, data_files=False)
+    config = load_config(path, overrides, planning=True)
     m = config.model
     weights = stage_parameter_numel(run_architecture(config), m.tensor_model_parallel_size,
                                     m.pipeline_model_parallel_size, 0) * 2 / 2**30
@@ -352,7 +352,7 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
         assert main(["plan", "--world-size", "3", path, *overrides]) == 2  # not a multiple of TP x PP
     assert main(["plan", path, *overrides, "model.backend=hf"]) == 2  # plan models the Megatron backend only
 
-    base, offload, keep = (plan_for_config(load_config(path, overrides + extra, data_files=False), world_size)
+    base, offload, keep = (plan_for_config(load_config(path, overrides + extra, planning=True), world_size)
                            for extra in ([], ["rollout.offload_optimizer=true"], ["rollout.release_kv_cache=false"]))
     p = base.parts[0]
     assert offload.peak(0, "generation") == pytest.approx(base.peak(0, "generation") - p["gradients"] - p["optimizer"])

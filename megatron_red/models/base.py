@@ -6,7 +6,7 @@ never touches a model directly. Batches are `megatron_red.batch.SequenceBatch` (
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -77,6 +77,12 @@ class PolicyBackend(ABC):
         """Export the weights in Hugging Face format (a directory loadable with `from_pretrained`: safetensors
         shards + `model.safetensors.index.json` + config.json), cast to `dtype` if given. Collective on sharded
         backends; no rank holds the whole model."""
+
+    @abstractmethod
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The current weights under Hugging Face names, one tensor at a time (a tied LM head once, as the
+        embedding), in the model's dtype; what a rollout engine with its own copy of the weights refits from.
+        Collective on sharded backends: every rank of the model-parallel group gets every tensor."""
 
     @property
     @abstractmethod

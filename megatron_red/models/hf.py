@@ -188,6 +188,11 @@ class HFPolicy(PolicyBackend):
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def named_hf_weights(self):
+        """The module's own parameters (fp32 master weights), detached; a tied head once, as the embedding."""
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()
+
     # ---- checkpoints --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

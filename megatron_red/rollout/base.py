@@ -4,8 +4,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-ENGINE_KINDS: tuple[str, ...] = ("local", "megatron")
-"""The engines of this package: `local` (local.py) and `megatron` (megatron.py); `rollout.engine` names one."""
+ENGINE_KINDS: tuple[str, ...] = ("local", "megatron", "vllm")
+"""The engines of this package: `local` (local.py), `megatron` (megatron.py) and `vllm` (vllm_engine.py);
+`rollout.engine` names one."""
 
 
 @dataclass

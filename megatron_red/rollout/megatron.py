@@ -26,6 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_red.distributed import check_same_tokens
 from megatron_red.errors import ConfigError
 from megatron_red.megatron_internals import prefill_token_counts, set_sampling
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
@@ -302,7 +303,7 @@ class MegatronEngine(RolloutEngine):
             self._toggle_cuda_graphs("none")
             self.model.train(was_training)
         completions = self._completions(call, generated, params)
-        self._check_model_parallel_agreement(call["tokens"])
+        check_same_tokens(call["tokens"], self.mp_group)
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _completions(self, call: dict, generated: dict[int, list[int]], params: SamplingParams) -> list[Completion]:
@@ -317,15 +318,3 @@ class MegatronEngine(RolloutEngine):
             out.append(Completion(ids, logprobs[r, :length].tolist(), bool(ids) and ids[-1] in stops,
                                   entropies[r, :length].tolist()))
         return out
-
-    def _check_model_parallel_agreement(self, tokens: torch.Tensor) -> None:
-        """Every rank of the model-parallel group must have sampled the same tokens (they train on them)."""
-        if self.mp_group is None or dist.get_world_size(self.mp_group) == 1:
-            return
-        weights = torch.arange(1, tokens.numel() + 1, device=tokens.device, dtype=torch.float64)
-        checksum = ((tokens.reshape(-1).double() + 2) * weights.remainder(9973)).sum()
-        both = torch.stack([checksum, -checksum])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.mp_group)
-        if both[0] != -both[1]:
-            raise RuntimeError("ranks of one model-parallel group sampled different tokens (their gathered logits "
-                               "differ); rollouts would no longer match across tensor / pipeline ranks")

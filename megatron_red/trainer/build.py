@@ -207,13 +207,16 @@ def build_engine(kind: str, policy, tokenizer, rollout: RolloutConfig | None = N
     """The rollout engine `kind` sampling from `policy`.
 
     kind:                one of `ENGINE_KINDS`: "local" (torch decode loop over a Hugging Face module; CPU or one
-                         GPU) or "megatron" (megatron-core's dynamic engine on the policy's own TP x PP shards).
+                         GPU), "megatron" (megatron-core's dynamic engine on the policy's own TP x PP shards) or
+                         "vllm" (vLLM in this process, TP = the policy's, refitted from the policy's weights).
     policy:              local: an `HFPolicy` or a Hugging Face causal-LM module. megatron: a `MegatronPolicy` or
-                         a `ShardedModel` (anything with `.model`, `.arch` and `.mp_group`). A policy backend gets
-                         the engine attached as `policy.rollout_engine`, which its actor hooks (`infer`, ...) use.
+                         a `ShardedModel` (anything with `.model`, `.arch` and `.mp_group`). vllm: an `HFPolicy`,
+                         a `MegatronPolicy` or a `ShardedModel` (what has `named_hf_weights()`), or a Hugging Face
+                         checkpoint directory (loaded by vLLM itself). A policy backend gets the engine attached as
+                         `policy.rollout_engine`, which its actor hooks (`infer`, ...) use.
     tokenizer:           gives the EOS id (and the pad id the local engine emits after it).
     rollout:             a `RolloutConfig` (batch size, CUDA graphs, KV-cache options); None = its defaults.
-    max_sequence_length: megatron: longest prompt + response (None = `rollout.max_sequence_length`, else the
+    max_sequence_length: megatron, vllm: longest prompt + response (None = `rollout.max_sequence_length`, else the
                          model's `max_position_embeddings`).
     """
     if kind not in ENGINE_KINDS:
@@ -221,6 +224,8 @@ def build_engine(kind: str, policy, tokenizer, rollout: RolloutConfig | None = N
     rollout = rollout or RolloutConfig()
     if kind == "local":
         engine = _local_engine(policy, tokenizer, rollout)
+    elif kind == "vllm":
+        engine = _vllm_engine(policy, tokenizer, rollout, max_sequence_length)
     else:
         engine = _megatron_engine(policy, tokenizer, rollout, max_sequence_length)
     if isinstance(policy, PolicyBackend):
@@ -256,6 +261,44 @@ def _megatron_engine(policy, tokenizer, rollout, max_sequence_length: int | None
         kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
         cuda_graph=rollout.cuda_graph and next(policy.model.parameters()).is_cuda,
         release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group)
+
+
+def _vllm_engine(policy, tokenizer, rollout, max_sequence_length: int | None) -> RolloutEngine:
+    from megatron_red.rollout.vllm_engine import VLLMEngine
+
+    common = dict(eos_token_id=tokenizer.eos_token_id, max_batch_size=rollout.max_batch_size,
+                  kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
+                  cuda_graph=rollout.cuda_graph and torch.cuda.is_available(),
+                  release_kv_cache=rollout.release_kv_cache)
+    on_cuda = torch.cuda.is_available()
+    if isinstance(policy, (str, Path)):  # a checkpoint directory: vLLM reads it
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(policy), local_files_only=True)
+        length = _vllm_length(max_sequence_length or rollout.max_sequence_length, config)
+        return VLLMEngine(model_path=str(policy), dtype=torch.bfloat16 if on_cuda else torch.float32,
+                          max_sequence_length=length, **common)
+    if not hasattr(policy, "named_hf_weights"):
+        raise ValueError("the vllm engine refits from a policy's named_hf_weights() (an HFPolicy, MegatronPolicy or "
+                         "ShardedModel), or loads a checkpoint directory")
+    if hasattr(policy, "mp_group"):  # Megatron: TP = the training TP, the pipeline stages split the prompts
+        from megatron.core import parallel_state as ps
+
+        hf_config, tp = policy.hf_config, ps.get_tensor_model_parallel_world_size()
+        groups = dict(gather_group=ps.get_pipeline_model_parallel_group(), mp_group=policy.mp_group)
+        dtype = next(policy.model.parameters()).dtype
+    else:
+        hf_config, tp, groups = policy.model.config, 1, {}
+        dtype = policy.dtype  # the HF backend's compute dtype (bf16 on CUDA; its fp32 on CPU)
+    length = _vllm_length(max_sequence_length or rollout.max_sequence_length, hf_config)
+    return VLLMEngine(hf_config, weights=policy, dtype=dtype, tensor_parallel_size=tp,
+                      max_sequence_length=length, **groups, **common)
+
+
+def _vllm_length(requested: int | None, hf_config) -> int:
+    """vLLM's max_model_len: the requested length, at most the model's positions (vLLM refuses more; a longer
+    request is refused by the engine, naming rollout.max_sequence_length)."""
+    return min(requested or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
 
 
 def rollout_max_sequence_length(config: RunConfig) -> int:

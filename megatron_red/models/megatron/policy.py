@@ -114,6 +114,15 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
     return arch, model, tconfig
 
 
+def named_hf_weights(model: torch.nn.Module, arch: HFArchitecture):
+    """Collective over the model-parallel group: every HF tensor of the TP x PP-sharded `model` on every rank, one
+    at a time (`HFExport(every_rank=True)`)."""
+    from megatron.core import parallel_state as ps
+
+    yield from HFExport(model, arch, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                        every_rank=True)
+
+
 @dataclass
 class ShardedModel:
     """This rank's `GPTModel` stage without an optimiser, for inference (`megatron-red eval --engine megatron`)."""
@@ -121,6 +130,11 @@ class ShardedModel:
     arch: HFArchitecture
     model: torch.nn.Module
     mp_group: dist.ProcessGroup
+    hf_config: object = None
+    """The transformers config it was built from."""
+
+    def named_hf_weights(self):
+        return named_hf_weights(self.model, self.arch)
 
     @classmethod
     def from_hf(cls, hf_config, weights, config: MegatronConfig) -> "ShardedModel":
@@ -128,7 +142,7 @@ class ShardedModel:
         from megatron.core import parallel_state as ps
 
         arch, model, _ = build_sharded_model(hf_config, weights, config)
-        return cls(arch, model.eval(), ps.get_model_parallel_group())
+        return cls(arch, model.eval(), ps.get_model_parallel_group(), hf_config)
 
 
 def save_hf_pretrained(model: torch.nn.Module, hf_config, path: str, dtype: torch.dtype | None = None,
@@ -316,6 +330,10 @@ class MegatronPolicy(PolicyBackend):
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """Collective: the Hugging Face checkpoint, streamed tensor by tensor (see `save_hf_pretrained`)."""
         save_hf_pretrained(self.model, self.hf_config, path, dtype)
+
+    def named_hf_weights(self):
+        """Collective over the model-parallel group (`named_hf_weights` above)."""
+        return named_hf_weights(self.model, self.arch)
 
     def checkpoint_nbytes(self, with_hf: bool = False) -> int:
         """Collective: parameters (their dtype) + fp32 main copy when 16-bit + two fp32 Adam moments (+ the

@@ -212,10 +212,15 @@ class HFExport:
     Per parameter: the owning stage gathers its TP shards on its TP rank 0 (`dist.gather`), which builds the HF
     tensors (`shard_layout` inverted) and, unless it is the writer, sends them to the writer point to point.
     A tied LM head is exported once, as the embedding.
+
+    `every_rank=True` streams the same pairs to every rank of the replica instead (a colocated rollout engine's
+    refit, rollout/vllm_engine.py): the owning stage all-gathers its TP shards, each of its TP ranks builds the HF
+    tensors, and broadcasts them over its pipeline group to the same TP rank of every other stage. Every rank then
+    holds one parameter's TP shards and its HF tensors at a time.
     """
 
     def __init__(self, model: torch.nn.Module, arch: HFArchitecture, tp_group: dist.ProcessGroup | None,
-                 pp_group: dist.ProcessGroup | None):
+                 pp_group: dist.ProcessGroup | None, every_rank: bool = False):
         self.model = unwrap_model(model)
         self.arch = arch
         self.tp_group, self.pp_group = tp_group, pp_group
@@ -223,7 +228,8 @@ class HFExport:
         self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
         self.pp = dist.get_world_size(pp_group) if pp_group is not None else 1
         self.stage = dist.get_rank(pp_group) if pp_group is not None else 0
-        self.is_writer = self.tp_rank == 0 and self.stage == 0
+        self.every_rank = every_rank
+        self.is_writer = every_rank or (self.tp_rank == 0 and self.stage == 0)
         layer_map = _global_layer_numbers(self.model)
         self._params = dict(self.model.named_parameters())
         self._layout: dict[str, tuple[str, int | None, int | None]] = {}
@@ -247,15 +253,21 @@ class HFExport:
         return [spec for entries in self.stages for entry in entries for spec in entry.hf]
 
     def _hf_tensors(self, entry: _Entry) -> Iterator[torch.Tensor]:
-        """Collective over this stage's TP group (the gather runs when iteration starts): on TP rank 0, the HF
-        tensors of `entry` one at a time, each built from every rank's shard; nothing on the other ranks."""
+        """Collective over this stage's TP group (the gather runs when iteration starts): on TP rank 0 (on every TP
+        rank with `every_rank`), the HF tensors of `entry` one at a time, each built from every rank's shard; nothing
+        on the other ranks."""
         param = self._params[entry.name].detach()
         name, layer, split = self._layout[entry.name]
         shards = [param]
         if split is not None and self.tp > 1:
-            shards = [torch.empty_like(param) for _ in range(self.tp)] if self.tp_rank == 0 else None
-            dist.gather(param.contiguous(), shards, dst=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
-        if self.tp_rank != 0:
+            if self.every_rank:
+                shards = [torch.empty_like(param) for _ in range(self.tp)]
+                dist.all_gather(shards, param.contiguous(), group=self.tp_group)
+            else:
+                shards = [torch.empty_like(param) for _ in range(self.tp)] if self.tp_rank == 0 else None
+                dist.gather(param.contiguous(), shards, dst=dist.get_global_rank(self.tp_group, 0),
+                            group=self.tp_group)
+        if self.tp_rank != 0 and not self.every_rank:
             return
         copies = [shard_layout(name, layer, tuple(param.shape), split, self.arch, self.tp, rank)[1]
                   for rank in range(len(shards))]
@@ -269,6 +281,9 @@ class HFExport:
             del tensor  # before the next one is built: one HF tensor alive at a time
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.every_rank:
+            yield from self._to_every_rank()
+            return
         writer = dist.get_global_rank(self.pp_group, 0) if self.pp > 1 else None
         for stage, entries in enumerate(self.stages):
             source = dist.get_global_rank(self.pp_group, stage) if self.pp > 1 else None
@@ -287,3 +302,16 @@ class HFExport:
                         dist.recv(tensor, src=source, group=self.pp_group)
                         yield spec.name, tensor
                         del tensor
+
+    def _to_every_rank(self) -> Iterator[tuple[str, torch.Tensor]]:
+        device = next(iter(self._params.values())).device
+        for stage, entries in enumerate(self.stages):
+            source = dist.get_global_rank(self.pp_group, stage) if self.pp > 1 else None
+            for entry in entries:
+                tensors = self._hf_tensors(entry) if stage == self.stage else (
+                    torch.empty(spec.shape, dtype=spec.dtype, device=device) for spec in entry.hf)
+                for spec, tensor in zip(entry.hf, tensors):
+                    if self.pp > 1:
+                        dist.broadcast(tensor, src=source, group=self.pp_group)
+                    yield spec.name, tensor
+                    del tensor
