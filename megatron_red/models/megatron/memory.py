@@ -2,7 +2,8 @@
 the workload.
 
 A RED step alternates two phases that never overlap: generation (megatron-core's dynamic inference engine on the
-policy's own shards, rollout/megatron.py) and training (log-probs, then forward + backward + optimizer step).
+policy's own shards, rollout/megatron.py, or a colocated vLLM engine, rollout/vllm_engine.py) and training
+(log-probs, then forward + backward + optimizer step).
 What each part counts (bytes on one GPU of a pipeline stage):
 - weights:     the stage's parameters on one TP rank (the embedding on the first stage; the LM head on the last, also
                when tied to the embedding and PP > 1, where megatron keeps a synchronised copy), in `dtype`. Both
@@ -42,8 +43,17 @@ What each part counts (bytes on one GPU of a pipeline stage):
                buffer with CUDA graphs, and the sampler's fp32 / fp64 temporaries (rollout/sampling.py: 20 bytes
                per real vocabulary entry, 28 with top-p).
 - reserve:     CUDA context, NCCL and allocator slack. Both phases.
+With the vLLM engine (`Rollout.engine="vllm"`) generation holds instead:
+- engine weights: vLLM's own copy, every layer (vLLM has no pipeline stages here) of one TP rank, the embedding and
+               an untied head, in `dtype` (counted with megatron's vocabulary padding; vLLM pads less). Released
+               with the KV cache while training (sleep level 2, `rollout.release_kv_cache`), kept otherwise.
+- KV cache:    exactly `rollout.kv_buffer_gb` (vLLM's kv_cache_memory_bytes), by default max_batch_size sequences of
+               max_sequence_length at 2 (K, V) x all layers x key-value heads per TP rank x d x `dtype` per token.
+- prefill step: as above for one vLLM step of `vllm_engine.STEP_TOKENS` tokens (vLLM's max_num_batched_tokens).
+- sampling logits: the rows' fp32 logits and vLLM's processed log-probs (4 + 4 bytes per vocabulary entry), the
+               entropy recorder's log-softmax and product (8) and the top-k / top-p sort (12).
 Not counted: megatron's CUDA-graph memory pool (one decode step of max_requests tokens), the context's bookkeeping
-tensors (kilobytes per request), pinned host buffers.
+tensors (kilobytes per request), pinned host buffers; vLLM's CUDA graphs and its scheduler's buffers.
 """
 from __future__ import annotations
 
@@ -53,7 +63,9 @@ from dataclasses import dataclass
 from megatron_red.models.megatron.layout import ParallelLayout
 from megatron_red.models.megatron.model import HFArchitecture, padded_vocab_size
 from megatron_red.models.precision import DTYPES
-from megatron_red.rollout.megatron import default_kv_buffer_gb, kv_block_bytes, kv_buffer_blocks, kv_heads_per_rank
+from megatron_red.rollout import vllm_engine
+from megatron_red.rollout.megatron import (default_kv_buffer_gb, kv_block_bytes, kv_buffer_blocks, kv_heads_per_rank,
+                                           sequences_held)
 
 GIB = 2**30
 HEAD_CHUNK_BYTES = 2 * 256 * 2**20  # two DEFAULT_CHUNK_ELEMENTS fp32 buffers of vocab_parallel_logprobs_entropy
@@ -62,7 +74,7 @@ FUSED_KERNEL_EXTRA_BYTES = 256 * 2**20  # the fused kernel's extra-memory bound 
 
 @dataclass
 class Rollout:
-    """The megatron rollout engine's settings that size its memory (rollout.* of the run config)."""
+    """The rollout engine's settings that size its memory (rollout.* of the run config)."""
 
     requests: int
     """Rows decoded together: megatron's max_requests (rollout.max_batch_size rounded up to a multiple of TP)."""
@@ -81,6 +93,8 @@ class Rollout:
     """megatron's static logits buffer exists (rollout.cuda_graph)."""
     top_p: float = 1.0
     """< 1 adds the nucleus filter's temporaries to the sampler's."""
+    engine: str = "megatron"
+    """`megatron` (the policy's own shards) or `vllm` (a colocated copy: module docstring)."""
 
 
 @dataclass
@@ -143,31 +157,37 @@ def activation_bytes_per_token_layer(arch: HFArchitecture, layout: ParallelLayou
 
 # Which parts each phase holds (module docstring); `MemoryPlan.held` applies the rollout options.
 TRAINING_PARTS = ("weights", "gradients", "optimizer", "activations", "LM head", "reserve")
-GENERATION_PARTS = ("weights", "gradients", "optimizer", "KV cache", "prefill step", "sampling logits", "reserve")
+GENERATION_PARTS = ("weights", "gradients", "optimizer", "engine weights", "KV cache", "prefill step",
+                    "sampling logits", "reserve")
 PHASES = ("generation", "training")
 
 
 @dataclass
 class MemoryPlan:
     """Bytes per part for the first and last pipeline stage (stage -> part -> bytes) of a layout and workload, and
-    the KV cache's geometry (`kv_blocks` blocks of `kv_block_bytes`; 0 without a rollout)."""
+    the KV cache's geometry: megatron's `kv_blocks` blocks of `kv_block_bytes` (0 without a rollout), or vLLM's
+    `kv_token_bytes` per token; `kv_sequences` sequences of the rollout's length it holds at once."""
 
     parts: dict[int, dict[str, float]]
     layout: ParallelLayout
     workload: Workload
     kv_blocks: int = 0
     kv_block_bytes: int = 0
+    kv_token_bytes: int = 0
+    kv_sequences: int = 0
 
     def held(self, phase: str) -> tuple[str, ...]:
         """The parts resident on the GPU during `phase` ("generation" or "training")."""
         rollout = self.workload.rollout
+        vllm = rollout is not None and rollout.engine == "vllm"
         if phase == "training":
-            keep_kv = rollout is not None and not rollout.release_kv_cache
-            return TRAINING_PARTS + (("KV cache",) if keep_kv else ())
+            keep = () if rollout is None or rollout.release_kv_cache else ("KV cache",)
+            return TRAINING_PARTS + (("engine weights",) if vllm and keep else ()) + keep
         if rollout is None:
             return ()
-        offloaded = ("gradients", "optimizer") if rollout.offload_optimizer else ()
-        return tuple(p for p in GENERATION_PARTS if p not in offloaded)
+        dropped = ("gradients", "optimizer") if rollout.offload_optimizer else ()
+        dropped += () if vllm else ("engine weights",)
+        return tuple(p for p in GENERATION_PARTS if p not in dropped)
 
     def peak(self, stage: int, phase: str) -> float:
         return sum(self.parts[stage][p] for p in self.held(phase))
@@ -203,6 +223,8 @@ def generation_bytes(arch: HFArchitecture, layout: ParallelLayout, rollout: Roll
     tokens = rollout.step_tokens
     prefill = tokens * a * (2 * h + 3 * f / tp) + (tokens * a * h if layout.sequence_parallel else 0.0)
     rows, vocab = rollout.requests, padded_vocab_size(arch.vocab_size, tp)
+    if rollout.engine == "vllm":  # every layer on every stage; its sampler on the real vocabulary
+        return {"prefill step": prefill, "sampling logits": rows * arch.vocab_size * 28.0}
     logits = 2 * rows * vocab * a  # gathered over TP, and the sampler's row selection of them
     if stage == pp - 1:
         logits += rows * vocab / tp * a  # the output layer's own shard
@@ -223,8 +245,17 @@ def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload
     sp = tp if layout.sequence_parallel else 1
     optimizer_per_param = 8 + (4 if a == 2 else 0)
     rollout = workload.rollout
-    blocks = block_bytes = 0
-    if rollout is not None:
+    blocks = block_bytes = token_bytes = sequences = 0
+    kv_bytes = engine_weights = 0.0
+    if rollout is not None and rollout.engine == "vllm":
+        token_bytes = vllm_engine.kv_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.head_dim, tp, a)
+        buffer_gb = rollout.kv_buffer_gb
+        if buffer_gb is None:
+            buffer_gb = vllm_engine.default_kv_buffer_gb(rollout.requests, rollout.sequence_length, token_bytes)
+        kv_bytes = int(buffer_gb * GIB)  # what the engine hands vLLM (kv_cache_memory_bytes)
+        sequences = kv_bytes // (token_bytes * rollout.sequence_length)
+        engine_weights = stage_parameter_numel(arch, tp, 1, 0) * a  # the whole model, one TP rank
+    elif rollout is not None:
         block_bytes = kv_block_bytes(layers, kv_heads_per_rank(arch.num_query_groups, tp), arch.head_dim,
                                      rollout.block_size_tokens, a)
         buffer_gb = rollout.kv_buffer_gb
@@ -232,6 +263,8 @@ def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload
             buffer_gb = default_kv_buffer_gb(rollout.requests, rollout.sequence_length, rollout.block_size_tokens,
                                              block_bytes)
         blocks = kv_buffer_blocks(buffer_gb, block_bytes)  # every stage holds layers // pp: megatron's MIN agrees
+        kv_bytes = float(blocks * block_bytes)
+        sequences = sequences_held(blocks, rollout.sequence_length, rollout.block_size_tokens)
     parts = {}
     for stage in sorted({0, pp - 1}):
         numel = stage_parameter_numel(arch, tp, pp, stage)
@@ -253,6 +286,6 @@ def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload
         generation = (generation_bytes(arch, layout, rollout, stage) if rollout is not None
                       else {"prefill step": 0.0, "sampling logits": 0.0})
         parts[stage] = {"weights": numel * a, "gradients": numel * 4.0, "optimizer": optimizer,
-                        "activations": activations, "LM head": head, "KV cache": float(blocks * block_bytes),
-                        **generation, "reserve": reserve_bytes}
-    return MemoryPlan(parts, layout, workload, blocks, block_bytes)
+                        "activations": activations, "LM head": head, "engine weights": engine_weights,
+                        "KV cache": kv_bytes, **generation, "reserve": reserve_bytes}
+    return MemoryPlan(parts, layout, workload, blocks, block_bytes, token_bytes, sequences)
