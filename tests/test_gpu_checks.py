@@ -23,7 +23,7 @@ SCRIPT = ROOT / "tools" / "gpu_checks.sh"
 DEFAULT = ["megatron_rollout", "mcore_anchor", "red_step", "red_step_k4", "megatron_smoke", "hf_anchor", "cuda_tests",
            "rollout_mismatch", "bench_kernels"]
 BY_NAME = ["bench_kernels_nocompile", "profile_backward", "megatron_families", "megatron_train", "bench_rollout",
-           "megatron_train_bf16", "step_overhead"]
+           "megatron_train_bf16", "step_overhead", "vllm_rollout"]
 
 
 def cpu_env(**extra) -> dict:

@@ -14,16 +14,19 @@ Each check runs in processes of its own: vLLM in-process binds the process's thr
 - `megatron-red train rollout.engine=vllm` end to end, killed with SIGKILL after step 3 and resumed: the same
   metrics and weights as an uninterrupted run.
 - Config: vllm without vLLM installed, and a head width vLLM's CPU attention lacks, are refused at load.
+- `megatron-red eval --engine vllm` end to end (vLLM reading the checkpoint directory).
 """
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from dist_utils import run_distributed
+from shared_files import needs_shared
 from trainer_fixtures import TINY_OVERRIDES, cli, read_lines, tiny_config
 
 # vLLM's CPU attention runs heads of width 32, 64, ...: the toy student at width 64 with 2 heads (32 wide).
@@ -259,3 +262,36 @@ def test_cpu_head_width_vllm_cannot_run_is_refused():
     result = cli("train", *TINY_OVERRIDES, "rollout.engine=vllm", "trainer.out_dir=/nonexistent/never")
     assert result.returncode == 2
     assert "heads of width 8" in result.stderr and "rollout.engine=local" in result.stderr
+
+
+@needs_shared
+def test_eval_command_with_the_vllm_engine(tmp_path):
+    """`megatron-red eval --engine vllm`: vLLM reads the checkpoint directory itself; 10 MATH500 problems (n = 1) and
+    10 AIME24 problems (n = 32) of at most 16 new tokens, graded and cached (a rerun generates nothing)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from test_eval import DATA_DIR, build_tiny_tokenizer, corpus
+
+    tokenizer = build_tiny_tokenizer(corpus())
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    Qwen2ForCausalLM(config).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(model), "--out", str(out), "--benchmarks", "math500,aime24", "--data-dir",
+            DATA_DIR, "--limit", "10", "--max-new-tokens", "16", "--engine", "vllm", "--kv-buffer-gb", "0.02",
+            "--no-progress", "--dump-problems"]
+    result = cli(*args, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "generated 330 samples" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    samples = [s for line in (out / "problems.jsonl").read_text().splitlines()
+               for s in json.loads(line)["samples"]]
+    assert len(samples) == 330 and all(1 <= s["num_tokens"] <= 16 for s in samples)
+    assert [results["benchmarks"][b]["n"] for b in ("math500", "aime24")] == [1, 32]
+    result = cli(*args, timeout=600)
+    assert result.returncode == 0 and "generated 0 samples, reused 330" in result.stdout

@@ -1,6 +1,9 @@
-"""Benchmark rollouts on one GPU: HF `generate`, `LocalEngine` and the megatron engine (megatron-core's dynamic
-engine on a `GPTModel`, `megatron_red.rollout.megatron`), side by side on the same weights; and one training step
-(`HFPolicy`, fused LM-head kernel on vs off).
+"""Benchmark rollouts on one GPU: HF `generate`, `LocalEngine`, the megatron engine (megatron-core's dynamic
+engine on a `GPTModel`, `megatron_red.rollout.megatron`) and the vLLM engine (`megatron_red.rollout.vllm_engine`,
+where vLLM is installed), side by side on the same weights; and one training step (`HFPolicy`, fused LM-head
+kernel on vs off). vLLM rows also report the refit time (the engine's weights streamed in from the model, as after
+every optimiser step; the median of `--refits`) and the share of the call its entropy recorder took (the
+full-vocabulary entropy behind H_rl, which vLLM does not compute; the other engines get it from logits they hold).
 
 Default shapes are the anchors of docs/targets.md: a randomly initialised Qwen2.5-1.5B-shaped model in bf16;
 128-token prompts, each sampled `--samples-per-prompt` times (RED's G), at temperature 1; rows x new tokens
@@ -9,7 +12,9 @@ Default shapes are the anchors of docs/targets.md: a randomly initialised Qwen2.
 allocated GPU memory during the timed call (the HF and megatron copies of the weights, ~3 GiB each, are both
 resident); megatron rows also report the KV buffer, the prompt tokens prefix sharing skipped, and the memory
 `suspend()` returned to the allocator. `--quick` shrinks everything to a small model (and `--device cpu --quick`
-is a smoke test of the local engine; the megatron engine needs CUDA).
+is a smoke test of the local engine; the megatron engine needs CUDA). `--model main-job` is the built-in task's
+student (4 layers x 128, vocabulary 256, float32 on CPU) at the main job's rollout shape, 8 prompts x 7 samples x
+192 new tokens, and a wider one, 72 x 7 x 192.
 
 Default workload: HF generate (first shape only), LocalEngine and the megatron engine each eager and with CUDA
 graphs, at 64 x 512 and 512 x 1024, then the training step. `--engines` picks variants: `local` / `megatron` (eager
@@ -19,6 +24,8 @@ and graphed) or `local-eager`, `local-graph`, `megatron-eager`, `megatron-graph`
     python tools/bench_rollout.py --skip-hf-generate --skip-train --engines local-graph,megatron-graph
                                                        # tools/gpu_checks.sh's megatron_rollout step, ~1.3 minutes
     python tools/bench_rollout.py --device cpu --quick # smoke test
+    python tools/bench_rollout.py --device cpu --model main-job --engines local,vllm --skip-train
+                                                       # local vs vLLM on the main job's student (2 CPU cores)
 """
 from __future__ import annotations
 
@@ -34,8 +41,12 @@ from megatron_red.models import HFPolicy, OptimConfig
 from megatron_red.rollout import LocalEngine, SamplingParams
 
 
-def model_config(quick: bool) -> Qwen2Config:
-    if quick:
+def model_config(name: str) -> Qwen2Config:
+    if name == "main-job":  # trainer/build.py's tiny_qwen2_config at the embedded default's model.* values
+        return Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           rope_theta=10000.0, tie_word_embeddings=True)
+    if name == "quick":
         return Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                            tie_word_embeddings=True)
@@ -182,6 +193,51 @@ def bench_shape(args, config, model, sharded, device, rows: list) -> None:
             torch.cuda.empty_cache()
     if sharded is not None:
         bench_megatron(args, sharded, prompt_lists, device, rows)
+    for cuda_graph in graph_modes(args, "vllm", device):
+        name = "vLLM engine" + (" + CUDA graphs" if cuda_graph else " (eager)")
+        print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
+        try:
+            rows.append(vllm_row(args, model, prompt_lists, device, name, cuda_graph, params))
+        except Exception as e:  # noqa: BLE001 - a failed variant is a row of the table, the others still run
+            traceback.print_exc()
+            rows.append((shape_of(args), name, float("nan"), float("nan"), f"failed: {type(e).__name__}: {e}"[:160]))
+        gc.collect()
+
+
+class _ModuleWeights:
+    """An HF module as the vLLM engine's weight source (what a policy's `named_hf_weights` gives)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def named_hf_weights(self):
+        return ((name, p.detach()) for name, p in self.model.named_parameters())
+
+
+def vllm_row(args, model, prompts, device, name, cuda_graph, params):
+    from megatron_red.rollout.vllm_engine import VLLMEngine
+
+    n = args.samples_per_prompt
+    engine = VLLMEngine(model.config, weights=_ModuleWeights(model), eos_token_id=_Ids.eos_token_id,
+                        dtype=next(model.parameters()).dtype, max_batch_size=args.batch,
+                        max_sequence_length=args.prompt_len + args.new_tokens, cuda_graph=cuda_graph,
+                        release_kv_cache=False)
+    try:
+        engine.generate(prompts[:1], n, SamplingParams(max_new_tokens=4, seed=0))  # warm-up: first refit, graphs
+        for _ in range(args.refits):
+            engine.sync_weights()
+        refit = sorted(engine.refit_seconds[1:])[args.refits // 2]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        recorder = engine.recorder_seconds
+        out, seconds = timed(lambda: engine.generate(prompts, n, params), device)
+        assert all(len(c.token_ids) == args.new_tokens for cs in out for c in cs)
+        h_rl = (engine.recorder_seconds - recorder) / seconds
+        notes = [peak_note(device), f"KV {engine.kv_buffer_gb:.2f} GiB", f"refit {refit * 1e3:.1f} ms",
+                 f"H_rl recorder {100 * h_rl:.1f}% of the call"]
+    finally:
+        engine.close()
+    return (shape_of(args), name, seconds, args.batch * args.new_tokens / seconds, "; ".join(filter(None, notes)))
 
 
 def bench_train(args, config, device, rows: list) -> None:
@@ -231,14 +287,17 @@ def bench_train(args, config, device, rows: list) -> None:
 def main() -> None:
     parser = command_line(__doc__, out=None)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true", help="small model and shapes")
+    parser.add_argument("--quick", action="store_true", help="small model and shapes (= --model quick)")
+    parser.add_argument("--model", choices=("full", "quick", "main-job"), default=None,
+                        help="full: Qwen2.5-1.5B-shaped (default); quick: 2 x 128; main-job: the built-in student")
+    parser.add_argument("--refits", type=int, default=5, help="vLLM engine: timed refits (the median is reported)")
     parser.add_argument("--shapes", help="rollout rows x new tokens, comma-separated (default 64x512,512x1024; "
                                          "quick 8x32)")
     parser.add_argument("--prompt-len", type=int, help="rollout prompt tokens (default 128; quick 16)")
-    parser.add_argument("--samples-per-prompt", type=int, default=8, help="rows per prompt (RED's G)")
+    parser.add_argument("--samples-per-prompt", type=int, help="rows per prompt (RED's G; default 8, main-job 7)")
     parser.add_argument("--engines", default="local,megatron",
-                        help="comma-separated: local, megatron (eager and CUDA graph), or local-eager, local-graph, "
-                             "megatron-eager, megatron-graph")
+                        help="comma-separated: local, megatron, vllm (eager and CUDA graph), or local-eager, "
+                             "local-graph, megatron-eager, megatron-graph, vllm-eager, vllm-graph")
     parser.add_argument("--kv-block-size", type=int, default=64,
                         help="megatron engine: KV block tokens (prefix sharing is per full block)")
     parser.add_argument("--skip-hf-generate", action="store_true", help="skip the (slow) HF generate baseline")
@@ -250,13 +309,16 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2, help="timed steps after one warm-up step (>= 1)")
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
     args = parser.parse_args()
-    for name, full, quick in (("shapes", "64x512,512x1024", "8x32"), ("prompt_len", 128, 16),
-                              ("train_batch", 4, 2), ("train_len", 4096, 128)):
+    args.model = args.model or ("quick" if args.quick else "full")
+    for name, full, quick, main_job in (("shapes", "64x512,512x1024", "8x32", "56x192,504x192"),
+                                        ("prompt_len", 128, 16, 48), ("train_batch", 4, 2, 2),
+                                        ("train_len", 4096, 128, 128), ("samples_per_prompt", 8, 8, 7)):
         if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+            setattr(args, name, {"full": full, "quick": quick, "main-job": main_job}[args.model])
     args.shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     args.engines = args.engines.split(",")
-    known = {"local", "megatron", "local-eager", "local-graph", "megatron-eager", "megatron-graph"}
+    known = {"local", "megatron", "vllm", "local-eager", "local-graph", "megatron-eager", "megatron-graph",
+             "vllm-eager", "vllm-graph"}
     if set(args.engines) - known:
         parser.error(f"unknown --engines {sorted(set(args.engines) - known)}; known: {sorted(known)}")
     if args.device == "cpu":
@@ -268,7 +330,7 @@ def main() -> None:
         parser.error("--train-steps and --micro-batch must be >= 1")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = model_config(args.quick)
+    config = model_config(args.model)
     if device.type == "cpu":
         torch.set_num_threads(1)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -289,8 +351,9 @@ def main() -> None:
     for (work, impl), rate in rates.items():
         if impl.startswith("LocalEngine") and (work, "HF generate") in rates:
             print(f"{work} {impl}: {rate / rates[work, 'HF generate']:.1f}x HF generate (target >= 10x)")
-        local = {"megatron engine (eager)": "LocalEngine (eager)",
-                 "megatron engine + CUDA graphs": "LocalEngine + CUDA graph"}.get(impl)
+        local = {"megatron engine (eager)": "LocalEngine (eager)", "vLLM engine (eager)": "LocalEngine (eager)",
+                 "megatron engine + CUDA graphs": "LocalEngine + CUDA graph",
+                 "vLLM engine + CUDA graphs": "LocalEngine + CUDA graph"}.get(impl)
         if local and (work, local) in rates:
             print(f"{work} {impl}: {rate / rates[work, local]:.2f}x {local}")
         if impl.startswith("megatron engine") and work == "512x1024":

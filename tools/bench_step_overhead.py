@@ -6,7 +6,9 @@ forward gives H_sft), the accumulated gradient is scaled by w, then the on-polic
 forward/backward calls, so one more partial micro-batch). H_rl is the engine's (`rollout_entropy`, computed while
 sampling; random numbers here). This times the trainer's steps 4-6 — `prepare_update`, then forward/backward with
 `red_policy_loss` and the optimiser step(s) (`rollout_update`) — on one fixed batch in which one row per group of
-G+1 is flagged offline; for GRPO the same rows are all on-policy, so the token count is identical. `--mini-batches`
+G+1 is flagged offline; for GRPO the same rows are all on-policy, so the token count is identical. (With
+`rollout.engine=vllm` H_rl costs the engine the entropy recorder's time instead: tools/bench_rollout.py reports its
+share of each generation call.) `--mini-batches`
 K > 1 times the K-optimiser-step update instead (a forward-only pass for pi_old first, then K steps), for both.
 
 On a shared CPU machine wall time moves with the other processes' load; the table also gives this process's CPU

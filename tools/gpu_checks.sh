@@ -28,7 +28,8 @@
 # 26: `megatron-red train` in bf16 with the distributed optimizer, rollout.offload_optimizer, K = 2, a checkpoint,
 # the HF export and the evaluation, end to end on the GPU), step_overhead (issue 26: RED over GRPO at equal tokens,
 # HF backend, the 1.5B's width and vocabulary with 12 layers (two policies fit), 2048-token rows: there the
-# per-micro-batch overheads that dominate the CPU toy's ratio are small against the work).
+# per-micro-batch overheads that dominate the CPU toy's ratio are small against the work), vllm_rollout (issue 31:
+# the vLLM engine beside LocalEngine and the megatron engine, with its refit time; needs vLLM on the GPU machine).
 #
 # Before the device run, in the repository root of this (CPU) machine:
 #   python3 -m pip download megatron-core==0.19.2 --no-deps -d .whl   # 2.4 MB cp312 manylinux x86-64 wheel: run it
@@ -168,6 +169,11 @@ print(len(a), \"tensors equal, dtype\", next(iter(a.values())).dtype)"' ;;
     step_overhead) run step_overhead 120 python3 tools/bench_step_overhead.py --device cuda --hidden 1536 --layers 12 \
                      --vocab 151936 --length 2048 --micro-batch-size 4 --reps 6 ;;
     bench_rollout) run bench_rollout 130 python3 tools/bench_rollout.py --shapes 64x256 --engines local ;;
+    # Issue 31, for a GPU machine with vLLM installed (pip install -e ".[vllm]"; the lent machines have none and its
+    # CUDA wheel is too large to carry): the vLLM engine beside LocalEngine and the megatron engine, CUDA graphs,
+    # the refit time, on the random Qwen2.5-1.5B shape.
+    vllm_rollout) run vllm_rollout 240 python3 tools/bench_rollout.py --skip-hf-generate --skip-train \
+                    --engines local-graph,megatron-graph,vllm-graph --shapes 64x512,512x1024 ;;
     *) echo "unknown step $1" ;;
   esac
 }

@@ -48,14 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="system prompt for chat-think (default: DATA_DIR/luffy_system_prompt.txt)")
     parser.add_argument("--engine", default="local", choices=ENGINE_KINDS,
                         help="local: torch decode loop on one device; megatron: megatron-core's dynamic engine on "
-                             "TP x PP shards, under torchrun (one process per shard)")
+                             "TP x PP shards, under torchrun (one process per shard); vllm: vLLM in this process, "
+                             "reading the model directory itself (one process; install as for rollout.engine=vllm)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="megatron engine: TP degree")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="megatron engine: PP degree")
     parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="megatron engine: longest prompt + response (default: the longest response of the run "
-                             "+ 2048 prompt tokens, at most the model's context length)")
+                        help="megatron and vllm engines: longest prompt + response (default: the longest response "
+                             "of the run + 2048 prompt tokens, at most the model's context length)")
     parser.add_argument("--kv-buffer-gb", type=float, default=None,
-                        help="megatron engine: KV cache per GPU (default: --batch-size full-length sequences)")
+                        help="megatron and vllm engines: KV cache per GPU (default: --batch-size full-length "
+                             "sequences)")
     parser.add_argument("--kv-block-size", type=int, default=256, help="megatron engine: tokens per KV block")
     parser.add_argument("--dist-timeout-minutes", type=float, default=60.0,
                         help="megatron engine: time-out of collectives (as trainer.dist_timeout_minutes)")
@@ -186,6 +188,15 @@ def run(args: argparse.Namespace) -> int:
         longest = max(s.max_new_tokens for s in effective_specs(config))
         engine, tokenizer = load_megatron_engine(args, model_dir, longest)
         writer, share = torch.distributed.get_rank() == 0, _broadcast_from_rank0
+    elif args.engine == "vllm":
+        if under_torchrun():
+            raise ConfigError("--engine vllm evaluates in one process (a student too big for one GPU: --engine "
+                              "megatron under torchrun)")
+        longest = max(s.max_new_tokens for s in effective_specs(config))
+        tokenizer = load_tokenizer_for_eval(model_dir)
+        rollout = RolloutConfig(max_batch_size=args.batch_size, kv_buffer_gb=args.kv_buffer_gb)
+        engine = build_engine("vllm", model_dir, tokenizer, rollout,
+                              max_sequence_length=args.max_sequence_length or longest + PROMPT_ALLOWANCE)
     else:
         model, tokenizer = load_model_and_tokenizer(model_dir, device)
         engine = build_engine(args.engine, model, tokenizer, RolloutConfig(max_batch_size=args.batch_size))

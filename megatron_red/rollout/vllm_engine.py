@@ -74,6 +74,8 @@ def step_tokens(max_batch_size: int) -> int:
 
 _ENTROPIES: dict[str, dict[int, float]] = {}
 """Request key -> {position: entropy}, filled by `_EntropyRecorder` (in this process) and emptied by `generate`."""
+_RECORDER_SECONDS = [0.0]
+"""Wall time spent in `_EntropyRecorder.apply` in this process (what H_rl costs the engine; bench_rollout.py)."""
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, tensor_model_parallel_size: int,
@@ -133,6 +135,7 @@ def _recorder_class():
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
             if not self.rows:
                 return logits
+            start = time.perf_counter()
             index = sorted(i for i in self.rows if i < logits.shape[0])
             temperature = torch.tensor([self.rows[i][1] for i in index], dtype=torch.float32, device=logits.device)
             logp = torch.log_softmax(logits[index].float() / temperature[:, None], dim=-1)
@@ -140,6 +143,7 @@ def _recorder_class():
             for i, h in zip(index, entropy.tolist()):
                 key, _, output = self.rows[i]
                 _ENTROPIES.setdefault(key, {})[len(output)] = h
+            _RECORDER_SECONDS[0] += time.perf_counter() - start  # includes the host copy of the entropies
             return logits
 
     _EntropyRecorder = Recorder
@@ -167,7 +171,8 @@ class VLLMEngine(RolloutEngine):
     weights:             the weight source: anything with `named_hf_weights()` (the policy, or its sharded
                          model), read at every refit; None = load `model_path`'s safetensors once (evaluation).
     model_path:          a Hugging Face checkpoint directory (with `weights=None`).
-    eos_token_id:        a row stops after emitting it (or one of `SamplingParams.stop_token_ids`).
+    eos_token_id:        a row stops after emitting it (or one of `SamplingParams.stop_token_ids`); negative: no
+                         EOS (benchmarks: every row decodes all its tokens).
     dtype:               the engine's dtype (bfloat16 on CUDA, the policy's float32 on CPU).
     tensor_parallel_size: vLLM's TP; > 1 (or any torch.distributed world) uses its external launcher: every rank
                          of the world builds its engine, TP consecutive ranks sharing one.
@@ -198,6 +203,7 @@ class VLLMEngine(RolloutEngine):
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         self.on_cuda = torch.cuda.is_available()
         self.eos_token_id = int(eos_token_id)
+        self._eos = [self.eos_token_id] if self.eos_token_id >= 0 else []
         self.max_sequence_length = max_sequence_length
         self.release_kv_cache = release_kv_cache and self.on_cuda  # vLLM's sleep mode is CUDA only
         self.gather_group, self.mp_group = gather_group, mp_group
@@ -224,6 +230,8 @@ class VLLMEngine(RolloutEngine):
         self._calls = 0
         self.refit_seconds: list[float] = []
         """Wall time of each refit (tools/bench_rollout.py reports it)."""
+        self.recorder_seconds = 0.0
+        """Wall time the entropy recorder (H_rl) took inside this engine's `generate` calls."""
 
     def _build(self, LLM, model_path, dummy, dtype, tensor_parallel_size, distributed, max_batch_size, kv_buffer_gb,
                prefix_caching, cuda_graph):
@@ -322,11 +330,13 @@ class VLLMEngine(RolloutEngine):
                 requests.append(VllmSamplingParams(
                     n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0,
                     max_tokens=params.max_new_tokens, seed=seed,
-                    stop_token_ids=[self.eos_token_id, *params.stop_token_ids], logprobs=0, detokenize=False,
+                    stop_token_ids=[*self._eos, *params.stop_token_ids], logprobs=0, detokenize=False,
                     extra_args={_ROW_KEY: key}))
         rows = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts for _ in range(n)]
+        recorded = _RECORDER_SECONDS[0]
         try:
             outputs = self.llm.generate(rows, requests, use_tqdm=False)
+            self.recorder_seconds += _RECORDER_SECONDS[0] - recorded
             completions = [self._completion(o.outputs[0], _ENTROPIES.get(k, {})) for o, k in zip(outputs, keys)]
         finally:
             for k in keys:
