@@ -75,6 +75,29 @@ def _prompts(task) -> list[list[int]]:
     return [ex.prompt_ids for ex in task.test[:4]] + [long]
 
 
+def _truncated_sampling(engine, model, prompts, stop: int) -> dict:
+    """Sampling at temperature 0.7, top-k 20, top-p 0.9 with an extra stop id: the behaviour log-probs against
+    `rollout.sampling.sampling_logprobs` (the distribution the other engines sample) of a float64 forward, and what
+    ends each row (the stop id or EOS, included and `finished`; else exactly max_new_tokens tokens)."""
+    from megatron_red.rollout import SamplingParams
+    from megatron_red.rollout.sampling import sampling_logprobs
+
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=GREEDY_TOKENS, seed=11,
+                            stop_token_ids=(stop,))
+    rows = engine.generate(prompts, 4, params)
+    reference = copy.deepcopy(model).double().eval()
+    worst, ends = 0.0, []
+    for prompt, completions in zip(prompts, rows):
+        for c in completions:
+            with torch.no_grad():
+                logits = reference(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1:-1]
+            want = sampling_logprobs(logits, 0.7, 0.9, 20).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            worst = max(worst, (torch.tensor(c.logprobs, dtype=torch.float64) - want).abs().max().item())
+            ends.append((c.finished, c.token_ids[-1] in (stop, engine.eos_token_id), c.token_ids[-1] == stop,
+                         len(c.token_ids)))
+    return dict(logprob_error=worst, ends=ends)
+
+
 def _greedy(engine, prompts):
     from megatron_red.rollout import SamplingParams
 
@@ -131,6 +154,8 @@ def _hf_worker(rank, world_size, run_dir, untied):
                     sampled=_sampled_vs_trainer(engine, policy, prompts, 0.7, tokenizer.pad_token_id))
 
     before = check()
+    first = before["vllm"][0]
+    truncated = _truncated_sampling(engine, policy.model, prompts, stop=first[len(first) // 2])
     kv = _kv_cache_against_plan(engine, policy.model.config)
     start = {k: v.detach().clone() for k, v in policy.model.named_parameters()}
     trainer.train()  # one RED step; finish_training refits the engine
@@ -138,7 +163,7 @@ def _hf_worker(rank, world_size, run_dir, untied):
     after = check()
     refits = len(engine.refit_seconds)
     engine.close()
-    return before, after, moved, refits, kv
+    return before, after, moved, refits, kv, truncated
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +180,13 @@ def _assert_engine_matches(result):
 
 @pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
 def test_hf_backend_greedy_and_logprobs_before_and_after_a_refit(root, untied):
-    [(before, after, moved, refits, kv)] = run_distributed(_hf_worker, 1, str(root / f"hf_{untied}"), untied,
-                                                           timeout_s=600)
+    [(before, after, moved, refits, kv, truncated)] = run_distributed(_hf_worker, 1, str(root / f"hf_{untied}"),
+                                                                      untied, timeout_s=600)
+    assert truncated["logprob_error"] < 1e-5
+    # (finished, ended on the stop id or EOS, on the stop id, tokens): finished exactly when it stopped, else cut
+    ends = truncated["ends"]
+    assert all(finished == stopped and (finished or n == GREEDY_TOKENS) for finished, stopped, _, n in ends)
+    assert any(on_stop_id for *_, on_stop_id, _ in ends)
     allocated, planned, token_bytes, planned_token_bytes = kv
     assert token_bytes == planned_token_bytes and 0 <= planned - allocated < 2**20  # vLLM keeps whole blocks
     _assert_engine_matches(before)
