@@ -210,7 +210,7 @@ def test_on_off_string_fields_keep_their_word(tmp_path, value):
     ("rollout.n=0", "rollout.n=0: must be >= 1"),
     ("rollout.temperature=-1", "rollout.temperature=-1.0: must be > 0"),
     ("rollout.top_p=1.5", "rollout.top_p=1.5: must be in (0, 1]"),
-    ("rollout.engine=vllm", "rollout.engine='vllm': must be one of auto, local, megatron"),
+    ("rollout.engine=sglang", "rollout.engine='sglang': must be one of auto, local, megatron, vllm"),
     ("rollout.kv_buffer_gb=0", "rollout.kv_buffer_gb=0.0: must be null or > 0"),
     ("trainer.save_every=0", "trainer.save_every=0: must be >= 1"),
     ("trainer.keep_last=-1", "trainer.keep_last=-1: must be >= 0"),

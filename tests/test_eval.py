@@ -358,10 +358,12 @@ def test_build_engine_errors():
 
     from megatron_red.trainer.build import build_engine
 
-    for kind in ("tensorrt", "vllm"):
+    for kind in ("tensorrt", "sglang"):
         with pytest.raises(ValueError, match="unknown engine"):
             build_engine(kind, None, None)
     with pytest.raises(ValueError, match="Hugging Face causal LM"):
         build_engine("local", torch.nn.Linear(2, 2), None)
     with pytest.raises(ValueError, match="MegatronPolicy"):
         build_engine("megatron", torch.nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="named_hf_weights"):
+        build_engine("vllm", torch.nn.Linear(2, 2), None)
