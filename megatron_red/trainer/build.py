@@ -266,6 +266,9 @@ def _megatron_engine(policy, tokenizer, rollout, max_sequence_length: int | None
 def _vllm_engine(policy, tokenizer, rollout, max_sequence_length: int | None) -> RolloutEngine:
     from megatron_red.rollout.vllm_engine import VLLMEngine
 
+    if not isinstance(policy, (str, Path)) and not hasattr(policy, "named_hf_weights"):
+        raise ValueError("the vllm engine refits from a policy's named_hf_weights() (an HFPolicy, MegatronPolicy or "
+                         "ShardedModel), or loads a checkpoint directory")
     common = dict(eos_token_id=tokenizer.eos_token_id, max_batch_size=rollout.max_batch_size,
                   kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
                   cuda_graph=rollout.cuda_graph and torch.cuda.is_available(),
@@ -278,9 +281,6 @@ def _vllm_engine(policy, tokenizer, rollout, max_sequence_length: int | None) ->
         length = _vllm_length(max_sequence_length or rollout.max_sequence_length, config)
         return VLLMEngine(model_path=str(policy), dtype=torch.bfloat16 if on_cuda else torch.float32,
                           max_sequence_length=length, **common)
-    if not hasattr(policy, "named_hf_weights"):
-        raise ValueError("the vllm engine refits from a policy's named_hf_weights() (an HFPolicy, MegatronPolicy or "
-                         "ShardedModel), or loads a checkpoint directory")
     if hasattr(policy, "mp_group"):  # Megatron: TP = the training TP, the pipeline stages split the prompts
         from megatron.core import parallel_state as ps
 
