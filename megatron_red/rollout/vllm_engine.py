@@ -47,6 +47,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from typing import Iterable, Iterator
 
 import torch
@@ -199,6 +200,11 @@ class VLLMEngine(RolloutEngine):
             from vllm import LLM
         except ImportError as err:
             raise ConfigError(f"rollout.engine=vllm: vLLM is not importable ({err}); {INSTALL_HINT}") from None
+        import vllm
+
+        if not vllm.__version__.startswith(VLLM_RELEASE):
+            warnings.warn(f"vLLM {vllm.__version__}: the vllm engine uses vLLM {VLLM_RELEASE}'s logits-processor and "
+                          f"in-place reload interfaces; install {VLLM_RELEASE}.x if it fails", stacklevel=2)
         # Every refit warns that layers without weights (the rotary tables) loaded none.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         self.on_cuda = torch.cuda.is_available()
