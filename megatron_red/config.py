@@ -163,16 +163,25 @@ class RolloutConfig:
 @dataclass
 class RewardsConfig:
     """Shaping of the verifier's reward (the RED authors' code: DAPO's soft overlong punishment, megatron_red/rewards/
-    overlong.py). Shaping moves the advantages only: rbar (Eq. 8), `reward/all_fail_prompts`, dynamic sampling's
-    signal rule, ReLIFT's and BREAD's "failed" tests and every accuracy metric use the verifier's accuracy."""
+    overlong.py). Shaping moves the advantages, and with them dynamic sampling's signal rule (a group is kept when
+    its advantages are not all zero); rbar (Eq. 8), `reward/all_fail_prompts`, ReLIFT's and BREAD's "failed" tests
+    and every accuracy metric use the verifier's accuracy."""
 
     overlong_buffer: int | None = None
     """Tokens before the generation limit (`rollout.max_new_tokens`) where the overlong penalty starts; it grows
-    linearly to `overlong_penalty` at the limit. Applied to every scored sample, the offline trace included (by its
-    length), as the authors do (2000 of 8192). None (default) = a quarter of the limit (the authors' fraction; 48 of
+    linearly to `overlong_penalty` at the limit. Applied to every rollout (and to the offline trace with
+    `overlong_penalize_trace`). None (default) = a quarter of the limit (the authors' fraction, 2000 of 8192; 48 of
     the built-in task's 192: docs/calibration.md, O1); 0 = off."""
     overlong_penalty: float = 1.0
     """The penalty subtracted at the generation limit (DAPO and the authors: 1.0)."""
+    overlong_penalize_trace: bool = False
+    """Shape the offline trace's reward by its own length too, as the authors' reward function did (it scored every
+    sample of the group alike). Off by default and in every recipe: the penalty teaches the policy to finish within
+    its generation limit, and the trace is the teacher's text, never cut by that limit (`data.max_trace_tokens`
+    truncates it). With the recipes' 8192 / 2000, a correct 8000-token trace in a group where 1 of 7 rollouts is
+    right would get advantage -0.117 (shaped reward 1 - 0.904) and the offline term, weighted by w up to G, would
+    push the policy away from a correct demonstration; unpenalised it gets +1.62. True reproduces the authors'
+    shaping."""
     overlong_filter: bool = False
     """DAPO's overlong filtering: rollouts cut at the generation limit (no EOS) carry no loss (they still count in
     their group's advantages)."""
@@ -223,9 +232,11 @@ class TrainerConfig:
     pass over the rollout batch at the sampling temperature before the first update, so the PPO clip acts
     (`algo.loss.clip_eps` / `clip_eps_high`); H_rl, H_sft and w are those of that pass, held for all the batch's
     optimiser steps (the entropy controller steps once per rollout batch); each optimiser step normalises the loss
-    with its mini-batch's counts (over all data-parallel replicas). Each replica splits its own block of groups,
-    so prompts_per_step must give every replica at least K groups. SFT-only steps (the `sft` method, SFT->GRPO's
-    SFT stage) and ReLIFT's SFT steps take one optimiser step whatever K is. 1 = one optimiser step per batch."""
+    with its mini-batch's counts (over all data-parallel replicas). Mini-batch k holds the k-th block of the step's
+    groups in the step's order (replica 0's first), whichever replica holds them, so the steps train the same
+    groups together at any data-parallel size (a replica may hold none of a block). SFT-only steps (the `sft`
+    method, SFT->GRPO's SFT stage) and ReLIFT's SFT steps take one optimiser step whatever K is. 1 = one optimiser
+    step per batch."""
     epochs_per_step: int = 1
     """E: passes over the K mini-batches of a rollout batch (verl's `ppo_epochs`), in the same order each time; the
     batch takes K x E optimiser steps. The learning-rate schedule counts optimiser steps (as OpenRLHF, the authors'
