@@ -431,7 +431,7 @@ class RedTrainer:
                     self.save()
         finally:
             bar.close()
-        if checkpoint.latest_checkpoint(self.run_dir) is None or self.step % cfg.save_every:
+        if checkpoint.needs_final_save(self.run_dir, self.step, cfg.save_every):  # decided on rank 0
             self.save()
         set_phase("hf export")
         checkpoint.save_hf_model(self.policy, self.tokenizer, self.run_dir / checkpoint.HF_DIR)

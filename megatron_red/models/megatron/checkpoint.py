@@ -13,6 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron_red.distributed import broadcast_from_main, is_main_process
 from megatron_red.errors import ConfigError
 from megatron_red.models.megatron.weights import unwrap_model
 
@@ -91,13 +92,20 @@ def is_megatron_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, TRAINER_STATE_FILE))
 
 
+def _check_checkpoint(path: str) -> None:
+    """Raise ConfigError on every rank unless `path` is a checkpoint `save_checkpoint` wrote. Collective: global
+    rank 0 looks, so that ranks whose views of a shared file system lag do not disagree (some entering the
+    collective load, others raising)."""
+    if not broadcast_from_main(is_megatron_checkpoint(path) if is_main_process() else None):
+        raise ConfigError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+
+
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
     """Collectively load only the model weights of a checkpoint saved by `save_checkpoint` into the (possibly
     wrapped) model stage of this rank, at any TP / PP layout (an export needs no optimiser)."""
     from megatron.core import dist_checkpointing
 
-    if not is_megatron_checkpoint(path):
-        raise ConfigError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+    _check_checkpoint(path)
     model = unwrap_model(model)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(loaded["model"])
@@ -107,10 +115,10 @@ def load_checkpoint(model, optimizer, path: str) -> int:
     """Collectively load a checkpoint saved by `save_checkpoint` (any TP/PP/DP layout); returns its step."""
     from megatron.core import dist_checkpointing
 
-    if not is_megatron_checkpoint(path):
-        raise ConfigError(f"{path!r} is not a megatron_red checkpoint (no {TRAINER_STATE_FILE})")
+    _check_checkpoint(path)
     _allocate_optimizer_state(optimizer)
     loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer, True), path)
     unwrap_model(model).load_state_dict(loaded["model"])
     _load_optimizer_state(optimizer, loaded["optimizer"])
-    return torch.load(os.path.join(path, TRAINER_STATE_FILE), weights_only=False)["step"]
+    step = torch.load(os.path.join(path, TRAINER_STATE_FILE), weights_only=False)["step"] if is_main_process() else None
+    return broadcast_from_main(step)
