@@ -80,9 +80,13 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
     if not dist.is_initialized():
         raise ValueError("the Megatron backend needs torch.distributed to be initialised (torchrun)")
     if not ps.model_parallel_is_initialized():
+        # No gloo twins of megatron's groups: only the distributed optimizer's gathered checkpoint formats use them
+        # (checkpoint.py uses none of those), and across nodes they need a routable interface (a host name that
+        # resolves to 127.0.1.1 hangs them). On CPU the groups megatron does create are gloo groups anyway.
         ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
                                      pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-                                     distributed_timeout_minutes=config.dist_timeout_minutes)
+                                     distributed_timeout_minutes=config.dist_timeout_minutes,
+                                     create_gloo_process_groups=False)
     elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
           or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
         raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
@@ -179,7 +183,7 @@ class MegatronPolicy(PolicyBackend):
                 adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=max(optim.grad_clip, 0.0),
                 use_distributed_optimizer=config.use_distributed_optimizer, params_dtype=dtype,
                 bf16=dtype == torch.bfloat16),
-            [self.model])
+            [self.model], use_gloo_process_groups=False)
         self.step = 0
         self._adam_offloaded = False
         self._set_lr()
