@@ -62,9 +62,10 @@ class ModelConfig:
     attention scores; only worth it with `attention: local`), `mlp`, `layernorm`. Exclusive with
     gradient_checkpointing."""
     attention: str = "auto"
-    """Megatron backend core attention: `auto` (Transformer Engine's fused attention when TE is installed, else
-    `sdpa`), `te`, `sdpa` (torch scaled_dot_product_attention: flash / memory-efficient kernels, packed sequences)
-    or `local` (megatron's unfused DotProductAttention; stores [heads, s, s] scores, no packing)."""
+    """Megatron backend core attention: `auto` (= `sdpa` until Transformer Engine's spec has passed its GPU check:
+    models/megatron/layout.py), `te` (Transformer Engine's layer spec, with fused RoPE; needs TE; not yet run on a
+    GPU), `sdpa` (torch scaled_dot_product_attention in megatron's local spec: flash / memory-efficient kernels,
+    packed sequences) or `local` (megatron's unfused DotProductAttention; stores [heads, s, s] scores, no packing)."""
     sequence_parallel: bool = False
     """Megatron backend, TP > 1: split norm / residual activations along the sequence over the TP ranks."""
     tensor_model_parallel_size: int = 1
