@@ -27,6 +27,7 @@ from megatron_red.models.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSp
 from megatron_red.models.megatron import checkpoint
 from megatron_red.models.megatron.layout import ParallelLayout
 from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
+from megatron_red.models.megatron.offload import OptimizerOffload
 from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
 from megatron_red.models.precision import DTYPES
@@ -185,7 +186,8 @@ class MegatronPolicy(PolicyBackend):
                 bf16=dtype == torch.bfloat16),
             [self.model], use_gloo_process_groups=False)
         self.step = 0
-        self._adam_offloaded = False
+        # In an fp32 model the master weights are views of the parameters, which stay on the GPU.
+        self._offload = OptimizerOffload(self.optimizer, master_weights=config.dtype != "float32")
         self._set_lr()
 
     # -- actor hooks (models/base.py; docs/architecture.md) -------------------------------------------------------
@@ -197,38 +199,18 @@ class MegatronPolicy(PolicyBackend):
         self.onload_adam_states()
 
     def offload_adam_states(self) -> None:
-        """Adam moments (and a 16-bit model's fp32 master weights) to host memory; gradient buffers freed.
-
-        megatron-core's `offload_to_cpu` moves every tensor its inner optimiser holds, master weights included; in
-        an fp32 model those are the model's own parameters (or views into them), so there only the state moves.
-        """
-        if self._adam_offloaded:
+        """Adam moments (and a 16-bit model's fp32 master weights) to pinned host buffers (offload.py); gradient
+        buffers freed."""
+        if self._offload.offloaded:
             return
-        if self.config.dtype == "float32":
-            for opt in self.optimizer.chained_optimizers:
-                for state in opt.optimizer.state.values():
-                    for key, value in state.items():
-                        if torch.is_tensor(value) and value.is_cuda:
-                            state[key] = value.cpu()
-        else:
-            self.optimizer.offload_to_cpu()
+        self._offload.offload()
         self.model.offload_grad_buffers()
-        self._adam_offloaded = True
 
     def onload_adam_states(self) -> None:
-        if not self._adam_offloaded:
+        if not self._offload.offloaded:
             return
         self.model.restore_grad_buffers()
-        if self.config.dtype == "float32":
-            device = next(self.model.parameters()).device
-            for opt in self.optimizer.chained_optimizers:
-                for state in opt.optimizer.state.values():
-                    for key, value in state.items():
-                        if torch.is_tensor(value) and key != "step":
-                            state[key] = value.to(device)
-        else:
-            self.optimizer.restore_from_cpu()
-        self._adam_offloaded = False
+        self._offload.onload()
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _head(self, temperature: float) -> LogprobHead:
