@@ -11,6 +11,8 @@ measures the host memory this keeps per rank (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers
@@ -141,6 +143,24 @@ def test_bf16_round_trip(tmp_path, distributed_optimizer):
         assert a.dtype == torch.float32 and torch.equal(a, b), i
     for k, v in saved["next"].items():
         assert torch.equal(loaded["next"][k], v), k
+
+
+def test_flat_ranges_are_covered_by_their_blocks_in_order():
+    """`_flat_blocks`: the hyper-rectangles of a flat range, each one contiguous run, together the range in order
+    (element indices of a torch.arange tensor), for every range of a few shapes."""
+    from megatron_red.models.megatron.checkpoint import _flat_blocks
+
+    for shape in ((7,), (3, 5), (4, 3, 5), (2, 3, 2, 4)):
+        flat = torch.arange(math.prod(shape)).view(shape)
+        for lo in range(flat.numel() + 1):
+            for hi in range(lo, flat.numel() + 1):
+                covered = []
+                for offset, block, start in _flat_blocks(shape, lo, hi):
+                    values = flat[tuple(slice(o, o + b) for o, b in zip(offset, block))].flatten()
+                    assert values.tolist() == list(range(start, start + values.numel())), (shape, lo, hi)
+                    covered += values.tolist()
+                assert covered == list(range(lo, hi)), (shape, lo, hi)
+                assert len(_flat_blocks(shape, lo, hi)) <= 2 * len(shape) - 1
 
 
 def _dist_optimizer_worker(rank, world_size, hf_config, hf_state, tp, pp, path, save):
