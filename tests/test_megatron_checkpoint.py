@@ -7,7 +7,8 @@ resharding, equal weights after the second step check the optimiser state (fp32 
 resharding too. With the distributed optimizer the save and the load must never gather optimizer state: every
 rank's optimizer pieces are exactly its own shard (3 fp32 tensors of its DP slice), megatron's gathering code path
 (`get_parameter_state_dp_zero`) is never entered, and megatron creates no gloo groups. tools/checkpoint_memory.py
-measures the host memory this keeps per rank (docs/benchmarks.md).
+measures the host memory this keeps per rank (docs/benchmarks.md). The pieces' geometry (`_flat_blocks`: a flat
+range as hyper-rectangles) is checked on its own for every range of a few shapes.
 """
 from __future__ import annotations
 

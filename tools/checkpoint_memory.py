@@ -15,7 +15,7 @@ per shard byte: the shard of the 7B recipe's rank (12 bytes x its parameters / (
 ratio, where a ratio that grows with DP (a format that gathers the TP shard's whole optimizer state on every rank)
 is scaled by DP 4 / the measured DP.
 
-Run: `python tools/checkpoint_memory.py [--out FILE.md]` (CPU; about 1 minute and 4 GB of host memory at the
+Run: `python tools/checkpoint_memory.py [--out FILE.md]` (CPU; about 1 minute and 5 GB of host memory at the
 defaults). Not a GPU tool: on CPU the worker processes load tests/megatron_compat.py (megatron-core's unconditional
 CUDA calls redirected to the CPU, as the tests do).
 """
