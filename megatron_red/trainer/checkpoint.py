@@ -206,7 +206,7 @@ def _on_main(read):
     if is_main_process():
         try:
             answer = (read(), None)
-        except (OSError, ConfigError) as err:
+        except Exception as err:  # noqa: BLE001 - raised again on every rank below
             answer = (None, err)
     value, error = broadcast_from_main(answer)
     if error is not None:
