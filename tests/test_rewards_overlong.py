@@ -215,14 +215,35 @@ def test_decisions_read_accuracy_not_the_shaped_reward(root, method):
     assert on[0]["reward/all_fail_prompts"] > 0  # the toy has all-fail prompts: the decisions were taken
 
 
-def test_dynamic_sampling_keeps_the_groups_whose_advantages_are_not_zero(root):
-    """With shaping, the groups of the step (kept ones first, then dropped ones to fill it) are those a rule on the
-    shaped rewards picks: the first `dynamic/kept_groups` have non-zero advantages in the batch, the rest none."""
+def test_dynamic_sampling_keeps_the_groups_whose_advantages_are_not_zero(root, monkeypatch):
+    """With shaping (the buffer is the whole limit: every length is penalised), the step trains the first 4 of the
+    sampled groups (all rounds, in order) whose advantages are not all zero, then dropped ones if it must: here
+    groups whose rollouts were all graded alike but differ in length are among them, which the accuracy rule would
+    drop."""
     extra = ["algo.method=grpo", "rollout.dynamic_sampling=true", "rollout.dynamic_sampling_max_rounds=3",
              "rewards.overlong_buffer=24"]
-    metrics, built, trainer = _step(root, "dynamic_shaped", *extra)
-    groups, kept = built[0], metrics["dynamic/kept_groups"]
-    batch = build_batch(groups, offline_in_group=False, std_normalize=True, pad_token_id=0)
-    nonzero = [bool(batch.fields["advantages"][batch.fields["group"] == i].abs().max() > 0) for i in range(len(groups))]
-    assert nonzero == [True] * kept + [False] * (len(groups) - kept)
-    assert 0 < kept and metrics["reward/overlong_penalty_mean"] < 0
+    run_dir = root / "dynamic_shaped"
+    trainer = RedTrainer(tiny_config(run_dir, "trainer.prompts_per_step=4", *extra), run_dir)
+    trainer.task.reward_fn = lambda texts, answers: [float(len(t) % 5 == 0) for t in texts]
+    sampled, roll_out = [], trainer.roll_out
+
+    def recording(examples, loss_cfg, round_=0):
+        out = roll_out(examples, loss_cfg, round_)
+        sampled.extend(out.groups)
+        return out
+
+    trainer.roll_out = recording
+    built = []
+    monkeypatch.setattr(red_trainer, "build_batch",
+                        lambda groups, **kw: built.append(groups) or build_batch(groups, **kw))
+    metrics = trainer.red_step(trainer.stream.next_batch(), trainer.loss_config(0))
+
+    def zero_advantages(g):
+        return bool(build_batch([g], offline_in_group=False, std_normalize=True,
+                                pad_token_id=0).fields["advantages"].abs().max() == 0)
+
+    kept = [g for g in sampled if not zero_advantages(g)]
+    dropped = [g for g in sampled if zero_advantages(g)]
+    assert [id(g) for g in built[0]] == [id(g) for g in (kept + dropped)[:4]]
+    assert metrics["dynamic/kept_groups"] == min(len(kept), 4) > 0
+    assert any(min(g.rewards) == max(g.rewards) for g in built[0][:metrics["dynamic/kept_groups"]])
