@@ -148,13 +148,14 @@ class RolloutConfig:
     False keeps it allocated through training."""
     offload_optimizer: bool = False
     """Megatron backend: move Adam state (and fp32 master weights of a 16-bit model) to host memory and free the
-    gradient buffers while generating, for a larger KV cache."""
+    gradient buffers while generating, for a larger KV cache. The host buffers (pinned on CUDA) are allocated at
+    the first offload and kept for the run: host memory equal to the rank's optimizer state."""
     dynamic_sampling: bool = False
     """Dynamic sampling (DAPO; the RED authors' code drops groups whose accuracy std over the 8 members is 0): a
-    group whose rewards are all equal (the trace's included when it is a member) has zero advantages, so it is
-    dropped, and further batches of `trainer.prompts_per_step` prompts are sampled until the step has that many
-    groups with signal (surplus ones are not trained). The extra prompts come from the prompt stream, so a resumed
-    run replays them."""
+    group whose shaped rewards (accuracy + overlong penalty, the trace's included when it is a member) are all equal
+    has zero advantages, so it is dropped, and further batches of `trainer.prompts_per_step` prompts are sampled
+    until the step has that many groups with signal (surplus ones are not trained). Without shaping this is the
+    accuracy rule. The extra prompts come from the prompt stream, so a resumed run replays them."""
     dynamic_sampling_max_rounds: int = 6
     """Dynamic sampling: extra sampling rounds a step may take (the authors' code: 6). When they are spent, the step
     is completed with dropped groups (earliest first), as it would have been without dynamic sampling, so it keeps
