@@ -62,9 +62,10 @@ class ModelConfig:
     attention scores; only worth it with `attention: local`), `mlp`, `layernorm`. Exclusive with
     gradient_checkpointing."""
     attention: str = "auto"
-    """Megatron backend core attention: `auto` (Transformer Engine's fused attention when TE is installed, else
-    `sdpa`), `te`, `sdpa` (torch scaled_dot_product_attention: flash / memory-efficient kernels, packed sequences)
-    or `local` (megatron's unfused DotProductAttention; stores [heads, s, s] scores, no packing)."""
+    """Megatron backend core attention: `auto` (= `sdpa` until Transformer Engine's spec has passed its GPU check:
+    models/megatron/layout.py), `te` (Transformer Engine's layer spec, with fused RoPE; needs TE; not yet run on a
+    GPU), `sdpa` (torch scaled_dot_product_attention in megatron's local spec: flash / memory-efficient kernels,
+    packed sequences) or `local` (megatron's unfused DotProductAttention; stores [heads, s, s] scores, no packing)."""
     sequence_parallel: bool = False
     """Megatron backend, TP > 1: split norm / residual activations along the sequence over the TP ranks."""
     tensor_model_parallel_size: int = 1
@@ -155,13 +156,14 @@ class RolloutConfig:
     released) after each rollout phase, woken (weights refitted) for the next; on the CPU vLLM cannot sleep."""
     offload_optimizer: bool = False
     """Megatron backend: move Adam state (and fp32 master weights of a 16-bit model) to host memory and free the
-    gradient buffers while generating, for a larger KV cache."""
+    gradient buffers while generating, for a larger KV cache. The host buffers (pinned on CUDA) are allocated at
+    the first offload and kept for the run: host memory equal to the rank's optimizer state."""
     dynamic_sampling: bool = False
     """Dynamic sampling (DAPO; the RED authors' code drops groups whose accuracy std over the 8 members is 0): a
-    group whose rewards are all equal (the trace's included when it is a member) has zero advantages, so it is
-    dropped, and further batches of `trainer.prompts_per_step` prompts are sampled until the step has that many
-    groups with signal (surplus ones are not trained). The extra prompts come from the prompt stream, so a resumed
-    run replays them."""
+    group whose shaped rewards (accuracy + overlong penalty, the trace's included when it is a member) are all equal
+    has zero advantages, so it is dropped, and further batches of `trainer.prompts_per_step` prompts are sampled
+    until the step has that many groups with signal (surplus ones are not trained). Without shaping this is the
+    accuracy rule. The extra prompts come from the prompt stream, so a resumed run replays them."""
     dynamic_sampling_max_rounds: int = 6
     """Dynamic sampling: extra sampling rounds a step may take (the authors' code: 6). When they are spent, the step
     is completed with dropped groups (earliest first), as it would have been without dynamic sampling, so it keeps
@@ -171,16 +173,25 @@ class RolloutConfig:
 @dataclass
 class RewardsConfig:
     """Shaping of the verifier's reward (the RED authors' code: DAPO's soft overlong punishment, megatron_red/rewards/
-    overlong.py). Shaping moves the advantages only: rbar (Eq. 8), `reward/all_fail_prompts`, dynamic sampling's
-    signal rule, ReLIFT's and BREAD's "failed" tests and every accuracy metric use the verifier's accuracy."""
+    overlong.py). Shaping moves the advantages, and with them dynamic sampling's signal rule (a group is kept when
+    its advantages are not all zero); rbar (Eq. 8), `reward/all_fail_prompts`, ReLIFT's and BREAD's "failed" tests
+    and every accuracy metric use the verifier's accuracy."""
 
     overlong_buffer: int | None = None
     """Tokens before the generation limit (`rollout.max_new_tokens`) where the overlong penalty starts; it grows
-    linearly to `overlong_penalty` at the limit. Applied to every scored sample, the offline trace included (by its
-    length), as the authors do (2000 of 8192). None (default) = a quarter of the limit (the authors' fraction; 48 of
+    linearly to `overlong_penalty` at the limit. Applied to every rollout (and to the offline trace with
+    `overlong_penalize_trace`). None (default) = a quarter of the limit (the authors' fraction, 2000 of 8192; 48 of
     the built-in task's 192: docs/calibration.md, O1); 0 = off."""
     overlong_penalty: float = 1.0
     """The penalty subtracted at the generation limit (DAPO and the authors: 1.0)."""
+    overlong_penalize_trace: bool = False
+    """Shape the offline trace's reward by its own length too, as the authors' reward function did (it scored every
+    sample of the group alike). Off by default and in every recipe: the penalty teaches the policy to finish within
+    its generation limit, and the trace is the teacher's text, never cut by that limit (`data.max_trace_tokens`
+    truncates it). With the recipes' 8192 / 2000, a correct 8000-token trace in a group where 1 of 7 rollouts is
+    right would get advantage -0.117 (shaped reward 1 - 0.904) and the offline term, weighted by w up to G, would
+    push the policy away from a correct demonstration; unpenalised it gets +1.62. True reproduces the authors'
+    shaping."""
     overlong_filter: bool = False
     """DAPO's overlong filtering: rollouts cut at the generation limit (no EOS) carry no loss (they still count in
     their group's advantages)."""
@@ -231,9 +242,11 @@ class TrainerConfig:
     pass over the rollout batch at the sampling temperature before the first update, so the PPO clip acts
     (`algo.loss.clip_eps` / `clip_eps_high`); H_rl, H_sft and w are those of that pass, held for all the batch's
     optimiser steps (the entropy controller steps once per rollout batch); each optimiser step normalises the loss
-    with its mini-batch's counts (over all data-parallel replicas). Each replica splits its own block of groups,
-    so prompts_per_step must give every replica at least K groups. SFT-only steps (the `sft` method, SFT->GRPO's
-    SFT stage) and ReLIFT's SFT steps take one optimiser step whatever K is. 1 = one optimiser step per batch."""
+    with its mini-batch's counts (over all data-parallel replicas). Mini-batch k holds the k-th block of the step's
+    groups in the step's order (replica 0's first), whichever replica holds them, so the steps train the same
+    groups together at any data-parallel size (a replica may hold none of a block). SFT-only steps (the `sft`
+    method, SFT->GRPO's SFT stage) and ReLIFT's SFT steps take one optimiser step whatever K is. 1 = one optimiser
+    step per batch."""
     epochs_per_step: int = 1
     """E: passes over the K mini-batches of a rollout batch (verl's `ppo_epochs`), in the same order each time; the
     batch takes K x E optimiser steps. The learning-rate schedule counts optimiser steps (as OpenRLHF, the authors'

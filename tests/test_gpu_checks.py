@@ -5,7 +5,7 @@
 - every Python command of every step, run as the script would run it but with CUDA hidden, parses its arguments
   and stops with a clear "needs a CUDA GPU" instead of a traceback: the tools, the anchor runner (which also must
   find HF generate where it patches it), bench_red_step without its torchrun launcher;
-- the CUDA-test selection collects the CUDA tests, and megatron_train's overrides are valid config keys.
+- the CUDA-test selection collects the CUDA tests, and megatron_train's and te_red's overrides are valid config keys.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_checks.sh"
-DEFAULT = ["megatron_rollout", "mcore_anchor", "red_step", "red_step_k4", "megatron_smoke", "hf_anchor", "cuda_tests",
-           "rollout_mismatch", "bench_kernels"]
+DEFAULT = ["megatron_rollout", "mcore_anchor", "red_step", "red_step_k4", "te_red", "packed_rope", "offload",
+           "megatron_smoke", "hf_anchor", "cuda_tests", "rollout_mismatch", "bench_kernels"]
 BY_NAME = ["bench_kernels_nocompile", "profile_backward", "megatron_families", "megatron_train", "bench_rollout",
            "megatron_train_bf16", "step_overhead", "vllm_rollout"]
 
@@ -90,6 +90,16 @@ def test_anchor_runner_patches_generate_and_megatron_train_overrides():
         overrides = argv[argv.index("train") + 1:]
         config = load_config(None, overrides)
         assert config.model.backend == "megatron" and config.trainer.steps == 3
+    # te_red's runs (tools/resume_check.py): the tool's overrides and the step's are valid config keys together.
+    (_, _, command), = dry_run("te_red")
+    argv = shlex.split(command)
+    sys.path.insert(0, str(ROOT / "tools"))
+    from resume_check import run_overrides
+
+    extra = [a for a in argv[argv.index("tools/resume_check.py") + 1:] if "=" in a]
+    config = load_config(None, [*run_overrides(2, 4, extra), "trainer.steps=4"])
+    assert (config.model.attention, config.model.backend, config.trainer.max_tokens_per_micro_batch) == (
+        "te", "megatron", 1024)
     # bench_red_step's overrides of red_step_k4 are config keys too.
     (_, _, command), = dry_run("red_step_k4")
     argv = shlex.split(command)

@@ -2,8 +2,9 @@
 
 For each recipe with the Megatron backend, the layout line `plan` prints equals the layout read back from what
 `train`'s builder (`trainer.build.megatron_policy`) makes: megatron-core's parallel state (TP, PP, DP), the model's
-parameters and TransformerConfig (dtype, sequence parallelism, recompute), its core-attention modules, the optimizer
-class and whether a forward goes through the fused LM-head kernel. Both resolve `trainer.build.parallel_layout` for
+parameters and TransformerConfig (dtype, sequence parallelism, recompute, RoPE fusion), its core-attention modules,
+the optimizer class and whether a forward goes through the fused LM-head kernel. Both resolve
+`trainer.build.parallel_layout` for
 plan's target, a CUDA device (`auto` dtype bfloat16, `auto` fused kernel on): the device `train` passes on a GPU
 machine. The builder runs on the CPU (tests/megatron_compat.py), so the recipes' worlds (8 or 16 GPUs, up to
 TP 8 x PP 2) cannot be built here: every recipe runs with its own layout fields at TP, PP <= 2 in one world of 4
@@ -83,7 +84,7 @@ def _built_layout(rank, world_size, runs):
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
             use_distributed_optimizer=all(isinstance(o, DistributedOptimizer)
                                           for o in policy.optimizer.chained_optimizers),
-            sequence_parallel=tc.sequence_parallel, attention=attention,
+            sequence_parallel=tc.sequence_parallel, attention=attention, rope_fusion=tc.apply_rope_fusion,
             recompute=tc.recompute_granularity or "none",
             recompute_modules=tuple(tc.recompute_modules) if tc.recompute_granularity == "selective" else (),
             fused_kernel=bool(fused_calls)).describe()
@@ -113,6 +114,26 @@ def test_plan_prints_the_layout_train_builds(tmp_path, capsys):
         assert built == {planned[name]}, name
     assert "sequence parallel True" in planned["qwen25_32b_16gpu"] and "TP 2 x PP 2 x DP 1" in planned[
         "qwen25_32b_16gpu"]
+    # `attention: auto` in every recipe runs only what has run on a GPU: sdpa, unfused RoPE (issue 33).
+    assert all("attention sdpa, RoPE fusion False" in line for line in planned.values()), planned
+
+
+def test_auto_attention_is_sdpa_with_or_without_transformer_engine(monkeypatch):
+    """`auto` does not follow the installation: with Transformer Engine importable (a stand-in module here; the NGC
+    image has the real one) it is still sdpa, and `te` stays available, with RoPE fusion."""
+    import sys
+    import types
+
+    from megatron_red.config import load_config
+    from megatron_red.models.megatron import layout
+    from megatron_red.trainer.build import parallel_layout
+
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    assert layout.transformer_engine_available()
+    for attention, rope_fusion in (("auto", False), ("sdpa", False), ("te", True)):
+        model = load_config(None, ["model.backend=megatron", f"model.attention={attention}"]).model
+        built = parallel_layout(model, 1, torch.device("cuda"))
+        assert (built.attention, built.rope_fusion) == ("te" if attention == "te" else "sdpa", rope_fusion)
 
 
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if not _megatron(r)], ids=lambda r: r.stem)

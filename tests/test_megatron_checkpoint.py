@@ -1,10 +1,18 @@
-"""dist_checkpointing round trips on CPU (gloo): fp32 save at TP=2 / load at TP=1, and bf16 at the same layout.
+"""dist_checkpointing round trips on CPU (gloo): fp32 save at TP=2 / load at TP=1, bf16 at the same layout, and the
+distributed optimizer saved at TP 2 x DP 2 and loaded at TP 1 x DP 1 and at TP 1 x PP 2 x DP 2 (issue 33).
 
-The fp32 TP=2 run takes a training step, saves, and takes a second step; the TP=1 run starts from different weights,
-loads the checkpoint, and takes the same second step. Equal weights after loading check the model resharding,
-equal weights after the second step check the optimiser state (Adam moments) resharding too.
+The saving run takes a training step, saves, and takes a second step; the loading run starts from different
+weights, loads the checkpoint, and takes the same second step. Equal weights after loading check the model
+resharding, equal weights after the second step check the optimiser state (fp32 master weights and Adam moments)
+resharding too. With the distributed optimizer the save and the load must never gather optimizer state: every
+rank's optimizer pieces are exactly its own shard (3 fp32 tensors of its DP slice), megatron's gathering code path
+(`get_parameter_state_dp_zero`) is never entered, and megatron creates no gloo groups. tools/checkpoint_memory.py
+measures the host memory this keeps per rank (docs/benchmarks.md). The pieces' geometry (`_flat_blocks`: a flat
+range as hyper-rectangles) is checked on its own for every range of a few shapes.
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -136,3 +144,97 @@ def test_bf16_round_trip(tmp_path, distributed_optimizer):
         assert a.dtype == torch.float32 and torch.equal(a, b), i
     for k, v in saved["next"].items():
         assert torch.equal(loaded["next"][k], v), k
+
+
+def test_flat_ranges_are_covered_by_their_blocks_in_order():
+    """`_flat_blocks`: the hyper-rectangles of a flat range, each one contiguous run, together the range in order
+    (element indices of a torch.arange tensor), for every range of a few shapes."""
+    from megatron_red.models.megatron.checkpoint import _flat_blocks
+
+    for shape in ((7,), (3, 5), (4, 3, 5), (2, 3, 2, 4)):
+        flat = torch.arange(math.prod(shape)).view(shape)
+        for lo in range(flat.numel() + 1):
+            for hi in range(lo, flat.numel() + 1):
+                covered = []
+                for offset, block, start in _flat_blocks(shape, lo, hi):
+                    values = flat[tuple(slice(o, o + b) for o, b in zip(offset, block))].flatten()
+                    assert values.tolist() == list(range(start, start + values.numel())), (shape, lo, hi)
+                    covered += values.tolist()
+                assert covered == list(range(lo, hi)), (shape, lo, hi)
+                assert len(_flat_blocks(shape, lo, hi)) <= 2 * len(shape) - 1
+
+
+def _dist_optimizer_worker(rank, world_size, hf_config, hf_state, tp, pp, path, save):
+    """TP x PP x DP ranks with the distributed optimizer (fp32); each DP replica trains its half of the batch rows
+    (losses normalised with the whole batch's tokens, so the update is the full-batch one)."""
+    import megatron_compat
+    megatron_compat.install()
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_red.distributed import DataParallel
+    from megatron_red.models.megatron import checkpoint
+    from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint gathered optimizer state (get_parameter_state_dp_zero)")
+
+    DistributedOptimizer.get_parameter_state_dp_zero = refuse
+    policy = MegatronPolicy(hf_config, hf_state, MegatronConfig(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, dtype="float32",
+        use_distributed_optimizer=True, attention="sdpa"), OPTIM)
+    gloo_groups = [ps._DATA_PARALLEL_GROUP_GLOO, ps._DATA_PARALLEL_GROUP_WITH_CP_GLOO]
+    batch = make_batch()
+    dp = DataParallel.for_backend("megatron")
+    loss_fn = pg_loss_fn(float(batch.loss_mask.sum()))
+    rows = torch.tensor(dp.shard(list(range(len(batch)))))
+
+    def train_step():
+        policy.get_loss_and_metrics(batch.select(rows), 2, loss_fn)
+        policy.optimizer_step()
+
+    def own_pieces():  # numel of this rank's optimizer pieces per state, and of its own shard
+        sharded, _ = checkpoint._sharded_state_dict(policy.model, policy.optimizer, False)
+        pieces = list(sharded["optimizer"]["param_state"].values())  # one (chained) optimizer
+        shard = sum(p.numel() for opt in policy.optimizer.chained_optimizers
+                    for group in opt.optimizer.param_groups for p in group["params"])
+        return sum(sh.data.numel() for sh in pieces), shard
+
+    out = {"gloo_groups": [g is not None for g in gloo_groups]}
+    if save:
+        train_step()
+        out["saved"] = hf_weights(policy)
+        out["pieces"] = own_pieces()
+        policy.save_checkpoint(path)
+    else:
+        policy.load_checkpoint(path)
+        out["loaded"] = hf_weights(policy)
+        out["pieces"] = own_pieces()
+        out["step"] = policy.step
+    train_step()
+    out["next"] = hf_weights(policy)
+    ps.destroy_model_parallel()
+    return portable(out)
+
+
+def test_distributed_optimizer_reshards_from_tp2_dp2_without_gathering(tmp_path):
+    config = tiny_hf_config("qwen2", layers=2)
+    path = str(tmp_path / "ckpt")
+    saved = as_tensors(run_distributed(_dist_optimizer_worker, 4, config, tiny_hf_model(config, seed=0).state_dict(),
+                                       2, 1, path, True))
+    other = tiny_hf_model(config, seed=7).state_dict()
+    for world_size, tp, pp in ((1, 1, 1), (4, 1, 2)):
+        loaded = as_tensors(run_distributed(_dist_optimizer_worker, world_size, config, other, tp, pp, path, False))
+        for rank in loaded:
+            assert rank["step"] == 1
+            for k, v in saved[0]["saved"].items():
+                assert not torch.equal(other[k], v), k  # loading really replaced the weights
+                assert torch.equal(rank["loaded"][k], v), (world_size, k)
+                torch.testing.assert_close(rank["next"][k], saved[0]["next"][k], atol=1e-6, rtol=0,
+                                           msg=f"{world_size} ranks: {k}")
+    for rank in saved + loaded:
+        pieces, shard = rank["pieces"]
+        assert pieces == 3 * shard > 0  # master weights + two moments of the rank's own slice, nothing more
+        assert rank["gloo_groups"] == [False, False]
+    # The DP slices are halves of the TP shard: the pieces are not the whole shard's state.
+    assert saved[0]["pieces"][1] < sum(p.numel() for p in tiny_hf_model(config).parameters()) / 2 * 0.6

@@ -2,7 +2,8 @@
 (replica, index, has signal) triples each round and moves only the groups a replica must hand over, and its
 decisions equal those of the implementation it replaced (main at 2c12d6d, copied below), which gathered every
 replica's whole groups every round: the same groups are trained, as many on each replica, after the same extra
-rounds. The trainer is a stand-in holding what the method reads (config, replicas, prompt stream, `roll_out`),
+rounds, and each group's position (which cuts the step into mini-batches) is its place in that implementation's
+order of the step's groups, the order one replica trains them in. The trainer is a stand-in holding what the method reads (config, replicas, prompt stream, `roll_out`),
 because the decision does not depend on a model: groups are toy prompts whose rewards follow a pattern.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ def _previous_keep_groups_with_signal(self, rollouts, loss_cfg) -> dict:
         rollouts.sampled += more.sampled
         rollouts.branched += more.branched
         groups = more.groups
+    self.order = [g.prompt_ids[0] for g in (kept + dropped)[:target]]
     rollouts.groups = dp.shard((kept + dropped)[:target])
     return {"dynamic/kept_groups": min(len(kept), target), "dynamic/extra_rounds": extra_rounds,
             "dynamic/prompts": target * (1 + extra_rounds)}
@@ -52,7 +54,8 @@ class _Trainer:
 
         class CountingDataParallel(DataParallel):
             def gather(self, items):
-                outer.sent_groups += sum(type(x).__name__ == "Group" for x in items)
+                outer.sent_groups += sum(type(y).__name__ == "Group" for x in items
+                                         for y in (x if isinstance(x, tuple) else (x,)))  # (position, group) pairs
                 return super().gather(items)
 
         self.dp = CountingDataParallel(dp.rank, dp.size, dp.group)
@@ -87,7 +90,8 @@ def _worker(rank, world_size):
             rollouts = trainer.roll_out(dp.shard(trainer.next_batch()), loss_cfg)
             metrics = method(trainer, rollouts, loss_cfg)
             out[name, label] = ([g.prompt_ids[0] for g in rollouts.groups], metrics, trainer.sent_groups,
-                                sorted(g.prompt_ids[0] for g in rollouts.sampled))
+                                sorted(g.prompt_ids[0] for g in rollouts.sampled), rollouts.positions,
+                                getattr(trainer, "order", None))
     return out
 
 
@@ -101,6 +105,10 @@ def test_decisions_equal_the_previous_implementation_with_only_surplus_groups_se
                                                                            for p in trained), name
         assert [len(trained) for trained, *_ in new] == [len(trained) for trained, *_ in previous] == [2, 2]
         assert all(n[1] == p[1] and n[3] == p[3] for n, p in zip(new, previous)), name
+        # Positions: the place of each trained group in the step's order, on every replica.
+        order = previous[0][5]
+        assert [[order.index(prompt) for prompt in n[0]] for n in new] == [n[4] for n in new], name
+        assert sorted(p for n in new for p in n[4]) == list(range(4)), name
         # Groups travel only when a replica holds more than its share of the chosen ones, and then only those: the
         # ones a replica trains but did not sample (replica d samples prompts 4r + 2d and 4r + 2d + 1 of round r).
         sent_new, sent_previous = sum(n[2] for n in new), sum(p[2] for p in previous)

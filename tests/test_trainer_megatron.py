@@ -242,6 +242,22 @@ def test_data_parallel_step_matches_full_batch(root, student):
     assert len(step_lines(run_dir)) == STEPS and (run_dir / "config.yaml").exists()
 
 
+def test_data_parallel_mini_batches_match_one_replica(root, student):
+    """K = 2 optimiser steps per rollout batch of 6 prompts: each of two replicas holds 3 groups, and mini-batch k
+    is the k-th block of the step's 6 groups (3 + 3) whichever replica holds them, as with one replica. (Each
+    replica splitting its own 3 groups made the steps 2 + 2 = 4 groups, then 1 + 1 = 2: issue 33.)"""
+    extra = ["trainer.mini_batches_per_step=2", "trainer.prompts_per_step=6"]
+    hf_lines, hf_weights = _hf_run(root / "hf_k2_p6", student, True, *extra)
+    run_dir = root / "megatron_dp2_k2_p6"
+    overrides = ["model.backend=megatron", f"model.path={student}", "model.use_distributed_optimizer=true", *extra]
+    pinned_w = [line["entropy/w"] for line in hf_lines[:-1]]
+    (weights, prompts, computed_w, _), (_, prompts_1, _, _) = run_distributed(
+        _megatron_worker, 2, str(run_dir), overrides, None, True, pinned_w)
+    assert [len(p) for p in prompts] == [len(p) for p in prompts_1] == [3] * STEPS
+    assert all(line["loss/on_policy_ratio_mean"] != 1.0 for line in step_lines(run_dir))  # two optimiser steps
+    _assert_runs_match(hf_lines, hf_weights, read_lines(run_dir), weights, computed_w, student)
+
+
 def _evaluation_worker(rank, world_size, run_dir, student):
     import megatron_compat
     megatron_compat.install()

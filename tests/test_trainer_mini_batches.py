@@ -267,12 +267,3 @@ def test_the_schedule_counts_optimizer_steps(root):
         [(rates[0] + rates[1]) / 2, (rates[2] + rates[3]) / 2], rel=1e-12)
     with pytest.raises(ValueError, match="2 optimiser steps per step, this run takes 4"):
         _trainer(root, "schedule", *run, "trainer.steps=3", "trainer.epochs_per_step=2", resume=True)
-
-
-def test_every_replica_needs_a_group_per_mini_batch(root, monkeypatch):
-    from megatron_red.distributed import DataParallel
-
-    # As if over two replicas: the step's two prompts give each one group, too few for two mini-batches.
-    monkeypatch.setattr(DataParallel, "for_backend", classmethod(lambda cls, backend: cls(0, 2)))
-    with pytest.raises(ValueError, match="trainer.mini_batches_per_step=2 needs at least that many groups"):
-        _trainer(root, "too_few", "trainer.mini_batches_per_step=2")

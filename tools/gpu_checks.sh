@@ -12,6 +12,16 @@
 #                                  tokens, time and peak memory per phase, engine-vs-trainer mismatch   [~85 s]
 #   (issue 26)   red_step_k4       the same in bf16 with 4 optimiser steps per rollout batch (the pi_old pass,
 #                                  clip-higher 0.28): the K > 1 path's phases and clip fraction         [~90 s]
+#   (issue 33)   te_red            tools/resume_check.py with Transformer Engine's spec (model.attention=te: fused
+#                                  RoPE, TE checkpoint extra state), bf16, distributed optimizer, packed
+#                                  micro-batches: 4 steps uninterrupted vs stopped at the step-2 checkpoint and
+#                                  resumed. `attention: auto` moves to te only once this has passed and
+#                                  docs/benchmarks.md records it. Needs TE (the NGC image has it; the lent
+#                                  machines so far do not: exit code 3 in seconds)                     [~200 s]
+#                packed_rope       tools/packed_rope_check.py: packed vs padded log-probs and the host syncs of
+#                                  megatron's unfused packed RoPE (sdpa), and of TE's fused one if installed [~45 s]
+#                offload           tools/offload_bench.py: optimizer state to host and back, pinned buffers and
+#                                  non-blocking copies vs megatron's offload_to_cpu (GB/s)              [~40 s]
 #   2 (issue 12) megatron_smoke    tools/megatron_smoke.py --groups 1: Megatron SDPA padded / packed, local-spec
 #                                  attention, HF backend; tokens/s, MFU, peak, planned vs measured      [~70 s]
 #                hf_anchor         plain transformers training step, 4 x 4096 and 8 x 4096 + checkpointing
@@ -20,7 +30,8 @@
 #                                  kernel (autotuned) against float64, CUDA-graph decode vs eager       [~45 s]
 #                rollout_mismatch  tools/rollout_mismatch.py: bf16 engine vs trainer log-probs, TIS       [~35 s]
 #   4 (issue 12) bench_kernels     tools/bench_kernels.py: the full kernel table, torch.compile included [~95 s]
-# Expected total about 10 minutes with the set-up: the budget skips the last steps (bench_kernels first). Every step has its own time limit, and a global budget
+# Expected total about 12 minutes with the set-up where Transformer Engine is missing (te_red then stops at once; about
+# 15 with it): the budget skips the last steps (bench_kernels first). Every step has its own time limit, and a global budget
 # (GPU_CHECKS_BUDGET_S, default 540 s from the start) caps each limit at what is left, so the default list ends within
 # 9 minutes whatever happens; a step that no longer fits is reported as skipped (lowest priority last).
 # Other steps, by name: bench_kernels_nocompile, profile_backward, megatron_families, megatron_train, bench_rollout
@@ -126,6 +137,11 @@ step() {
     red_step_k4) run red_step_k4 110 env CUDA_DEVICE_MAX_CONNECTIONS=1 python3 -m torch.distributed.run --standalone \
                    --nproc_per_node=1 tools/bench_red_step.py --steps 2 model.dtype=bfloat16 \
                    trainer.mini_batches_per_step=4 "algo.loss={clip_eps_high: 0.28}" ;;
+    # Issue 33: Transformer Engine's spec through a save and a resume; packed RoPE; the optimizer offload.
+    te_red) run te_red 240 python3 tools/resume_check.py --steps 4 --save-at 2 model.attention=te \
+              model.dtype=bfloat16 model.use_distributed_optimizer=true trainer.max_tokens_per_micro_batch=1024 ;;
+    packed_rope) run packed_rope 90 python3 tools/packed_rope_check.py ;;
+    offload) run offload 90 python3 tools/offload_bench.py ;;
     # 2. Issue 12: the Megatron training step (SDPA, packing) against the HF backend and plain transformers.
     megatron_smoke) run megatron_smoke 100 python3 tools/megatron_smoke.py --groups 1 --out "$OUT/megatron_smoke.md" ;;
     hf_anchor) anchor hf_anchor 50 hf_step_anchor.py -- --skip-generate ;;
@@ -177,8 +193,8 @@ print(len(a), \"tensors equal, dtype\", next(iter(a.values())).dtype)"' ;;
     *) echo "unknown step $1" ;;
   esac
 }
-DEFAULT_STEPS=(megatron_rollout mcore_anchor red_step red_step_k4 megatron_smoke hf_anchor cuda_tests
-               rollout_mismatch bench_kernels)
+DEFAULT_STEPS=(megatron_rollout mcore_anchor red_step red_step_k4 te_red packed_rope offload megatron_smoke hf_anchor
+               cuda_tests rollout_mismatch bench_kernels)
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=("${DEFAULT_STEPS[@]}")
 if [ -z "$DRY" ]; then

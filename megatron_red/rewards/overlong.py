@@ -4,9 +4,10 @@ A response of L tokens under a generation limit L_max, with a buffer of B tokens
     0                                   if L <= L_max - B
     -penalty * (L - (L_max - B)) / B    if L_max - B < L <= L_max      (linear, -penalty at the limit)
     -penalty                            if L > L_max                   (an offline trace longer than the limit)
-on top of the verifier's accuracy reward. The authors use L_max = 8192, B = 2000, penalty 1. The shaped reward
-(accuracy + penalty) feeds the group advantages only; every accuracy (rbar of Eq. 8, all-fail tests, dynamic
-sampling's signal rule, evaluation) stays the verifier's.
+on top of the verifier's accuracy reward. The authors use L_max = 8192, B = 2000, penalty 1, on every sample of the
+group, the offline trace included; here the trace is shaped only with `rewards.overlong_penalize_trace` (config.py
+says why). The shaped reward (accuracy + penalty) feeds the group advantages, and so dynamic sampling's signal rule
+(non-zero advantages); every accuracy (rbar of Eq. 8, all-fail tests, evaluation) stays the verifier's.
 """
 from __future__ import annotations
 

@@ -318,8 +318,8 @@ def parallel_layout(model: ModelConfig, world_size: int, device: torch.device) -
 
     The device-dependent `auto`s follow `device`: `model.dtype` is bfloat16 on CUDA and float32 elsewhere
     (`resolve_dtype`), `model.fused_kernel` is on for CUDA (`fused_kernel_enabled`). `train` passes the device it
-    trains on; `plan` passes CUDA, its target, on any host. `model.attention=auto` follows this installation:
-    Transformer Engine's when it is importable, else sdpa (both keep no score tensor: the plan's memory is the same).
+    trains on; `plan` passes CUDA, its target, on any host. `model.attention=auto` is sdpa on every installation
+    (only paths that have run: models/megatron/layout.py, `AUTO_ATTENTION`); RoPE fusion goes with `te`.
     """
     tp, pp = model.tensor_model_parallel_size, model.pipeline_model_parallel_size
     if world_size % (tp * pp):

@@ -6,7 +6,10 @@ reads (the next save removes it), so the newest checkpoint that `latest` names a
 
 Under torchrun the policy writes its shards collectively (Megatron: dist_checkpointing); global rank 0 writes
 `trainer.pt` (with its RNG state), every other rank its own `rng_rank{R}.pt`, and rank 0 alone renames and moves
-`latest` once every rank has written (the directory must be on a file system all ranks share).
+`latest` once every rank has written (the directory must be on a file system all ranks share). What the ranks
+decide from the directory (which checkpoint to resume, its step and trainer state, whether the run's end must save)
+is read by global rank 0 and broadcast, so ranks whose views of the shared file system lag cannot disagree. A
+resume restores the CUDA RNG states of the GPUs that exist both in the checkpoint and in the process.
 
 Every checkpoint also holds `hf_config/` (the model's config.json, with the training dtype, and the tokenizer), so
 that `megatron-red export` can turn it into a Hugging Face model on its own; with `trainer.save_hf` it holds that
@@ -42,6 +45,7 @@ class DiskSpaceError(ConfigError):
 
 
 def rng_state() -> dict:
+    """Python's, numpy's and torch's generator states, and one CUDA generator state per GPU this process sees."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -49,11 +53,21 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s states. The CUDA states are restored for the GPUs that exist both in the checkpoint
+    and in this process (a run may resume where more or fewer GPUs are visible per process: another node type,
+    another CUDA_VISIBLE_DEVICES); when the counts differ a line says which were restored."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda", [])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device, cuda_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(cuda_state, device)
+    if len(saved) != visible:
+        restored = min(len(saved), visible)
+        print(f"[resume] rank {global_rank()}: the checkpoint holds the CUDA RNG states of {len(saved)} GPU(s), this "
+              f"process sees {visible}: restored {f'those of GPUs 0-{restored - 1}' if restored else 'none'}",
+              flush=True)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -182,25 +196,59 @@ def _rank_rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
+def _on_main(read):
+    """`read()` evaluated by global rank 0 alone and its result (or the error it raised) given to every rank.
+
+    Why: a decision that sends ranks into a collective (load a checkpoint, save a final one) must be the same on
+    every rank, and ranks on different nodes can see a shared file system differently for a while (NFS attribute
+    caching): ranks deciding on their own views could disagree and hang."""
+    answer = None
+    if is_main_process():
+        try:
+            answer = (read(), None)
+        except Exception as err:  # noqa: BLE001 - raised again on every rank below
+            answer = (None, err)
+    value, error = broadcast_from_main(answer)
+    if error is not None:
+        raise error
+    return value
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not (path / "trainer.pt").exists():
-        raise FileNotFoundError(f"{pointer} names {path}, which has no trainer.pt")
-    return path
+    """The checkpoint `RUN_DIR/checkpoints/latest` names, or None. Collective under torch.distributed: global rank 0
+    reads the pointer (`_on_main`)."""
+    def read():
+        pointer = Path(run_dir) / "checkpoints" / "latest"
+        if not pointer.exists():
+            return None
+        path = pointer.parent / pointer.read_text().strip()
+        if not (path / "trainer.pt").exists():
+            raise FileNotFoundError(f"{pointer} names {path}, which has no trainer.pt")
+        return path
+
+    return _on_main(read)
+
+
+def needs_final_save(run_dir: str | Path, step: int, save_every: int) -> bool:
+    """Whether the end of a run must write a checkpoint: its last step was not saved, or it has none. Collective:
+    decided on global rank 0."""
+    return bool(step % save_every) or latest_checkpoint(run_dir) is None
+
+
+def _trainer_state(path: Path) -> dict:
+    return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
 
 
 def saved_step(path: Path) -> int:
-    """The step a checkpoint was written at (before its policy state is loaded)."""
-    return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)["step"]
+    """The step a checkpoint was written at (before its policy state is loaded). Collective: read on rank 0."""
+    return _on_main(lambda: _trainer_state(path)["step"])
 
 
 def load_checkpoint(path: Path, policy) -> dict:
-    """Restore the policy and the RNG states; return the trainer state (with `step`)."""
+    """Restore the policy and the RNG states; return the trainer state (with `step`). Collective: the trainer
+    state is read on global rank 0 and broadcast; every other rank reads its own RNG state file."""
     policy.load_checkpoint(str(path))
-    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    state = _on_main(lambda: _trainer_state(path))
     rng = state.pop("rng")
     rank_rng = path / _rank_rng_file(global_rank())
     if not is_main_process() and rank_rng.exists():  # absent when resuming on more ranks than were saved

@@ -4,6 +4,7 @@ A group is one prompt's G on-policy completions plus, when the method uses it, t
 (placed first, flagged by `is_offline`, never found by position). Advantages are normalised over the members' shaped
 rewards (the verifier's accuracy plus any overlong penalty), and rbar (`group_accuracy`) is the members' mean
 accuracy (paper Eq. 8; the authors count the trace as a member): shaping moves advantages, never accuracies.
+A group "has signal" (dynamic sampling keeps it) exactly when its advantages are not all zero.
 The engine's behaviour log-probs of each response ride along, aligned with the targets, for the mismatch metric and
 truncated importance sampling, and so do its entropies of pi at each response token, from which H_rl is taken.
 """
@@ -39,7 +40,7 @@ class Group:
     trace_reward: float = 0.0
     """The verifier's accuracy of the trace."""
     trace_penalty: float = 0.0
-    """The trace's overlong penalty (<= 0), by its length, like any sample's."""
+    """The trace's overlong penalty (<= 0): 0 unless `rewards.overlong_penalize_trace`, then by its length."""
 
     def accuracies(self, offline_in_group: bool) -> list[float]:
         """The members' accuracies (the trace's first when it is a member): rbar and the signal rule read these."""
@@ -56,14 +57,17 @@ class Group:
         return [a + p for a, p in zip(self.accuracies(offline_in_group), penalties)]
 
     def has_signal(self, offline_in_group: bool) -> bool:
-        """Whether the members' accuracies differ (the authors' and DAPO's rule: accuracy std > 0). A group of
-        equal accuracies is "no signal" even where overlong penalties make its shaped rewards differ."""
-        accuracies = self.accuracies(offline_in_group)
-        return bool(accuracies) and min(accuracies) != max(accuracies)
+        """Whether the members' shaped rewards differ, i.e. whether the group's advantages are not all zero
+        (`group_advantages` gives exact zeros to equal rewards). Without shaping this is the authors' and DAPO's rule
+        (accuracy std > 0); with it, two correct rollouts cut at the limit (1 - 1 = 0) among wrong ones are no
+        signal, and wrong rollouts of different lengths are (the penalty is a gradient)."""
+        members = self.members(offline_in_group)
+        return bool(members) and min(members) != max(members)
 
 
 def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: bool,
-                pad_token_id: int, rbar_counts_trace: bool = True, filter_truncated: bool = False) -> SequenceBatch:
+                pad_token_id: int, rbar_counts_trace: bool = True, filter_truncated: bool = False,
+                positions: list[int] | None = None) -> SequenceBatch:
     """Rows: for each group, the offline trace (if `trace_ids` is set) then the on-policy responses.
 
     Advantages come from the members' shaped rewards (`Group.members`). rbar is the mean accuracy of the group
@@ -71,15 +75,19 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
     samples' accuracy alone (an all-fail group then has rbar = 0, so Eq. 8 gives pi_offline = pi: full imitation).
     `filter_truncated` (DAPO's overlong filtering): responses cut at the generation limit get an empty loss mask.
 
-    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], group [B] (the row's index in `groups`:
-    mini-batches keep a group's rows together), and behaviour_logprobs / rollout_entropy [B, L-1] (zero outside the
+    Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], group [B] (the row's group's position
+    in the step: `positions[i]` for `groups[i]`, default i; mini-batches keep a group's rows together and cut the
+    step by these positions, trainer/update.py), and behaviour_logprobs / rollout_entropy [B, L-1] (zero outside the
     responses) when every group with responses has them. A trace outside the group
     (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
     """
     # (token ids, prompt length, behaviour log-probs, rollout entropies, trained: False for a filtered row)
     rows: list[tuple[list[int], int, list[float] | None, list[float] | None, bool]] = []
     advantages, is_offline, accuracy, rewards, group_of = [], [], [], [], []
-    for index, g in enumerate(groups):
+    positions = list(range(len(groups))) if positions is None else positions
+    if len(positions) != len(groups):
+        raise ValueError(f"{len(positions)} positions for {len(groups)} groups")
+    for index, g in zip(positions, groups):
         members = g.members(offline_in_group)
         if members:
             adv = group_advantages(torch.tensor([members], dtype=torch.float64), std_normalize=std_normalize)[0]

@@ -2,8 +2,8 @@
 
 One step, top to bottom (paper Eq. 10):
   rollout G per prompt (the engine also reports pi's entropy at each token: H_rl) -> rewards (graded once per
-  model-parallel group; overlong shaping) -> [dynamic sampling: drop groups without accuracy variance, sample more
-  prompts] -> groups with the offline trace -> `red_policy_loss` over micro-batches with global counts at the
+  model-parallel group; overlong shaping) -> [dynamic sampling: drop groups whose advantages are all zero, sample
+  more prompts] -> groups with the offline trace -> `red_policy_loss` over micro-batches with global counts at the
   sampling temperature -> optimiser step(s). With one optimiser step per rollout batch, pi_old = pi detached and,
   with entropy regulation, the traces are trained first (their forward gives H_sft, w = EntropyRatioController's
   step, the gradient so far is scaled by w), then the rollouts. With K x E (`trainer.mini_batches_per_step` /
@@ -54,12 +54,15 @@ from megatron_red.trainer.update import policy_update, prepare_update, rollout_u
 class Rollouts:
     """What this replica sampled in one step.
 
-    groups:   the groups to train on (BREAD's re-rolled groups in place of all-fail ones).
-    sampled:  every group as first graded (before BREAD), over all sampling rounds: the step's reward metrics.
-    branched: groups BREAD re-rolled from an expert prefix with a success.
+    groups:    the groups to train on (BREAD's re-rolled groups in place of all-fail ones).
+    positions: each group's position among the step's groups of all replicas (replica 0's first), which cuts the
+               step into mini-batches (trainer/update.py) as one replica would.
+    sampled:   every group as first graded (before BREAD), over all sampling rounds: the step's reward metrics.
+    branched:  groups BREAD re-rolled from an expert prefix with a success.
     """
 
     groups: list[Group]
+    positions: list[int] = field(default_factory=list)
     sampled: list[Group] = field(default_factory=list)
     branched: int = 0
 
@@ -92,11 +95,6 @@ class RedTrainer:
         if config.algo.method == "relift" and config.algo.relift_buffer_size < self.dp.size:
             raise ConfigError(f"algo.relift_buffer_size={config.algo.relift_buffer_size} must be at least the "
                               f"data-parallel size {self.dp.size} (its SFT step is split over the replicas)")
-        t = config.trainer
-        if t.prompts_per_step // self.dp.size < t.mini_batches_per_step:  # each replica splits its own groups
-            raise ConfigError(f"trainer.mini_batches_per_step={t.mini_batches_per_step} needs at least that many "
-                              f"groups per data-parallel replica: trainer.prompts_per_step={t.prompts_per_step} over "
-                              f"{self.dp.size} replicas gives some {t.prompts_per_step // self.dp.size}")
         self.stream = PromptStream(self.task.train, config.trainer.prompts_per_step, seed=config.trainer.seed)
         self.controller = EntropyRatioController(config.rollout.n)
         self.relift_buffer: list[int] = []  # indices into task.train
@@ -176,17 +174,21 @@ class RedTrainer:
             self.policy.prepare_for_inference()
             try:
                 rollouts = self.roll_out(examples, loss_cfg)
+                counts = dp.gather([len(examples)])  # the step's groups: replica 0's first
+                num_groups = sum(counts)  # dynamic sampling keeps the count
+                rollouts.positions = list(range(sum(counts[:dp.rank]), sum(counts[:dp.rank + 1])))
                 if cfg.rollout.dynamic_sampling:
                     metrics.update(self.keep_groups_with_signal(rollouts, loss_cfg))
             finally:  # a failed step (a grading error, an interrupt) must not leave the KV cache allocated
                 self.policy.finish_inference()
-            groups = rollouts.groups
+            groups, positions = rollouts.groups, rollouts.positions
             metrics.update(self.rollout_metrics(rollouts))
             timings["time/rollout_s"] = time.perf_counter() - t0
             timings["time/reward_s"] = self.reward_seconds
         else:
             groups = [Group(ex.prompt_ids, trace_ids=ex.trace_ids, trace_reward=r)
                       for ex, r in zip(examples, self.trace_rewards(examples))]
+            positions, num_groups = None, None  # one optimiser step: no mini-batches
         if uses_trace:
             trace_rewards = dp.gather([g.trace_reward for g in groups])
             metrics["offline/trace_reward"] = sum(trace_rewards) / len(trace_rewards)
@@ -195,7 +197,7 @@ class RedTrainer:
         batch = build_batch(groups, offline_in_group=loss_cfg.offline_in_group,
                             std_normalize=loss_cfg.std_normalize, pad_token_id=tok.pad_token_id,
                             rbar_counts_trace=cfg.algo.rbar_counts_trace,
-                            filter_truncated=cfg.rewards.overlong_filter)
+                            filter_truncated=cfg.rewards.overlong_filter, positions=positions)
 
         # 4. w (Eq. 9-11) from the entropies at rollout time (trainer/update.py): H_rl is the engine's. With one
         #    optimiser step per batch nothing runs here (the update's own forward gives pi_old and H_sft, and w
@@ -216,7 +218,7 @@ class RedTrainer:
         self.policy.prepare_for_training()
         lr_scale = 1.0 if loss_cfg.online_rl else cfg.algo.sft_lr_multiplier
         metrics.update(rollout_update(self.policy, batch, loss_cfg, w, cfg.trainer.micro_batch_size, dp, lr_scale,
-                                      temperature, k, e))
+                                      temperature, k, e, num_groups))
         timings["time/update_s"] = time.perf_counter() - t3
 
         if cfg.algo.method == "relift" and len(self.relift_buffer) >= cfg.algo.relift_buffer_size:
@@ -240,7 +242,7 @@ class RedTrainer:
         groups, start = [], 0
         for ex, comps, trace_reward in zip(examples, completions, trace_rewards):
             group = Group(ex.prompt_ids, trace_ids=ex.trace_ids if loss_cfg.offline_in_group else None,
-                          trace_reward=trace_reward, trace_penalty=self.overlong_penalty(len(ex.trace_ids)))
+                          trace_reward=trace_reward, trace_penalty=self.overlong_penalty(len(ex.trace_ids), trace=True))
             self.fill(group, comps, rewards[start:start + len(comps)])
             start += len(comps)
             groups.append(group)
@@ -255,10 +257,11 @@ class RedTrainer:
         return rollouts
 
     def keep_groups_with_signal(self, rollouts: Rollouts, loss_cfg: RedLossConfig) -> dict:
-        """Dynamic sampling: drop the groups whose members' rewards are all equal (zero advantages) and sample further
-        batches of prompts from the stream until the step has `trainer.prompts_per_step` groups with signal, or
-        `rollout.dynamic_sampling_max_rounds` extra rounds are spent; then the step is completed with dropped
-        groups (earliest first), so it always keeps its batch size. Replaces `rollouts.groups`.
+        """Dynamic sampling: drop the groups whose members' shaped rewards are all equal (zero advantages,
+        `Group.has_signal`) and sample further batches of prompts from the stream until the step has
+        `trainer.prompts_per_step` groups with signal, or `rollout.dynamic_sampling_max_rounds` extra rounds are
+        spent; then the step is completed with dropped groups (earliest first), so it always keeps its batch size.
+        Replaces `rollouts.groups` and `rollouts.positions` (a group's position is its place in that choice).
 
         Every replica decides on every replica's (replica, index, has signal) triples, gathered in rank order each
         round, so all draw the same extra batches from the stream (whose position then includes them: a resumed
@@ -282,7 +285,10 @@ class RedTrainer:
             rollouts.sampled += more.sampled
             rollouts.branched += more.branched
             groups = more.groups
-        rollouts.groups = dp.balance((kept + dropped)[:target], held)
+        chosen = (kept + dropped)[:target]
+        position = {index: p for p, (replica, index) in enumerate(chosen) if replica == dp.rank}
+        mine = dp.balance(chosen, [(position.get(i), g) for i, g in enumerate(held)])
+        rollouts.positions, rollouts.groups = [p for p, _ in mine], [g for _, g in mine]
         return {"dynamic/kept_groups": min(len(kept), target), "dynamic/extra_rounds": extra_rounds,
                 "dynamic/prompts": target * (1 + extra_rounds)}
 
@@ -367,9 +373,12 @@ class RedTrainer:
             failing = still_failing
         return groups
 
-    def overlong_penalty(self, num_tokens: int) -> float:
-        """The overlong penalty (`rewards.overlong_buffer`; 0 when off) of a sample of `num_tokens` tokens."""
+    def overlong_penalty(self, num_tokens: int, trace: bool = False) -> float:
+        """The overlong penalty (`rewards.overlong_buffer`; 0 when off) of a sample of `num_tokens` tokens; of the
+        offline trace (`trace`) only with `rewards.overlong_penalize_trace`."""
         r = self.config.rewards
+        if trace and not r.overlong_penalize_trace:
+            return 0.0
         return overlong_penalty(num_tokens, self.config.rollout.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
 
     def fill(self, group: Group, completions, rewards: list[float]) -> Group:
@@ -422,7 +431,7 @@ class RedTrainer:
                     self.save()
         finally:
             bar.close()
-        if checkpoint.latest_checkpoint(self.run_dir) is None or self.step % cfg.save_every:
+        if checkpoint.needs_final_save(self.run_dir, self.step, cfg.save_every):  # decided on rank 0
             self.save()
         set_phase("hf export")
         checkpoint.save_hf_model(self.policy, self.tokenizer, self.run_dir / checkpoint.HF_DIR)

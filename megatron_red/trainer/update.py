@@ -16,7 +16,8 @@ entropy w needs, and the engine has its logits at every token anyway.
   on measuring entropies (the forward-only pass over the traces this replaced cost RED 5% over GRPO).
 - K x E > 1 optimiser steps: the policy moves between them, so pi_old, H_sft, w and the mismatch come from one
   forward-only pass over the whole rollout batch before the first update, and w is held for all of them (one
-  controller step per rollout batch); each mini-batch (whole groups) is then one optimiser step whose loss is
+  controller step per rollout batch); each mini-batch (whole groups, a block of the step's group positions over
+  all replicas, so that DP does not change which groups share a step) is then one optimiser step whose loss is
   normalised with that mini-batch's counts, and the PPO clip acts.
 """
 from __future__ import annotations
@@ -129,9 +130,9 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
         return loss, {**metrics, **(_measured(entropy, logprobs, mb) if rollout_time else {})}
 
     def train(rows) -> list[dict]:
-        if rows is not None and rows.numel() == 0:
-            return []
         part = batch if rows is None else batch.select(rows)
+        if len(part) == 0:  # this replica holds no row of the (mini-)batch; it still joins the collectives
+            return []
         return policy.get_loss_and_metrics(part, micro_batch_size, loss_fn, temperature=temperature)
 
     if callable(w):
@@ -189,28 +190,35 @@ def prepare_update(policy, batch: SequenceBatch, loss_cfg: RedLossConfig, contro
     return SequenceBatch(batch.input_ids, batch.attention_mask, mask, {**batch.fields, "old_logprobs": old}), w, metrics
 
 
-def mini_batches(batch: SequenceBatch, k: int) -> list[SequenceBatch]:
-    """`batch` split into `k` mini-batches of whole groups (the `group` field), contiguous, whose numbers of groups
-    differ by at most one."""
+def mini_batches(batch: SequenceBatch, k: int, num_groups: int) -> list[SequenceBatch]:
+    """This replica's part of each of the `k` mini-batches of a step of `num_groups` groups (all replicas): the
+    step's positions 0 .. num_groups - 1 (the `group` field) cut into `k` contiguous blocks whose numbers of groups
+    differ by at most one, and of each block the rows of this replica's groups (whole groups; none when it holds no
+    group of the block). The blocks depend on the step alone, so every data-parallel size trains the same groups
+    together as one replica does."""
+    if num_groups < k:
+        raise ValueError(f"{num_groups} groups cannot make {k} mini-batches (trainer.mini_batches_per_step)")
     group = batch.fields["group"]
-    groups = int(group.max()) + 1
-    if groups < k:
-        raise ValueError(f"{groups} groups cannot make {k} mini-batches (trainer.mini_batches_per_step)")
-    base, extra = divmod(groups, k)
+    if len(batch) and not 0 <= int(group.min()) <= int(group.max()) < num_groups:
+        raise ValueError(f"group positions {group.unique().tolist()} outside the step's {num_groups} groups")
+    base, extra = divmod(num_groups, k)
     bounds = [i * base + min(i, extra) for i in range(k + 1)]
     return [batch.select(((group >= lo) & (group < hi)).nonzero().squeeze(-1)) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def rollout_update(policy, batch: SequenceBatch, loss_cfg: RedLossConfig, w: float | Callable[[float], float],
                    micro_batch_size: int, dp: DataParallel, lr_scale: float = 1.0, temperature: float = 1.0,
-                   mini_batches_per_step: int = 1, epochs: int = 1) -> dict:
+                   mini_batches_per_step: int = 1, epochs: int = 1, num_groups: int | None = None) -> dict:
     """The update of a rollout batch prepared by `prepare_update`: `epochs` passes over its `mini_batches_per_step`
-    mini-batches, one `policy_update` (optimiser step) each. Returns `policy_update`'s metrics, combined over the
-    optimiser steps: loss parts, train/grad_norm and train/lr are means over them, token counts those of the
-    rollout batch, clip fraction and ratio means token-weighted."""
+    mini-batches (`mini_batches`: blocks of the step's `num_groups` group positions, all replicas; default: this
+    replica's groups are the step), one `policy_update` (optimiser step) each. Returns `policy_update`'s metrics,
+    combined over the optimiser steps: loss parts, train/grad_norm and train/lr are means over them, token counts
+    those of the rollout batch, clip fraction and ratio means token-weighted."""
     if mini_batches_per_step * epochs == 1:
         return policy_update(policy, batch, loss_cfg, w, micro_batch_size, dp, lr_scale, temperature)
-    parts = mini_batches(batch, mini_batches_per_step)
+    if num_groups is None:
+        num_groups = int(batch.fields["group"].max()) + 1
+    parts = mini_batches(batch, mini_batches_per_step, num_groups)
     steps = [policy_update(policy, part, loss_cfg, w, micro_batch_size, dp, lr_scale, temperature)
              for _ in range(epochs) for part in parts]
     return _combine_optimizer_steps(steps, epochs)

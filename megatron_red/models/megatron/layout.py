@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from megatron_red.errors import ConfigError
 
 ATTENTIONS = ("te", "sdpa", "local")
-"""Core attention implementations (`model.attention` takes these or `auto`): Transformer Engine's fused attention,
-torch SDPA in megatron's local spec (local_spec.py), megatron's unfused DotProductAttention."""
+"""Core attention implementations (`model.attention` takes these or `auto`): Transformer Engine's layer spec (fused
+attention, TE's linear layers and norms, fused RoPE), torch SDPA in megatron's local spec (local_spec.py), megatron's
+unfused DotProductAttention."""
+AUTO_ATTENTION = "sdpa"
+"""What `model.attention=auto` runs: only a path that has run end to end. Transformer Engine's spec (with its
+packing, sequence parallelism, checkpoint extra state and fused Adam) has not run anywhere yet: `auto` moves to `te`
+once tools/gpu_checks.sh's `te_red` step (a short RED run with packing, a save and a resume) has passed on a GPU and
+docs/benchmarks.md records it. `model.attention=te` chooses it explicitly."""
 SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 """Submodules megatron's selective recompute can recompute (`model.recompute_modules`)."""
 
@@ -38,6 +44,11 @@ class ParallelLayout:
     """Norm / residual activations split along the sequence over the TP ranks (TP > 1)."""
     attention: str = "sdpa"
     """One of `ATTENTIONS`."""
+    rope_fusion: bool | None = None
+    """RoPE through Transformer Engine's fused kernels (megatron's `apply_rope_fusion`): with `te`, the only spec
+    with TE installed; None = that rule. Unfused, megatron's RoPE over packed micro-batches reads the sequence
+    boundaries on the host (`.tolist()` / `.item()` on cu_seqlens: about four device syncs per layer and
+    micro-batch on a GPU; tools/gpu_checks.sh's `packed_rope` step counts them)."""
     recompute: str = "none"
     """Activation recompute in backward: `none`, `full` (every layer) or `selective` (`recompute_modules`)."""
     recompute_modules: tuple[str, ...] = ()
@@ -47,6 +58,8 @@ class ParallelLayout:
     log-softmax."""
 
     def __post_init__(self):
+        if self.rope_fusion is None:
+            self.rope_fusion = self.attention == "te"
         if (self.recompute == "selective") != bool(self.recompute_modules):
             raise ValueError(f"recompute_modules {self.recompute_modules} go with recompute='selective' (and only "
                              f"then), got recompute={self.recompute!r}")
@@ -57,7 +70,7 @@ class ParallelLayout:
         return (f"TP {self.tensor_model_parallel_size} x PP {self.pipeline_model_parallel_size} x "
                 f"DP {self.data_parallel_size}, {self.dtype}, distributed optimizer {self.use_distributed_optimizer}, "
                 f"sequence parallel {self.sequence_parallel}, recompute {recompute}, attention {self.attention}, "
-                f"fused LM-head kernel {self.fused_kernel}")
+                f"RoPE fusion {self.rope_fusion}, fused LM-head kernel {self.fused_kernel}")
 
 
 def check_divides(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, num_attention_heads: int,
@@ -80,8 +93,6 @@ def transformer_engine_available() -> bool:
 
 
 def resolve_attention(name: str) -> str:
-    """`model.attention` -> the implementation that runs: `auto` is `te` when Transformer Engine is importable in
-    this installation, else `sdpa`; the others name themselves."""
-    if name == "auto":
-        return "te" if transformer_engine_available() else "sdpa"
-    return name
+    """`model.attention` -> the implementation that runs: `auto` is `AUTO_ATTENTION` (whether or not Transformer
+    Engine is installed); the others name themselves."""
+    return AUTO_ATTENTION if name == "auto" else name

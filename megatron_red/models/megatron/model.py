@@ -3,10 +3,11 @@
 The three families are one pre-norm decoder with RMSNorm, SwiGLU MLPs, rotary position embeddings and grouped-query
 attention (models/architectures.py); Qwen2 adds a bias to the q/k/v projections, Qwen3 an RMSNorm over each query and
 key head (megatron's `qk_layernorm`), Llama 3.x a frequency-dependent RoPE scaling (megatron's `rope_scaling`).
-The Transformer Engine layer spec is used when TE is importable (fused kernels on GPU); otherwise megatron-core's
-local spec (`get_gpt_layer_local_spec`) with the attention named by `model.attention`: our `SDPACoreAttention` (torch
-SDPA; flash / memory-efficient kernels on GPU, packed sequences) or megatron's own unfused `DotProductAttention`
-(baddbmm + softmax + bmm) — see local_spec.py. Both run without TE, apex or flash-attn.
+The Transformer Engine layer spec is used with `model.attention=te` (fused kernels on GPU, RoPE fused too);
+otherwise megatron-core's local spec (`get_gpt_layer_local_spec`) with the attention named by `model.attention`: our
+`SDPACoreAttention` (torch SDPA; flash / memory-efficient kernels on GPU, packed sequences; what `auto` runs, see
+layout.py) or megatron's own unfused `DotProductAttention` (baddbmm + softmax + bmm) — see local_spec.py. Both run
+without TE, apex or flash-attn.
 
 The vocabulary is padded to a multiple of 128 x TP so that every tensor-parallel rank holds an equal, aligned
 shard of the embedding and LM head; the padded rows are zero and excluded from log-probs via `valid_vocab_size`.
@@ -92,8 +93,8 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
 
 def make_transformer_config(arch: HFArchitecture, layout: ParallelLayout, *, use_cpu_initialization: bool = False,
                             cuda_graph_impl: str = "none"):
-    """A `TransformerConfig` for `arch` in `layout` (TP, PP, dtype, sequence parallelism, recompute) with dropout off
-    and every fusion that needs apex/TE disabled.
+    """A `TransformerConfig` for `arch` in `layout` (TP, PP, dtype, sequence parallelism, recompute, RoPE fusion)
+    with dropout off and every other fusion that needs apex/TE disabled.
 
     `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row (or packed to a token
     budget), so pipeline stages exchange activation shapes per micro-batch.
@@ -120,7 +121,7 @@ def make_transformer_config(arch: HFArchitecture, layout: ParallelLayout, *, use
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        apply_rope_fusion=layout.rope_fusion, persist_layer_norm=False, gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,

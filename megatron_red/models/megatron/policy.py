@@ -27,6 +27,7 @@ from megatron_red.models.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, TensorSp
 from megatron_red.models.megatron import checkpoint
 from megatron_red.models.megatron.layout import ParallelLayout
 from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, make_transformer_config
+from megatron_red.models.megatron.offload import OptimizerOffload
 from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
 from megatron_red.models.precision import DTYPES
@@ -80,9 +81,13 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
     if not dist.is_initialized():
         raise ValueError("the Megatron backend needs torch.distributed to be initialised (torchrun)")
     if not ps.model_parallel_is_initialized():
+        # No gloo twins of megatron's groups: only the distributed optimizer's gathered checkpoint formats use them
+        # (checkpoint.py uses none of those), and across nodes they need a routable interface (a host name that
+        # resolves to 127.0.1.1 hangs them). On CPU the groups megatron does create are gloo groups anyway.
         ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
                                      pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-                                     distributed_timeout_minutes=config.dist_timeout_minutes)
+                                     distributed_timeout_minutes=config.dist_timeout_minutes,
+                                     create_gloo_process_groups=False)
     elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
           or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
         raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
@@ -193,9 +198,10 @@ class MegatronPolicy(PolicyBackend):
                 adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=max(optim.grad_clip, 0.0),
                 use_distributed_optimizer=config.use_distributed_optimizer, params_dtype=dtype,
                 bf16=dtype == torch.bfloat16),
-            [self.model])
+            [self.model], use_gloo_process_groups=False)
         self.step = 0
-        self._adam_offloaded = False
+        # In an fp32 model the master weights are views of the parameters, which stay on the GPU.
+        self._offload = OptimizerOffload(self.optimizer, master_weights=config.dtype != "float32")
         self._set_lr()
 
     # -- actor hooks (models/base.py; docs/architecture.md) -------------------------------------------------------
@@ -207,38 +213,18 @@ class MegatronPolicy(PolicyBackend):
         self.onload_adam_states()
 
     def offload_adam_states(self) -> None:
-        """Adam moments (and a 16-bit model's fp32 master weights) to host memory; gradient buffers freed.
-
-        megatron-core's `offload_to_cpu` moves every tensor its inner optimiser holds, master weights included; in
-        an fp32 model those are the model's own parameters (or views into them), so there only the state moves.
-        """
-        if self._adam_offloaded:
+        """Adam moments (and a 16-bit model's fp32 master weights) to pinned host buffers (offload.py); gradient
+        buffers freed."""
+        if self._offload.offloaded:
             return
-        if self.config.dtype == "float32":
-            for opt in self.optimizer.chained_optimizers:
-                for state in opt.optimizer.state.values():
-                    for key, value in state.items():
-                        if torch.is_tensor(value) and value.is_cuda:
-                            state[key] = value.cpu()
-        else:
-            self.optimizer.offload_to_cpu()
+        self._offload.offload()
         self.model.offload_grad_buffers()
-        self._adam_offloaded = True
 
     def onload_adam_states(self) -> None:
-        if not self._adam_offloaded:
+        if not self._offload.offloaded:
             return
         self.model.restore_grad_buffers()
-        if self.config.dtype == "float32":
-            device = next(self.model.parameters()).device
-            for opt in self.optimizer.chained_optimizers:
-                for state in opt.optimizer.state.values():
-                    for key, value in state.items():
-                        if torch.is_tensor(value) and key != "step":
-                            state[key] = value.to(device)
-        else:
-            self.optimizer.restore_from_cpu()
-        self._adam_offloaded = False
+        self._offload.onload()
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _head(self, temperature: float) -> LogprobHead:
