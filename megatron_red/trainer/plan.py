@@ -49,7 +49,7 @@ def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
     if engine == "vllm":  # as build_engine hands them to vLLM
         requests = r.max_batch_size
         sequence_length = min(rollout_max_sequence_length(config), arch.max_position_embeddings)
-        steps = vllm_engine.step_tokens(requests)
+        steps = vllm_engine.step_tokens(requests, sequence_length)
     else:
         requests = engine_max_requests(r.max_batch_size, tp)
         sequence_length = rollout_max_sequence_length(config)
