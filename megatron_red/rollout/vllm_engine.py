@@ -41,6 +41,7 @@ memory) throughout.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -219,7 +220,7 @@ class VLLMEngine(RolloutEngine):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if hf_config is not None:
             self._directory = tempfile.mkdtemp(prefix="megatron_red_vllm_")
-            hf_config.to_json_file(os.path.join(self._directory, "config.json"))
+            _causal_lm_config(hf_config).to_json_file(os.path.join(self._directory, "config.json"))
             model_path = self._directory
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         per_token = kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads or
@@ -370,6 +371,18 @@ class VLLMEngine(RolloutEngine):
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
+
+
+def _causal_lm_config(hf_config):
+    """`hf_config` naming its causal-LM class in `architectures` (a config built in memory has none, and vLLM then
+    takes the model for a pooling one)."""
+    if hf_config.architectures:
+        return hf_config
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = copy.deepcopy(hf_config)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
 
 
 @contextlib.contextmanager
