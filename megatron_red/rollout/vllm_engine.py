@@ -252,9 +252,20 @@ class VLLMEngine(RolloutEngine):
             # vLLM 0.32 on the CPU: a seeded request whose prefill is cut into chunks fails ("CPU Generator does not
             # use offset"), so the CPU engine prefills whole prompts.
             enable_chunked_prefill=self.on_cuda,
-            kv_cache_memory_bytes=int(kv_buffer_gb * 2**30), enable_prefix_caching=prefix_caching,
+            kv_cache_memory_bytes=int(kv_buffer_gb * 2**30), gpu_memory_utilization=self._memory_share(),
+            enable_prefix_caching=prefix_caching,
             enforce_eager=not cuda_graph, enable_sleep_mode=self.release_kv_cache, async_scheduling=False,
             logits_processors=[_recorder_class()], logprobs_mode="processed_logprobs", disable_log_stats=True)
+
+    def _memory_share(self) -> float:
+        """vLLM's gpu_memory_utilization: on CUDA it refuses to start unless that share of the card is free, and the
+        policy (weights, gradients, optimizer state) is already there, so the share free now (the KV cache is sized
+        by kv_cache_memory_bytes, not by this); on the CPU, where an explicit KV size skips the check, vLLM's
+        default."""
+        if not self.on_cuda:
+            return 0.9
+        free, total = torch.cuda.mem_get_info()
+        return max(0.01, 0.98 * free / total)
 
     # ---- weights ------------------------------------------------------------------------------------------------
     def sync_weights(self, policy=None) -> None:
