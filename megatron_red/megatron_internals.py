@@ -4,7 +4,11 @@
   (rollout/megatron.py), and the engine's prefill counters `DynamicInferenceEngine._prefill_tokens_computed` /
   `_prefill_tokens_skipped` (what its own step log prints);
 - the names megatron's attention module (`megatron.core.transformer.attention`) imports from flash-attn and checks
-  it with, which rollout/megatron_attention.py replaces when no usable flash-attn is installed.
+  it with, which rollout/megatron_attention.py replaces when no usable flash-attn is installed;
+- that megatron-core's model forward, pipeline schedules and DDP call CUDA unconditionally, so the Megatron backend
+  trains only where CUDA is available (`megatron_runs_here`). The package never patches torch; the tests' CPU
+  stand-ins for those calls (tests/megatron_compat.py, never imported by the package) set `CPU_STAND_INS` in the
+  process they patch, which is the only way the check passes without CUDA.
 
 They were read in megatron-core 0.19 (setup.py pins >=0.19,<0.20). On first use, `check()` compares the installed
 version with that and looks for every module-level name; a use looks for the instance attribute it touches. What
@@ -16,12 +20,25 @@ import functools
 import importlib
 import importlib.metadata
 
+import torch
+
 READ_IN = "0.19"
 """The megatron-core minor version whose internals this module touches."""
 ATTENTION_MODULE = "megatron.core.transformer.attention"
 ATTENTION_NAMES = ("flash_attn_varlen_func", "flash_attn_with_kvcache", "is_fa_min_version", "rearrange", "HAVE_FA3",
                    "HAVE_FA4")
 """What megatron's attention module takes from flash-attn (and einops) at import, and its flash-attn version check."""
+
+
+CPU_STAND_INS = False
+"""True in a process whose megatron-core CUDA calls the tests' compatibility layer has redirected to the CPU
+(tests/megatron_compat.py sets it); nothing in the package sets it."""
+
+
+def megatron_runs_here() -> bool:
+    """Whether megatron-core can train in this process: a CUDA device is visible (or the tests' CPU stand-ins are
+    installed)."""
+    return torch.cuda.is_available() or CPU_STAND_INS
 
 
 class MegatronCoreChanged(RuntimeError):

@@ -3,8 +3,10 @@
 megatron-core's model forward, pipeline schedules and p2p communication assume a GPU: the rotary embedding moves
 its frequencies to `torch.cuda.current_device()`, the schedules allocate token counters with `device="cuda"`,
 p2p shape exchange calls `torch.cuda.synchronize()`, and attention dropout runs inside the CUDA RNG tracker.
-`install()` redirects exactly these to the CPU inside a spawned gloo test process. It is never imported by the
-package, and only test processes (never the pytest parent) call it.
+`install()` redirects exactly these to the CPU inside a spawned gloo test process, and marks the process as having
+them (`megatron_red.megatron_internals.CPU_STAND_INS`), which lifts the package's refusal to train the Megatron
+backend without CUDA. It is never imported by the package, and only test processes (never the pytest parent) call
+it.
 """
 from __future__ import annotations
 
@@ -149,3 +151,7 @@ def install() -> None:
     proxy = _TorchOnCPU()
     for module_name in _MODULES_WITH_CUDA_TENSORS:
         importlib.import_module(module_name).torch = proxy
+
+    from megatron_red import megatron_internals
+
+    megatron_internals.CPU_STAND_INS = True

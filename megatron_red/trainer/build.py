@@ -118,6 +118,19 @@ def tiny_qwen2_config(config: RunConfig, tokenizer):
     )
 
 
+def check_backend_runs_here(model: ModelConfig) -> None:
+    """Refuse to train `model.backend=megatron` where megatron-core cannot run (no CUDA device), before any work:
+    its model forward, pipeline schedules and DDP call CUDA directly and would fail only after the warm-up and the
+    model load. `plan` does not call this: it sizes a GPU run on any host."""
+    from megatron_red.megatron_internals import megatron_runs_here
+
+    if model.backend == "megatron" and not megatron_runs_here():
+        raise ConfigError("model.backend=megatron needs CUDA GPUs (megatron-core's model, pipeline schedules and DDP "
+                          "call CUDA directly) and torch sees no CUDA device here. Without GPUs, train with "
+                          "model.backend=hf (CPU or one device); to size a Megatron layout for your GPUs, run "
+                          "`megatron-red plan CONFIG --world-size N` (needs no GPU).")
+
+
 def build_policy(config: RunConfig, task: Task, cache_dir: Path):
     """The student: a local HF checkpoint, or the tiny built-in Qwen2 after its (cached) warm-up."""
     from megatron_red.models.hf import HFPolicy
