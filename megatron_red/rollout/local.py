@@ -70,7 +70,7 @@ class LocalEngine(RolloutEngine):
         self.sync_every = sync_every
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self._qk_norm = config.model_type == "qwen3"
+        self._qk_norm = hasattr(model.get_decoder().layers[0].self_attn, "q_norm")  # Qwen3 / Qwen3-MoE
         self._state: _DecodeState | None = None
 
     def sync_weights(self, policy) -> None:

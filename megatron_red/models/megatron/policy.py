@@ -82,10 +82,12 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
                                      pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                                     expert_model_parallel_size=config.expert_model_parallel_size,
                                      distributed_timeout_minutes=config.dist_timeout_minutes)
     elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
-          or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
-        raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+          or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size
+          or ps.get_expert_model_parallel_world_size() != config.expert_model_parallel_size):
+        raise ValueError("megatron parallel state is initialised with a different TP/PP/EP layout than the config")
     arch = HFArchitecture.from_hf_config(hf_config)
     on_gpu = torch.cuda.is_available()
     if on_gpu:  # megatron's CUDA-graph managers need a graph-safe RNG tracker
@@ -106,7 +108,8 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
     if on_gpu:
         model = model.cuda(torch.cuda.current_device())
     if weights is not None:
-        load_hf_weights(model, as_hf_weights(weights), arch, ps.get_tensor_model_parallel_group())
+        load_hf_weights(model, as_hf_weights(weights), arch, ps.get_tensor_model_parallel_group(),
+                        ps.get_expert_model_parallel_group())
     if config.inference_cuda_graphs:
         from megatron.core.transformer.utils import toggle_cuda_graphs
 
@@ -133,14 +136,14 @@ class ShardedModel:
 
 def save_hf_pretrained(model: torch.nn.Module, hf_config, path: str, dtype: torch.dtype | None = None,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Collective over all ranks: write the Hugging Face checkpoint of a TP x PP-sharded `model` into `path`
+    """Collective over all ranks: write the Hugging Face checkpoint of a TP x PP (x EP)-sharded `model` into `path`
     (safetensors shards + index + config.json), streamed tensor by tensor (`HFExport`) by global rank 0; the
-    other data-parallel replicas hold the same weights and only wait."""
+    other (expert-)data-parallel replicas hold the same weights and only wait."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_data_parallel_rank() == 0:
+    if ps.get_expert_data_parallel_rank() == 0:  # = the data-parallel rank without experts (EP 1)
         export = HFExport(model, HFArchitecture.from_hf_config(hf_config), ps.get_tensor_model_parallel_group(),
-                          ps.get_pipeline_model_parallel_group())
+                          ps.get_pipeline_model_parallel_group(), ps.get_expert_model_parallel_group())
         if export.is_writer:
             specs = [TensorSpec(s.name, s.shape, dtype or s.dtype) for s in export.specs]
             write_hf_checkpoint(path, hf_config, specs, export, max_shard_bytes)
