@@ -132,3 +132,96 @@ def check_against_hf(config, model, hf_state, batch, results):
         assert max(moved.values()) > 1e-4
         # every expert of the first layer was trained (routed to by some token of the batch)
         assert all(moved[f"model.layers.0.mlp.experts.{e}.down_proj.weight"] > 1e-4 for e in range(config.num_experts))
+
+
+def test_plan_of_the_30b_a3b_recipe_is_the_hand_count(capsys):
+    """`megatron-red plan` on the Qwen3-30B-A3B recipe (16 GPUs: TP 2 x PP 2 x DP 4, EP 4) against a count by hand
+    of one GPU's parameters on the first stage, from the architecture's config.json (examples/red/architectures/)."""
+    import json
+    from pathlib import Path
+
+    from megatron_red.cli import main
+
+    arch = json.loads(Path("examples/red/architectures/qwen3-30b-a3b/config.json").read_text())
+    assert (arch["num_experts"], arch["num_experts_per_tok"], arch["moe_intermediate_size"]) == (128, 8, 768)
+    tp, pp, dp, ep = 2, 2, 4, 4
+    h, heads, kv, d, width = (arch["hidden_size"], arch["num_attention_heads"], arch["num_key_value_heads"],
+                              arch["head_dim"], arch["moe_intermediate_size"])
+    layers = arch["num_hidden_layers"] // pp
+    embedding = -(-arch["vocab_size"] // (128 * tp)) * 128 * tp // tp * h  # padded vocabulary, split over TP
+    layer = (h + (heads + 2 * kv) * d // tp * h + h * heads * d // tp + 2 * d + h  # attention and its norms
+             + arch["num_experts"] * h)  # the router
+    experts = layers * arch["num_experts"] // ep * 3 * width // tp * h
+    dense = embedding + layers * layer
+    assert (dense, experts) == (388_601_856, 1_811_939_328)
+    gib = 2**30
+    expected = {"weights": (dense + experts) * 2 / gib, "gradients": (dense + experts) * 4 / gib,  # bf16, fp32
+                "optimizer": (dense * 12 / dp + experts * 12 / (dp // ep)) / gib}  # master + 2 moments, sharded
+    assert main(["plan", "--world-size", "16", "examples/red/qwen3_30b_a3b_16gpu.yaml",
+                 "model.path=examples/red/architectures/qwen3-30b-a3b"]) == 0
+    out = capsys.readouterr().out
+    assert f"parameters per GPU (stage 0): {dense / 1e9:.3f}B dense + {experts / 1e9:.3f}B experts" in out
+    for part, value in expected.items():
+        assert f"| {part} | generation + training | {value:.2f} | {value:.2f} |" in out, part
+    assert f"| (of which experts) | | {experts * 12 / gib:.2f} | {experts * 12 / gib:.2f} |" in out
+    assert "30.53B parameters (3.35B active per token" in out
+    assert out.endswith("generation peak 61.1 GiB of 80 GiB: fits\ntraining peak 71.4 GiB of 80 GiB: fits\n")
+
+
+def _memory_worker(rank, world_size, hf_config, hf_state, batch, ep):
+    """Bytes of this rank's weights, fp32 gradients and optimiser state (fp32 master copies and Adam moments), each
+    split into experts and the rest, from the real objects of a bf16 policy with the distributed optimiser after
+    one step (`test_megatron_packing._packing_worker` counts a dense model the same way)."""
+    import megatron_compat
+    megatron_compat.install()
+    from megatron.core import parallel_state as ps
+
+    from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
+
+    policy = MegatronPolicy(hf_config, checkpoint_tensors(hf_state), MegatronConfig(
+        expert_model_parallel_size=ep, moe=True, dtype="bfloat16", use_distributed_optimizer=True), OPTIM)
+    policy.get_loss_and_metrics(batch, 4, pg_loss_fn(float(batch.loss_mask.sum())))
+    params = list(policy.model.parameters())
+    expert = {id(p): not getattr(p, "allreduce", True) for p in params}  # megatron marks expert parameters
+    counts = {f"{part}/{kind}": 0 for part in ("weights", "gradients", "optimizer") for kind in ("dense", "experts")}
+    for p in params:
+        kind = "experts" if expert[id(p)] else "dense"
+        counts[f"weights/{kind}"] += p.numel() * p.element_size()
+        counts[f"gradients/{kind}"] += p.main_grad.numel() * p.main_grad.element_size()
+    policy.optimizer_step()
+    for opt in policy.optimizer.chained_optimizers:
+        for group in opt.optimizer.param_groups:
+            kind = "experts" if group.get("is_expert_parallel") else "dense"
+            for p in group["params"]:  # fp32 master shards
+                counts[f"optimizer/{kind}"] += p.numel() * p.element_size() + sum(
+                    v.numel() * v.element_size() for k, v in opt.optimizer.state[p].items()
+                    if torch.is_tensor(v) and k != "step")
+    counts["edp"] = ps.get_expert_data_parallel_world_size()
+    ps.destroy_model_parallel()
+    return counts
+
+
+def test_plan_counts_the_real_objects_at_ep2():
+    """The memory plan's weights, gradients and Adam state per GPU against the real objects of a 4-rank world at
+    EP 2 (DP 4: the dense state sharded over 4 ranks, the experts' over the 2 that hold the same experts)."""
+    from megatron_red.models.megatron.layout import ParallelLayout
+    from megatron_red.models.megatron.memory import Workload, memory_plan
+    from megatron_red.models.megatron.model import HFArchitecture
+
+    config = tiny_moe_config("qwen3_moe")
+    state = {k: v.detach().clone() for k, v in tiny_moe_model(config).state_dict().items()}
+    results = run_distributed(_memory_worker, 4, config, state, make_batch(), 2)
+    plan = memory_plan(HFArchitecture.from_hf_config(config),
+                       ParallelLayout(data_parallel_size=4, dtype="bfloat16", moe=True, expert_model_parallel_size=2),
+                       Workload(tokens_per_micro_batch=64, max_sequence_length=16))
+
+    assert {r["edp"] for r in results} == {2}
+    for part in ("weights", "gradients"):
+        for r in results:
+            assert r[f"{part}/dense"] + r[f"{part}/experts"] == plan.parts[0][part], part
+            assert r[f"{part}/experts"] == plan.experts[part], part
+    # the distributed optimizer's shards, as the plan counts them: the mean over the ranks
+    for kind, planned in (("experts", plan.experts["optimizer"]), ("dense", plan.parts[0]["optimizer"]
+                                                                  - plan.experts["optimizer"])):
+        mean = sum(r[f"optimizer/{kind}"] for r in results) / len(results)
+        assert mean == planned, kind

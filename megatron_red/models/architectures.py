@@ -92,6 +92,11 @@ def is_moe(hf_config) -> bool:
     return getattr(hf_config, "model_type", None) in MOE_MODEL_TYPES
 
 
+def num_experts(hf_config) -> int:
+    """Experts per MoE layer; 0 for a dense model."""
+    return int(hf_config.num_experts) if is_moe(hf_config) else 0
+
+
 def has_qk_norm(hf_config) -> bool:
     """Qwen3's RMSNorm over each query and key head before RoPE (Qwen3 and Qwen3-MoE)."""
     return getattr(hf_config, "model_type", None) in ("qwen3", "qwen3_moe")

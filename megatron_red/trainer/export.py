@@ -103,6 +103,7 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype | No
 def _export_megatron(checkpoint: Path, out: Path, hf_config, dtype, tp: int, pp: int) -> None:
     import torch.distributed as dist
 
+    from megatron_red.models.architectures import num_experts
     from megatron_red.models.megatron.checkpoint import load_model_weights
     from megatron_red.models.megatron.policy import MegatronConfig, build_sharded_model, save_hf_pretrained
     from megatron_red.trainer.build import parallel_layout
@@ -113,7 +114,7 @@ def _export_megatron(checkpoint: Path, out: Path, hf_config, dtype, tp: int, pp:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = parallel_layout(ModelConfig(backend="megatron", tensor_model_parallel_size=tp,
                                          pipeline_model_parallel_size=pp, dtype=_training_dtype(hf_config)),
-                             tp * pp, device)
+                             tp * pp, device, num_experts(hf_config))
     _, model, _ = build_sharded_model(hf_config, None, MegatronConfig(**dataclasses.asdict(layout)))
     load_model_weights(model, str(checkpoint))
     save_hf_pretrained(model, hf_config, str(out), dtype)

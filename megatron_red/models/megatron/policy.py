@@ -48,6 +48,8 @@ class MegatronConfig(ParallelLayout):
                                   the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
     inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
                                   inference engine's decode steps (off while training; GPU only).
+    moe_routing_replay:           mixtures of experts: replay the engine's expert choices in the training forwards
+                                  (`model.moe_routing_replay`; models/megatron/routing.py).
 
     A 16-bit layout is bfloat16 only: float16 would need loss scaling, which this backend does not wire into the
     schedule (a dynamic scaler's skipped steps would drop whole RED steps); the run config refuses it.
@@ -58,6 +60,7 @@ class MegatronConfig(ParallelLayout):
     dist_timeout_minutes: float = 60.0
     offload_optimizer: bool = False
     inference_cuda_graphs: bool = False
+    moe_routing_replay: bool = True
 
 
 def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
