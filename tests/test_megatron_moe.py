@@ -166,6 +166,10 @@ def test_plan_of_the_30b_a3b_recipe_is_the_hand_count(capsys):
     assert f"| (of which experts) | | {experts * 12 / gib:.2f} | {experts * 12 / gib:.2f} |" in out
     assert "30.53B parameters (3.35B active per token" in out
     assert out.endswith("generation peak 61.1 GiB of 80 GiB: fits\ntraining peak 71.4 GiB of 80 GiB: fits\n")
+    # 8 GPUs: DP 2, which EP 4 cannot divide
+    assert main(["plan", "--world-size", "8", "examples/red/qwen3_30b_a3b_16gpu.yaml",
+                 "model.path=examples/red/architectures/qwen3-30b-a3b"]) == 2
+    assert "model.expert_model_parallel_size=4 must divide the data-parallel size 2" in capsys.readouterr().err
 
 
 def _memory_worker(rank, world_size, hf_config, hf_state, batch, ep):
