@@ -158,7 +158,8 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     common = dict(optim_config=config.optim, device=device, dtype=dtype, fused_kernel=config.model.fused_kernel,
-                  gradient_checkpointing=config.model.gradient_checkpointing)
+                  gradient_checkpointing=config.model.gradient_checkpointing,
+                  moe_routing_replay=config.model.moe_routing_replay)
     if config.model.path:
         return HFPolicy.from_pretrained(config.model.path, **common)
     start = warmed_up_student(config, task, cache_dir)
@@ -286,7 +287,7 @@ def _megatron_engine(policy, tokenizer, rollout, max_sequence_length: int | None
         max_requests=rollout.max_batch_size, max_sequence_length=length, block_size_tokens=rollout.kv_block_size,
         kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
         cuda_graph=rollout.cuda_graph and next(policy.model.parameters()).is_cuda,
-        release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group)
+        release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group, ep_group=getattr(policy, "lockstep", None))
 
 
 def rollout_max_sequence_length(config: RunConfig) -> int:

@@ -379,6 +379,8 @@ class RedTrainer:
         group.responses = [c.token_ids for c in completions]
         group.behaviour_logprobs = [c.logprobs for c in completions]
         group.rollout_entropies = [c.entropies for c in completions]
+        routed = [c.routed_experts for c in completions]
+        group.routed_experts = routed if any(r is not None for r in routed) else None
         group.finished = [c.finished for c in completions]
         group.rewards = list(rewards)
         group.penalties = [self.overlong_penalty(len(c.token_ids)) for c in completions]

@@ -153,7 +153,10 @@ def make_transformer_config(arch: HFArchitecture, layout: ParallelLayout, *, use
             moe_expert_capacity_factor=layout.moe_capacity_factor, moe_token_drop_policy="probs",
             moe_grouped_gemm=layout.attention == "te", expert_model_parallel_size=layout.expert_model_parallel_size,
             moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size or None,
-            moe_shared_expert_gate=bool(arch.shared_expert_ffn_hidden_size))
+            moe_shared_expert_gate=bool(arch.shared_expert_ffn_hidden_size),
+            # The rollout engine runs these layers with the training dispatcher; megatron's inference context still
+            # sets up the dispatcher named here under EP, and its default (NVLS) allocates symmetric GPU memory.
+            inference_moe_token_dispatcher_type="nccl")
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups, kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size,

@@ -12,6 +12,15 @@ sum over DP (gradient_scaling_factor = 1); the per-token division megatron would
 TP, PP, DP and the micro-batch size do not change the update. The DP reduction (and the tied-embedding reduction
 between first and last stage) happens once, in `optimizer_step`, so several `get_loss_and_metrics` calls per step
 accumulate correctly.
+
+Mixtures of experts. megatron adds each MoE layer's load-balancing loss to the gradient weighted by its micro-batch's
+routed tokens (`calculate_per_token_loss`), which the skipped division would have divided by the total; instead
+its coefficient is `model.moe_aux_loss_coeff` / (the tokens the routers see in the call, over all data-parallel
+ranks) during each `get_loss_and_metrics`, so the term is the coefficient times the token-weighted mean over the
+call's micro-batches. The routers' replay hooks (parallel/routing.py) replay the engine's recorded experts in every
+forward and, in training calls, report `num_moe_routing_*` / `moe_aux_loss_*` sums with the first micro-batch's
+metrics. Under expert parallelism every rank of an expert-parallel group runs as many micro-batches
+(`pipeline.in_lockstep`).
 """
 from __future__ import annotations
 
@@ -30,8 +39,9 @@ from megatron_red.models.megatron.model import HFArchitecture, build_gpt_model, 
 from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
 from megatron_red.models.precision import DTYPES
-from megatron_red.parallel.packing import micro_batch_rows
-from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
+from megatron_red.parallel import routing
+from megatron_red.parallel.packing import micro_batch_rows, model_tokens
+from megatron_red.parallel.pipeline import LogprobHead, in_lockstep, pipeline_logprobs_entropy, run_pipeline
 
 
 @dataclass
@@ -174,6 +184,9 @@ class MegatronPolicy(PolicyBackend):
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.mp_group = ps.get_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.routing_replays = routing.install(model)  # [] for a dense model
+        self.lockstep = ps.get_expert_model_parallel_group() if config.expert_model_parallel_size > 1 else None
         dtype = DTYPES[config.dtype]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -237,24 +250,70 @@ class MegatronPolicy(PolicyBackend):
         return LogprobHead(tp_group=self.tp_group, valid_vocab_size=self.arch.vocab_size, temperature=temperature,
                            fused_kernel=self.config.fused_kernel)
 
+    def _routing(self, training: bool) -> routing.RoutingSession | None:
+        """The routers' session of one pass (a mixture of experts; None for a dense model)."""
+        if not self.routing_replays:
+            return None
+        return routing.RoutingSession(
+            self.routing_replays, replay=self.config.moe_routing_replay, measure=training,
+            recompute=training and self.config.recompute == "full", pre_softmax=not self.arch.moe_norm_topk_prob,
+            tp_group=self.tp_group, sequence_parallel=self.config.sequence_parallel)
+
     def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
                                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group,
-                                         max_tokens=self.config.max_tokens_per_micro_batch)
+                                         max_tokens=self.config.max_tokens_per_micro_batch,
+                                         routing=self._routing(training=False), lockstep=self.lockstep)
+
+    def _aux_loss_weight(self, micro_batches: list[SequenceBatch]) -> float:
+        """megatron's load-balancing coefficient for this call (module docstring): the configured one over the
+        positions the routers see in it, on every data-parallel rank."""
+        packed = bool(self.config.max_tokens_per_micro_batch)
+        multiple = dist.get_world_size(self.tp_group) if self.config.sequence_parallel else 1
+        tokens = torch.tensor([float(sum(model_tokens(mb, packed, multiple) for mb in micro_batches))],
+                              device=next(self.model.parameters()).device)
+        dist.all_reduce(tokens, group=self.dp_group)
+        return self.config.moe_aux_loss_coeff / max(float(tokens.item()), 1.0)
 
     def get_loss_and_metrics(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
                              temperature: float = 1.0) -> list[dict[str, float]]:
         budget = self.config.max_tokens_per_micro_batch
         rows = micro_batch_rows(batch, micro_batch_size, budget)
-        metrics = run_pipeline(self.model, [batch.select(r) for r in rows], self._head(temperature),
-                               loss_fn=loss_fn, packed=bool(budget))
-        # Only the last stage ran loss_fn; every rank returns its metrics.
+        micro_batches, real = in_lockstep([batch.select(r) for r in rows], batch, self.lockstep)
+        if not micro_batches:
+            return []
+        config = unwrap_model(self.model).config
+        session = self._routing(training=True)
+        if self.config.moe_aux_loss_coeff:
+            config.moe_aux_loss_coeff = self._aux_loss_weight(micro_batches)
+        try:
+            metrics = run_pipeline(self.model, micro_batches, self._head(temperature), loss_fn=loss_fn,
+                                   packed=bool(budget), routing=session)
+        finally:
+            config.moe_aux_loss_coeff = self.config.moe_aux_loss_coeff
+        # Only the last stage ran loss_fn; every rank returns its metrics (of the real micro-batches).
         if dist.get_world_size(self.pp_group) > 1:
             holder = [metrics]
             last = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
             dist.broadcast_object_list(holder, src=last, group=self.pp_group)
             metrics = holder[0]
+        metrics = metrics[:real]
+        if session is not None:
+            stats = self._routing_statistics(session)
+            if metrics:
+                metrics[0].update(stats)
         return metrics
+
+    def _routing_statistics(self, session: routing.RoutingSession) -> dict[str, float]:
+        """The session's routing counts of the whole model: summed over the pipeline stages (each routes its own
+        layers)."""
+        stats = session.statistics(self.arch.moe_router_topk)
+        if dist.get_world_size(self.pp_group) > 1:
+            values = torch.tensor(list(stats.values()), dtype=torch.float64,
+                                  device=next(self.model.parameters()).device)
+            dist.all_reduce(values, group=self.pp_group)
+            stats = dict(zip(stats, values.tolist()))
+        return stats
 
     # -- optimiser ----------------------------------------------------------------------------------------------
     def _set_lr(self, lr_scale: float = 1.0) -> None:
