@@ -641,6 +641,10 @@ def _check_experts(config: RunConfig, experts: int) -> None:
         raise ConfigError(f"model.sequence_parallel=false with model.tensor_model_parallel_size="
                           f"{m.tensor_model_parallel_size}: megatron-core trains mixture-of-experts layers "
                           "tensor-parallel only with sequence parallelism; set model.sequence_parallel=true")
+    if m.expert_model_parallel_size > 1 and config.algo.method == "bread":
+        raise ConfigError("algo.method=bread with model.expert_model_parallel_size > 1: BREAD re-rolls each replica's "
+                          "failed prompts in as many engine calls as they need, but expert-parallel replicas must "
+                          "generate together; use model.expert_model_parallel_size=1")
     if m.moe_token_dispatcher == "allgather" and m.pipeline_model_parallel_size > 1:
         raise ConfigError("model.moe_token_dispatcher=allgather needs model.pipeline_model_parallel_size=1 "
                           "(megatron-core refuses it with the per-micro-batch activation shapes pipeline stages "

@@ -299,5 +299,6 @@ def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload
         parts[stage] = {"weights": numel * a, "gradients": numel * 4.0, "optimizer": optimizer,
                         "activations": activations, "LM head": head, "KV cache": float(blocks * block_bytes),
                         **generation, "reserve": reserve_bytes}
-    expert_parts = {"weights": experts * a, "gradients": experts * 4.0, "optimizer": expert_optimizer} if experts else {}
+    expert_parts = ({"weights": experts * a, "gradients": experts * 4.0, "optimizer": expert_optimizer} if experts
+                    else {})
     return MemoryPlan(parts, layout, workload, blocks, block_bytes, expert_parts)
