@@ -586,6 +586,14 @@ def _check_model(config: RunConfig) -> None:
         raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok} must be at most model.num_experts="
                           f"{m.num_experts}")
     engine = config.rollout.engine
+    heads, groups, layers, experts = m.num_heads, m.num_kv_heads, m.num_layers, m.num_experts
+    if m.path is not None:
+        arch = json.loads((Path(m.path) / "config.json").read_text(encoding="utf-8"))
+        heads, layers = arch["num_attention_heads"], arch["num_hidden_layers"]
+        groups = arch.get("num_key_value_heads") or heads
+        experts = 0
+        if arch.get("model_type") in MOE_MODEL_TYPES:  # released files say num_experts, transformers 5 writes
+            experts = arch.get("num_experts") or arch.get("num_local_experts", 0)  # num_local_experts
     if m.backend == "hf":
         used = [key for key, off in _MEGATRON_ONLY.items() if _value(config, key) != off]
         if used:
@@ -593,6 +601,9 @@ def _check_model(config: RunConfig) -> None:
             raise ConfigError(f"{', '.join(used)}: only the Megatron backend reads {them} (model.backend=megatron)")
         if engine == "megatron":
             raise ConfigError("rollout.engine=megatron needs model.backend=megatron")
+        if experts and config.rollout.cuda_graph:
+            raise ConfigError("rollout.cuda_graph: the local engine decodes a mixture of experts eagerly (a captured "
+                              "step would record its routing at fixed positions); leave it false")
         return
     if engine == "local":
         raise ConfigError("model.backend=megatron samples with its own shards: rollout.engine=megatron (or auto)")
@@ -616,14 +627,6 @@ def _check_model(config: RunConfig) -> None:
             raise ConfigError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
                               f"{t.max_tokens_per_micro_batch} must be a multiple of TP={tp} (packs are padded to a "
                               "multiple of TP)")
-    heads, groups, layers, experts = m.num_heads, m.num_kv_heads, m.num_layers, m.num_experts
-    if m.path is not None:
-        arch = json.loads((Path(m.path) / "config.json").read_text(encoding="utf-8"))
-        heads, layers = arch["num_attention_heads"], arch["num_hidden_layers"]
-        groups = arch.get("num_key_value_heads") or heads
-        experts = 0
-        if arch.get("model_type") in MOE_MODEL_TYPES:  # released files say num_experts, transformers 5 writes
-            experts = arch.get("num_experts") or arch.get("num_local_experts", 0)  # num_local_experts
     check_divides(tp, m.pipeline_model_parallel_size, heads, groups, layers, m.expert_model_parallel_size, experts)
     _check_experts(config, experts)
 

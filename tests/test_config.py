@@ -273,6 +273,7 @@ def test_out_of_range_values_name_the_key_and_range(override, message):
     (["model.backend=megatron", "model.num_experts=8", "model.pipeline_model_parallel_size=2",
       "model.moe_token_dispatcher=allgather"], "model.moe_token_dispatcher=allgather needs model.pipeline_model_"),
     (["model.num_experts=4", "model.num_experts_per_tok=5"], "model.num_experts_per_tok=5 must be at most"),
+    (["model.num_experts=4", "rollout.cuda_graph=true"], "the local engine decodes a mixture of experts eagerly"),
     (["model.backend=megatron", "model.num_experts=4", "model.expert_model_parallel_size=2", "algo.method=bread"],
      "algo.method=bread with model.expert_model_parallel_size > 1"),
     (["model.backend=megatron", f"model.path={ARCHITECTURES / 'qwen3-30b-a3b'}", "model.expert_model_parallel_size=3"],
