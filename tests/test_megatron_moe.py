@@ -229,3 +229,61 @@ def test_plan_counts_the_real_objects_at_ep2():
                                                                   - plan.experts["optimizer"])):
         mean = sum(r[f"optimizer/{kind}"] for r in results) / len(results)
         assert mean == planned, kind
+
+
+def _aux_loss_worker(rank, world_size, hf_config, hf_state, batch, coeff):
+    """The router weights' gradient of one training pass whose loss is only the load-balancing term."""
+    import megatron_compat
+    megatron_compat.install()
+    from megatron.core import parallel_state as ps
+
+    from megatron_red.models.megatron.policy import MegatronConfig, MegatronPolicy
+
+    policy = MegatronPolicy(hf_config, checkpoint_tensors(hf_state), MegatronConfig(
+        moe=True, dtype="float32", moe_aux_loss_coeff=coeff), OPTIM)
+    metrics = policy.get_loss_and_metrics(batch, 2, lambda lp, ent, mb: ((lp * mb.loss_mask).sum() * 0.0, {}))
+    grads = {name: p.main_grad.clone() for name, p in policy.model.named_parameters() if name.endswith("router.weight")}
+    config_after = policy.model.module.config.moe_aux_loss_coeff
+    ps.destroy_model_parallel()
+    return portable(dict(grads=grads, aux=metrics[0]["moe_aux_loss_sum"] / metrics[0]["moe_aux_loss_terms"],
+                         coeff_after=config_after))
+
+
+def test_load_balancing_loss_weight():
+    """`model.moe_aux_loss_coeff` = a: the update's load-balancing term is a x the token-weighted mean over the
+    pass's micro-batches of the sum over layers of E * sum_i f_i P_i (megatron's loss, whose per-token scaling the
+    policy turns into that mean). Checked on the routers' gradients against the float64 Hugging Face model with the
+    same micro-batches (2 rows, longest first; padding positions routed too, as megatron routes them)."""
+    config = tiny_moe_config("qwen3_moe")
+    model = tiny_moe_model(config)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batch, coeff = make_batch(), 0.1
+    result = as_tensors(run_distributed(_aux_loss_worker, 1, config, state, batch, coeff)[0])
+    assert result["coeff_after"] == pytest.approx(coeff)  # the per-pass rescaling is undone
+
+    model64 = copy.deepcopy(model).double()
+    model64.set_experts_implementation("eager")
+    routers = [layer.mlp.gate for layer in model64.model.layers]
+    logits = []
+    handles = [r.register_forward_hook(lambda m, i, o: logits.append(o[0])) for r in routers]
+    micro_batches = [batch.select(rows).trimmed() for rows in batch.micro_batch_rows(2)]
+    total_tokens = sum(mb.input_ids.numel() for mb in micro_batches)
+    objective, measured = 0.0, []
+    for mb in micro_batches:
+        logits.clear()
+        model64(mb.input_ids)
+        for layer_logits in logits:  # E * sum_i f_i P_i, f from the top-k (no gradient), P the mean probability
+            probs = torch.softmax(layer_logits, dim=-1)
+            chosen = probs.topk(config.num_experts_per_tok, dim=-1).indices
+            f = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / config.num_experts_per_tok
+            loss = config.num_experts * (f * probs.mean(0)).sum()
+            measured.append(float(loss.detach()))
+            objective = objective + coeff * loss * mb.input_ids.numel() / total_tokens
+    objective.backward()
+    for h in handles:
+        h.remove()
+    assert result["aux"] == pytest.approx(sum(measured) / len(measured), rel=1e-5)  # moe/aux_loss, as logged
+    for layer, router in enumerate(routers):
+        grad = result["grads"][f"module.decoder.layers.{layer}.mlp.router.weight"]
+        torch.testing.assert_close(grad.double(), router.weight.grad, atol=1e-6, rtol=1e-4)
+        assert router.weight.grad.abs().max() > 1e-4

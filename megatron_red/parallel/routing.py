@@ -12,12 +12,10 @@ own logits at the recorded experts). Positions the engine did not run are routed
 megatron-core 0.19 has the hook: every `TopKRouter` passes its top-k through `router.router_replay`
 (`transformer/moe/router_replay.py`), a `RouterReplay` whose `get_replay_topk` the dynamic inference engine switches
 to recording (through megatron's list of them). `install` puts a `RoutingReplay` on each router of a model stage,
-which holds such a recorder for the engine; while a `RoutingSession` is
-active (a training or log-prob pass, `parallel/pipeline.py`), it takes that micro-batch's recorded experts instead
-of the computed ones (`replay`), and counts (`measure`) the recorded routings whose computed top-k differs, and the
-load-balancing loss of the computed routing (Switch Transformer: E * sum_i f_i P_i per layer and micro-batch, with
-f_i the share of the tokens' k choices that go to expert i and P_i the mean router probability of expert i; 1 when
-balanced). Outside a session the engine's recording is megatron's own.
+which holds such a recorder for the engine; while a `RoutingSession` is active (a training or log-prob pass,
+`parallel/pipeline.py`), it takes that micro-batch's recorded experts instead of the computed ones (`replay`), and
+counts (`measure`) the recorded routings whose computed top-k differs (`mismatches`) and the load-balancing loss of
+the computed routing (`balance_loss`). Outside a session the engine's recording is megatron's own.
 
 Recorded experts travel as a [tokens, layers of this stage, k] int16 tensor in the model's token order
 (`parallel/packing.py`), -1 where nothing was recorded. With sequence parallelism each tensor-parallel rank routes
@@ -35,6 +33,23 @@ import torch.distributed as dist
 
 from megatron_red.batch import NOT_RECORDED
 from megatron_red.megatron_internals import router_replay_class
+
+
+def mismatches(chosen: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """(recorded routings whose computed top-k `chosen` [tokens, k] is another set of experts, recorded routings)
+    against the records `targets` [tokens, k] (NOT_RECORDED rows are not counted)."""
+    targets = targets.to(chosen.device)
+    rows = (targets != NOT_RECORDED).all(dim=-1)
+    differs = (chosen.sort(dim=-1).values != targets.long().sort(dim=-1).values).any(dim=-1)
+    return int((differs & rows).sum()), int(rows.sum())
+
+
+def balance_loss(prob_sums: torch.Tensor, choices: torch.Tensor, tokens: torch.Tensor, topk: int) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss E * sum_i f_i P_i of each (micro-batch, layer) routing: f_i, the
+    share of the tokens' k choices that go to expert i (`choices` [.., E] counts them), and P_i, expert i's mean
+    router probability (`prob_sums` [.., E] sums it over the `tokens` [.., 1]); 1 when perfectly balanced. What
+    megatron's `moe_aux_loss_coeff` weighs (its `switch_load_balancing_loss_func`)."""
+    return prob_sums.shape[-1] * ((choices / (tokens * topk)) * (prob_sums / tokens)).sum(dim=-1)
 
 
 class RoutingReplay:
@@ -152,13 +167,8 @@ class RoutingSession:
 
     def _record(self, scores: torch.Tensor, chosen: torch.Tensor, targets: torch.Tensor | None) -> None:
         with torch.no_grad():
-            recorded = mismatched = 0
-            if targets is not None:
-                targets = targets.to(chosen.device)
-                rows = (targets != NOT_RECORDED).all(dim=-1)
-                differs = (chosen.sort(dim=-1).values != targets.long().sort(dim=-1).values).any(dim=-1)
-                recorded, mismatched = rows.sum(), (differs & rows).sum()
-            self._counts.append(torch.tensor([float(mismatched), float(recorded)]))
+            self._counts.append(torch.tensor(mismatches(chosen, targets) if targets is not None else (0, 0),
+                                             dtype=torch.float64))
             probs = scores.float() if self.pre_softmax else torch.softmax(scores.float(), dim=-1)
             choices = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
             # per expert: summed probability, tokens choosing it; and the tokens
@@ -168,7 +178,7 @@ class RoutingSession:
         """This pass's counts on this stage, summed over the TP ranks that routed different tokens: recorded and
         mismatched routings, and the summed load-balancing loss of its (micro-batch, layer) pairs with their
         number. Collective over the TP group with sequence parallelism."""
-        counts = torch.stack(self._counts).sum(0) if self._counts else torch.zeros(2)
+        counts = torch.stack(self._counts).sum(0).float() if self._counts else torch.zeros(2)
         balance = torch.stack(self._balance) if self._balance else torch.zeros(0, 1)
         if self.sequence_parallel and self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             both = torch.cat([counts, balance.reshape(-1)])
@@ -180,7 +190,7 @@ class RoutingSession:
         aux = 0.0
         if balance.numel():
             experts = (balance.shape[1] - 1) // 2
-            p, f, tokens = balance[:, :experts], balance[:, experts:2 * experts], balance[:, -1:]
-            aux = float((experts * (f / (tokens * topk)) * (p / tokens)).sum())
+            prob_sums, choices, tokens = balance[:, :experts], balance[:, experts:2 * experts], balance[:, -1:]
+            aux = float(balance_loss(prob_sums, choices, tokens, topk).sum())
         return {"moe_routing_mismatched": float(counts[0]), "moe_routings_recorded": float(counts[1]),
                 "moe_aux_loss_sum": aux, "moe_aux_loss_terms": float(balance.shape[0])}

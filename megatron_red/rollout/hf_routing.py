@@ -11,14 +11,15 @@ config's `norm_topk_prob`. A `RouterHooks` puts a forward hook on every router, 
   place at the positions it ran;
 - `replay(targets)`: the hooks route each token with a recorded choice (targets [tokens, layers, k], -1 = none) to
   those experts, with the weights recomputed from the router's own logits, and count the recorded routings whose
-  computed choice differs and the load-balancing loss of the computed routing (E * sum_i f_i P_i per layer), as
-  parallel/routing.py does; `replay=False` only counts.
+  computed choice differs and the load-balancing loss of the computed routing per layer (parallel/routing.py's
+  `mismatches` and `balance_loss`); `replay=False` only counts.
 """
 from __future__ import annotations
 
 import torch
 
 from megatron_red.batch import NOT_RECORDED
+from megatron_red.parallel.routing import balance_loss, mismatches
 
 
 def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -90,11 +91,11 @@ class RouterHooks:
     def _count(self, logits: torch.Tensor, chosen: torch.Tensor, targets: torch.Tensor | None) -> None:
         with torch.no_grad():
             if targets is not None:
-                rows = (targets != NOT_RECORDED).all(dim=-1)
-                differs = (chosen.sort(dim=-1).values != targets.long().sort(dim=-1).values).any(dim=-1)
-                self.counts[0] += float((differs & rows).sum())
-                self.counts[1] += float(rows.sum())
+                mismatched, recorded = mismatches(chosen, targets)
+                self.counts[0] += mismatched
+                self.counts[1] += recorded
             probs = torch.softmax(logits.float(), dim=-1)
-            share = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / self.topk
-            self.counts[2] += float(probs.shape[1] * (share * probs.mean(0)).sum())
+            choices = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
+            self.counts[2] += float(balance_loss(probs.sum(0), choices.sum(0), probs.new_tensor([probs.shape[0]]),
+                                                 self.topk))
             self.counts[3] += 1

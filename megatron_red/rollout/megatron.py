@@ -210,7 +210,10 @@ class MegatronEngine(RolloutEngine):
         self.cuda_graph = cuda_graph
         self.release_kv_cache = release_kv_cache
         self._sampler = _row_sampler(self.valid_vocab_size)
-        self._routed: torch.Tensor | None = None  # a call's recorded experts by row and position
+        # A mixture of experts' call: recorded experts by row and position, the call's first request id, the rows
+        # seen so far (`_record_routing`).
+        self._routed: torch.Tensor | None = None
+        self._routed_first_id, self._routed_seen = 0, set()
         self._engine = None
         self._next_request_id = 0
 
