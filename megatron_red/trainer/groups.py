@@ -80,8 +80,8 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
     mini-batches keep a group's rows together), and behaviour_logprobs / rollout_entropy [B, L-1] (zero outside the
     responses) when every group with responses has them, and routed_experts [B, L-1, layers, k] (position t of a row
     at index t; `NOT_RECORDED` for trace rows, padding and what the engine did not record) when any response has
-    them. A trace outside the group
-    (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
+    them. A trace outside the group (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy
+    rows' accuracy.
     """
     # (token ids, prompt length, behaviour log-probs, rollout entropies, trained: False for a filtered row)
     rows: list[tuple[list[int], int, list[float] | None, list[float] | None, bool]] = []

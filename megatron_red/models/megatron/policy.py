@@ -18,7 +18,7 @@ routed tokens (`calculate_per_token_loss`), which the skipped division would hav
 its coefficient is `model.moe_aux_loss_coeff` / (the tokens the routers see in the call, over all data-parallel
 ranks) during each `get_loss_and_metrics`, so the term is the coefficient times the token-weighted mean over the
 call's micro-batches. The routers' replay hooks (parallel/routing.py) replay the engine's recorded experts in every
-forward and, in training calls, report `num_moe_routing_*` / `moe_aux_loss_*` sums with the first micro-batch's
+forward and, in training calls, report `moe_routing_*` / `moe_aux_loss_*` sums with the first micro-batch's
 metrics. Under expert parallelism every rank of an expert-parallel group runs as many micro-batches
 (`pipeline.in_lockstep`).
 """
@@ -59,7 +59,7 @@ class MegatronConfig(ParallelLayout):
     inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
                                   inference engine's decode steps (off while training; GPU only).
     moe_routing_replay:           mixtures of experts: replay the engine's expert choices in the training forwards
-                                  (`model.moe_routing_replay`; models/megatron/routing.py).
+                                  (`model.moe_routing_replay`; parallel/routing.py).
 
     A 16-bit layout is bfloat16 only: float16 would need loss scaling, which this backend does not wire into the
     schedule (a dynamic scaler's skipped steps would drop whole RED steps); the run config refuses it.
@@ -384,10 +384,13 @@ class MegatronPolicy(PolicyBackend):
 
     def checkpoint_nbytes(self, with_hf: bool = False) -> int:
         """Collective: parameters (their dtype) + fp32 main copy when 16-bit + two fp32 Adam moments (+ the
-        parameters again for a Hugging Face export), over one model replica (a tied LM head counts twice)."""
+        parameters again for a Hugging Face export), over one model replica (a tied LM head counts twice; every EP
+        rank holds as many experts)."""
         from megatron.core import parallel_state as ps
 
-        local = sum(p.numel() for p in unwrap_model(self.model).parameters())
+        params = list(unwrap_model(self.model).parameters())
+        experts = sum(p.numel() for p in params if not getattr(p, "allreduce", True))  # this EP rank's experts
+        local = sum(p.numel() for p in params) - experts + experts * self.config.expert_model_parallel_size
         total = torch.tensor([float(local)])
         if dist.get_backend() == "nccl":
             total = total.cuda()
