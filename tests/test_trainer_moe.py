@@ -8,7 +8,8 @@
   of every layer, `model.gradient_checkpointing`): stopped after step 1 and resumed from its
   dist_checkpointing checkpoint, it must log what the single-process Hugging Face run logs and end with its
   weights (as tests/test_trainer_megatron.py checks a dense data-parallel run), but for moe/aux_loss, a mean over
-  micro-batches whose composition differs between one process and two replicas.
+  micro-batches whose composition differs between one process and two replicas; its Hugging Face export and
+  `megatron-red export` of its checkpoint (one process, EP 1) hold those weights.
 megatron-core's unconditional CUDA calls are redirected by tests/megatron_compat.py (no GPU here).
 """
 from __future__ import annotations
@@ -16,9 +17,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
+from dist_utils import run_distributed
 from megatron_red.cli import main
 from megatron_red.models.hf_checkpoint import checkpoint_tensors
+from test_megatron import read_hf_weights
 from test_trainer_resume import RUN, _assert_same_run, _kill_after_step_3
 from trainer_fixtures import cli, read_lines, tiny_config
 
@@ -53,7 +57,6 @@ def student(root) -> str:
 
 
 def test_megatron_ep2_run_with_resume_matches_hf(root, student):
-    from dist_utils import run_distributed
     from test_trainer_megatron import _assert_runs_match, _hf_run, _megatron_worker
 
     hf_lines, hf_weights = _hf_run(root / "hf", student, True)
@@ -72,3 +75,25 @@ def test_megatron_ep2_run_with_resume_matches_hf(root, student):
         assert mg["moe/routing_mismatch"] == hf["moe/routing_mismatch"] == 0.0
         assert 1.0 <= mg["moe/aux_loss"] < 4 and 1.0 <= hf["moe/aux_loss"] < 4  # E sum f P: 1 when balanced
     _assert_runs_match(hf_lines, hf_weights, mg_lines, weights, computed_w, student, ignore=("moe/aux_loss",))
+    # The run's own export (every EP rank's experts streamed to one writer), and its last checkpoint exported by one
+    # process (dist_checkpointing resharded from EP 2 to EP 1), are those weights.
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    run_distributed(_export_worker, 1, str(checkpoint), str(root / "export"))
+    for directory in (run_dir / "hf", root / "export"):
+        written = read_hf_weights(directory)
+        assert set(written) == set(weights)
+        assert all(torch.equal(written[k], torch.from_numpy(weights[k])) for k in weights), directory
+    # `megatron-red export` on this machine, without the tests' CPU stand-ins: a clear refusal (MoE layers need CUDA).
+    refused = cli("export", str(checkpoint), "--out", str(root / "refused"))
+    assert refused.returncode == 2 and refused.stderr.startswith(f"error: {checkpoint} holds a mixture of experts")
+
+
+def _export_worker(rank, world_size, checkpoint, out):
+    import megatron_compat
+    megatron_compat.install()
+    from megatron.core import parallel_state as ps
+
+    from megatron_red.trainer.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out)
+    ps.destroy_model_parallel()
