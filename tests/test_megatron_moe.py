@@ -287,3 +287,20 @@ def test_load_balancing_loss_weight():
         grad = result["grads"][f"module.decoder.layers.{layer}.mlp.router.weight"]
         torch.testing.assert_close(grad.double(), router.weight.grad, atol=1e-6, rtol=1e-4)
         assert router.weight.grad.abs().max() > 1e-4
+
+
+def test_grouped_gemm_experts_map_like_the_local_ones():
+    """Transformer Engine's grouped GEMM names an expert's weights `mlp.experts.linear_fc1.weight{i}` (not installed
+    here, so only its mapping is checked): the same Hugging Face tensors and slices as the local spec's
+    `mlp.experts.local_experts.{i}.linear_fc1.weight`, shifted by the EP rank's first expert."""
+    from megatron_red.models.megatron.model import HFArchitecture
+    from megatron_red.models.megatron.weights import is_expert, shard_layout
+
+    arch = HFArchitecture.from_hf_config(tiny_moe_config("qwen3_moe"))
+    for fc, shape, split in (("1", (32, 64), 0), ("2", (64, 16), 1)):  # TP 2: [2 x 32 / 2, 64], [64, 32 / 2]
+        local = shard_layout(f"mlp.experts.local_experts.3.linear_fc{fc}.weight", 1, shape, split, arch, 2, 1, 4)
+        grouped = shard_layout(f"mlp.experts.linear_fc{fc}.weight3", 1, shape, split, arch, 2, 1, 4)
+        assert local == grouped and is_expert(f"mlp.experts.linear_fc{fc}.weight3")
+    names = sorted(shard_layout("mlp.experts.linear_fc1.weight3", 1, (32, 64), 0, arch, 2, 1, 4)[0])
+    assert names == ["model.layers.1.mlp.experts.7.gate_proj.weight", "model.layers.1.mlp.experts.7.up_proj.weight"]
+    assert not is_expert("mlp.router.weight") and not is_expert("mlp.shared_experts.linear_fc1.weight")

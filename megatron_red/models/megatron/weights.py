@@ -144,6 +144,7 @@ def shard_layout(name: str, layer: int | None, local_shape: tuple[int, ...], spl
     def rename(hf_name: str) -> str:
         """A layer-relative name of the tables, for an expert under its `mlp.experts.{g}`."""
         return hf_name if expert is None else hf_name.replace("mlp.", f"mlp.experts.{g}.", 1)
+
     whole = (slice(None),) * ndim
     if layer is None and name in _VOCAB:
         hf_name = "model.embed_tokens.weight" if name == "output_layer.weight" and arch.tie_word_embeddings \
