@@ -244,16 +244,24 @@ def _aux_loss_worker(rank, world_size, hf_config, hf_state, batch, coeff):
     metrics = policy.get_loss_and_metrics(batch, 2, lambda lp, ent, mb: ((lp * mb.loss_mask).sum() * 0.0, {}))
     grads = {name: p.main_grad.clone() for name, p in policy.model.named_parameters() if name.endswith("router.weight")}
     config_after = policy.model.module.config.moe_aux_loss_coeff
+    dropless, _ = policy.get_inference_log_probs(batch, 4)
+    ps.destroy_model_parallel()
+    # A capacity factor: each expert takes at most 0.5 x tokens x k / experts tokens of a micro-batch.
+    capped = MegatronPolicy(hf_config, checkpoint_tensors(hf_state), MegatronConfig(
+        moe=True, dtype="float32", moe_capacity_factor=0.5), OPTIM)
+    dropping, _ = capped.get_inference_log_probs(batch, 4)
+    capacity = capped.model.module.config.moe_expert_capacity_factor
     ps.destroy_model_parallel()
     return portable(dict(grads=grads, aux=metrics[0]["moe_aux_loss_sum"] / metrics[0]["moe_aux_loss_terms"],
-                         coeff_after=config_after))
+                         coeff_after=config_after, dropless=dropless, dropping=dropping, capacity=capacity))
 
 
-def test_load_balancing_loss_weight():
+def test_load_balancing_loss_weight_and_capacity():
     """`model.moe_aux_loss_coeff` = a: the update's load-balancing term is a x the token-weighted mean over the
     pass's micro-batches of the sum over layers of E * sum_i f_i P_i (megatron's loss, whose per-token scaling the
     policy turns into that mean). Checked on the routers' gradients against the float64 Hugging Face model with the
-    same micro-batches (2 rows, longest first; padding positions routed too, as megatron routes them)."""
+    same micro-batches (2 rows, longest first; padding positions routed too, as megatron routes them). And
+    `model.moe_capacity_factor` makes megatron drop tokens (dropless is the default everywhere else)."""
     config = tiny_moe_config("qwen3_moe")
     model = tiny_moe_model(config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -287,6 +295,8 @@ def test_load_balancing_loss_weight():
         grad = result["grads"][f"module.decoder.layers.{layer}.mlp.router.weight"]
         torch.testing.assert_close(grad.double(), router.weight.grad, atol=1e-6, rtol=1e-4)
         assert router.weight.grad.abs().max() > 1e-4
+    # `model.moe_capacity_factor` reaches megatron's router, which then drops tokens: other log-probs.
+    assert result["capacity"] == 0.5 and (result["dropping"] - result["dropless"]).abs().max() > 1e-3
 
 
 def test_grouped_gemm_experts_map_like_the_local_ones():
