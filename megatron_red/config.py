@@ -23,8 +23,8 @@ from megatron_red.data.builtin import DEFAULT_REGIME, BuiltinTaskConfig
 from megatron_red.errors import ConfigError
 from megatron_red.kernels import FUSED_KERNEL_MODES
 from megatron_red.models.architectures import MOE_MODEL_TYPES
-from megatron_red.models.megatron.layout import (ATTENTIONS, MOE_ROUTER_DTYPES, MOE_TOKEN_DISPATCHERS,
-                                                 SELECTIVE_RECOMPUTE_MODULES, check_divides)
+from megatron_red.models.megatron.layout import (ATTENTIONS, MOE_ROUTER_DTYPES, SELECTIVE_RECOMPUTE_MODULES,
+                                                 check_divides)
 from megatron_red.models.optim import OptimConfig
 from megatron_red.models.precision import DTYPES
 from megatron_red.objectives.loss import METHODS, SCHEDULES, RedLossConfig
@@ -84,11 +84,9 @@ class ModelConfig:
     the expert-data-parallel ranks, DP / EP)."""
     expert_model_parallel_size: int = 1
     """Megatron backend, mixtures of experts: EP, the data-parallel ranks each MoE layer's experts are split over (each
-    holds experts / EP of them; the token dispatcher sends every token to the ranks of its experts). Must divide the
-    experts and DP = world size / (TP x PP); each expert's MLP is split over TP like a dense one."""
-    moe_token_dispatcher: str = "alltoall"
-    """Megatron backend, mixtures of experts: megatron-core's token dispatcher, `alltoall` (all-to-all of the routed
-    tokens; any layout) or `allgather` (every token to every rank of the expert-parallel group; PP 1 only)."""
+    holds experts / EP of them; megatron-core's all-to-all token dispatcher sends every token to the ranks of its
+    experts). Must divide the experts and DP = world size / (TP x PP); each expert's MLP is split over TP like a
+    dense one."""
     moe_router_dtype: str = "fp32"
     """Megatron backend, mixtures of experts: dtype of the router's logits, softmax and top-k: `fp32` (default: a bf16
     router flips top-k choices between forwards that differ only in rounding), `fp64`, or `model` (model.dtype)."""
@@ -497,7 +495,7 @@ _RANGES = {
     "model.tensor_model_parallel_size": _at_least(1), "model.pipeline_model_parallel_size": _at_least(1),
     "model.num_experts": _at_least(0), "model.num_experts_per_tok": _at_least(1),
     "model.moe_intermediate_size": _at_least(1), "model.expert_model_parallel_size": _at_least(1),
-    "model.moe_token_dispatcher": _one_of(MOE_TOKEN_DISPATCHERS), "model.moe_router_dtype": _one_of(MOE_ROUTER_DTYPES),
+    "model.moe_router_dtype": _one_of(MOE_ROUTER_DTYPES),
     "model.moe_aux_loss_coeff": _at_least(0), "model.moe_capacity_factor": _optional(_POSITIVE),
     "data.task": _one_of(TASKS),
     "data.max_prompt_tokens": _at_least(1), "data.max_trace_tokens": _at_least(1),
@@ -523,8 +521,8 @@ _RANGES = {
     "trainer.mini_batches_per_step": _at_least(1), "trainer.epochs_per_step": _at_least(1),
 }
 # Options only the Megatron backend reads: with model.backend=hf they would do nothing.
-_MOE_LAYOUT = {"model.expert_model_parallel_size": 1, "model.moe_token_dispatcher": "alltoall",
-               "model.moe_router_dtype": "fp32", "model.moe_aux_loss_coeff": 0.0, "model.moe_capacity_factor": None}
+_MOE_LAYOUT = {"model.expert_model_parallel_size": 1, "model.moe_router_dtype": "fp32",
+               "model.moe_aux_loss_coeff": 0.0, "model.moe_capacity_factor": None}
 """The Megatron backend's mixture-of-experts options and their defaults (a dense model takes the defaults)."""
 _MEGATRON_ONLY = {"model.recompute_modules": (), "model.sequence_parallel": False, "model.attention": "auto",
                   "model.tensor_model_parallel_size": 1, "model.pipeline_model_parallel_size": 1,
@@ -648,10 +646,6 @@ def _check_experts(config: RunConfig, experts: int) -> None:
         raise ConfigError("algo.method=bread with model.expert_model_parallel_size > 1: BREAD re-rolls each replica's "
                           "failed prompts in as many engine calls as they need, but expert-parallel replicas must "
                           "generate together; use model.expert_model_parallel_size=1")
-    if m.moe_token_dispatcher == "allgather" and m.pipeline_model_parallel_size > 1:
-        raise ConfigError("model.moe_token_dispatcher=allgather needs model.pipeline_model_parallel_size=1 "
-                          "(megatron-core refuses it with the per-micro-batch activation shapes pipeline stages "
-                          "exchange); use alltoall")
 
 
 def _check_data(data: DataConfig, model: ModelConfig, files: bool) -> None:

@@ -91,7 +91,7 @@ def _built_layout(rank, world_size, runs):
             recompute_modules=tuple(tc.recompute_modules) if tc.recompute_granularity == "selective" else (),
             fused_kernel=bool(fused_calls), moe=tc.num_moe_experts is not None,
             expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-            moe_token_dispatcher=tc.moe_token_dispatcher_type, moe_router_dtype=tc.moe_router_dtype or "model",
+            moe_router_dtype=tc.moe_router_dtype or "model",
             moe_aux_loss_coeff=tc.moe_aux_loss_coeff, moe_capacity_factor=tc.moe_expert_capacity_factor).describe()
         ps.destroy_model_parallel()
     return built
@@ -126,7 +126,7 @@ def test_plan_prints_the_layout_train_builds(tmp_path, capsys):
     assert "sequence parallel True" in planned["qwen25_32b_16gpu"] and "TP 2 x PP 2 x DP 1" in planned[
         "qwen25_32b_16gpu"]
     assert planned["qwen3_30b_a3b_16gpu"].startswith("TP 2 x PP 1 x DP 2") and planned["qwen3_30b_a3b_16gpu"].endswith(
-        "; experts: EP 2, alltoall dispatcher, fp32 router, aux loss 0, dropless")
+        "; experts: EP 2, fp32 router, aux loss 0, dropless")
     assert "experts" not in planned["qwen25_32b_16gpu"]
 
 

@@ -17,11 +17,6 @@ torch SDPA in megatron's local spec (local_spec.py), megatron's unfused DotProdu
 SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 """Submodules megatron's selective recompute can recompute (`model.recompute_modules`); `mlp` recomputes dense MLPs
 only (megatron leaves a mixture-of-experts layer out of it)."""
-MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
-"""megatron-core's token dispatchers between the tokens of a rank and the experts of its expert-parallel group
-(`model.moe_token_dispatcher`): all-to-all of the routed tokens, or an all-gather of every token (PP = 1 only:
-megatron refuses it with the per-micro-batch activation shapes pipeline stages exchange). DeepEP / HybridEP
-(megatron's `flex`) are GPU-only kernels that cannot be installed or tested here: not offered."""
 MOE_ROUTER_DTYPES = ("fp32", "fp64", "model")
 """The dtype of the router's logits, softmax and top-k (`model.moe_router_dtype`); `model` = the model's dtype."""
 
@@ -56,10 +51,10 @@ class ParallelLayout:
     moe: bool = False
     """The model is a mixture of experts: the fields below apply (they keep their defaults otherwise)."""
     expert_model_parallel_size: int = 1
-    """EP: each MoE layer's experts are split over EP data-parallel ranks (the token dispatcher sends every token to
-    the ranks of its experts); expert tensor parallelism follows TP. Must divide the experts and DP."""
-    moe_token_dispatcher: str = "alltoall"
-    """One of `MOE_TOKEN_DISPATCHERS`."""
+    """EP: each MoE layer's experts are split over EP data-parallel ranks (megatron-core's all-to-all token
+    dispatcher sends every token to the ranks of its experts: its all-gather dispatcher needs as many tokens on
+    every rank, which replicas with their own rows do not have, and its `flex` one GPU-only DeepEP / HybridEP
+    kernels); expert tensor parallelism follows TP. Must divide the experts and DP."""
     moe_router_dtype: str = "fp32"
     """One of `MOE_ROUTER_DTYPES`."""
     moe_aux_loss_coeff: float = 0.0
@@ -82,8 +77,7 @@ class ParallelLayout:
                 f"fused LM-head kernel {self.fused_kernel}")
         if self.moe:
             capacity = "dropless" if self.moe_capacity_factor is None else f"capacity {self.moe_capacity_factor:g}"
-            line += (f"; experts: EP {self.expert_model_parallel_size}, {self.moe_token_dispatcher} dispatcher, "
-                     f"{self.moe_router_dtype} router, aux loss {self.moe_aux_loss_coeff:g}, {capacity}")
+            line += (f"; experts: EP {self.expert_model_parallel_size}, {self.moe_router_dtype} router, aux loss {self.moe_aux_loss_coeff:g}, {capacity}")
         return line
 
 

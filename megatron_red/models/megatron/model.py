@@ -118,9 +118,8 @@ def make_transformer_config(arch: HFArchitecture, layout: ParallelLayout, *, use
     """A `TransformerConfig` for `arch` in `layout` (TP, PP, dtype, sequence parallelism, recompute) with dropout off
     and every fusion that needs apex/TE disabled.
 
-    `variable_seq_lengths` under PP because RED micro-batches are trimmed to their longest row (or packed to a token
-    budget), so pipeline stages exchange activation shapes per micro-batch (at PP 1 there is no exchange, and
-    megatron's all-gather token dispatcher, which refuses the flag, can run).
+    `variable_seq_lengths=True` because RED micro-batches are trimmed to their longest row (or packed to a token
+    budget), so pipeline stages exchange activation shapes per micro-batch.
     Mixtures of experts: softmax router in `layout.moe_router_dtype`, the load-balancing loss when
     `layout.moe_aux_loss_coeff` > 0 (its weight is rescaled per training call by the policy), dropless unless
     `layout.moe_capacity_factor`, EP = `layout.expert_model_parallel_size`.
@@ -140,7 +139,8 @@ def make_transformer_config(arch: HFArchitecture, layout: ParallelLayout, *, use
     else:
         recompute = {}
     params_dtype = DTYPES[layout.dtype]
-    # Dense: the dispatcher is unused, but megatron-core checks its default (allgather) against variable_seq_lengths.
+    # The all-to-all token dispatcher (see layout.py); megatron-core refuses its default (all-gather) with
+    # variable_seq_lengths, even for a dense model, which does not use it.
     moe = dict(moe_token_dispatcher_type="alltoall")
     if arch.num_experts:
         moe = dict(
@@ -149,7 +149,7 @@ def make_transformer_config(arch: HFArchitecture, layout: ParallelLayout, *, use
             moe_router_pre_softmax=not arch.moe_norm_topk_prob,
             moe_router_dtype=None if layout.moe_router_dtype == "model" else layout.moe_router_dtype,
             moe_router_load_balancing_type="aux_loss" if layout.moe_aux_loss_coeff else "none",
-            moe_aux_loss_coeff=layout.moe_aux_loss_coeff, moe_token_dispatcher_type=layout.moe_token_dispatcher,
+            moe_aux_loss_coeff=layout.moe_aux_loss_coeff, moe_token_dispatcher_type="alltoall",
             moe_expert_capacity_factor=layout.moe_capacity_factor, moe_token_drop_policy="probs",
             moe_grouped_gemm=layout.attention == "te", expert_model_parallel_size=layout.expert_model_parallel_size,
             moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size or None,
@@ -170,8 +170,7 @@ def make_transformer_config(arch: HFArchitecture, layout: ParallelLayout, *, use
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         params_dtype=params_dtype, pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=use_cpu_initialization,
-        variable_seq_lengths=layout.pipeline_model_parallel_size > 1,
+        use_cpu_initialization=use_cpu_initialization, variable_seq_lengths=True,
         sequence_parallel=layout.sequence_parallel, cuda_graph_impl=cuda_graph_impl, **moe, **recompute,
     )
 
