@@ -5,11 +5,11 @@ its frequencies to `torch.cuda.current_device()`, the schedules allocate token c
 p2p shape exchange calls `torch.cuda.synchronize()`, and attention dropout runs inside the CUDA RNG tracker.
 The MoE token dispatcher copies its split sizes to the host only from CUDA tensors (`maybe_move_tensor_to_cpu`),
 where torch's all-to-all takes them, and with expert and sequence parallelism it all-gathers and reduce-scatters
-pieces of different sizes, which NCCL does and gloo refuses (equal pieces only). `install()` redirects exactly these
-to the CPU (uneven pieces through equal, padded ones) inside a spawned gloo test process, and marks the process as having
-them (`megatron_red.megatron_internals.CPU_STAND_INS`), which lifts the package's refusal to train the Megatron
-backend without CUDA. It is never imported by the package, and only test processes (never the pytest parent) call
-it.
+pieces of different sizes, which NCCL does and gloo refuses (equal pieces only). `install()` redirects exactly
+these to the CPU (uneven pieces through equal, padded ones) inside a spawned gloo test process, and marks the
+process as having them (`megatron_red.megatron_internals.CPU_STAND_INS`), which lifts the package's refusal to
+train the Megatron backend without CUDA. It is never imported by the package, and only test processes (never the
+pytest parent) call it.
 """
 from __future__ import annotations
 

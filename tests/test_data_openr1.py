@@ -90,7 +90,8 @@ PREPARE_ROWS = [{"problem": "What is 1+1?", "solution": "1+1=2", "answer": "2"},
 @pytest.mark.parametrize("line2,expected", [
     # the second line cut off in the middle of a string
     (json.dumps(PREPARE_ROWS[1])[:25], r"line 2: not valid JSON: Unterminated string starting at column 13"),
-    (json.dumps({**PREPARE_ROWS[1], "problem": ["What", "is", "2+3?"]}), r"line 2: 'problem' must be a string, got list \['What', 'is', '2\+3\?'\]"),
+    (json.dumps({**PREPARE_ROWS[1], "problem": ["What", "is", "2+3?"]}),
+     r"line 2: 'problem' must be a string, got list \['What', 'is', '2\+3\?'\]"),
     (json.dumps({**PREPARE_ROWS[1], "answer": True}), r"line 2: 'answer' must be a string or a number, got bool True"),
     (json.dumps([PREPARE_ROWS[1]]), r"line 2: expected a JSON object with problem, solution, answer, got list"),
 ])

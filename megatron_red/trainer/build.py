@@ -326,7 +326,8 @@ def parallel_layout(model: ModelConfig, world_size: int, device: torch.device, n
         sequence_parallel=model.sequence_parallel, attention=resolve_attention(model.attention), recompute=recompute,
         recompute_modules=model.recompute_modules if recompute == "selective" else (),
         fused_kernel=fused_kernel_enabled(model.fused_kernel, device), moe=num_experts > 0,
-        expert_model_parallel_size=ep, moe_router_dtype=model.moe_router_dtype, moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        expert_model_parallel_size=ep, moe_router_dtype=model.moe_router_dtype,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
         moe_capacity_factor=model.moe_capacity_factor)
 
 

@@ -77,7 +77,8 @@ class ParallelLayout:
                 f"fused LM-head kernel {self.fused_kernel}")
         if self.moe:
             capacity = "dropless" if self.moe_capacity_factor is None else f"capacity {self.moe_capacity_factor:g}"
-            line += (f"; experts: EP {self.expert_model_parallel_size}, {self.moe_router_dtype} router, aux loss {self.moe_aux_loss_coeff:g}, {capacity}")
+            line += (f"; experts: EP {self.expert_model_parallel_size}, {self.moe_router_dtype} router, "
+                     f"aux loss {self.moe_aux_loss_coeff:g}, {capacity}")
         return line
 
 
