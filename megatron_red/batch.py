@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+NOT_RECORDED = -1
+"""In the `routed_experts` field (a mixture of experts' recorded routing, [B, L-1, layers, k]: the experts each MoE
+layer chose for input position t of the row, at index t): a position the rollout engine did not run."""
+
 
 @dataclass
 class SequenceBatch:
@@ -18,7 +22,8 @@ class SequenceBatch:
     attention_mask: [B, L] 1 on real tokens.
     loss_mask:      [B, L-1] 1 where the target `input_ids[:, t+1]` is a response / trace token.
     fields:         loss inputs, each with leading dimension B (e.g. old_logprobs [B, L-1], advantages [B],
-                    is_offline [B], group_accuracy [B]); sliced together with the sequences.
+                    is_offline [B], group_accuracy [B], routed_experts [B, L-1, layers, k]); sliced together with the
+                    sequences.
     """
 
     input_ids: torch.Tensor
@@ -69,6 +74,19 @@ class SequenceBatch:
         }
         return SequenceBatch(self.input_ids[:, :length], self.attention_mask[:, :length],
                              self.loss_mask[:, : length - 1], fields)
+
+    def idle_row(self) -> "SequenceBatch":
+        """One row of two padding tokens with no loss token and this batch's fields (zero; no recorded routing):
+        what a rank runs while another rank of its expert-parallel group (which exchanges tokens with it in every
+        MoE layer) has a micro-batch more."""
+        fields = {}
+        for name, value in self.fields.items():
+            shape = [1, *value.shape[1:]]
+            if value.dim() >= 2 and value.shape[1] == self.input_ids.shape[1] - 1:
+                shape[1] = 1
+            fields[name] = value.new_full(shape, NOT_RECORDED if name == "routed_experts" else 0)
+        ids = torch.zeros((1, 2), dtype=self.input_ids.dtype)
+        return SequenceBatch(ids, torch.ones_like(ids), torch.zeros((1, 1), dtype=self.loss_mask.dtype), fields)
 
     def to(self, device: torch.device | str) -> "SequenceBatch":
         return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),

@@ -22,7 +22,9 @@ import yaml
 from megatron_red.data.builtin import DEFAULT_REGIME, BuiltinTaskConfig
 from megatron_red.errors import ConfigError
 from megatron_red.kernels import FUSED_KERNEL_MODES
-from megatron_red.models.megatron.layout import ATTENTIONS, SELECTIVE_RECOMPUTE_MODULES, check_divides
+from megatron_red.models.architectures import MOE_MODEL_TYPES
+from megatron_red.models.megatron.layout import (ATTENTIONS, MOE_ROUTER_DTYPES, SELECTIVE_RECOMPUTE_MODULES,
+                                                 check_divides)
 from megatron_red.models.optim import OptimConfig
 from megatron_red.models.precision import DTYPES
 from megatron_red.objectives.loss import METHODS, SCHEDULES, RedLossConfig
@@ -47,6 +49,12 @@ class ModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
+    num_experts: int = 0
+    """Tiny built-in student only: > 0 makes it a Qwen3-MoE mixture of experts (Qwen3 attention, every layer's MLP
+    replaced by this many experts of width `moe_intermediate_size`, `num_experts_per_tok` per token, renormalised
+    top-k probabilities as Qwen3-30B-A3B); 0 = the dense Qwen2 student."""
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 64
     dtype: str = "auto"
     """`auto` = bfloat16 on CUDA, float32 on CPU (`megatron-red plan` plans for CUDA); or `float32` / `bfloat16`
     (`float16`: Hugging Face backend only)."""
@@ -73,7 +81,35 @@ class ModelConfig:
     pipeline_model_parallel_size: int = 1
     """Megatron backend only."""
     use_distributed_optimizer: bool = True
-    """Megatron backend only: shard optimiser state over data-parallel ranks."""
+    """Megatron backend only: shard optimiser state over data-parallel ranks (with experts: the experts' state over
+    the expert-data-parallel ranks, DP / EP)."""
+    expert_model_parallel_size: int = 1
+    """Megatron backend, mixtures of experts: EP, the data-parallel ranks each MoE layer's experts are split over (each
+    holds experts / EP of them; megatron-core's all-to-all token dispatcher sends every token to the ranks of its
+    experts). Must divide the experts and DP = world size / (TP x PP); each expert's MLP is split over TP like a
+    dense one."""
+    moe_router_dtype: str = "fp32"
+    """Megatron backend, mixtures of experts: dtype of the router's logits, softmax and top-k: `fp32` (default: a bf16
+    router flips top-k choices between forwards that differ only in rounding), `fp64`, or `model` (model.dtype)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Megatron backend, mixtures of experts: weight of the load-balancing loss (Switch Transformer's
+    E * sum_i f_i P_i per MoE layer and micro-batch, token-weighted over the micro-batches of each training pass)
+    added to the update. 0 (default, as slime's Qwen3-30B-A3B RL recipe): RL starts from a balanced pretrained router
+    and moves it little; the term is not part of the paper's objective (Eq. 10) and would pull the router towards
+    uniform load whatever the reward; with routing replay the trained tokens keep the engine's experts anyway.
+    `moe/aux_loss` is logged whatever the weight. Qwen3's own pretraining value is 0.001."""
+    moe_capacity_factor: float | None = None
+    """Megatron backend, mixtures of experts: null (default) = dropless, every token reaches its top-k experts; c > 0
+    caps each expert at c x tokens x top-k / experts tokens per micro-batch and drops the lowest-probability
+    assignments beyond it (megatron's `probs` policy). Dropping makes a token's output depend on the rest of its
+    micro-batch (and the engine's batches), so pi of the same token differs between forwards."""
+    moe_routing_replay: bool = True
+    """Mixtures of experts: the trainer's forwards (pi_old, pi) route each token the rollout engine generated to the
+    experts the engine chose for it (R3, rollout routing replay), so that the small numeric differences between
+    engine and trainer cannot flip a top-k choice and move pi_old away from the behaviour policy. Tokens the engine
+    did not produce (offline traces, padding) are routed by the trainer. `moe/routing_mismatch` is the share of
+    replayed (token, layer) routings whose top-k the trainer would have chosen differently. No effect on a dense
+    model."""
 
 
 @dataclass
@@ -478,6 +514,10 @@ _RANGES = {
     "model.recompute_modules": _each(_one_of(SELECTIVE_RECOMPUTE_MODULES)),
     "model.attention": _one_of(("auto", *ATTENTIONS)),
     "model.tensor_model_parallel_size": _at_least(1), "model.pipeline_model_parallel_size": _at_least(1),
+    "model.num_experts": _at_least(0), "model.num_experts_per_tok": _at_least(1),
+    "model.moe_intermediate_size": _at_least(1), "model.expert_model_parallel_size": _at_least(1),
+    "model.moe_router_dtype": _one_of(MOE_ROUTER_DTYPES),
+    "model.moe_aux_loss_coeff": _at_least(0), "model.moe_capacity_factor": _optional(_POSITIVE),
     "data.task": _one_of(TASKS),
     "data.max_prompt_tokens": _at_least(1), "data.max_trace_tokens": _at_least(1),
     "data.eval_fraction": _Range(lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -502,9 +542,12 @@ _RANGES = {
     "trainer.mini_batches_per_step": _at_least(1), "trainer.epochs_per_step": _at_least(1),
 }
 # Options only the Megatron backend reads: with model.backend=hf they would do nothing.
+_MOE_LAYOUT = {"model.expert_model_parallel_size": 1, "model.moe_router_dtype": "fp32",
+               "model.moe_aux_loss_coeff": 0.0, "model.moe_capacity_factor": None}
+"""The Megatron backend's mixture-of-experts options and their defaults (a dense model takes the defaults)."""
 _MEGATRON_ONLY = {"model.recompute_modules": (), "model.sequence_parallel": False, "model.attention": "auto",
                   "model.tensor_model_parallel_size": 1, "model.pipeline_model_parallel_size": 1,
-                  "trainer.max_tokens_per_micro_batch": 0, "rollout.offload_optimizer": False}
+                  "trainer.max_tokens_per_micro_batch": 0, "rollout.offload_optimizer": False, **_MOE_LAYOUT}
 
 
 def _value(config: RunConfig, key: str):
@@ -561,7 +604,19 @@ def _check_model(config: RunConfig) -> None:
     if m.num_heads % m.num_kv_heads or m.hidden_size % m.num_heads:
         raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}, which "
                           f"must divide model.hidden_size={m.hidden_size}")
+    if m.num_experts and m.num_experts_per_tok > m.num_experts:
+        raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok} must be at most model.num_experts="
+                          f"{m.num_experts}")
     engine = config.rollout.engine
+    heads, groups, layers, experts = m.num_heads, m.num_kv_heads, m.num_layers, _num_experts(m)
+    if m.path is not None:
+        arch = json.loads((Path(m.path) / "config.json").read_text(encoding="utf-8"))
+        heads, layers = arch["num_attention_heads"], arch["num_hidden_layers"]
+        groups = arch.get("num_key_value_heads") or heads
+    if engine == "vllm" and experts and m.moe_routing_replay:
+        raise ConfigError("rollout.engine=vllm records no expert choices, so routing replay (model.moe_routing_replay, "
+                          "on by default for a mixture of experts) would have nothing to replay: set "
+                          "model.moe_routing_replay=false, or sample with rollout.engine=megatron (or local)")
     if m.backend == "hf":
         used = [key for key, off in _MEGATRON_ONLY.items() if _value(config, key) != off]
         if used:
@@ -569,6 +624,9 @@ def _check_model(config: RunConfig) -> None:
             raise ConfigError(f"{', '.join(used)}: only the Megatron backend reads {them} (model.backend=megatron)")
         if engine == "megatron":
             raise ConfigError("rollout.engine=megatron needs model.backend=megatron")
+        if experts and config.rollout.cuda_graph:
+            raise ConfigError("rollout.cuda_graph: the local engine decodes a mixture of experts eagerly (a captured "
+                              "step would record its routing at fixed positions); leave it false")
         return
     if engine == "local":
         raise ConfigError("rollout.engine=local samples from a Hugging Face module; model.backend=megatron samples "
@@ -593,22 +651,53 @@ def _check_model(config: RunConfig) -> None:
             raise ConfigError(f"with sequence parallelism trainer.max_tokens_per_micro_batch="
                               f"{t.max_tokens_per_micro_batch} must be a multiple of TP={tp} (packs are padded to a "
                               "multiple of TP)")
-    heads, groups, layers = m.num_heads, m.num_kv_heads, m.num_layers
-    if m.path is not None:
-        arch = json.loads((Path(m.path) / "config.json").read_text(encoding="utf-8"))
-        heads, layers = arch["num_attention_heads"], arch["num_hidden_layers"]
-        groups = arch.get("num_key_value_heads") or heads
-    check_divides(tp, m.pipeline_model_parallel_size, heads, groups, layers)
+    check_divides(tp, m.pipeline_model_parallel_size, heads, groups, layers, m.expert_model_parallel_size, experts)
+    _check_experts(config, experts)
+
+
+def _check_experts(config: RunConfig, experts: int) -> None:
+    """The mixture-of-experts options of the Megatron backend against the model (`experts` per layer, 0 = dense)."""
+    m = config.model
+    if not experts:
+        used = [key for key, off in _MOE_LAYOUT.items() if _value(config, key) != off]
+        if used:
+            raise ConfigError(f"{', '.join(used)}: only a mixture of experts reads {'it' if len(used) == 1 else 'them'}"
+                              " (the model has no experts)")
+        return
+    if m.tensor_model_parallel_size > 1 and not m.sequence_parallel:
+        raise ConfigError(f"model.sequence_parallel=false with model.tensor_model_parallel_size="
+                          f"{m.tensor_model_parallel_size}: megatron-core trains mixture-of-experts layers "
+                          "tensor-parallel only with sequence parallelism; set model.sequence_parallel=true")
+    if m.expert_model_parallel_size > 1 and config.algo.method == "bread":
+        raise ConfigError("algo.method=bread with model.expert_model_parallel_size > 1: BREAD re-rolls each replica's "
+                          "failed prompts in as many engine calls as they need, but expert-parallel replicas must "
+                          "generate together; use model.expert_model_parallel_size=1")
+
+
+def _num_experts(model: ModelConfig) -> int:
+    """The student's experts (0 = dense): model.num_experts, or model.path's config.json (released files say
+    num_experts, transformers 5 writes num_local_experts)."""
+    if model.path is None:
+        return model.num_experts
+    arch = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
+    if arch.get("model_type") not in MOE_MODEL_TYPES:
+        return 0
+    return arch.get("num_experts") or arch.get("num_local_experts", 0)
 
 
 def _check_vllm(model: ModelConfig) -> None:
-    """rollout.engine=vllm: vLLM installed, and on a machine without CUDA a head width vLLM's CPU attention runs."""
+    """rollout.engine=vllm: vLLM installed, and on a machine without CUDA a dense student with a head width vLLM's
+    CPU attention runs."""
     from megatron_red.rollout.vllm_engine import INSTALL_HINT, cpu_head_sizes
 
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(f"rollout.engine=vllm: vLLM is not installed; {INSTALL_HINT}")
     if torch.cuda.is_available() and model.device != "cpu":
         return
+    if _num_experts(model):
+        raise ConfigError("rollout.engine=vllm on the CPU: vLLM 0.32's CPU build does not repack a mixture of "
+                          "experts' weights after an in-place reload (its refit), so it would sample from stale "
+                          "experts; use rollout.engine=local (or megatron), or vLLM on CUDA")
     head_dim = model.hidden_size // model.num_heads
     if model.path is not None:
         arch = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))

@@ -4,7 +4,18 @@
   (rollout/megatron.py), and the engine's prefill counters `DynamicInferenceEngine._prefill_tokens_computed` /
   `_prefill_tokens_skipped` (what its own step log prints);
 - the names megatron's attention module (`megatron.core.transformer.attention`) imports from flash-attn and checks
-  it with, which rollout/megatron_attention.py replaces when no usable flash-attn is installed.
+  it with, which rollout/megatron_attention.py replaces when no usable flash-attn is installed;
+- megatron-core's router-replay hook (`transformer/moe/router_replay.py`: `RouterReplay`, which every `TopKRouter`
+  calls through its `router_replay` attribute and the dynamic engine records through; parallel/routing.py puts
+  its own hook there, holding one), and the dynamic context's step of storing that record: megatron keeps it per
+  KV block and rebuilds a request's when the request finishes, but by then a block the request just freed may
+  already hold another request's tokens (the last block's record is lost), so rollout/megatron.py reads each
+  step's record by request and position itself (`intercept_routing`; the context's per-token request slot and
+  position, its requests' ids and block tables, and the per-block records of prefix-shared blocks);
+- that megatron-core's model forward, pipeline schedules and DDP call CUDA unconditionally, so the Megatron backend
+  trains only where CUDA is available (`megatron_runs_here`). The package never patches torch; the tests' CPU
+  stand-ins for those calls (tests/megatron_compat.py, never imported by the package) set `CPU_STAND_INS` in the
+  process they patch, which is the only way the check passes without CUDA.
 
 They were read in megatron-core 0.19 (setup.py pins >=0.19,<0.20). On first use, `check()` compares the installed
 version with that and looks for every module-level name; a use looks for the instance attribute it touches. What
@@ -16,12 +27,25 @@ import functools
 import importlib
 import importlib.metadata
 
+import torch
+
 READ_IN = "0.19"
 """The megatron-core minor version whose internals this module touches."""
 ATTENTION_MODULE = "megatron.core.transformer.attention"
 ATTENTION_NAMES = ("flash_attn_varlen_func", "flash_attn_with_kvcache", "is_fa_min_version", "rearrange", "HAVE_FA3",
                    "HAVE_FA4")
 """What megatron's attention module takes from flash-attn (and einops) at import, and its flash-attn version check."""
+
+
+CPU_STAND_INS = False
+"""True in a process whose megatron-core CUDA calls the tests' compatibility layer has redirected to the CPU
+(tests/megatron_compat.py sets it); nothing in the package sets it."""
+
+
+def megatron_runs_here() -> bool:
+    """Whether megatron-core can train in this process: a CUDA device is visible (or the tests' CPU stand-ins are
+    installed)."""
+    return torch.cuda.is_available() or CPU_STAND_INS
 
 
 class MegatronCoreChanged(RuntimeError):
@@ -51,6 +75,46 @@ def _require(obj, *names: str, what: str) -> None:
     missing = [name for name in names if not hasattr(obj, name)]
     if missing:
         raise MegatronCoreChanged(f"megatron-core's {type(obj).__name__} has no {missing} ({what})")
+
+
+ROUTER_REPLAY_NAMES = ("get_replay_topk", "set_global_router_replay_action", "clear_global_router_replay_action",
+                       "clear_global_indices", "clear_global_router_replay_instances", "router_replay_action")
+"""What parallel/routing.py uses of megatron's `RouterReplay` (methods, and an instance attribute set in __init__)."""
+
+
+def router_replay_class():
+    """megatron-core's `RouterReplay`, checked for what parallel/routing.py uses of it."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    check()
+    missing = [name for name in ROUTER_REPLAY_NAMES[:-1] if not hasattr(RouterReplay, name)]
+    if missing or ROUTER_REPLAY_NAMES[-1] not in RouterReplay.__init__.__code__.co_names:
+        raise MegatronCoreChanged(f"megatron-core's RouterReplay has no {missing or ROUTER_REPLAY_NAMES[-1:]} "
+                                  "(routing replay, megatron_red/parallel/routing.py)")
+    return RouterReplay
+
+
+ROUTING_CONTEXT_NAMES = ("active_token_count", "token_to_request_idx", "token_to_pos_ids", "request_ids",
+                         "request_to_kv_block_ids", "block_size_tokens", "kv_block_allocator")
+
+
+def intercept_routing(context, record) -> None:
+    """Call `record(flat)` with each step's recorded routing ([active tokens, layers, k], megatron's token order)
+    just before megatron's dynamic `context` stores it by block (once per context: a context keeps its allocator)."""
+    _require(context, *ROUTING_CONTEXT_NAMES, what="the per-token bookkeeping routing replay reads")
+    allocator = context.kv_block_allocator
+    _require(allocator, "store_routing_per_block", "get_block_routing", what="its per-block routing records")
+    if getattr(allocator, "_megatron_red_record", None) == record:
+        return
+    store = type(allocator).store_routing_per_block
+
+    def store_and_record(flat):
+        if flat is not None:
+            record(flat)
+        store(allocator, flat)
+
+    allocator.store_routing_per_block = store_and_record
+    allocator._megatron_red_record = record
 
 
 def set_sampling(controller, sampling) -> None:

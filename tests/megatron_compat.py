@@ -3,8 +3,13 @@
 megatron-core's model forward, pipeline schedules and p2p communication assume a GPU: the rotary embedding moves
 its frequencies to `torch.cuda.current_device()`, the schedules allocate token counters with `device="cuda"`,
 p2p shape exchange calls `torch.cuda.synchronize()`, and attention dropout runs inside the CUDA RNG tracker.
-`install()` redirects exactly these to the CPU inside a spawned gloo test process. It is never imported by the
-package, and only test processes (never the pytest parent) call it.
+The MoE token dispatcher copies its split sizes to the host only from CUDA tensors (`maybe_move_tensor_to_cpu`),
+where torch's all-to-all takes them, and with expert and sequence parallelism it all-gathers and reduce-scatters
+pieces of different sizes, which NCCL does and gloo refuses (equal pieces only). `install()` redirects exactly
+these to the CPU (uneven pieces through equal, padded ones) inside a spawned gloo test process, and marks the
+process as having them (`megatron_red.megatron_internals.CPU_STAND_INS`), which lifts the package's refusal to
+train the Megatron backend without CUDA. It is never imported by the package, and only test processes (never the
+pytest parent) call it.
 """
 from __future__ import annotations
 
@@ -146,6 +151,43 @@ def install() -> None:
     # torch indexing path is the same operation.
     dynamic_context.triton_append_key_value_cache = None
 
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        """`maybe_move_tensor_to_cpu` as on a GPU, where every split size it is given lives on the device."""
+        return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, output_split_sizes)])
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(input_split_sizes[:group.rank()])
+        return total[start:start + input_split_sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
+
     proxy = _TorchOnCPU()
     for module_name in _MODULES_WITH_CUDA_TENSORS:
         importlib.import_module(module_name).torch = proxy
+
+    from megatron_red import megatron_internals
+
+    megatron_internals.CPU_STAND_INS = True

@@ -4,9 +4,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from megatron_red.cli import main
@@ -231,3 +233,31 @@ def test_only_config_errors_become_usage_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "resolve_hf_model", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         main(eval_args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_megatron_without_cuda_is_refused_in_seconds(tmp_path):
+    """A new user's first try on a CPU machine (issue 32): under torchrun, both ranks stop at once with one line
+    naming the key and what to do instead, before the warm-up, the run directory or megatron-core's DDP."""
+    from dist_utils import _free_port
+
+    run_dir = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    start = time.perf_counter()
+    result = subprocess.run([*torchrun, "-m", "megatron_red.cli", "train", "model.backend=megatron",
+                             "model.tensor_model_parallel_size=2", f"trainer.out_dir={run_dir}"], cwd=REPO_ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]  # one line per rank
+    for line in errors:
+        assert line.startswith("error: model.backend=megatron needs CUDA GPUs")
+        assert "model.backend=hf" in line and "megatron-red plan CONFIG" in line
+    assert "NVIDIA" not in result.stderr and "[warm-up]" not in result.stdout
+    assert not run_dir.exists() and not (tmp_path / ".cache").exists()
+    assert seconds < 60, seconds  # the imports of two processes on a shared 2-core machine; the warm-up took minutes
+
+    # Without torchrun it is the same one line, exit code 2.
+    result = _run("train", "model.backend=megatron", f"trainer.out_dir={run_dir}")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: model.backend=megatron needs CUDA GPUs")

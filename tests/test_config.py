@@ -16,7 +16,8 @@ ARCHITECTURES = EXAMPLES[0].parent / "architectures"
 # The recipes name a local checkpoint directory (/models/...) and a data file that are not here: their
 # architectures stand in for the checkpoints (validation reads config.json), and data files are not looked for.
 RECIPE_MODELS = {"qwen25_math_1p5b_1gpu.yaml": "qwen2.5-math-1.5b", "qwen25_math_1p5b_8gpu.yaml": "qwen2.5-math-1.5b",
-                 "qwen25_math_7b_8gpu.yaml": "qwen2.5-math-7b", "qwen25_32b_16gpu.yaml": "qwen2.5-32b"}
+                 "qwen25_math_7b_8gpu.yaml": "qwen2.5-math-7b", "qwen25_32b_16gpu.yaml": "qwen2.5-32b",
+                 "qwen3_30b_a3b_16gpu.yaml": "qwen3-30b-a3b"}
 SOME_MODEL = str(ARCHITECTURES / "qwen2.5-math-1.5b")
 
 
@@ -225,6 +226,11 @@ def test_on_off_string_fields_keep_their_word(tmp_path, value):
     ("algo.loss={clip_eps: -1}", "algo.loss: "),
     ("data.builtin={regime: nope}", "data.builtin: unknown data.builtin.regime 'nope'"),
     ("rewards.overlong_buffer=500", "rewards.overlong_buffer=500 must be at most rollout.max_new_tokens=192"),
+    ("model.expert_model_parallel_size=0", "model.expert_model_parallel_size=0: must be >= 1"),
+    ("model.moe_router_dtype=bf16", "model.moe_router_dtype='bf16': must be one of fp32, fp64, model"),
+    ("model.moe_aux_loss_coeff=-0.1", "model.moe_aux_loss_coeff=-0.1: must be >= 0"),
+    ("model.moe_capacity_factor=0", "model.moe_capacity_factor=0.0: must be null or > 0"),
+    ("model.num_experts=-1", "model.num_experts=-1: must be >= 0"),
 ])
 def test_out_of_range_values_name_the_key_and_range(override, message):
     with pytest.raises(ConfigError) as err:
@@ -253,6 +259,22 @@ def test_out_of_range_values_name_the_key_and_range(override, message):
     (["model.backend=megatron", "model.device=cpu"], "model.device='cpu': the Megatron backend puts each rank"),
     (["data.task=openr1"], "data.task=openr1 needs data.path"),
     (["model.num_kv_heads=3"], "model.num_kv_heads=3 must divide model.num_heads=4"),
+    # mixtures of experts (the built-in student with model.num_experts, or a model.path of one)
+    (["model.moe_aux_loss_coeff=0.01"], "model.moe_aux_loss_coeff: only the Megatron backend reads it"),
+    (["model.backend=megatron", "model.expert_model_parallel_size=2"],
+     "model.expert_model_parallel_size=2: the model has no experts"),
+    (["model.backend=megatron", "model.moe_router_dtype=fp64"],
+     "model.moe_router_dtype: only a mixture of experts reads it (the model has no experts)"),
+    (["model.backend=megatron", "model.num_experts=6", "model.expert_model_parallel_size=4"],
+     "model.expert_model_parallel_size=4 must divide the 6 experts"),
+    (["model.backend=megatron", "model.num_experts=8", "model.tensor_model_parallel_size=2"],
+     "megatron-core trains mixture-of-experts layers tensor-parallel only with sequence parallelism"),
+    (["model.num_experts=4", "model.num_experts_per_tok=5"], "model.num_experts_per_tok=5 must be at most"),
+    (["model.num_experts=4", "rollout.cuda_graph=true"], "the local engine decodes a mixture of experts eagerly"),
+    (["model.backend=megatron", "model.num_experts=4", "model.expert_model_parallel_size=2", "algo.method=bread"],
+     "algo.method=bread with model.expert_model_parallel_size > 1"),
+    (["model.backend=megatron", f"model.path={ARCHITECTURES / 'qwen3-30b-a3b'}", "model.expert_model_parallel_size=3"],
+     "model.expert_model_parallel_size=3 must divide the 128 experts"),
 ])
 def test_contradicting_settings_are_refused_at_load(overrides, message):
     with pytest.raises(ConfigError) as err:

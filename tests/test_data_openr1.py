@@ -6,6 +6,7 @@ Expected values come from the shared gsm8k file read directly (the `needs_shared
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import pyarrow as pa
@@ -79,6 +80,38 @@ def test_prepare_cli_two_inputs(tmp_path, capsys):
     rows = read_rows(out)
     assert [r["data_source"] for r in rows] == ["gsm8k_train"] * 3 + ["aime_1983_2023_solutions"] * 3
     assert rows[3]["extra_info"]["year"] == 1983
+
+
+PREPARE_ROWS = [{"problem": "What is 1+1?", "solution": "1+1=2", "answer": "2"},
+                {"problem": "What is 2+3?", "solution": "2+3=5", "answer": 5},
+                {"problem": "What is 3+3?", "solution": "3+3=6", "answer": "6"}]
+
+
+@pytest.mark.parametrize("line2,expected", [
+    # the second line cut off in the middle of a string
+    (json.dumps(PREPARE_ROWS[1])[:25], r"line 2: not valid JSON: Unterminated string starting at column 13"),
+    (json.dumps({**PREPARE_ROWS[1], "problem": ["What", "is", "2+3?"]}),
+     r"line 2: 'problem' must be a string, got list \['What', 'is', '2\+3\?'\]"),
+    (json.dumps({**PREPARE_ROWS[1], "answer": True}), r"line 2: 'answer' must be a string or a number, got bool True"),
+    (json.dumps([PREPARE_ROWS[1]]), r"line 2: expected a JSON object with problem, solution, answer, got list"),
+])
+def test_prepare_names_file_and_line_of_a_bad_row(tmp_path, capsys, line2, expected):
+    system_prompt = tmp_path / "system.txt"
+    system_prompt.write_text("sys")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([json.dumps(PREPARE_ROWS[0]), line2, json.dumps(PREPARE_ROWS[2])]) + "\n")
+    out = tmp_path / "x.parquet"
+    code = load_tool().main([str(bad), "--out", str(out), "--system-prompt", str(system_prompt)])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.fullmatch(f"error: {re.escape(str(bad))}: {expected}\n", err), err
+
+    # The same file with its second line whole converts, a numeric answer as text; an empty field is skipped.
+    bad.write_text("\n".join(json.dumps(r) for r in [*PREPARE_ROWS, {**PREPARE_ROWS[0], "solution": " "}]) + "\n")
+    assert load_tool().main([str(bad), "--out", str(out), "--system-prompt", str(system_prompt)]) == 0
+    assert "wrote 3 rows" in capsys.readouterr().out
+    assert [r["reward_model"]["ground_truth"] for r in read_rows(str(out))] == ["2", "5", "6"]
 
 
 def good_row(i=0, padding=0, steps=1):

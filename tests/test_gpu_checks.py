@@ -23,7 +23,7 @@ SCRIPT = ROOT / "tools" / "gpu_checks.sh"
 DEFAULT = ["megatron_rollout", "mcore_anchor", "red_step", "red_step_k4", "te_red", "packed_rope", "offload",
            "megatron_smoke", "hf_anchor", "cuda_tests", "rollout_mismatch", "bench_kernels"]
 BY_NAME = ["bench_kernels_nocompile", "profile_backward", "megatron_families", "megatron_train", "bench_rollout",
-           "megatron_train_bf16", "step_overhead", "vllm_rollout"]
+           "megatron_train_bf16", "step_overhead", "megatron_moe", "vllm_rollout"]
 
 
 def cpu_env(**extra) -> dict:
@@ -100,6 +100,15 @@ def test_anchor_runner_patches_generate_and_megatron_train_overrides():
     config = load_config(None, [*run_overrides(2, 4, extra), "trainer.steps=4"])
     assert (config.model.attention, config.model.backend, config.trainer.max_tokens_per_micro_batch) == (
         "te", "megatron", 1024)
+
+    # megatron_moe's three runs: an 8-expert student on the Megatron backend, bf16 without / with replay, fp32.
+    runs = dry_run("megatron_moe")
+    assert [name for name, _, _ in runs] == ["megatron_moe_bfloat16_replay_false", "megatron_moe_bfloat16_replay_true",
+                                             "megatron_moe_float32_replay_false"]
+    for _, _, command in runs:
+        argv = shlex.split(command)
+        config = load_config(None, argv[argv.index("3") + 1:])
+        assert config.model.backend == "megatron" and config.model.num_experts == 8
     # bench_red_step's overrides of red_step_k4 are config keys too.
     (_, _, command), = dry_run("red_step_k4")
     argv = shlex.split(command)

@@ -8,8 +8,9 @@ the optimizer class and whether a forward goes through the fused LM-head kernel.
 plan's target, a CUDA device (`auto` dtype bfloat16, `auto` fused kernel on): the device `train` passes on a GPU
 machine. The builder runs on the CPU (tests/megatron_compat.py), so the recipes' worlds (8 or 16 GPUs, up to
 TP 8 x PP 2) cannot be built here: every recipe runs with its own layout fields at TP, PP <= 2 in one world of 4
-gloo processes (DP = 4 / (TP x PP)), with a tiny Qwen2 checkpoint as `model.path`; `plan` prints that same config
-at world size 4. The Hugging Face recipes are refused by `plan`, naming `model.backend`.
+gloo processes (DP = 4 / (TP x PP)), with a tiny Qwen2 checkpoint as `model.path` (a tiny Qwen3-MoE for the
+mixture-of-experts recipe, at EP 2: PP 1 there, so that EP divides DP); `plan` prints that same config at world
+size 4. The Hugging Face recipes are refused by `plan`, naming `model.backend`.
 """
 from __future__ import annotations
 
@@ -37,12 +38,14 @@ def _megatron(recipe: Path) -> bool:
     return _model_section(recipe)["backend"] == "megatron"
 
 
-def _reduced(recipe: Path, tiny: Path, data: Path) -> list[str]:
-    """Overrides that keep the recipe's layout fields at TP, PP <= 2 with the tiny model."""
+def _reduced(recipe: Path, tiny: Path, tiny_moe: Path, data: Path) -> list[str]:
+    """Overrides that keep the recipe's layout fields at TP, PP, EP <= 2 with the tiny model (PP 1 with EP 2)."""
     model = _model_section(recipe)
-    tp, pp = (min(2, model.get(f"{k}_model_parallel_size", 1)) for k in ("tensor", "pipeline"))
-    return [f"model.path={tiny}", f"data.path={data}", f"model.tensor_model_parallel_size={tp}",
-            f"model.pipeline_model_parallel_size={pp}"]
+    tp, pp, ep = (min(2, model.get(f"{k}_model_parallel_size", 1)) for k in ("tensor", "pipeline", "expert"))
+    pp = 1 if ep > 1 else pp
+    return [f"model.path={tiny_moe if 'expert_model_parallel_size' in model else tiny}", f"data.path={data}",
+            f"model.tensor_model_parallel_size={tp}", f"model.pipeline_model_parallel_size={pp}",
+            f"model.expert_model_parallel_size={ep}"]
 
 
 def _built_layout(rank, world_size, runs):
@@ -60,7 +63,7 @@ def _built_layout(rank, world_size, runs):
     from megatron_red.models.megatron.local_spec import SDPACoreAttention
     from megatron_red.models.megatron.weights import unwrap_model
     from megatron_red.parallel import pipeline
-    from megatron_red.trainer.build import megatron_policy, parallel_layout
+    from megatron_red.trainer.build import megatron_policy, model_experts, parallel_layout
 
     fused_calls = []  # the kernel as the pipeline's LM head (LogprobHead) calls it
     fused = pipeline.fused_linear_logprobs_entropy
@@ -68,8 +71,8 @@ def _built_layout(rank, world_size, runs):
     built = {}
     for name, path, overrides in runs:
         config = load_config(path, overrides)
-        policy = megatron_policy(config, parallel_layout(config.model, world_size, torch.device("cuda")),
-                                 config.model.path)
+        policy = megatron_policy(config, parallel_layout(config.model, world_size, torch.device("cuda"),
+                                                         model_experts(config.model)), config.model.path)
         model = unwrap_model(policy.model)
         tc = model.config
         attention = {SDPACoreAttention: "sdpa", DotProductAttention: "local"}.get(
@@ -87,7 +90,10 @@ def _built_layout(rank, world_size, runs):
             sequence_parallel=tc.sequence_parallel, attention=attention, rope_fusion=tc.apply_rope_fusion,
             recompute=tc.recompute_granularity or "none",
             recompute_modules=tuple(tc.recompute_modules) if tc.recompute_granularity == "selective" else (),
-            fused_kernel=bool(fused_calls)).describe()
+            fused_kernel=bool(fused_calls), moe=tc.num_moe_experts is not None,
+            expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+            moe_router_dtype=tc.moe_router_dtype or "model",
+            moe_aux_loss_coeff=tc.moe_aux_loss_coeff, moe_capacity_factor=tc.moe_expert_capacity_factor).describe()
         ps.destroy_model_parallel()
     return built
 
@@ -99,10 +105,16 @@ def test_plan_prints_the_layout_train_builds(tmp_path, capsys):
     transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False)).save_pretrained(tiny)
+    tiny_moe = tmp_path / "tiny_moe"
+    transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+        max_position_embeddings=64, tie_word_embeddings=False)).save_pretrained(tiny_moe)
     data = tmp_path / "rows.parquet"
     data.touch()
-    runs = [(r.stem, str(r), _reduced(r, tiny, data)) for r in RECIPES if _megatron(r)]
-    assert {name for name, _, _ in runs} == {"qwen25_math_1p5b_8gpu", "qwen25_math_7b_8gpu", "qwen25_32b_16gpu"}
+    runs = [(r.stem, str(r), _reduced(r, tiny, tiny_moe, data)) for r in RECIPES if _megatron(r)]
+    assert {name for name, _, _ in runs} == {"qwen25_math_1p5b_8gpu", "qwen25_math_7b_8gpu", "qwen25_32b_16gpu",
+                                             "qwen3_30b_a3b_16gpu"}
 
     planned = {}
     for name, path, overrides in runs:
@@ -114,6 +126,9 @@ def test_plan_prints_the_layout_train_builds(tmp_path, capsys):
         assert built == {planned[name]}, name
     assert "sequence parallel True" in planned["qwen25_32b_16gpu"] and "TP 2 x PP 2 x DP 1" in planned[
         "qwen25_32b_16gpu"]
+    assert planned["qwen3_30b_a3b_16gpu"].startswith("TP 2 x PP 1 x DP 2") and planned["qwen3_30b_a3b_16gpu"].endswith(
+        "; experts: EP 2, fp32 router, aux loss 0, dropless")
+    assert "experts" not in planned["qwen25_32b_16gpu"]
     # `attention: auto` in every recipe runs only what has run on a GPU: sdpa, unfused RoPE (issue 33).
     assert all("attention sdpa, RoPE fusion False" in line for line in planned.values()), planned
 

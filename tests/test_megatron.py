@@ -116,17 +116,24 @@ def as_tensors(obj):
 
 
 def hf_weights(policy) -> dict[str, torch.Tensor]:
-    """The policy's Hugging Face weights on every rank of its model replica. Test-only (tiny models): the package
-    streams them to one writer rank (`HFExport`) and never gathers a model; here the writer broadcasts them."""
+    """The policy's Hugging Face weights on every rank. Test-only (tiny models): the package streams them to one
+    writer rank (`HFExport`: the model-parallel ranks of the first (expert-)data-parallel replica take part) and
+    never gathers a model; here the writer, global rank 0, broadcasts them."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_red.models.megatron import HFExport
 
-    holder = [dict(HFExport(policy.model, policy.arch, policy.tp_group, policy.pp_group))]
-    group = ps.get_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
+    holder = [None]
+    if ps.get_expert_data_parallel_rank() == 0:
+        export = HFExport(policy.model, policy.arch, policy.tp_group, policy.pp_group,
+                          ps.get_expert_model_parallel_group())
+        assert export.tp_rank != 0 or export.writer == 0  # the writer and its senders are TP ranks 0
+        weights = dict(export)
+        if export.is_writer:
+            holder = [weights]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(holder, src=0)
     return holder[0]
 
 

@@ -46,3 +46,26 @@ def test_a_missing_internal_is_named(monkeypatch):
         megatron_internals.prefill_token_counts(types.SimpleNamespace(_prefill_tokens_computed=3))
     assert megatron_internals.prefill_token_counts(
         types.SimpleNamespace(_prefill_tokens_computed=3, _prefill_tokens_skipped=1)) == {"computed": 3, "skipped": 1}
+
+
+def test_the_routing_internals_are_checked(monkeypatch):
+    """Routing replay's hook (RouterReplay) and the context's per-token bookkeeping are looked for where used."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    assert megatron_internals.router_replay_class() is RouterReplay
+    monkeypatch.delattr(RouterReplay, "clear_global_indices")
+    with pytest.raises(MegatronCoreChanged, match="RouterReplay has no \\['clear_global_indices'\\]"):
+        megatron_internals.router_replay_class()
+    monkeypatch.undo()
+    context = types.SimpleNamespace(**{name: None for name in megatron_internals.ROUTING_CONTEXT_NAMES[1:]})
+    with pytest.raises(MegatronCoreChanged, match="has no \\['active_token_count'\\]"):
+        megatron_internals.intercept_routing(context, print)
+    stored, recorded = [], []
+    allocator = type("Allocator", (), {"store_routing_per_block": lambda self, flat: stored.append(flat),
+                                       "get_block_routing": lambda self, block: None})()
+    context = types.SimpleNamespace(**{name: 0 for name in megatron_internals.ROUTING_CONTEXT_NAMES})
+    context.kv_block_allocator = allocator
+    megatron_internals.intercept_routing(context, recorded.append)
+    megatron_internals.intercept_routing(context, recorded.append)  # once per context
+    allocator.store_routing_per_block("step")
+    assert recorded == ["step"] and stored == ["step"]  # recorded first, then megatron's own store

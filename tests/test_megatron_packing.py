@@ -326,6 +326,7 @@ def test_packed_sequence_parallel_tp2_pp2_matches_padded_and_hf(tmp_path):
     ("qwen25_math_1p5b_8gpu", "qwen2.5-math-1.5b", 8),
     ("qwen25_math_7b_8gpu", "qwen2.5-math-7b", 8),
     ("qwen25_32b_16gpu", "qwen2.5-32b", 16),
+    ("qwen3_30b_a3b_16gpu", "qwen3-30b-a3b", 16),
 ])
 def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
     """`megatron-red plan` on each shipped recipe (architecture only, no weights): both phases of the layout it
@@ -344,7 +345,7 @@ def test_plan_command_on_the_recipes(recipe, architecture, world_size, capsys):
     config = load_config(path, overrides, planning=True)
     m = config.model
     weights = stage_parameter_numel(run_architecture(config), m.tensor_model_parallel_size,
-                                    m.pipeline_model_parallel_size, 0) * 2 / 2**30
+                                    m.pipeline_model_parallel_size, 0, m.expert_model_parallel_size) * 2 / 2**30
     assert f"| weights | generation + training | {weights:.2f} |" in out
     if config.rollout.kv_buffer_gb is None:
         assert f"holds {config.rollout.max_batch_size} sequences of " in out

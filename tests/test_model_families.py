@@ -87,7 +87,7 @@ def test_hf_policy_and_local_engine_match_transformers(kind):
 
 
 def test_unsupported_configs_are_refused_with_the_key():
-    assert SUPPORTED_MODEL_TYPES == ("qwen2", "llama", "qwen3")
+    assert SUPPORTED_MODEL_TYPES == ("qwen2", "llama", "qwen3", "qwen3_moe", "qwen2_moe")
     cases = [
         (MistralConfig(), "model_type='mistral'"),
         (tiny_config("qwen2", use_sliding_window=True, max_window_layers=0), "use_sliding_window=True"),

@@ -343,3 +343,17 @@ def test_eval_command_with_the_vllm_engine(tmp_path):
     assert [results["benchmarks"][b]["n"] for b in ("math500", "aime24")] == [1, 32]
     result = cli(*args, timeout=600)
     assert result.returncode == 0 and "generated 0 samples, reused 330" in result.stdout
+
+
+def test_vllm_engine_with_a_mixture_of_experts_is_refused_where_it_cannot_work():
+    """vLLM records no expert choices (routing replay needs them), and its CPU build samples from stale experts after
+    an in-place reload (it prepacks expert weights on the first load only: seen here, greedy decoding after a refit
+    differed from the refitted Hugging Face model while a vLLM loading the same weights from disk matched it)."""
+    from megatron_red.config import load_config
+    from megatron_red.errors import ConfigError
+
+    moe = ["rollout.engine=vllm", *VLLM[:4], "model.num_experts=8"]
+    with pytest.raises(ConfigError, match="records no expert choices.*model.moe_routing_replay=false"):
+        load_config(None, moe)
+    with pytest.raises(ConfigError, match="does not repack a mixture of experts"):
+        load_config(None, [*moe, "model.moe_routing_replay=false"])

@@ -39,8 +39,11 @@
 # 26: `megatron-red train` in bf16 with the distributed optimizer, rollout.offload_optimizer, K = 2, a checkpoint,
 # the HF export and the evaluation, end to end on the GPU), step_overhead (issue 26: RED over GRPO at equal tokens,
 # HF backend, the 1.5B's width and vocabulary with 12 layers (two policies fit), 2048-token rows: there the
-# per-micro-batch overheads that dominate the CPU toy's ratio are small against the work), vllm_rollout (issue 31:
-# the vLLM engine beside LocalEngine and the megatron engine, with its refit time; needs vLLM on the GPU machine).
+# per-micro-batch overheads that dominate the CPU toy's ratio are small against the work), megatron_moe (issue 32: the
+# built-in student as an 8-expert Qwen3-MoE on the Megatron backend, EP 1, one GPU: 3 RED steps of
+# tools/rollout_mismatch.py in bf16 without and with routing replay, and in fp32 without: moe/routing_mismatch and the
+# engine-vs-trainer log-prob mismatch per step, ~60 s each), vllm_rollout (issue 31: the vLLM engine beside
+# LocalEngine and the megatron engine, with its refit time; needs vLLM on the GPU machine).
 #
 # Before the device run, in the repository root of this (CPU) machine:
 #   python3 -m pip download megatron-core==0.19.2 --no-deps -d .whl   # 2.4 MB cp312 manylinux x86-64 wheel: run it
@@ -190,6 +193,15 @@ print(len(a), \"tensors equal, dtype\", next(iter(a.values())).dtype)"' ;;
     # the refit time, on the random Qwen2.5-1.5B shape.
     vllm_rollout) run vllm_rollout 240 python3 tools/bench_rollout.py --skip-hf-generate --skip-train \
                     --engines local-graph,megatron-graph,vllm-graph --shapes 64x512,512x1024 ;;
+    # Issue 32: a mixture-of-experts student on one GPU (EP 1), the megatron engine recording and the trainer
+    # replaying its routing; what replay changes in bf16, against fp32.
+    megatron_moe) for variant in "bfloat16 false" "bfloat16 true" "float32 false"; do
+                    set -- $variant
+                    run "megatron_moe_${1}_replay_$2" 75 env CUDA_DEVICE_MAX_CONNECTIONS=1 python3 -m \
+                      torch.distributed.run --standalone --nproc_per_node=1 tools/rollout_mismatch.py --steps 3 \
+                      model.backend=megatron model.num_experts=8 "model.dtype=$1" "model.moe_routing_replay=$2" \
+                      data.warmup_steps=50
+                  done ;;
     *) echo "unknown step $1" ;;
   esac
 }

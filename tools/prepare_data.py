@@ -1,7 +1,9 @@
 """Convert problem/solution jsonl files (e.g. GSM8K, AIME) into the OpenR1-Math-46k-8192 schema.
 
-Each input row needs `problem`, `solution` and `answer` (rows lacking one are skipped and counted); an integer
-`year` is kept in extra_info. The output row is:
+Each input row is a JSON object with a string `problem` and `solution` and a string or number `answer` (rows lacking
+one, or with one empty, are skipped and counted); an integer `year` is kept in extra_info. A line that is not JSON, or
+a row with a value of the wrong type, stops the conversion with `error: FILE: line N: ...` (exit code 2). The output
+row is:
   prompt        [system: the OpenR1 <think> system prompt, user: problem]
   target        [assistant: "<think>\\n" + solution + "\\n</think>\\n\\n" + "The final answer is \\boxed{answer}."]
   reward_model  {"ground_truth": answer, "style": "rule"}
@@ -14,14 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 from megatron_red.data.openr1 import FORMATS, write_openr1
+from megatron_red.errors import ConfigError
 
 DEFAULT_SYSTEM_PROMPT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "eval", "luffy_system_prompt.txt"
 )
 REQUIRED = ("problem", "solution", "answer")
+# The types each required field may have (bool is an int in Python, but not an answer).
+_TYPES = {"problem": (str,), "solution": (str,), "answer": (str, int, float)}
 
 
 @dataclass
@@ -31,6 +37,27 @@ class PrepareStats:
     written: int = 0
     per_file: dict[str, int] = field(default_factory=dict)
     skipped: int = 0  # rows lacking a non-empty problem/solution/answer
+
+
+def read_row(line: str, path: str, line_no: int) -> dict | None:
+    """The row on line `line_no` of `path`, or None when it lacks a non-empty required field (skipped and counted).
+    Raises ConfigError naming the file, the line and what is wrong when the line is not a JSON object or a field
+    has the wrong type."""
+    where = f"{path}: line {line_no}"
+    try:
+        row = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON: {err.msg.removesuffix(' at')} at column {err.colno}") from None
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: expected a JSON object with {', '.join(REQUIRED)}, got {type(row).__name__}")
+    for key, types in _TYPES.items():
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            expected = " or ".join("a number" if t is not str else "a string" for t in types[:2])
+            raise ConfigError(f"{where}: '{key}' must be {expected}, got {type(value).__name__} {value!r:.60}")
+    if not all(row.get(k) is not None and str(row[k]).strip() for k in REQUIRED):
+        return None
+    return row
 
 
 def convert_row(row: dict, index: int, source: str, system_prompt: str) -> dict:
@@ -66,8 +93,8 @@ def prepare(inputs: list[str], out: str, fmt: str = "parquet", limit: int | None
                     break
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                if not all(isinstance(row.get(k), (str, int)) and str(row[k]).strip() for k in REQUIRED):
+                row = read_row(line, path, line_no)
+                if row is None:
                     stats.skipped += 1
                     continue
                 rows.append(convert_row(row, taken, source, system_prompt))
@@ -82,7 +109,7 @@ def prepare(inputs: list[str], out: str, fmt: str = "parquet", limit: int | None
     return stats
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="jsonl files with problem, solution, answer fields")
     parser.add_argument("--out", required=True, help="output file (.parquet or .jsonl)")
@@ -91,12 +118,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
                         help="file holding the system prompt (default: the OpenR1 <think> prompt in shared/data/eval)")
     args = parser.parse_args(argv)
-    stats = prepare(args.inputs, args.out, args.fmt, args.limit, args.system_prompt, verbose=True)
+    try:
+        stats = prepare(args.inputs, args.out, args.fmt, args.limit, args.system_prompt, verbose=True)
+    except ConfigError as err:  # bad input, named; anything else keeps its traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"{'source':<32} {'rows':>8}")
     for source, n in stats.per_file.items():
         print(f"{source:<32} {n:>8}")
     print(f"wrote {stats.written} rows to {args.out} ({args.fmt}); skipped {stats.skipped} incomplete rows")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

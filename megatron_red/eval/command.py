@@ -123,6 +123,7 @@ def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_token
     from megatron_red.config import ModelConfig, RolloutConfig
     from megatron_red.distributed import init_distributed, under_torchrun
     from megatron_red.models.hf_checkpoint import HFCheckpoint
+    from megatron_red.models.architectures import num_experts
     from megatron_red.models.megatron import MegatronConfig, ShardedModel, load_hf_config
     from megatron_red.trainer.build import build_engine, parallel_layout
 
@@ -135,9 +136,10 @@ def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_token
         raise ConfigError(f"--engine megatron evaluates with one model-parallel group: launch "
                           f"{tp} x {pp} = {tp * pp} processes, not {torch.distributed.get_world_size()}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf_config = load_hf_config(model_dir)
     layout = parallel_layout(ModelConfig(backend="megatron", tensor_model_parallel_size=tp,
-                                         pipeline_model_parallel_size=pp), tp * pp, device)
-    sharded = ShardedModel.from_hf(load_hf_config(model_dir), HFCheckpoint(model_dir), MegatronConfig(
+                                         pipeline_model_parallel_size=pp), tp * pp, device, num_experts(hf_config))
+    sharded = ShardedModel.from_hf(hf_config, HFCheckpoint(model_dir), MegatronConfig(
         **dataclasses.asdict(layout), seed=args.seed, dist_timeout_minutes=args.dist_timeout_minutes))
     tokenizer = load_tokenizer_for_eval(model_dir)
     length = args.max_sequence_length or min(sharded.arch.max_position_embeddings, max_new_tokens + PROMPT_ALLOWANCE)

@@ -7,6 +7,10 @@ fused Triton kernel (`megatron_red.kernels`, no [N, V] logits tensor) or plain l
 
 Precision: parameters, gradients and optimiser state stay fp32 (a bf16 master copy would drop RED's 2e-6
 updates below bf16's resolution); activations run in `dtype` under autocast (bf16 on GPU, fp32 on CPU).
+
+Mixtures of experts (Qwen3-MoE, Qwen2-MoE): the forwards replay the local engine's recorded experts (the batch's
+`routed_experts`, `moe_routing_replay`) through hooks on the routers (rollout/hf_routing.py), and the training
+forwards report the routing counts (`moe_routing_*`, `moe_aux_loss_*`) with the first micro-batch's metrics.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from typing import Literal
 
 import torch
 
-from megatron_red.batch import SequenceBatch
+from megatron_red.batch import NOT_RECORDED, SequenceBatch
 from megatron_red.kernels import FUSED_KERNEL_MODES, fused_kernel_enabled
 from megatron_red.models.architectures import check_supported
 from megatron_red.models.base import LossFn, PolicyBackend
+from megatron_red.models.hf_checkpoint import checkpoint_tensors
 from megatron_red.models.optim import OptimConfig, build_optimizer, clip_grad_norm
+from megatron_red.rollout.hf_routing import RouterHooks
 
 FusedKernelMode = Literal["auto", "on", "off"]
 
@@ -35,11 +41,14 @@ class HFPolicy(PolicyBackend):
     fused_kernel:   "auto" (fused Triton LM head on CUDA), "on" (always fused; CPU uses the
                     kernel module's torch fallback), "off" (logits + vocab-parallel log-softmax).
     gradient_checkpointing: recompute each decoder layer in backward (less memory, ~1/3 more compute).
+    moe_routing_replay: a mixture of experts: route the tokens the engine recorded to its experts (module
+                    docstring; `model.moe_routing_replay`).
     """
 
     def __init__(self, model: torch.nn.Module, optim_config: OptimConfig | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False):
+                 fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False,
+                 moe_routing_replay: bool = True):
         check_supported(model.config)
         if fused_kernel not in FUSED_KERNEL_MODES:
             raise ValueError(f"fused_kernel must be one of {FUSED_KERNEL_MODES}, got {fused_kernel!r}")
@@ -63,12 +72,14 @@ class HFPolicy(PolicyBackend):
         self.fused_kernel = fused_kernel
         self.optim_config = optim_config or OptimConfig()
         self.optimizer, self.scheduler = build_optimizer(self.model.named_parameters(), self.optim_config)
+        self.router_hooks = RouterHooks(self.model)
+        self.moe_routing_replay = moe_routing_replay
 
     @classmethod
     def from_pretrained(cls, path: str, optim_config: OptimConfig | None = None,
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                         fused_kernel: FusedKernelMode = "auto", gradient_checkpointing: bool = False,
-                        attn_implementation: str = "sdpa") -> "HFPolicy":
+                        attn_implementation: str = "sdpa", moe_routing_replay: bool = True) -> "HFPolicy":
         """Load a local checkpoint directory (no hub access)."""
         from transformers import AutoModelForCausalLM
 
@@ -76,7 +87,7 @@ class HFPolicy(PolicyBackend):
             raise ValueError(f"checkpoint directory {path!r} does not exist")
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
                                                      attn_implementation=attn_implementation)
-        return cls(model, optim_config, device, dtype, fused_kernel, gradient_checkpointing)
+        return cls(model, optim_config, device, dtype, fused_kernel, gradient_checkpointing, moe_routing_replay)
 
     @classmethod
     def from_config(cls, hf_config, optim_config: OptimConfig | None = None,
@@ -101,9 +112,16 @@ class HFPolicy(PolicyBackend):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _token_logprobs_entropy(self, mb: SequenceBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_logprobs_entropy(self, mb: SequenceBatch, temperature: float,
+                                training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """[b, L-1] fp32 log-probs and entropies on `self.device`, zero outside the loss mask (grad-enabled
-        if the caller is)."""
+        if the caller is); a mixture of experts replays `mb`'s recorded experts (counted when `training`)."""
+        if self.router_hooks.routers:
+            recorded = mb.fields.get("routed_experts")
+            if recorded is not None:  # [b, L-1, ...] -> every position, batch-major [b * L, ...]
+                recorded = torch.nn.functional.pad(recorded, (0, 0, 0, 0, 0, 1), value=NOT_RECORDED)
+                recorded = recorded.reshape(-1, *recorded.shape[2:])
+            self.router_hooks.replay(recorded, self.moe_routing_replay, count=training)
         input_ids = mb.input_ids.to(self.device)
         attention_mask = mb.attention_mask.to(self.device)
         mask = mb.loss_mask.to(self.device).bool()
@@ -144,6 +162,7 @@ class HFPolicy(PolicyBackend):
                     out[0, rows, :width] = lp.cpu()
                     out[1, rows, :width] = ent.cpu()
         finally:
+            self.router_hooks.off()
             self.model.train(was_training)
         return out[0], out[1]
 
@@ -152,12 +171,17 @@ class HFPolicy(PolicyBackend):
         _check_args(micro_batch_size, temperature)
         self.model.train()  # HF only checkpoints layers in training mode; the model has no dropout (see __init__)
         metrics = []
-        for rows in batch.micro_batch_rows(micro_batch_size):
-            mb = batch.select(rows).trimmed().to(self.device)
-            logprobs, entropy = self._token_logprobs_entropy(mb, temperature)
-            loss, mb_metrics = loss_fn(logprobs, entropy, mb)
-            loss.backward()
-            metrics.append(dict(mb_metrics))
+        try:
+            for rows in batch.micro_batch_rows(micro_batch_size):
+                mb = batch.select(rows).trimmed().to(self.device)
+                logprobs, entropy = self._token_logprobs_entropy(mb, temperature, training=True)
+                loss, mb_metrics = loss_fn(logprobs, entropy, mb)
+                loss.backward()  # (checkpointed layers replay the same experts while recomputed)
+                metrics.append(dict(mb_metrics))
+        finally:
+            self.router_hooks.off()
+        if self.router_hooks.routers and metrics:
+            metrics[0].update(self.router_hooks.statistics())
         return metrics
 
     # ---- optimiser ----------------------------------------------------------------------------------------
@@ -189,9 +213,10 @@ class HFPolicy(PolicyBackend):
         return self.optimizer.param_groups[0]["lr"]
 
     def named_hf_weights(self):
-        """The module's own parameters (fp32 master weights), detached; a tied head once, as the embedding."""
-        for name, param in self.model.named_parameters():
-            yield name, param.detach()
+        """The module's own parameters (fp32 master weights), detached, under their checkpoint names (a mixture of
+        experts' stacked experts as per-expert views, `checkpoint_tensors`); a tied head once, as the embedding."""
+        params = {name: param.detach() for name, param in self.model.named_parameters()}
+        yield from checkpoint_tensors(params).items()
 
     # ---- checkpoints --------------------------------------------------------------------------------------
 

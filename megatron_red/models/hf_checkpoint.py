@@ -13,6 +13,12 @@ tensor's bytes go to their offset as the tensor arrives. The writer holds one te
 safetensors format (8-byte little-endian header length, JSON header of dtype / shape / data_offsets, raw
 little-endian row-major data), which `safetensors` reads but has no streaming writer for; then
 `model.safetensors.index.json` (written last: its presence marks a complete directory) and `config.json`.
+
+Mixtures of experts: transformers 5 holds a layer's experts as two stacked tensors (`mlp.experts.gate_up_proj`
+[experts, 2 x width, hidden], gate rows first, and `mlp.experts.down_proj` [experts, hidden, width]) but reads and
+writes checkpoints in the released per-expert layout (`mlp.experts.{e}.gate_proj / up_proj / down_proj.weight`),
+which the Megatron backend and other engines read too; `checkpoint_tensors` gives a state dict that layout, and
+`save_state_dict` writes it.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -228,6 +235,28 @@ def write_hf_checkpoint(directory: str | Path, hf_config, specs: list[TensorSpec
     return directory
 
 
+_STACKED_EXPERTS = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def checkpoint_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with transformers' stacked expert tensors split into the per-expert checkpoint tensors (module
+    docstring; views, no copy); every other entry as it is, in order."""
+    out = {}
+    for name, tensor in state_dict.items():
+        match = _STACKED_EXPERTS.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        for e in range(tensor.shape[0]):
+            prefix = f"{match['prefix']}.{e}."
+            if match["kind"] == "down_proj":
+                out[prefix + "down_proj.weight"] = tensor[e]
+            else:
+                gate, up = tensor[e].chunk(2, dim=0)
+                out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = gate, up
+    return out
+
+
 def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state_dict` without the entries that alias an earlier one (a tied LM head is saved once, as HF does)."""
     seen, out = set(), {}
@@ -243,7 +272,7 @@ def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def save_state_dict(state_dict: dict[str, torch.Tensor], hf_config, directory: str | Path,
                     dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """An in-memory model's state dict as a Hugging Face checkpoint directory (the layout `write_hf_checkpoint`
-    gives a Megatron export: same shards, same index)."""
-    tensors = unique_tensors(state_dict)
+    gives a Megatron export: same shards, same index; experts one by one, `checkpoint_tensors`)."""
+    tensors = unique_tensors(checkpoint_tensors(state_dict))
     specs = [TensorSpec(name, tuple(t.shape), dtype or t.dtype) for name, t in tensors.items()]
     return write_hf_checkpoint(directory, hf_config, specs, tensors.items(), max_shard_bytes)

@@ -14,6 +14,10 @@ metrics and global-count normalisation are the same whether or not rows are pack
 Sequence parallelism splits the sequence dimension over the tensor-parallel ranks, so it must be a multiple of TP
 (`multiple`): a packed sequence gets a last segment of padding tokens (its own segment: nothing attends across
 it), a padded batch extra padding columns.
+
+Mixtures of experts: the rows' recorded experts (the batch field `routed_experts`, [b, L-1, layers, k], position t
+of each row at index t; parallel/routing.py) are laid out in the model's token order too: [S * B] of the padded
+[S, B] activations (sequence-major), or the packed sequence's [T]; -1 where nothing was recorded.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_red.batch import SequenceBatch
+from megatron_red.batch import NOT_RECORDED, SequenceBatch
 from megatron_red.errors import ConfigError
+
 
 
 @dataclass
@@ -37,6 +42,8 @@ class ModelMicroBatch:
     max_seqlen:    longest segment (packed) or S (padded).
     head_positions:[n] indices into the flattened [S * B] last-stage hidden states where the loss mask is 1.
     targets:       [n] the token each of those positions predicts.
+    routing:       [S * B or T, layers, k] the recorded experts of every position in the model's token order (-1:
+                   none), or None when the rows carry none.
     """
 
     rows: SequenceBatch
@@ -46,12 +53,13 @@ class ModelMicroBatch:
     max_seqlen: int
     head_positions: torch.Tensor
     targets: torch.Tensor
+    routing: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "ModelMicroBatch":
         move = (lambda t: None if t is None else t.to(device))
         return ModelMicroBatch(self.rows.to(device), move(self.input_ids), move(self.position_ids),
                                move(self.cu_seqlens), self.max_seqlen, move(self.head_positions),
-                               move(self.targets))
+                               move(self.targets), move(self.routing))
 
     def packed_seq_params(self):
         """megatron-core `PackedSeqParams` (THD) of a packed micro-batch, None for padded rows."""
@@ -104,6 +112,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def model_tokens(rows: SequenceBatch, packed: bool, multiple: int = 1) -> int:
+    """Positions the model runs for `rows` as one micro-batch (what every MoE router sees): b x the padded width,
+    or the packed sequence's length (`padded_micro_batch` / `packed_micro_batch`)."""
+    if packed:
+        return _round_up(sum(row_lengths(rows)), multiple)
+    rows = rows.trimmed()
+    return len(rows) * _round_up(rows.input_ids.shape[1], multiple)
+
+
 def padded_micro_batch(rows: SequenceBatch, multiple: int = 1) -> ModelMicroBatch:
     """`rows` right-padded to their longest row (rounded up to `multiple` columns)."""
     rows = rows.trimmed()
@@ -112,7 +129,11 @@ def padded_micro_batch(rows: SequenceBatch, multiple: int = 1) -> ModelMicroBatc
     input_ids = torch.nn.functional.pad(rows.input_ids, (0, width - length))
     position_ids = torch.arange(width).unsqueeze(0).expand(b, width)
     row, t = rows.loss_mask.bool().nonzero(as_tuple=True)  # row-major, the order masked_scatter fills
-    return ModelMicroBatch(rows, input_ids, position_ids, None, width, *_head_inputs(rows, t * b + row, row, t))
+    routing = _positions_routing(rows, width)
+    if routing is not None:  # [b, S, ...] -> the activations' sequence-major [S * b, ...]
+        routing = routing.transpose(0, 1).reshape(width * b, *routing.shape[2:])
+    return ModelMicroBatch(rows, input_ids, position_ids, None, width, *_head_inputs(rows, t * b + row, row, t),
+                           routing)
 
 
 def packed_micro_batch(rows: SequenceBatch, multiple: int = 1) -> ModelMicroBatch:
@@ -128,8 +149,22 @@ def packed_micro_batch(rows: SequenceBatch, multiple: int = 1) -> ModelMicroBatc
     cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(segments).cumsum(0)
     row, t = rows.loss_mask.bool().nonzero(as_tuple=True)
+    routing = _positions_routing(rows, rows.input_ids.shape[1])
+    if routing is not None:
+        routing = torch.cat([routing[i, :n] for i, n in enumerate(lengths)]
+                            + [routing.new_full((pad, *routing.shape[2:]), NOT_RECORDED)])
     return ModelMicroBatch(rows, input_ids, position_ids, cu_seqlens, max(segments),
-                           *_head_inputs(rows, cu_seqlens[row].long() + t, row, t))
+                           *_head_inputs(rows, cu_seqlens[row].long() + t, row, t), routing)
+
+
+def _positions_routing(rows: SequenceBatch, width: int) -> torch.Tensor | None:
+    """The rows' recorded experts per position, [b, width, layers, k] (-1 past the recorded positions), or None."""
+    recorded = rows.fields.get("routed_experts")
+    if recorded is None:
+        return None
+    out = recorded.new_full((recorded.shape[0], width, *recorded.shape[2:]), NOT_RECORDED)
+    out[:, :recorded.shape[1]] = recorded
+    return out
 
 
 def _head_inputs(rows: SequenceBatch, positions: torch.Tensor, row: torch.Tensor,

@@ -6,7 +6,10 @@ final hidden states at the loss-mask positions into `log pi(target)` and the ful
 gathering the vocabulary-parallel logits (`vocab_parallel_logprobs_entropy`, or the fused LM-head kernel when
 `fused_kernel` is on); prompt and padding positions never reach the LM head.
 
-`run_pipeline` is shared by forward-only scoring and by training (`loss_fn` given): one schedule, one head.
+`run_pipeline` is shared by forward-only scoring and by training (`loss_fn` given): one schedule, one head. With a
+mixture of experts, a `RoutingSession` (parallel/routing.py) sees each micro-batch's recorded experts before its
+forward, and under expert parallelism every rank of the expert-parallel group runs as many micro-batches
+(`in_lockstep`): its MoE layers exchange tokens with the other data-parallel replicas in every forward.
 Micro-batches are right-padded rows (attention is causal, so real tokens never see padding and no padding mask is
 needed) or, with `packed=True`, rows packed into one THD sequence (parallel/packing.py). Packed micro-batches of
 different lengths pass through the pipeline like padded ones of different lengths: megatron-core exchanges the
@@ -14,6 +17,7 @@ activation shape of every micro-batch between stages (`variable_seq_lengths`), s
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -80,8 +84,20 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def in_lockstep(micro_batches: list, batch, group: dist.ProcessGroup | None) -> tuple[list, int]:
+    """(`micro_batches` followed by idle ones, how many of them are real): as many micro-batches as the rank of
+    `group` (the expert-parallel group, or None) with the most; an idle one is `batch.idle_row()`, which trains
+    nothing."""
+    real = len(micro_batches)
+    if group is None or dist.get_world_size(group) == 1:
+        return micro_batches, real
+    count = torch.tensor([real], dtype=torch.int64, device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    return micro_batches + [batch.idle_row()] * (int(count.item()) - real), real
+
+
 def run_pipeline(model: torch.nn.Module, micro_batches: list, head: LogprobHead, *,
-                 loss_fn: Callable | None = None, packed: bool = False) -> list:
+                 loss_fn: Callable | None = None, packed: bool = False, routing=None) -> list:
     """Run every micro-batch through the pipeline schedule.
 
     micro_batches: `SequenceBatch`es, the same on every rank of the TP x PP grid.
@@ -89,6 +105,8 @@ def run_pipeline(model: torch.nn.Module, micro_batches: list, head: LogprobHead,
                    with logprobs / entropy [b, L-1] (zero outside the loss mask) and the micro-batch's rows; each
                    loss is back-propagated through all stages (gradients accumulate in `model`).
     packed:        run each micro-batch's rows packed into one THD sequence instead of right-padded.
+    routing:       a `RoutingSession` (parallel/routing.py) of a mixture of experts, given each micro-batch's
+                   recorded experts before its forward; None for a dense model.
     Returns, on the last pipeline stage, one entry per micro-batch: `(logprobs, entropy)` [b, L-1] detached when
     forward only, else the metrics dict; an empty list on the other stages.
     """
@@ -117,13 +135,15 @@ def run_pipeline(model: torch.nn.Module, micro_batches: list, head: LogprobHead,
 
     def forward_step(data_iterator, chunk):
         micro_batch = next(data_iterator).to(device)
+        if routing is not None:
+            routing.set_micro_batch(micro_batch.routing)
         output = chunk(micro_batch.input_ids, micro_batch.position_ids, None,
                        packed_seq_params=micro_batch.packed_seq_params(), output_processor=head,
                        output_processor_context=(micro_batch.head_positions, micro_batch.targets))
         return output, partial(last_stage_reduce, micro_batch)
 
     schedule = get_forward_backward_func()
-    with torch.set_grad_enabled(not forward_only):
+    with torch.set_grad_enabled(not forward_only), routing if routing is not None else contextlib.nullcontext():
         return schedule(forward_step_func=forward_step, data_iterator=iter(model_batches), model=[model],
                         num_microbatches=len(model_batches),
                         seq_length=max(mb.input_ids.shape[1] for mb in model_batches),
@@ -132,18 +152,21 @@ def run_pipeline(model: torch.nn.Module, micro_batches: list, head: LogprobHead,
 
 
 def pipeline_logprobs_entropy(model: torch.nn.Module, batch, micro_batch_size: int, head: LogprobHead,
-                              pp_group: dist.ProcessGroup | None, *,
-                              max_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                              pp_group: dist.ProcessGroup | None, *, max_tokens: int = 0, routing=None,
+                              lockstep: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward-only fp32 (logprobs, entropy), each [B, L-1] on CPU and zero where `loss_mask` is 0, on every rank.
 
-    Micro-batches of `micro_batch_size` rows, or with `max_tokens` > 0 rows packed by that token budget.
-    Computed on the last pipeline stage and broadcast to the other stages of `pp_group`.
+    Micro-batches of `micro_batch_size` rows, or with `max_tokens` > 0 rows packed by that token budget; as many
+    as the other ranks of `lockstep` run (`in_lockstep`). Computed on the last pipeline stage and broadcast to the
+    other stages of `pp_group`. `routing`: as for `run_pipeline`.
     """
     b, length = batch.input_ids.shape
     device = _model_device(model)
     out = torch.zeros(2, b, length - 1, dtype=torch.float32, device=device)
     rows = micro_batch_rows(batch, micro_batch_size, max_tokens)
-    results = run_pipeline(model, [batch.select(r) for r in rows], head, packed=bool(max_tokens))
+    micro_batches, _ = in_lockstep([batch.select(r) for r in rows], batch, lockstep)
+    results = run_pipeline(model, micro_batches, head, packed=bool(max_tokens), routing=routing) if micro_batches \
+        else []
     for r, (logprobs, entropy) in zip(rows, results):
         width = logprobs.shape[1]
         index = r.to(device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import torch
+
 ENGINE_KINDS: tuple[str, ...] = ("local", "megatron", "vllm")
 """The engines of this package: `local` (local.py), `megatron` (megatron.py) and `vllm` (vllm_engine.py);
 `rollout.engine` names one."""
@@ -43,12 +45,17 @@ class Completion:
     finished:   True when generation stopped on EOS or a stop token, False when cut at max_new_tokens.
     entropies:  at each position of `token_ids`, the full-vocabulary entropy of pi at the sampling temperature
                 (before top-k / top-p) that the token was drawn from: H_rl of Eq. 9-11 comes from these.
+    routed_experts: a mixture of experts: the experts each MoE layer (of this rank's pipeline stage) chose at every
+                position the engine ran, [prompt + response - 1 positions, layers, k] int16 (prompt and response,
+                the last token aside: it is sampled, never run); None for a dense model or when the engine lost
+                them (the trainer routes such a row itself). The trainer replays them (`model.moe_routing_replay`).
     """
 
     token_ids: list[int]
     logprobs: list[float]
     finished: bool
     entropies: list[float]
+    routed_experts: torch.Tensor | None = None
 
 
 class RolloutEngine(ABC):

@@ -19,6 +19,11 @@ applied before RoPE, as in its attention.
 Behaviour log-probs: the log-probability of each sampled token under the distribution it was drawn from
 (`rollout.sampling.sampling_logprobs`: temperature, then top-k and the top-p nucleus, renormalised). Tokens after
 EOS get log-prob 0 and are not returned.
+
+Mixtures of experts: hooks on the routers (rollout/hf_routing.py) record the experts each MoE layer chose at every
+position the engine ran (the prompt in the prefill, then each fed-back token), and a completion carries them
+(`Completion.routed_experts`) for the trainer to replay. Captured decode steps (CUDA graphs) would fix the
+positions the hooks write to, so a mixture of experts decodes eagerly.
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from megatron_red.batch import NOT_RECORDED
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
+from megatron_red.rollout.hf_routing import RouterHooks
 from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens
 
 
@@ -70,8 +77,12 @@ class LocalEngine(RolloutEngine):
         self.sync_every = sync_every
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self._qk_norm = config.model_type == "qwen3"
+        self._qk_norm = hasattr(model.get_decoder().layers[0].self_attn, "q_norm")  # Qwen3 / Qwen3-MoE
         self._state: _DecodeState | None = None
+        self._routers = RouterHooks(self.model)
+        if cuda_graph and self._routers.routers:
+            raise ValueError("rollout.cuda_graph: a mixture of experts decodes eagerly on the local engine (its "
+                             "routers' records would be captured at fixed positions)")
 
     def sync_weights(self, policy) -> None:
         """Copy `policy`'s weights (an `HFPolicy` or an HF module) into the engine; a no-op when the engine
@@ -95,12 +106,15 @@ class LocalEngine(RolloutEngine):
         completions: list[Completion] = []
         was_training = self.model.training
         self.model.eval()
+        if self._routers.routers:
+            self._routers.record()
         try:
             with torch.no_grad():
                 for start in range(0, len(rows), self.max_batch_size):
                     chunk = rows[start:start + self.max_batch_size]
                     completions += self._generate_chunk(chunk, uniforms[start:start + len(chunk)], params)
         finally:
+            self._routers.off()
             self.model.train(was_training)
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -127,6 +141,8 @@ class LocalEngine(RolloutEngine):
         prefill_mask = ((causal & valid[:, None, :]) | eye)[:, None]
         slots = torch.arange(prompt_len, device=self.device)
         logits = self._forward(tokens, positions, slots, prefill_mask, state, kv_len=prompt_len)
+        lengths = valid.sum(-1)  # each row's prompt length: its position of the first fed-back token
+        routed = self._record_prefill(valid, prompt_len + max_new) if self._routers.routers else None
 
         out_tokens = torch.full((b, max_new), self.pad_token_id, dtype=torch.long, device=self.device)
         out_logprobs = torch.zeros((b, max_new), dtype=torch.float32, device=self.device)
@@ -139,6 +155,8 @@ class LocalEngine(RolloutEngine):
                 state.tokens.copy_(out_tokens[rows_now, t - 1:t])
                 logits = self._captured_step(state) if self.cuda_graph else self._decode_step(state, prompt_len + t)
                 state.advance()
+                if routed is not None:  # the token sampled at t - 1 ran at position prompt length + t - 1
+                    routed[rows_now, lengths[rows_now] + t - 1] = self._recorded()
             token, logprob, entropy = sample_tokens(logits, uniforms[rows_now, t], params.temperature,
                                                     params.top_p, params.top_k)
             done = finished[rows_now]
@@ -153,7 +171,27 @@ class LocalEngine(RolloutEngine):
                 if not self.cuda_graph and running.numel() < rows_now.numel():
                     state.keep_rows(running)  # finished rows leave the batch (eager only: a graph's shapes are fixed)
                     rows_now = rows_now[running]
-        return self._completions(out_tokens.cpu(), out_logprobs.cpu(), out_entropies.cpu(), stops.cpu())
+        completions = self._completions(out_tokens.cpu(), out_logprobs.cpu(), out_entropies.cpu(), stops.cpu())
+        if routed is not None:  # the prompt and the response but its last token
+            routed = routed.cpu()
+            for i, c in enumerate(completions):
+                c.routed_experts = routed[i, :int(lengths[i]) + len(c.token_ids) - 1].clone()
+        return completions
+
+    def _recorded(self) -> torch.Tensor:
+        """The routers' choices of the last forward, [tokens, layers, k] int16."""
+        return torch.stack(self._routers.last, dim=1).to(torch.int16)
+
+    def _record_prefill(self, valid: torch.Tensor, width: int) -> torch.Tensor:
+        """[rows, width, layers, k] recorded experts by position (-1 = none), holding the prefill's: row i's prompt
+        is left-padded, so its position p was column p + (prompt_len - its length)."""
+        b, prompt_len = valid.shape
+        recorded = self._recorded()
+        recorded = recorded.view(b, prompt_len, *recorded.shape[1:])
+        routed = torch.full((b, width, *recorded.shape[2:]), NOT_RECORDED, dtype=torch.int16, device=self.device)
+        row, column = valid.nonzero(as_tuple=True)
+        routed[row, column - (prompt_len - valid.sum(-1))[row]] = recorded[row, column]
+        return routed
 
     def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor, entropies: torch.Tensor,
                      stops: torch.Tensor) -> list[Completion]:

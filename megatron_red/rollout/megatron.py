@@ -17,6 +17,15 @@ all-reduced over the model-parallel group after each call turns any divergence i
 
 Memory between phases: `suspend()` releases the KV cache (and megatron's CUDA graphs, which point into it) until
 the next `generate`; with `release_kv_cache=False` it stays allocated.
+
+Mixtures of experts: megatron's engine records, for every position it runs, the experts each MoE layer of this
+stage chose (the model's routers carry parallel/routing.py's hooks); this engine files each step's record by
+request and position as megatron stores it (megatron's own per-request rebuild loses a finished request's last
+block when another request takes it over in the same step: megatron_internals.intercept_routing), the positions of
+prefix-shared prompt blocks from megatron's records of those blocks, and a completion carries them
+(`Completion.routed_experts`) for the trainer to replay. Under expert parallelism the ranks of an expert-parallel
+group (data-parallel replicas with their own prompts) exchange tokens in every MoE layer, so they step together: a
+rank whose requests are done runs megatron's idle forward (`dummy_forward`) until every rank of the group is done.
 """
 from __future__ import annotations
 
@@ -28,7 +37,9 @@ import torch.distributed as dist
 
 from megatron_red.distributed import check_same_tokens
 from megatron_red.errors import ConfigError
-from megatron_red.megatron_internals import prefill_token_counts, set_sampling
+from megatron_red.batch import NOT_RECORDED
+from megatron_red.megatron_internals import intercept_routing, prefill_token_counts, set_sampling
+from megatron_red.parallel.routing import end_recording
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.megatron_attention import select_inference_attention
 from megatron_red.rollout.sampling import check_params, draw_uniforms, sample_tokens, sampling_logprobs
@@ -160,12 +171,14 @@ class MegatronEngine(RolloutEngine):
                          model must be built with them (`MegatronConfig.inference_cuda_graphs`; rollout.cuda_graph).
     release_kv_cache:    `suspend()` frees the KV cache (else it stays allocated between phases).
     mp_group:            the model-parallel group (TP x PP) whose ranks must sample identically.
+    ep_group:            the expert-parallel group whose ranks step together (module docstring); None without
+                         expert parallelism.
     """
 
     def __init__(self, model: torch.nn.Module, *, valid_vocab_size: int, eos_token_id: int, max_requests: int = 256,
                  max_sequence_length: int = 4096, block_size_tokens: int = 256, kv_buffer_gb: float | None = None,
                  prefix_caching: bool = True, cuda_graph: bool = False, release_kv_cache: bool = True,
-                 mp_group: dist.ProcessGroup | None = None):
+                 mp_group: dist.ProcessGroup | None = None, ep_group: dist.ProcessGroup | None = None):
         while hasattr(model, "module"):
             model = model.module
         self.model = model
@@ -180,6 +193,8 @@ class MegatronEngine(RolloutEngine):
         self.valid_vocab_size = int(valid_vocab_size)
         self.eos_token_id = int(eos_token_id)
         self.mp_group = mp_group
+        self.ep_group = ep_group if ep_group is not None and dist.get_world_size(ep_group) > 1 else None
+        self.moe = bool(config.num_moe_experts)
         tp = config.tensor_model_parallel_size
         self.max_requests = engine_max_requests(max_requests, tp)
         self.max_sequence_length = max_sequence_length
@@ -196,6 +211,10 @@ class MegatronEngine(RolloutEngine):
         self.cuda_graph = cuda_graph
         self.release_kv_cache = release_kv_cache
         self._sampler = _row_sampler(self.valid_vocab_size)
+        # A mixture of experts' call: recorded experts by row and position, the call's first request id, the rows
+        # seen so far (`_record_routing`).
+        self._routed: torch.Tensor | None = None
+        self._routed_first_id, self._routed_seen = 0, set()
         self._engine = None
         self._next_request_id = 0
 
@@ -272,6 +291,51 @@ class MegatronEngine(RolloutEngine):
                               f"{self.num_blocks - 1}; raise rollout.kv_buffer_gb (eval: --kv-buffer-gb) to at least "
                               f"{(needed + 1) * self.block_bytes / 2**30:.3g}")
 
+    def _others_unfinished(self, unfinished: bool) -> bool:
+        """Whether any rank of the expert-parallel group still has requests (collective; `unfinished` is this
+        rank's)."""
+        flag = torch.tensor([int(unfinished)], device=self.device if dist.get_backend(self.ep_group) == "nccl"
+                            else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ep_group)
+        return bool(flag.item())
+
+    def _steps(self, engine, first_id: int) -> dict[int, list[int]]:
+        """Step megatron's engine until this rank's requests (and, under expert parallelism, every rank's of its
+        group) are finished: row -> its generated tokens."""
+        generated = {}
+        while True:
+            unfinished = engine.has_unfinished_requests()
+            if self.ep_group is not None and self._others_unfinished(unfinished) and not unfinished:
+                engine.controller.dummy_forward()  # its MoE layers' token exchange needs this rank
+                continue
+            if not unfinished:
+                return generated
+            for record in engine.step_modern()["finished_request_records"]:
+                request = record.merge()
+                generated[request.request_id - first_id] = list(request.generated_tokens)
+
+    def _record_routing(self, flat) -> None:
+        """File a step's recorded experts ([active tokens, layers, k]) by row and position (module docstring); a
+        row first seen past position 0 starts after prefix-shared blocks, whose records megatron keeps."""
+        context, routed = self._engine.context, self._routed
+        n = context.active_token_count
+        slots = context.token_to_request_idx[:n].long().cpu()
+        rows = context.request_ids[slots].long().cpu() - self._routed_first_id
+        positions = context.token_to_pos_ids[:n].long().cpu()
+        routed[rows, positions] = torch.as_tensor(flat, dtype=torch.int16)
+        block = context.block_size_tokens
+        for row in rows.unique().tolist():
+            if row in self._routed_seen:
+                continue
+            self._routed_seen.add(row)
+            mine = rows == row
+            shared = int(positions[mine].min()) // block  # whole blocks taken from the prefix cache
+            blocks = context.request_to_kv_block_ids[int(slots[mine][0])][:shared].tolist()
+            for j, block_id in enumerate(blocks):
+                kept = context.kv_block_allocator.get_block_routing(int(block_id))
+                if kept is not None:
+                    routed[row, j * block:(j + 1) * block] = torch.as_tensor(kept, dtype=torch.int16)
+
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
         from megatron.core.inference.sampling_params import SamplingParams as MegatronSamplingParams
         from megatron.core.inference.utils import InferenceMode
@@ -293,16 +357,26 @@ class MegatronEngine(RolloutEngine):
                                                         termination_id=-1)
                 for r, prompt in enumerate(rows):
                     engine.add_request(first_id + r, prompt, request_params)
-                generated = {}
-                while engine.has_unfinished_requests():
-                    for record in engine.step_modern()["finished_request_records"]:
-                        request = record.merge()
-                        generated[request.request_id - first_id] = list(request.generated_tokens)
+                if self.moe:
+                    from megatron.core.transformer.moe.router import TopKRouter
+
+                    layers = sum(isinstance(m, TopKRouter) for m in self.model.modules())  # this stage's
+                    self._routed = torch.full((len(rows), max(map(len, rows)) + params.max_new_tokens, layers,
+                                               self.model.config.moe_router_topk), NOT_RECORDED, dtype=torch.int16)
+                    self._routed_first_id, self._routed_seen = first_id, set()
+                    intercept_routing(engine.context, self._record_routing)
+                generated = self._steps(engine, first_id)
                 call = self._sampler.finish()
         finally:
+            if self.moe:
+                end_recording()
             self._toggle_cuda_graphs("none")
             self.model.train(was_training)
         completions = self._completions(call, generated, params)
+        if self.moe:  # the prompt and the response but its last token
+            for r, (row, c) in enumerate(zip(rows, completions)):
+                c.routed_experts = self._routed[r, :len(row) + len(c.token_ids) - 1].clone()
+            self._routed = None
         check_same_tokens(call["tokens"], self.mp_group)
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 

@@ -1,8 +1,9 @@
 """Build the pieces of a run from its `RunConfig`: task (examples, tokenizer, reward), policy, rollout engine
 (`build_engine`, the one constructor of engines: the trainer's and `megatron-red eval`'s).
 
-The built-in task's student is a tiny Qwen2 built from a config and warmed up briefly by SFT on short solutions of
-easy problems (cached per task and seed), so that it starts like a weak base model.
+The built-in task's student is a tiny Qwen2 (or, with `model.num_experts`, a tiny Qwen3-MoE) built from a config and
+warmed up briefly by SFT on short solutions of easy problems (cached per task and seed), so that it starts like a
+weak base model.
 """
 from __future__ import annotations
 
@@ -105,17 +106,47 @@ def tokenised_once(path: str, tokenizer, root: Path, data: DataConfig, require_t
     return examples
 
 
-def tiny_qwen2_config(config: RunConfig, tokenizer):
-    from transformers import Qwen2Config
+def tiny_student_config(config: RunConfig, tokenizer):
+    """The built-in student's transformers config: Qwen2, or Qwen3-MoE with `model.num_experts` experts."""
+    from transformers import Qwen2Config, Qwen3MoeConfig
 
     m = config.model
-    return Qwen2Config(
+    common = dict(
         vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
         max_position_embeddings=m.max_position_embeddings, rope_theta=10000.0, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if m.num_experts:
+        return Qwen3MoeConfig(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
+                              moe_intermediate_size=m.moe_intermediate_size, norm_topk_prob=True,
+                              head_dim=m.hidden_size // m.num_heads, **common)
+    return Qwen2Config(**common)
+
+
+def model_experts(model: ModelConfig) -> int:
+    """Experts per MoE layer of the run's student (model.path's config.json, or the built-in student); 0 = dense."""
+    if model.path is None:
+        return model.num_experts
+    from transformers import AutoConfig
+
+    from megatron_red.models.architectures import num_experts
+
+    return num_experts(AutoConfig.from_pretrained(model.path, local_files_only=True))
+
+
+def check_backend_runs_here(model: ModelConfig) -> None:
+    """Refuse to train `model.backend=megatron` where megatron-core cannot run (no CUDA device), before any work:
+    its model forward, pipeline schedules and DDP call CUDA directly and would fail only after the warm-up and the
+    model load. `plan` does not call this: it sizes a GPU run on any host."""
+    from megatron_red.megatron_internals import megatron_runs_here
+
+    if model.backend == "megatron" and not megatron_runs_here():
+        raise ConfigError("model.backend=megatron needs CUDA GPUs (megatron-core's model, pipeline schedules and DDP "
+                          "call CUDA directly) and torch sees no CUDA device here. Without GPUs, train with "
+                          "model.backend=hf (CPU or one device); to size a Megatron layout for your GPUs, run "
+                          "`megatron-red plan CONFIG --world-size N` (needs no GPU).")
 
 
 def build_policy(config: RunConfig, task: Task, cache_dir: Path):
@@ -127,7 +158,8 @@ def build_policy(config: RunConfig, task: Task, cache_dir: Path):
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
     common = dict(optim_config=config.optim, device=device, dtype=dtype, fused_kernel=config.model.fused_kernel,
-                  gradient_checkpointing=config.model.gradient_checkpointing)
+                  gradient_checkpointing=config.model.gradient_checkpointing,
+                  moe_routing_replay=config.model.moe_routing_replay)
     if config.model.path:
         return HFPolicy.from_pretrained(config.model.path, **common)
     start = warmed_up_student(config, task, cache_dir)
@@ -166,7 +198,7 @@ def warmed_up_student(config: RunConfig, task: Task, cache_dir: Path) -> Path:
     device = resolve_device(config.model.device)
     steps = config.data.warmup_steps
     policy = HFPolicy.from_config(
-        tiny_qwen2_config(config, task.tokenizer),
+        tiny_student_config(config, task.tokenizer),
         optim_config=OptimConfig(lr=config.data.warmup_lr, warmup_steps=max(1, steps // 10), total_steps=steps,
                                  weight_decay=0.0),
         device=device, dtype=resolve_dtype(config.model.dtype, device), fused_kernel=config.model.fused_kernel)
@@ -260,7 +292,7 @@ def _megatron_engine(policy, tokenizer, rollout, max_sequence_length: int | None
         max_requests=rollout.max_batch_size, max_sequence_length=length, block_size_tokens=rollout.kv_block_size,
         kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
         cuda_graph=rollout.cuda_graph and next(policy.model.parameters()).is_cuda,
-        release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group)
+        release_kv_cache=rollout.release_kv_cache, mp_group=policy.mp_group, ep_group=getattr(policy, "lockstep", None))
 
 
 def _vllm_engine(policy, tokenizer, rollout, max_sequence_length: int | None) -> RolloutEngine:
@@ -312,26 +344,34 @@ def rollout_max_sequence_length(config: RunConfig) -> int:
     return config.data.max_prompt_tokens + prefix + config.rollout.max_new_tokens
 
 
-def parallel_layout(model: ModelConfig, world_size: int, device: torch.device) -> ParallelLayout:
-    """The Megatron layout of `model` (the run config's model section) in a world of `world_size` processes on
-    `device`: what `train` builds and `plan` counts.
+def parallel_layout(model: ModelConfig, world_size: int, device: torch.device, num_experts: int = 0) -> ParallelLayout:
+    """The Megatron layout of `model` (the run config's model section, whose student has `num_experts` experts per
+    layer, 0 = dense: `model_experts`) in a world of `world_size` processes on `device`: what `train` builds and
+    `plan` counts.
 
     The device-dependent `auto`s follow `device`: `model.dtype` is bfloat16 on CUDA and float32 elsewhere
     (`resolve_dtype`), `model.fused_kernel` is on for CUDA (`fused_kernel_enabled`). `train` passes the device it
     trains on; `plan` passes CUDA, its target, on any host. `model.attention=auto` is sdpa on every installation
     (only paths that have run: models/megatron/layout.py, `AUTO_ATTENTION`); RoPE fusion goes with `te`.
     """
-    tp, pp = model.tensor_model_parallel_size, model.pipeline_model_parallel_size
+    tp, pp, ep = model.tensor_model_parallel_size, model.pipeline_model_parallel_size, model.expert_model_parallel_size
     if world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp} "
                           "(model.tensor_model_parallel_size x model.pipeline_model_parallel_size)")
+    dp = world_size // (tp * pp)
+    if dp % ep:
+        raise ConfigError(f"model.expert_model_parallel_size={ep} must divide the data-parallel size {dp} (world size "
+                          f"{world_size} / (TP x PP = {tp} x {pp})): the experts are split over data-parallel ranks")
     recompute = "full" if model.gradient_checkpointing else "selective" if model.recompute_modules else "none"
     return ParallelLayout(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=world_size // (tp * pp),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=dp,
         dtype=dtype_name(resolve_dtype(model.dtype, device)), use_distributed_optimizer=model.use_distributed_optimizer,
         sequence_parallel=model.sequence_parallel, attention=resolve_attention(model.attention), recompute=recompute,
         recompute_modules=model.recompute_modules if recompute == "selective" else (),
-        fused_kernel=fused_kernel_enabled(model.fused_kernel, device))
+        fused_kernel=fused_kernel_enabled(model.fused_kernel, device), moe=num_experts > 0,
+        expert_model_parallel_size=ep, moe_router_dtype=model.moe_router_dtype,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_capacity_factor=model.moe_capacity_factor)
 
 
 def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
@@ -340,7 +380,8 @@ def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
     checkpoint."""
     init_distributed(config.trainer.dist_timeout_minutes)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    layout = parallel_layout(config.model, dist.get_world_size(), device)  # before the warm-up: a bad world fails now
+    # before the warm-up: a bad world fails now
+    layout = parallel_layout(config.model, dist.get_world_size(), device, model_experts(config.model))
     path = config.model.path
     if path is None:
         if is_main_process():
@@ -362,5 +403,6 @@ def megatron_policy(config: RunConfig, layout: ParallelLayout, path: str | Path)
         **dataclasses.asdict(layout), max_tokens_per_micro_batch=config.trainer.max_tokens_per_micro_batch,
         seed=config.trainer.seed, dist_timeout_minutes=config.trainer.dist_timeout_minutes,
         offload_optimizer=config.rollout.offload_optimizer,
-        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available())
+        inference_cuda_graphs=config.rollout.cuda_graph and torch.cuda.is_available(),
+        moe_routing_replay=config.model.moe_routing_replay)
     return MegatronPolicy(load_hf_config(path), HFCheckpoint(path), megatron_config, config.optim)

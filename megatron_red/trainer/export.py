@@ -103,6 +103,8 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: torch.dtype | No
 def _export_megatron(checkpoint: Path, out: Path, hf_config, dtype, tp: int, pp: int) -> None:
     import torch.distributed as dist
 
+    from megatron_red.megatron_internals import megatron_runs_here
+    from megatron_red.models.architectures import num_experts
     from megatron_red.models.megatron.checkpoint import load_model_weights
     from megatron_red.models.megatron.policy import MegatronConfig, build_sharded_model, save_hf_pretrained
     from megatron_red.trainer.build import parallel_layout
@@ -110,10 +112,15 @@ def _export_megatron(checkpoint: Path, out: Path, hf_config, dtype, tp: int, pp:
     if tp * pp != dist.get_world_size():
         raise ConfigError(f"--tp {tp} x --pp {pp} must equal the number of processes ({dist.get_world_size()}); "
                           f"run under torchrun --nproc_per_node={tp * pp}, or change --tp / --pp")
+    if num_experts(hf_config) and not megatron_runs_here():
+        raise ConfigError(f"{checkpoint} holds a mixture of experts, whose megatron-core layers need a CUDA GPU even "
+                          "to be built (the token dispatcher makes a CUDA stream), and torch sees none here: export "
+                          "on a GPU machine, or take the run's hf/ (written at the end of training; "
+                          "trainer.save_hf=true writes one into every checkpoint)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layout = parallel_layout(ModelConfig(backend="megatron", tensor_model_parallel_size=tp,
                                          pipeline_model_parallel_size=pp, dtype=_training_dtype(hf_config)),
-                             tp * pp, device)
+                             tp * pp, device, num_experts(hf_config))
     _, model, _ = build_sharded_model(hf_config, None, MegatronConfig(**dataclasses.asdict(layout)))
     load_model_weights(model, str(checkpoint))
     save_hf_pretrained(model, hf_config, str(out), dtype)

@@ -6,7 +6,9 @@ rewards (the verifier's accuracy plus any overlong penalty), and rbar (`group_ac
 accuracy (paper Eq. 8; the authors count the trace as a member): shaping moves advantages, never accuracies.
 A group "has signal" (dynamic sampling keeps it) exactly when its advantages are not all zero.
 The engine's behaviour log-probs of each response ride along, aligned with the targets, for the mismatch metric and
-truncated importance sampling, and so do its entropies of pi at each response token, from which H_rl is taken.
+truncated importance sampling, and so do its entropies of pi at each response token, from which H_rl is taken, and,
+for a mixture of experts, the experts it chose at each position of prompt and response (`routed_experts`), which
+the trainer's forwards replay; a trace row has none (the engine never ran it: the trainer routes it itself).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_red.batch import SequenceBatch
+from megatron_red.batch import NOT_RECORDED, SequenceBatch
 from megatron_red.objectives import group_advantages
 
 
@@ -33,6 +35,9 @@ class Group:
     """The engine's log-probs of each response's tokens under the distribution it sampled from (`Completion`)."""
     rollout_entropies: list[list[float]] | None = None
     """The engine's full-vocabulary entropy of pi at each response token (`Completion.entropies`)."""
+    routed_experts: list[torch.Tensor | None] | None = None
+    """A mixture of experts: the experts the engine chose at each position of prompt + response (but its last
+    token) of each response, [positions, layers, k] (`Completion.routed_experts`; None: not recorded)."""
     finished: list[bool] = field(default_factory=list)
     """Per response: True when it ended on EOS, False when cut at the generation limit."""
     trace_ids: list[int] | None = None
@@ -78,11 +83,14 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
     Fields: advantages [B], is_offline [B], group_accuracy [B], rewards [B], group [B] (the row's group's position
     in the step: `positions[i]` for `groups[i]`, default i; mini-batches keep a group's rows together and cut the
     step by these positions, trainer/update.py), and behaviour_logprobs / rollout_entropy [B, L-1] (zero outside the
-    responses) when every group with responses has them. A trace outside the group
-    (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy rows' accuracy.
+    responses) when every group with responses has them, and routed_experts [B, L-1, layers, k] (position t of a row
+    at index t; `NOT_RECORDED` for trace rows, padding and what the engine did not record) when any response has
+    them. A trace outside the group (`offline_in_group=False`, e.g. SFT rows) gets advantage 0 and the on-policy
+    rows' accuracy.
     """
     # (token ids, prompt length, behaviour log-probs, rollout entropies, trained: False for a filtered row)
     rows: list[tuple[list[int], int, list[float] | None, list[float] | None, bool]] = []
+    routed: dict[int, torch.Tensor] = {}  # row -> the engine's recorded experts
     advantages, is_offline, accuracy, rewards, group_of = [], [], [], [], []
     positions = list(range(len(groups))) if positions is None else positions
     if len(positions) != len(groups):
@@ -106,7 +114,14 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
         behaviour = g.behaviour_logprobs or [None] * len(g.responses)
         entropies = g.rollout_entropies or [None] * len(g.responses)
         finished = g.finished or [True] * len(g.responses)
-        for response, reward, a, lp, h, done in zip(g.responses, g.rewards, adv, behaviour, entropies, finished):
+        experts = g.routed_experts or [None] * len(g.responses)
+        for response, reward, a, lp, h, done, routing in zip(g.responses, g.rewards, adv, behaviour, entropies,
+                                                            finished, experts):
+            if routing is not None:
+                if routing.shape[0] != len(g.prompt_ids) + len(response) - 1:
+                    raise ValueError(f"routed experts of {routing.shape[0]} positions for a prompt of "
+                                     f"{len(g.prompt_ids)} and a response of {len(response)} tokens")
+                routed[len(rows)] = routing
             for name, values in (("behaviour log-probs", lp), ("rollout entropies", h)):
                 if values is not None and len(values) != len(response):
                     raise ValueError(f"{len(values)} {name} for a response of {len(response)} tokens")
@@ -141,6 +156,12 @@ def build_batch(groups: list[Group], *, offline_in_group: bool, std_normalize: b
         "rewards": torch.tensor(rewards, dtype=torch.float32),
         "group": torch.tensor(group_of, dtype=torch.long),
     }
+    if routed:
+        example = next(iter(routed.values()))
+        experts = torch.full((len(rows), length - 1, *example.shape[1:]), NOT_RECORDED, dtype=torch.int16)
+        for i, routing in routed.items():
+            experts[i, :routing.shape[0]] = routing
+        fields["routed_experts"] = experts
     sampled = [g for g in groups if g.responses]
     if sampled and all(g.behaviour_logprobs is not None for g in sampled):
         fields["behaviour_logprobs"] = behaviour_logprobs

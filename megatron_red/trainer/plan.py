@@ -15,7 +15,8 @@ import torch
 
 from megatron_red.config import RunConfig
 from megatron_red.errors import ConfigError
-from megatron_red.models.megatron.memory import GIB, MemoryPlan, Rollout, Workload, memory_plan, stage_parameter_numel
+from megatron_red.models.megatron.memory import (GIB, MemoryPlan, Rollout, Workload, memory_plan, stage_expert_numel,
+                                                 stage_parameter_numel)
 from megatron_red.models.megatron.model import HFArchitecture
 from megatron_red.rollout.megatron import default_kv_buffer_gb, engine_max_requests, engine_step_tokens
 from megatron_red.rollout import vllm_engine
@@ -31,9 +32,9 @@ def run_architecture(config: RunConfig) -> HFArchitecture:
         from transformers import AutoConfig
 
         return HFArchitecture.from_hf_config(AutoConfig.from_pretrained(config.model.path, local_files_only=True))
-    from megatron_red.trainer.build import build_task, tiny_qwen2_config
+    from megatron_red.trainer.build import build_task, tiny_student_config
 
-    return HFArchitecture.from_hf_config(tiny_qwen2_config(config, build_task(config).tokenizer))
+    return HFArchitecture.from_hf_config(tiny_student_config(config, build_task(config).tokenizer))
 
 
 def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
@@ -41,7 +42,8 @@ def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
     if m.backend != "megatron":
         raise ConfigError(f"plan models the Megatron backend; got model.backend={m.backend!r} "
                           f"(set model.backend=megatron)")
-    layout = parallel_layout(m, world_size, TARGET_DEVICE)
+    arch = run_architecture(config)
+    layout = parallel_layout(m, world_size, TARGET_DEVICE, arch.num_experts)
     tp = layout.tensor_model_parallel_size
     longest = config.data.max_prompt_tokens + max(r.max_new_tokens, config.data.max_trace_tokens)
     arch = run_architecture(config)
@@ -67,11 +69,24 @@ def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: Ru
     each model-parallel group generates per step."""
     lay, work, ro = plan.layout, plan.workload, plan.workload.rollout
     total = stage_parameter_numel(arch, 1, 1, 0)  # the whole model (vocabulary padded to 128)
-    lines = [
-        f"model: {arch.model_type}, {arch.num_layers} layers x {arch.hidden_size}, {total / 1e9:.2f}B parameters",
-        f"layout: {lay.describe()}",
-        f"training: {work.tokens_per_micro_batch} tokens per micro-batch (rows up to {work.max_sequence_length})",
-    ]
+    model = f"model: {arch.model_type}, {arch.num_layers} layers x {arch.hidden_size}, {total / 1e9:.2f}B parameters"
+    if arch.num_experts:
+        every = stage_expert_numel(arch, 1, 1)
+        active = total - every + every * arch.moe_router_topk // arch.num_experts
+        model += (f" ({active / 1e9:.2f}B active per token: {arch.moe_router_topk} of {arch.num_experts} experts of "
+                  f"width {arch.moe_ffn_hidden_size} in every layer)")
+    lines = [model, f"layout: {lay.describe()}"]
+    if arch.num_experts:
+        tp, pp, ep = lay.tensor_model_parallel_size, lay.pipeline_model_parallel_size, lay.expert_model_parallel_size
+        experts = stage_expert_numel(arch, tp, pp, ep)
+        dense = stage_parameter_numel(arch, tp, pp, 0, ep) - experts
+        shards = (lay.data_parallel_size, lay.data_parallel_size // ep) if lay.use_distributed_optimizer else (1, 1)
+        lines.append(f"parameters per GPU (stage 0): {dense / 1e9:.3f}B dense + {experts / 1e9:.3f}B experts "
+                     f"({arch.num_experts // ep} experts of each of {arch.num_layers // pp} layers, each split over TP "
+                     f"{tp}); Adam state sharded over {shards[0]} data-parallel ranks (dense) and {shards[1]} "
+                     f"expert-data-parallel ranks (experts)")
+    lines.append(f"training: {work.tokens_per_micro_batch} tokens per micro-batch (rows up to "
+                 f"{work.max_sequence_length})")
     if ro is not None and ro.engine == "vllm":
         lines.append(
             f"generation (vLLM engine, colocated: its own copy of the weights, all {arch.num_layers} layers at TP "

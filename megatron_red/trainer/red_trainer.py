@@ -43,7 +43,7 @@ from megatron_red.objectives import SCHEDULES, EntropyRatioController, RedLossCo
 from megatron_red.rewards.overlong import overlong_penalty
 from megatron_red.rollout.base import SamplingParams
 from megatron_red.trainer import checkpoint
-from megatron_red.trainer.build import (build_engine, build_policy, build_task, engine_kind,
+from megatron_red.trainer.build import (build_engine, build_policy, build_task, check_backend_runs_here, engine_kind,
                                        rollout_max_sequence_length)
 from megatron_red.trainer.evaluate import evaluate_heldout, teacher_token_probability
 from megatron_red.trainer.groups import Group, build_batch
@@ -70,6 +70,7 @@ class Rollouts:
 class RedTrainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, resume: bool = False):
         """`config` as `load_config` returns it: validated."""
+        check_backend_runs_here(config.model)  # before any work (run directory, data, warm-up)
         self.config = config
         # SFT->GRPO's SFT stage (the paper's SFT checkpoint) comes before its `trainer.steps` GRPO steps.
         self.sft_stage_steps = ((config.algo.sft_then_grpo_sft_steps or config.trainer.steps)
@@ -387,6 +388,8 @@ class RedTrainer:
         group.responses = [c.token_ids for c in completions]
         group.behaviour_logprobs = [c.logprobs for c in completions]
         group.rollout_entropies = [c.entropies for c in completions]
+        routed = [c.routed_experts for c in completions]
+        group.routed_experts = routed if any(r is not None for r in routed) else None
         group.finished = [c.finished for c in completions]
         group.rewards = list(rewards)
         group.penalties = [self.overlong_penalty(len(c.token_ids)) for c in completions]

@@ -38,6 +38,8 @@ _WEIGHTED_MEANS = {"clip_fraction": "num_on_policy_tokens", "on_policy_ratio_mea
 # What a micro-batch measures besides its loss: sums (and a max) that combine exactly over micro-batches and ranks.
 _ENTROPY_SUMS = ("entropy_sft_sum", "entropy_sft_rows")
 _MISMATCH = ("mismatch_abs_sum", "mismatch_abs_max", "mismatch_outside", "mismatch_tokens")
+# A mixture of experts' routing counts of a training pass (the policies report them with a micro-batch's metrics).
+_ROUTING = ("moe_routing_mismatched", "moe_routings_recorded", "moe_aux_loss_sum", "moe_aux_loss_terms")
 
 
 def aggregate_micro_metrics(per_micro: list[dict]) -> dict:
@@ -96,6 +98,22 @@ def _mismatch_metrics(per_micro: list[dict]) -> dict:
             "mismatch/ratio_outside_half_2": sum(m["mismatch_outside"] for m in stats) / tokens}
 
 
+def _routing_metrics(per_micro: list[dict]) -> dict:
+    """A mixture of experts' routing in the update's forwards (all replicas and stages): moe/routing_mismatch, the
+    share of the (token, MoE layer) routings the engine recorded whose top-k the trainer computes differently (what
+    routing replay overrides), and moe/aux_loss, the load-balancing loss E * sum_i f_i P_i of the trainer's own
+    routing, mean over layers and micro-batches (1 = balanced)."""
+    stats = [m for m in per_micro if "moe_aux_loss_terms" in m]
+    out = {}
+    terms = sum(m["moe_aux_loss_terms"] for m in stats)
+    if terms:
+        out["moe/aux_loss"] = sum(m["moe_aux_loss_sum"] for m in stats) / terms
+    recorded = sum(m["moe_routings_recorded"] for m in stats)
+    if recorded:
+        out["moe/routing_mismatch"] = sum(m["moe_routing_mismatched"] for m in stats) / recorded
+    return out
+
+
 def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[float], float],
                   micro_batch_size: int, dp: DataParallel | None = None, lr_scale: float = 1.0,
                   temperature: float = 1.0, advance_schedule: bool = True) -> dict:
@@ -114,7 +132,8 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
     `get_loss_and_metrics` calls; gradients accumulate until the optimiser step).
 
     Returns the loss metrics, train/grad_norm and train/lr; when pi_old is the update's forward, also
-    entropy/H_sft, entropy/w and mismatch/* (when the batch holds the engine's behaviour log-probs)."""
+    entropy/H_sft, entropy/w and mismatch/* (when the batch holds the engine's behaviour log-probs); for a mixture
+    of experts moe/aux_loss and, when the batch holds the engine's recorded experts, moe/routing_mismatch."""
     dp = dp or DataParallel()
     num_sequences = int(dp.all_sum((batch.loss_mask.sum(dim=1) > 0).sum()))
     num_tokens = dp.all_sum(batch.loss_mask.sum())
@@ -147,11 +166,11 @@ def policy_update(policy, batch, loss_cfg: RedLossConfig, w: float | Callable[[f
         per_micro = dp.gather(train(None))
     lr = policy.learning_rate * lr_scale  # the rate this step uses (the schedule moves on inside optimizer_step)
     grad_norm = policy.optimizer_step(lr_scale, advance_schedule=advance_schedule)
-    out = {"train/grad_norm": grad_norm, "train/lr": lr}
+    out = {"train/grad_norm": grad_norm, "train/lr": lr, **_routing_metrics(per_micro)}
     if rollout_time:
         out.update({"entropy/H_sft": _entropy_sft(per_micro), "entropy/w": sft_weight,
                     **_mismatch_metrics(per_micro)})
-    measured = {*_ENTROPY_SUMS, *_MISMATCH, "sft_weight"}  # w: entropy/w
+    measured = {*_ENTROPY_SUMS, *_MISMATCH, *_ROUTING, "sft_weight"}  # w: entropy/w
     losses = aggregate_micro_metrics([{k: v for k, v in m.items() if k not in measured} for m in per_micro])
     out.update({f"loss/{k}": v for k, v in losses.items()
                 if k != "r_off_mean" or loss_cfg.offline_in_group})  # r_off of a term outside the objective: none

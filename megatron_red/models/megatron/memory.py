@@ -7,12 +7,15 @@ policy's own shards, rollout/megatron.py, or a colocated vLLM engine, rollout/vl
 What each part counts (bytes on one GPU of a pipeline stage):
 - weights:     the stage's parameters on one TP rank (the embedding on the first stage; the LM head on the last, also
                when tied to the embedding and PP > 1, where megatron keeps a synchronised copy), in `dtype`. Both
-               phases (the engine generates with them).
+               phases (the engine generates with them). A mixture of experts: each layer's router (whole on every
+               rank), its experts / EP experts (each split over TP like a dense MLP) and a shared expert; the
+               expert part is also shown on its own (`MemoryPlan.experts`).
 - gradients:   one fp32 gradient per parameter (megatron's DDP reduces gradients in fp32). Both phases, unless
                `rollout.offload_optimizer` frees the gradient buffers while generating.
 - optimizer:   Adam's two fp32 moments, plus an fp32 master copy when the parameters are 16-bit; divided over the
                data-parallel ranks by the distributed optimizer (the mean over ranks: megatron aligns each
-               parameter to 64 elements in its buffer, which moves a few elements between ranks). Both phases,
+               parameter to 64 elements in its buffer, which moves a few elements between ranks), the experts'
+               over the expert-data-parallel ranks (DP / EP: the replicas of the same experts). Both phases,
                unless `rollout.offload_optimizer` moves it to host memory while generating.
 - activations: training. What autograd keeps for the backward, per token and layer (bytes of the activation dtype
                `a`, `h` hidden, `q` / `g` query / key-value heads of width `d`, `f` MLP width, TP = t):
@@ -20,6 +23,10 @@ What each part counts (bytes on one GPU of a pipeline stage):
                  q, k, v after RoPE, context    a (2 q + 2 g) d / t
                  flash-attention log-sum-exp    4 q / t
                  SwiGLU (silu input, silu, up)  3 a f / t, and the down-projection input a f / t
+               A mixture-of-experts layer instead runs each token through its k experts (and the shared expert):
+               f is then k x the expert width (+ the shared expert's), plus the k dispatched copies of its input
+               (a h k) and the router's fp32 logits and probabilities (8 E): balanced routing assumed (every EP
+               rank receives k x its tokens), a skewed router needs more.
                megatron's unfused attention (`local`) instead keeps the [q, s, s] probabilities in fp32 and `a`
                and the K/V heads repeated: + (4 + a) q s / t, a (2 q - 2 g) d / t, no log-sum-exp.
                Selective recompute drops what the named submodules recompute; full recompute keeps only each
@@ -36,7 +43,8 @@ What each part counts (bytes on one GPU of a pipeline stage):
 - prefill step: generation. One engine step runs up to megatron's `max_tokens` tokens (prefill and decode rows
                together) through the stage without autograd; the largest transient is one layer's MLP: the
                residual stream and the norm output (2 a h per token) and the gate+up output and its SwiGLU
-               (3 a f / t), plus megatron's sequence-parallel all-gather buffer (a h per token) with SP.
+               (3 a f / t, f as above for experts), plus megatron's sequence-parallel all-gather buffer (a h per
+               token) with SP.
 - sampling logits: generation. The rows decoded together (`rollout.max_batch_size`, megatron's max_requests):
                their logits gathered over TP (on every stage under PP) and the sampler's row selection of them
                (a V each, padded vocabulary), the last stage's own [rows, V / t] shard, megatron's static logits
@@ -110,17 +118,35 @@ class Workload:
     rollout: Rollout | None = None
 
 
-def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int) -> int:
-    """Parameters held by one TP rank of pipeline stage `stage` (megatron's GPTModel built by build_gpt_model)."""
+def _mlp_numel(width: int, h: int, tp: int) -> int:
+    """A SwiGLU MLP of `width` on one TP rank: gate+up (column-parallel), down (row-parallel)."""
+    return 2 * width // tp * h + h * width // tp
+
+
+def stage_expert_numel(arch: HFArchitecture, tp: int, pp: int, ep: int = 1) -> int:
+    """The experts' parameters one rank holds on any pipeline stage: its experts / EP experts of each of its layers,
+    each expert's MLP split over TP (0 for a dense model)."""
+    return arch.num_layers // pp * arch.num_experts // ep * _mlp_numel(arch.moe_ffn_hidden_size, arch.hidden_size, tp)
+
+
+def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int, ep: int = 1) -> int:
+    """Parameters held by one TP rank (of EP rank any) of pipeline stage `stage` (megatron's GPTModel built by
+    build_gpt_model), the experts' (`stage_expert_numel`) included."""
     h, d, q, g, f = (arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups,
                      arch.ffn_hidden_size)
     qkv = (q + 2 * g) * d // tp
+    if arch.num_experts:  # the router (whole on every rank); Qwen2-MoE's shared expert and its gate
+        shared = arch.shared_expert_ffn_hidden_size
+        mlp = arch.num_experts * h + (_mlp_numel(shared, h, tp) + h if shared else 0)
+    else:
+        mlp = _mlp_numel(f, h, tp)
     layer = (h  # input norm
              + qkv * h + (qkv if arch.qkv_bias else 0)  # fused q/k/v projection (column-parallel)
              + h * q * d // tp  # output projection (row-parallel)
+             + (2 * d if arch.qk_layernorm else 0)  # per-head q / k norm gains (whole on every TP rank)
              + h  # pre-MLP norm
-             + 2 * f // tp * h + h * f // tp)  # gate+up (column-parallel), down (row-parallel)
-    numel = layer * arch.num_layers // pp
+             + mlp)
+    numel = layer * arch.num_layers // pp + stage_expert_numel(arch, tp, pp, ep)
     vocab_shard = padded_vocab_size(arch.vocab_size, tp) // tp
     if stage == 0:
         numel += vocab_shard * h  # word embeddings
@@ -131,13 +157,20 @@ def stage_parameter_numel(arch: HFArchitecture, tp: int, pp: int, stage: int) ->
     return numel
 
 
+def active_ffn_width(arch: HFArchitecture) -> int:
+    """The MLP width a token runs through: the dense MLP's, or its k experts' and the shared expert's."""
+    if arch.num_experts:
+        return arch.moe_router_topk * arch.moe_ffn_hidden_size + arch.shared_expert_ffn_hidden_size
+    return arch.ffn_hidden_size
+
+
 def activation_bytes_per_token_layer(arch: HFArchitecture, layout: ParallelLayout, sequence_length: int) -> float:
     """Bytes autograd keeps per token per layer without recompute (see the module docstring)."""
     a = DTYPES[layout.dtype].itemsize
     t = layout.tensor_model_parallel_size
     sp = t if layout.sequence_parallel else 1
     h, d, q, g, f = (arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups,
-                     arch.ffn_hidden_size)
+                     active_ffn_width(arch))
     norms = (4 * a * h + 8) / sp
     attention = a * (2 * q + 2 * g) * d / t
     if layout.attention == "local":
@@ -145,11 +178,13 @@ def activation_bytes_per_token_layer(arch: HFArchitecture, layout: ParallelLayou
     else:
         attention += 4 * q / t
     mlp = 4 * a * f / t
+    if arch.num_experts:  # the dispatched copies of the input and the router's fp32 logits and probabilities
+        mlp += a * h * arch.moe_router_topk + 8 * arch.num_experts
     modules = set(layout.recompute_modules) if layout.recompute == "selective" else set()
     if "core_attn" in modules:  # recomputed from q, k, v (kept): scores / log-sum-exp and the repeated K/V go
         attention = a * (2 * q + 2 * g) * d / t
-    if "mlp" in modules:  # recomputed from its input (a projection input counted in `norms`)
-        mlp = 0.0
+    if "mlp" in modules and not arch.num_experts:  # recomputed from its input (counted in `norms`); megatron leaves
+        mlp = 0.0                                  # mixture-of-experts layers out of `mlp`
     if "layernorm" in modules:  # the two norm outputs are recomputed
         norms -= 2 * a * h / sp
     return norms + attention + mlp
@@ -164,9 +199,10 @@ PHASES = ("generation", "training")
 
 @dataclass
 class MemoryPlan:
-    """Bytes per part for the first and last pipeline stage (stage -> part -> bytes) of a layout and workload, and
-    the KV cache's geometry: megatron's `kv_blocks` blocks of `kv_block_bytes` (0 without a rollout), or vLLM's
-    `kv_token_bytes` per token; `kv_sequences` sequences of the rollout's length it holds at once."""
+    """Bytes per part for the first and last pipeline stage (stage -> part -> bytes) of a layout and workload, the
+    KV cache's geometry (megatron's `kv_blocks` blocks of `kv_block_bytes`, 0 without a rollout, or vLLM's
+    `kv_token_bytes` per token; `kv_sequences` sequences of the rollout's length it holds at once) and, of a mixture
+    of experts, the experts' share of the weights, gradients and optimizer parts (the same on every stage)."""
 
     parts: dict[int, dict[str, float]]
     layout: ParallelLayout
@@ -175,6 +211,7 @@ class MemoryPlan:
     kv_block_bytes: int = 0
     kv_token_bytes: int = 0
     kv_sequences: int = 0
+    experts: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def held(self, phase: str) -> tuple[str, ...]:
         """The parts resident on the GPU during `phase` ("generation" or "training")."""
@@ -206,6 +243,9 @@ class MemoryPlan:
                 continue
             lines.append(f"| {part} | {' + '.join(during)} | "
                          + " | ".join(f"{self.parts[s][part] / GIB:.2f}" for s in stages) + " |")
+            if part in self.experts:
+                lines.append(f"| (of which experts) | | "
+                             + " | ".join(f"{self.experts[part] / GIB:.2f}" for _ in stages) + " |")
         for phase in phases:
             lines.append(f"| **{phase} peak** | | " + " | ".join(f"**{self.peak(s, phase) / GIB:.2f}**"
                                                                for s in stages) + " |")
@@ -219,7 +259,7 @@ def generation_bytes(arch: HFArchitecture, layout: ParallelLayout, rollout: Roll
     sampling logits (module docstring)."""
     a = DTYPES[layout.dtype].itemsize
     tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
-    h, f = arch.hidden_size, arch.ffn_hidden_size
+    h, f = arch.hidden_size, active_ffn_width(arch)
     tokens = rollout.step_tokens
     prefill = tokens * a * (2 * h + 3 * f / tp) + (tokens * a * h if layout.sequence_parallel else 0.0)
     rows, vocab = rollout.requests, padded_vocab_size(arch.vocab_size, tp)
@@ -238,6 +278,7 @@ def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload
                 reserve_bytes: float = 3 * GIB) -> MemoryPlan:
     """Per-GPU bytes by part for the first and the last pipeline stage (the two largest)."""
     tp, pp, dp = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size)
+    ep = layout.expert_model_parallel_size
     a = DTYPES[layout.dtype].itemsize
     tokens = workload.tokens_per_micro_batch
     per_layer = activation_bytes_per_token_layer(arch, layout, workload.max_sequence_length)
@@ -267,7 +308,8 @@ def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload
         sequences = sequences_held(blocks, rollout.sequence_length, rollout.block_size_tokens)
     parts = {}
     for stage in sorted({0, pp - 1}):
-        numel = stage_parameter_numel(arch, tp, pp, stage)
+        numel = stage_parameter_numel(arch, tp, pp, stage, ep)
+        experts = stage_expert_numel(arch, tp, pp, ep)
         in_flight = pp - stage
         if layout.recompute == "full":
             one_layer = activation_bytes_per_token_layer(arch, dataclasses.replace(layout, recompute="none"),
@@ -282,10 +324,14 @@ def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload
             head = tokens * a * arch.hidden_size
             vocab_shard = padded_vocab_size(arch.vocab_size, tp) // tp
             head += FUSED_KERNEL_EXTRA_BYTES if layout.fused_kernel else 2 * tokens * vocab_shard * a + HEAD_CHUNK_BYTES
-        optimizer = numel * optimizer_per_param / (dp if layout.use_distributed_optimizer else 1)
+        dense_dp, expert_dp = (dp, dp // ep) if layout.use_distributed_optimizer else (1, 1)
+        expert_optimizer = experts * optimizer_per_param / expert_dp
+        optimizer = (numel - experts) * optimizer_per_param / dense_dp + expert_optimizer
         generation = (generation_bytes(arch, layout, rollout, stage) if rollout is not None
                       else {"prefill step": 0.0, "sampling logits": 0.0})
         parts[stage] = {"weights": numel * a, "gradients": numel * 4.0, "optimizer": optimizer,
                         "activations": activations, "LM head": head, "engine weights": engine_weights,
                         "KV cache": kv_bytes, **generation, "reserve": reserve_bytes}
-    return MemoryPlan(parts, layout, workload, blocks, block_bytes, token_bytes, sequences)
+    expert_parts = ({"weights": experts * a, "gradients": experts * 4.0, "optimizer": expert_optimizer} if experts
+                    else {})
+    return MemoryPlan(parts, layout, workload, blocks, block_bytes, token_bytes, sequences, expert_parts)

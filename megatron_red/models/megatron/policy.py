@@ -12,6 +12,15 @@ sum over DP (gradient_scaling_factor = 1); the per-token division megatron would
 TP, PP, DP and the micro-batch size do not change the update. The DP reduction (and the tied-embedding reduction
 between first and last stage) happens once, in `optimizer_step`, so several `get_loss_and_metrics` calls per step
 accumulate correctly.
+
+Mixtures of experts. megatron adds each MoE layer's load-balancing loss to the gradient weighted by its micro-batch's
+routed tokens (`calculate_per_token_loss`), which the skipped division would have divided by the total; instead
+its coefficient is `model.moe_aux_loss_coeff` / (the tokens the routers see in the call, over all data-parallel
+ranks) during each `get_loss_and_metrics`, so the term is the coefficient times the token-weighted mean over the
+call's micro-batches. The routers' replay hooks (parallel/routing.py) replay the engine's recorded experts in every
+forward and, in training calls, report `moe_routing_*` / `moe_aux_loss_*` sums with the first micro-batch's
+metrics. Under expert parallelism every rank of an expert-parallel group runs as many micro-batches
+(`pipeline.in_lockstep`).
 """
 from __future__ import annotations
 
@@ -31,8 +40,9 @@ from megatron_red.models.megatron.offload import OptimizerOffload
 from megatron_red.models.megatron.weights import HFExport, load_hf_weights, unwrap_model
 from megatron_red.models.optim import OptimConfig, lr_multiplier
 from megatron_red.models.precision import DTYPES
-from megatron_red.parallel.packing import micro_batch_rows
-from megatron_red.parallel.pipeline import LogprobHead, pipeline_logprobs_entropy, run_pipeline
+from megatron_red.parallel import routing
+from megatron_red.parallel.packing import micro_batch_rows, model_tokens
+from megatron_red.parallel.pipeline import LogprobHead, in_lockstep, pipeline_logprobs_entropy, run_pipeline
 
 
 @dataclass
@@ -49,6 +59,8 @@ class MegatronConfig(ParallelLayout):
                                   the rollout phase (`prepare_for_inference` .. `prepare_for_training`).
     inference_cuda_graphs:        build the layers with megatron's "local" CUDA-graph managers for the
                                   inference engine's decode steps (off while training; GPU only).
+    moe_routing_replay:           mixtures of experts: replay the engine's expert choices in the training forwards
+                                  (`model.moe_routing_replay`; parallel/routing.py).
 
     A 16-bit layout is bfloat16 only: float16 would need loss scaling, which this backend does not wire into the
     schedule (a dynamic scaler's skipped steps would drop whole RED steps); the run config refuses it.
@@ -59,6 +71,7 @@ class MegatronConfig(ParallelLayout):
     dist_timeout_minutes: float = 60.0
     offload_optimizer: bool = False
     inference_cuda_graphs: bool = False
+    moe_routing_replay: bool = True
 
 
 def _sum_over_dp_finalize(model_chunks, num_tokens=None, **kwargs):
@@ -86,11 +99,13 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
         # resolves to 127.0.1.1 hangs them). On CPU the groups megatron does create are gloo groups anyway.
         ps.initialize_model_parallel(tensor_model_parallel_size=config.tensor_model_parallel_size,
                                      pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                                     expert_model_parallel_size=config.expert_model_parallel_size,
                                      distributed_timeout_minutes=config.dist_timeout_minutes,
                                      create_gloo_process_groups=False)
     elif (ps.get_tensor_model_parallel_world_size() != config.tensor_model_parallel_size
-          or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size):
-        raise ValueError("megatron parallel state is initialised with a different TP/PP layout than the config")
+          or ps.get_pipeline_model_parallel_world_size() != config.pipeline_model_parallel_size
+          or ps.get_expert_model_parallel_world_size() != config.expert_model_parallel_size):
+        raise ValueError("megatron parallel state is initialised with a different TP/PP/EP layout than the config")
     arch = HFArchitecture.from_hf_config(hf_config)
     on_gpu = torch.cuda.is_available()
     if on_gpu:  # megatron's CUDA-graph managers need a graph-safe RNG tracker
@@ -111,7 +126,8 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
     if on_gpu:
         model = model.cuda(torch.cuda.current_device())
     if weights is not None:
-        load_hf_weights(model, as_hf_weights(weights), arch, ps.get_tensor_model_parallel_group())
+        load_hf_weights(model, as_hf_weights(weights), arch, ps.get_tensor_model_parallel_group(),
+                        ps.get_expert_model_parallel_group())
     if config.inference_cuda_graphs:
         from megatron.core.transformer.utils import toggle_cuda_graphs
 
@@ -120,12 +136,12 @@ def build_sharded_model(hf_config, weights, config: MegatronConfig):
 
 
 def named_hf_weights(model: torch.nn.Module, arch: HFArchitecture):
-    """Collective over the model-parallel group: every HF tensor of the TP x PP-sharded `model` on every rank, one
-    at a time (`HFExport(every_rank=True)`)."""
+    """Collective over the model-parallel group (and, with experts, the expert-parallel group): every HF tensor of
+    the TP x PP (x EP)-sharded `model` on every rank, one at a time (`HFExport(every_rank=True)`)."""
     from megatron.core import parallel_state as ps
 
     yield from HFExport(model, arch, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
-                        every_rank=True)
+                        ps.get_expert_model_parallel_group(), every_rank=True)
 
 
 @dataclass
@@ -152,14 +168,14 @@ class ShardedModel:
 
 def save_hf_pretrained(model: torch.nn.Module, hf_config, path: str, dtype: torch.dtype | None = None,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Collective over all ranks: write the Hugging Face checkpoint of a TP x PP-sharded `model` into `path`
+    """Collective over all ranks: write the Hugging Face checkpoint of a TP x PP (x EP)-sharded `model` into `path`
     (safetensors shards + index + config.json), streamed tensor by tensor (`HFExport`) by global rank 0; the
-    other data-parallel replicas hold the same weights and only wait."""
+    other (expert-)data-parallel replicas hold the same weights and only wait."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_data_parallel_rank() == 0:
+    if ps.get_expert_data_parallel_rank() == 0:  # = the data-parallel rank without experts (EP 1)
         export = HFExport(model, HFArchitecture.from_hf_config(hf_config), ps.get_tensor_model_parallel_group(),
-                          ps.get_pipeline_model_parallel_group())
+                          ps.get_pipeline_model_parallel_group(), ps.get_expert_model_parallel_group())
         if export.is_writer:
             specs = [TensorSpec(s.name, s.shape, dtype or s.dtype) for s in export.specs]
             write_hf_checkpoint(path, hf_config, specs, export, max_shard_bytes)
@@ -187,6 +203,9 @@ class MegatronPolicy(PolicyBackend):
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.mp_group = ps.get_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.routing_replays = routing.install(model)  # [] for a dense model
+        self.lockstep = ps.get_expert_model_parallel_group() if config.expert_model_parallel_size > 1 else None
         dtype = DTYPES[config.dtype]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -231,24 +250,70 @@ class MegatronPolicy(PolicyBackend):
         return LogprobHead(tp_group=self.tp_group, valid_vocab_size=self.arch.vocab_size, temperature=temperature,
                            fused_kernel=self.config.fused_kernel)
 
+    def _routing(self, training: bool) -> routing.RoutingSession | None:
+        """The routers' session of one pass (a mixture of experts; None for a dense model)."""
+        if not self.routing_replays:
+            return None
+        return routing.RoutingSession(
+            self.routing_replays, replay=self.config.moe_routing_replay, measure=training,
+            recompute=training and self.config.recompute == "full", pre_softmax=not self.arch.moe_norm_topk_prob,
+            tp_group=self.tp_group, sequence_parallel=self.config.sequence_parallel)
+
     def get_inference_log_probs(self, batch: SequenceBatch, micro_batch_size: int,
                                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         return pipeline_logprobs_entropy(self.model, batch, micro_batch_size, self._head(temperature), self.pp_group,
-                                         max_tokens=self.config.max_tokens_per_micro_batch)
+                                         max_tokens=self.config.max_tokens_per_micro_batch,
+                                         routing=self._routing(training=False), lockstep=self.lockstep)
+
+    def _aux_loss_weight(self, micro_batches: list[SequenceBatch]) -> float:
+        """megatron's load-balancing coefficient for this call (module docstring): the configured one over the
+        positions the routers see in it, on every data-parallel rank."""
+        packed = bool(self.config.max_tokens_per_micro_batch)
+        multiple = dist.get_world_size(self.tp_group) if self.config.sequence_parallel else 1
+        tokens = torch.tensor([float(sum(model_tokens(mb, packed, multiple) for mb in micro_batches))],
+                              device=next(self.model.parameters()).device)
+        dist.all_reduce(tokens, group=self.dp_group)
+        return self.config.moe_aux_loss_coeff / max(float(tokens.item()), 1.0)
 
     def get_loss_and_metrics(self, batch: SequenceBatch, micro_batch_size: int, loss_fn: LossFn,
                              temperature: float = 1.0) -> list[dict[str, float]]:
         budget = self.config.max_tokens_per_micro_batch
         rows = micro_batch_rows(batch, micro_batch_size, budget)
-        metrics = run_pipeline(self.model, [batch.select(r) for r in rows], self._head(temperature),
-                               loss_fn=loss_fn, packed=bool(budget))
-        # Only the last stage ran loss_fn; every rank returns its metrics.
+        micro_batches, real = in_lockstep([batch.select(r) for r in rows], batch, self.lockstep)
+        if not micro_batches:
+            return []
+        config = unwrap_model(self.model).config
+        session = self._routing(training=True)
+        if self.config.moe_aux_loss_coeff:
+            config.moe_aux_loss_coeff = self._aux_loss_weight(micro_batches)
+        try:
+            metrics = run_pipeline(self.model, micro_batches, self._head(temperature), loss_fn=loss_fn,
+                                   packed=bool(budget), routing=session)
+        finally:
+            config.moe_aux_loss_coeff = self.config.moe_aux_loss_coeff
+        # Only the last stage ran loss_fn; every rank returns its metrics (of the real micro-batches).
         if dist.get_world_size(self.pp_group) > 1:
             holder = [metrics]
             last = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
             dist.broadcast_object_list(holder, src=last, group=self.pp_group)
             metrics = holder[0]
+        metrics = metrics[:real]
+        if session is not None:
+            stats = self._routing_statistics(session)
+            if metrics:
+                metrics[0].update(stats)
         return metrics
+
+    def _routing_statistics(self, session: routing.RoutingSession) -> dict[str, float]:
+        """The session's routing counts of the whole model: summed over the pipeline stages (each routes its own
+        layers)."""
+        stats = session.statistics(self.arch.moe_router_topk)
+        if dist.get_world_size(self.pp_group) > 1:
+            values = torch.tensor(list(stats.values()), dtype=torch.float64,
+                                  device=next(self.model.parameters()).device)
+            dist.all_reduce(values, group=self.pp_group)
+            stats = dict(zip(stats, values.tolist()))
+        return stats
 
     # -- optimiser ----------------------------------------------------------------------------------------------
     def _set_lr(self, lr_scale: float = 1.0) -> None:
@@ -323,10 +388,13 @@ class MegatronPolicy(PolicyBackend):
 
     def checkpoint_nbytes(self, with_hf: bool = False) -> int:
         """Collective: parameters (their dtype) + fp32 main copy when 16-bit + two fp32 Adam moments (+ the
-        parameters again for a Hugging Face export), over one model replica (a tied LM head counts twice)."""
+        parameters again for a Hugging Face export), over one model replica (a tied LM head counts twice; every EP
+        rank holds as many experts)."""
         from megatron.core import parallel_state as ps
 
-        local = sum(p.numel() for p in unwrap_model(self.model).parameters())
+        params = list(unwrap_model(self.model).parameters())
+        experts = sum(p.numel() for p in params if not getattr(p, "allreduce", True))  # this EP rank's experts
+        local = sum(p.numel() for p in params) - experts + experts * self.config.expert_model_parallel_size
         total = torch.tensor([float(local)])
         if dist.get_backend() == "nccl":
             total = total.cuda()
