@@ -114,14 +114,15 @@ def graph_modes(args, engine: str, device) -> list[bool]:
     return modes
 
 
-def bench_megatron(args, sharded, prompts, device, rows: list) -> None:
-    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.new_tokens, seed=0)
-    for cuda_graph in graph_modes(args, "megatron", device):
-        name = "megatron engine" + (" + CUDA graphs" if cuda_graph else " (eager)")
+def bench_variants(args, engine: str, label: str, row, device, rows: list) -> None:
+    """Each CUDA-graph setting of `engine` that `--engines` asks for: `row(name, cuda_graph)` gives its table row; a
+    failed variant is a row of the table too, and the others still run."""
+    for cuda_graph in graph_modes(args, engine, device):
+        name = label + (" + CUDA graphs" if cuda_graph else " (eager)")
         print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
         try:
-            rows.append(megatron_row(args, sharded, prompts, device, name, cuda_graph, params))
-        except Exception as e:  # noqa: BLE001 - a failed variant is a row of the table, the others still run
+            rows.append(row(name, cuda_graph))
+        except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             rows.append((shape_of(args), name, float("nan"), float("nan"), f"failed: {type(e).__name__}: {e}"[:160]))
         gc.collect()
@@ -192,16 +193,10 @@ def bench_shape(args, config, model, sharded, device, rows: list) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if sharded is not None:
-        bench_megatron(args, sharded, prompt_lists, device, rows)
-    for cuda_graph in graph_modes(args, "vllm", device):
-        name = "vLLM engine" + (" + CUDA graphs" if cuda_graph else " (eager)")
-        print(f"{name}, {args.batch} rows x {args.new_tokens} new tokens ...", flush=True)
-        try:
-            rows.append(vllm_row(args, model, prompt_lists, device, name, cuda_graph, params))
-        except Exception as e:  # noqa: BLE001 - a failed variant is a row of the table, the others still run
-            traceback.print_exc()
-            rows.append((shape_of(args), name, float("nan"), float("nan"), f"failed: {type(e).__name__}: {e}"[:160]))
-        gc.collect()
+        bench_variants(args, "megatron", "megatron engine", lambda name, cuda_graph: megatron_row(
+            args, sharded, prompt_lists, device, name, cuda_graph, params), device, rows)
+    bench_variants(args, "vllm", "vLLM engine", lambda name, cuda_graph: vllm_row(
+        args, model, prompt_lists, device, name, cuda_graph, params), device, rows)
 
 
 class _ModuleWeights:
