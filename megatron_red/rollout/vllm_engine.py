@@ -198,11 +198,9 @@ class VLLMEngine(RolloutEngine):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: our logits processor, our tensors
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
-            from vllm import LLM
+            import vllm
         except ImportError as err:
             raise ConfigError(f"rollout.engine=vllm: vLLM is not importable ({err}); {INSTALL_HINT}") from None
-        import vllm
-
         if not vllm.__version__.startswith(VLLM_RELEASE):
             warnings.warn(f"vLLM {vllm.__version__}: the vllm engine uses vLLM {VLLM_RELEASE}'s logits-processor and "
                           f"in-place reload interfaces; install {VLLM_RELEASE}.x if it fails", stacklevel=2)
@@ -230,8 +228,8 @@ class VLLMEngine(RolloutEngine):
         self.kv_buffer_gb = kv_buffer_gb
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         with _global_rngs_kept(self.on_cuda):  # vLLM seeds this process's RNGs; every request has its own seed
-            self.llm = self._build(LLM, model_path, weights is not None, dtype, tensor_parallel_size, distributed,
-                                   max_batch_size, kv_buffer_gb, prefix_caching, cuda_graph)
+            self.llm = self._build(vllm.LLM, model_path, weights is not None, dtype, tensor_parallel_size,
+                                   distributed, max_batch_size, kv_buffer_gb, prefix_caching, cuda_graph)
         self._weights_current = weights is None  # a dummy-loaded engine is refitted before it first samples
         self._asleep: set[str] = set()  # what `suspend` released: "weights", "kv_cache"
         self._calls = 0
