@@ -118,9 +118,10 @@ def _trace_advantage_float64(trace_penalty: float) -> float:
                          ids=lambda r: r.stem)
 def test_a_long_correct_trace_keeps_a_positive_advantage_under_the_recipes(recipe):
     architectures = recipe.parent / "architectures"
-    model = next(architectures / name for key, name in (("32b", "qwen2.5-32b"), ("7b", "qwen2.5-math-7b"),
-                                                        ("1p5b", "qwen2.5-math-1.5b")) if key in recipe.stem)
-    config = load_config(recipe, [f"model.path={model}"], data_files=False)
+    model = next(architectures / name for key, name in (("30b_a3b", "qwen3-30b-a3b"), ("32b", "qwen2.5-32b"),
+                                                        ("7b", "qwen2.5-math-7b"), ("1p5b", "qwen2.5-math-1.5b"))
+                 if key in recipe.stem)
+    config = load_config(recipe, [f"model.path={model}"], planning=True)
     r = config.rewards
     assert (config.rollout.max_new_tokens, r.overlong_buffer) == (8192, 2000) and not r.overlong_penalize_trace
 

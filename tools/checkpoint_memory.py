@@ -141,7 +141,7 @@ def recipe_shard_bytes() -> tuple[int, int, int, int]:
     from megatron_red.models.megatron.model import HFArchitecture
     from megatron_red.trainer.build import parallel_layout
 
-    config = load_config(RECIPE, [f"model.path={RECIPE_MODEL}"], data_files=False)
+    config = load_config(RECIPE, [f"model.path={RECIPE_MODEL}"], planning=True)
     layout = parallel_layout(config.model, 8, torch.device("cuda"))
     arch = HFArchitecture.from_hf_config(AutoConfig.from_pretrained(RECIPE_MODEL, local_files_only=True))
     tp, pp, dp = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
