@@ -63,10 +63,10 @@ def _compare(args) -> int:
 
 def _plan(args) -> int:
     from megatron_red.config import load_config
-    from megatron_red.trainer.plan import describe, plan_for_config, run_architecture
+    from megatron_red.trainer.plan import describe, plan_for_config
 
     config = load_config(args.config, args.overrides, planning=True)
-    print(describe(plan_for_config(config, args.world_size), run_architecture(config), args.gpu_memory_gib, config))
+    print(describe(plan_for_config(config, args.world_size), args.gpu_memory_gib, config))
     return 0
 
 

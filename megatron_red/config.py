@@ -608,9 +608,9 @@ def _check_model(config: RunConfig) -> None:
         raise ConfigError(f"model.num_experts_per_tok={m.num_experts_per_tok} must be at most model.num_experts="
                           f"{m.num_experts}")
     engine = config.rollout.engine
-    heads, groups, layers, experts = m.num_heads, m.num_kv_heads, m.num_layers, _num_experts(m)
+    heads, groups, layers, experts = m.num_heads, m.num_kv_heads, m.num_layers, student_experts(m)
     if m.path is not None:
-        arch = json.loads((Path(m.path) / "config.json").read_text(encoding="utf-8"))
+        arch = _checkpoint_config(m.path)
         heads, layers = arch["num_attention_heads"], arch["num_hidden_layers"]
         groups = arch.get("num_key_value_heads") or heads
     if engine == "vllm" and experts and m.moe_routing_replay:
@@ -674,12 +674,17 @@ def _check_experts(config: RunConfig, experts: int) -> None:
                           "generate together; use model.expert_model_parallel_size=1")
 
 
-def _num_experts(model: ModelConfig) -> int:
-    """The student's experts (0 = dense): model.num_experts, or model.path's config.json (released files say
-    num_experts, transformers 5 writes num_local_experts)."""
+def _checkpoint_config(path: str) -> dict:
+    """model.path's config.json (validation reads the architecture from it; `_check_model` made sure it exists)."""
+    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+
+
+def student_experts(model: ModelConfig) -> int:
+    """Experts per MoE layer of the run's student (0 = dense): model.num_experts for the built-in student, else
+    model.path's config.json (released files say num_experts, transformers 5 writes num_local_experts)."""
     if model.path is None:
         return model.num_experts
-    arch = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
+    arch = _checkpoint_config(model.path)
     if arch.get("model_type") not in MOE_MODEL_TYPES:
         return 0
     return arch.get("num_experts") or arch.get("num_local_experts", 0)
@@ -694,13 +699,13 @@ def _check_vllm(model: ModelConfig) -> None:
         raise ConfigError(f"rollout.engine=vllm: vLLM is not installed; {INSTALL_HINT}")
     if torch.cuda.is_available() and model.device != "cpu":
         return
-    if _num_experts(model):
+    if student_experts(model):
         raise ConfigError("rollout.engine=vllm on the CPU: vLLM 0.32's CPU build does not repack a mixture of "
                           "experts' weights after an in-place reload (its refit), so it would sample from stale "
                           "experts; use rollout.engine=local (or megatron), or vLLM on CUDA")
     head_dim = model.hidden_size // model.num_heads
     if model.path is not None:
-        arch = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
+        arch = _checkpoint_config(model.path)
         head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
     if head_dim not in cpu_head_sizes():
         raise ConfigError(f"rollout.engine=vllm on the CPU: heads of width {head_dim} (model.hidden_size / "

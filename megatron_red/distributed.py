@@ -139,6 +139,11 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def group_size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(size, this rank's rank) of `group`; (1, 0) for None (a dimension of one, or no torch.distributed)."""
+    return (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+
+
 def is_main_process() -> bool:
     return global_rank() == 0
 

@@ -58,12 +58,12 @@ def _built_layout(rank, world_size, runs):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_red.batch import SequenceBatch
-    from megatron_red.config import load_config
+    from megatron_red.config import load_config, student_experts
     from megatron_red.models.megatron.layout import ParallelLayout
     from megatron_red.models.megatron.local_spec import SDPACoreAttention
     from megatron_red.models.megatron.weights import unwrap_model
     from megatron_red.parallel import pipeline
-    from megatron_red.trainer.build import megatron_policy, model_experts, parallel_layout
+    from megatron_red.trainer.build import megatron_policy, parallel_layout
 
     fused_calls = []  # the kernel as the pipeline's LM head (LogprobHead) calls it
     fused = pipeline.fused_linear_logprobs_entropy
@@ -72,7 +72,7 @@ def _built_layout(rank, world_size, runs):
     for name, path, overrides in runs:
         config = load_config(path, overrides)
         policy = megatron_policy(config, parallel_layout(config.model, world_size, torch.device("cuda"),
-                                                         model_experts(config.model)), config.model.path)
+                                                         student_experts(config.model)), config.model.path)
         model = unwrap_model(policy.model)
         tc = model.config
         attention = {SDPACoreAttention: "sdpa", DotProductAttention: "local"}.get(

@@ -122,8 +122,8 @@ def load_megatron_engine(args: argparse.Namespace, model_dir: str, max_new_token
 
     from megatron_red.config import ModelConfig, RolloutConfig
     from megatron_red.distributed import init_distributed, under_torchrun
-    from megatron_red.models.hf_checkpoint import HFCheckpoint
     from megatron_red.models.architectures import num_experts
+    from megatron_red.models.hf_checkpoint import HFCheckpoint
     from megatron_red.models.megatron import MegatronConfig, ShardedModel, load_hf_config
     from megatron_red.trainer.build import build_engine, parallel_layout
 

@@ -29,7 +29,6 @@ from megatron_red.batch import NOT_RECORDED, SequenceBatch
 from megatron_red.errors import ConfigError
 
 
-
 @dataclass
 class ModelMicroBatch:
     """One micro-batch in the layout the model runs.

@@ -35,13 +35,20 @@ from megatron_red.batch import NOT_RECORDED
 from megatron_red.megatron_internals import router_replay_class
 
 
-def mismatches(chosen: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
-    """(recorded routings whose computed top-k `chosen` [tokens, k] is another set of experts, recorded routings)
-    against the records `targets` [tokens, k] (NOT_RECORDED rows are not counted)."""
+def mismatches(chosen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[recorded routings whose computed top-k `chosen` [tokens, k] is another set of experts, recorded routings]
+    against the records `targets` [tokens, k] (NOT_RECORDED rows are not counted), float64 on `chosen`'s device (read
+    once per pass, not per layer)."""
     targets = targets.to(chosen.device)
     rows = (targets != NOT_RECORDED).all(dim=-1)
     differs = (chosen.sort(dim=-1).values != targets.long().sort(dim=-1).values).any(dim=-1)
-    return int((differs & rows).sum()), int(rows.sum())
+    return torch.stack([(differs & rows).sum(), rows.sum()]).double()
+
+
+def replayed(chosen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`chosen` [tokens, k] with every recorded row of `targets` [tokens, k] (no NOT_RECORDED entry) in its place."""
+    targets = targets.to(device=chosen.device, dtype=chosen.dtype)
+    return torch.where((targets != NOT_RECORDED).all(dim=-1, keepdim=True), targets, chosen)
 
 
 def balance_loss(prob_sums: torch.Tensor, choices: torch.Tensor, tokens: torch.Tensor, topk: int) -> torch.Tensor:
@@ -160,26 +167,25 @@ class RoutingSession:
                 self._record(scores, chosen, targets)
         if not self.replay or targets is None:
             return probs, chosen
-        targets = targets.to(device=chosen.device, dtype=chosen.dtype)
-        recorded = (targets != NOT_RECORDED).all(dim=-1, keepdim=True)
-        chosen = torch.where(recorded, targets, chosen)
+        chosen = replayed(chosen, targets)
         return scores.gather(1, chosen), chosen
 
     def _record(self, scores: torch.Tensor, chosen: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """Keep this (micro-batch, layer)'s counts on the device (`statistics` reads them all at once)."""
         with torch.no_grad():
-            self._counts.append(torch.tensor(mismatches(chosen, targets) if targets is not None else (0, 0),
-                                             dtype=torch.float64))
+            if targets is not None:
+                self._counts.append(mismatches(chosen, targets))
             probs = scores.float() if self.pre_softmax else torch.softmax(scores.float(), dim=-1)
             choices = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
             # per expert: summed probability, tokens choosing it; and the tokens
-            self._balance.append(torch.cat([probs.sum(0), choices.sum(0), probs.new_tensor([probs.shape[0]])]).cpu())
+            self._balance.append(torch.cat([probs.sum(0), choices.sum(0), probs.new_tensor([probs.shape[0]])]))
 
     def statistics(self, topk: int) -> dict[str, float]:
         """This pass's counts on this stage, summed over the TP ranks that routed different tokens: recorded and
         mismatched routings, and the summed load-balancing loss of its (micro-batch, layer) pairs with their
         number. Collective over the TP group with sequence parallelism."""
-        counts = torch.stack(self._counts).sum(0).float() if self._counts else torch.zeros(2)
-        balance = torch.stack(self._balance) if self._balance else torch.zeros(0, 1)
+        counts = torch.stack(self._counts).sum(0).float().cpu() if self._counts else torch.zeros(2)
+        balance = torch.stack(self._balance).cpu() if self._balance else torch.zeros(0, 1)
         if self.sequence_parallel and self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             both = torch.cat([counts, balance.reshape(-1)])
             device = "cuda" if dist.get_backend(self.tp_group) == "nccl" else "cpu"

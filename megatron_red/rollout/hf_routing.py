@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_red.batch import NOT_RECORDED
-from megatron_red.parallel.routing import balance_loss, mismatches
+from megatron_red.parallel.routing import balance_loss, mismatches, replayed
 
 
 def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -41,7 +40,7 @@ class RouterHooks:
         self.targets: torch.Tensor | None = None
         self.replaying = True
         self._counted: set[int] = set()
-        self.counts = torch.zeros(4, dtype=torch.float64)  # mismatched, recorded, aux-loss sum, aux-loss terms
+        self._counts: list[torch.Tensor] = []  # per counted forward of a layer, on its device (`statistics`)
         self._handles = [router.register_forward_hook(self._hook(i)) for i, router in enumerate(self.routers)]
 
     def remove(self) -> None:
@@ -62,8 +61,9 @@ class RouterHooks:
 
     def statistics(self) -> dict[str, float]:
         """The counts since the last call (as parallel/routing.py's), then reset."""
-        mismatched, recorded, aux, terms = self.counts.tolist()
-        self.counts.zero_()
+        mismatched, recorded, aux, terms = (torch.stack(self._counts).sum(0).tolist() if self._counts
+                                            else (0.0, 0.0, 0.0, 0.0))
+        self._counts = []
         return {"moe_routing_mismatched": mismatched, "moe_routings_recorded": recorded, "moe_aux_loss_sum": aux,
                 "moe_aux_loss_terms": terms}
 
@@ -80,8 +80,7 @@ class RouterHooks:
                 self._count(logits, chosen, targets)
             if targets is None or not self.replaying:
                 return None
-            recorded = (targets != NOT_RECORDED).all(dim=-1, keepdim=True)
-            chosen = torch.where(recorded, targets.to(chosen.dtype), chosen)
+            chosen = replayed(chosen, targets)
             weights = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, chosen)
             if self.normalise:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -89,13 +88,10 @@ class RouterHooks:
         return hook
 
     def _count(self, logits: torch.Tensor, chosen: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """(mismatched, recorded, load-balancing loss, 1) of this layer's forward, kept on the device."""
         with torch.no_grad():
-            if targets is not None:
-                mismatched, recorded = mismatches(chosen, targets)
-                self.counts[0] += mismatched
-                self.counts[1] += recorded
+            counts = mismatches(chosen, targets) if targets is not None else logits.new_zeros(2, dtype=torch.float64)
             probs = torch.softmax(logits.float(), dim=-1)
             choices = torch.zeros_like(probs).scatter_(1, chosen, 1.0)
-            self.counts[2] += float(balance_loss(probs.sum(0), choices.sum(0), probs.new_tensor([probs.shape[0]]),
-                                                 self.topk))
-            self.counts[3] += 1
+            aux = balance_loss(probs.sum(0), choices.sum(0), probs.new_tensor([probs.shape[0]]), self.topk)
+            self._counts.append(torch.cat([counts, aux.double().reshape(1), counts.new_ones(1)]))

@@ -35,9 +35,9 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_red.batch import NOT_RECORDED
 from megatron_red.distributed import check_same_tokens
 from megatron_red.errors import ConfigError
-from megatron_red.batch import NOT_RECORDED
 from megatron_red.megatron_internals import intercept_routing, prefill_token_counts, set_sampling
 from megatron_red.parallel.routing import end_recording
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams

@@ -54,7 +54,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_red.distributed import check_same_tokens
+from megatron_red.distributed import check_same_tokens, group_size_and_rank
 from megatron_red.errors import ConfigError
 from megatron_red.rollout.base import Completion, RolloutEngine, SamplingParams
 from megatron_red.rollout.sampling import check_params
@@ -318,8 +318,7 @@ class VLLMEngine(RolloutEngine):
                               f"rollout.max_sequence_length")
         self._ready()
         self._calls += 1
-        stages = dist.get_world_size(self.gather_group) if self.gather_group is not None else 1
-        stage = dist.get_rank(self.gather_group) if self.gather_group is not None else 0
+        stages, stage = group_size_and_rank(self.gather_group)
         mine = list(range(stage, len(prompts), stages))  # this stage's engine samples these prompts
         done = dict(zip(mine, self._sample([prompts[i] for i in mine], mine, n, params)))
         if stages > 1:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_red.config import DataConfig, ModelConfig, RolloutConfig, RunConfig
+from megatron_red.config import DataConfig, ModelConfig, RolloutConfig, RunConfig, student_experts
 from megatron_red.data.openr1 import RedExample
 from megatron_red.distributed import barrier, global_rank, init_distributed, is_main_process
 from megatron_red.errors import ConfigError
@@ -123,17 +123,6 @@ def tiny_student_config(config: RunConfig, tokenizer):
                               moe_intermediate_size=m.moe_intermediate_size, norm_topk_prob=True,
                               head_dim=m.hidden_size // m.num_heads, **common)
     return Qwen2Config(**common)
-
-
-def model_experts(model: ModelConfig) -> int:
-    """Experts per MoE layer of the run's student (model.path's config.json, or the built-in student); 0 = dense."""
-    if model.path is None:
-        return model.num_experts
-    from transformers import AutoConfig
-
-    from megatron_red.models.architectures import num_experts
-
-    return num_experts(AutoConfig.from_pretrained(model.path, local_files_only=True))
 
 
 def check_backend_runs_here(model: ModelConfig) -> None:
@@ -301,18 +290,18 @@ def _vllm_engine(policy, tokenizer, rollout, max_sequence_length: int | None) ->
     if not isinstance(policy, (str, Path)) and not hasattr(policy, "named_hf_weights"):
         raise ValueError("the vllm engine refits from a policy's named_hf_weights() (an HFPolicy, MegatronPolicy or "
                          "ShardedModel), or loads a checkpoint directory")
+    on_cuda = torch.cuda.is_available()
     common = dict(eos_token_id=tokenizer.eos_token_id, max_batch_size=rollout.max_batch_size,
                   kv_buffer_gb=rollout.kv_buffer_gb, prefix_caching=rollout.prefix_caching,
-                  cuda_graph=rollout.cuda_graph and torch.cuda.is_available(),
-                  release_kv_cache=rollout.release_kv_cache)
-    on_cuda = torch.cuda.is_available()
+                  cuda_graph=rollout.cuda_graph and on_cuda, release_kv_cache=rollout.release_kv_cache)
+    requested = max_sequence_length or rollout.max_sequence_length
     if isinstance(policy, (str, Path)):  # a checkpoint directory: vLLM reads it
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(policy), local_files_only=True)
-        length = _vllm_length(max_sequence_length or rollout.max_sequence_length, config)
         return VLLMEngine(model_path=str(policy), dtype=torch.bfloat16 if on_cuda else torch.float32,
-                          max_sequence_length=length, **common)
+                          max_sequence_length=vllm_sequence_length(requested, config.max_position_embeddings),
+                          **common)
     if hasattr(policy, "mp_group"):  # Megatron: TP = the training TP, the pipeline stages split the prompts
         from megatron.core import parallel_state as ps
 
@@ -322,15 +311,15 @@ def _vllm_engine(policy, tokenizer, rollout, max_sequence_length: int | None) ->
     else:
         hf_config, tp, groups = policy.model.config, 1, {}
         dtype = policy.dtype  # the HF backend's compute dtype (bf16 on CUDA; its fp32 on CPU)
-    length = _vllm_length(max_sequence_length or rollout.max_sequence_length, hf_config)
     return VLLMEngine(hf_config, weights=policy, dtype=dtype, tensor_parallel_size=tp,
-                      max_sequence_length=length, **groups, **common)
+                      max_sequence_length=vllm_sequence_length(requested, hf_config.max_position_embeddings),
+                      **groups, **common)
 
 
-def _vllm_length(requested: int | None, hf_config) -> int:
-    """vLLM's max_model_len: the requested length, at most the model's positions (vLLM refuses more; a longer
-    request is refused by the engine, naming rollout.max_sequence_length)."""
-    return min(requested or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
+def vllm_sequence_length(requested: int | None, max_position_embeddings: int) -> int:
+    """vLLM's max_model_len: the requested length (None: the model's), at most the model's positions (vLLM refuses
+    more; a longer request is refused by the engine, naming rollout.max_sequence_length). `plan` sizes with it."""
+    return min(requested or max_position_embeddings, max_position_embeddings)
 
 
 def rollout_max_sequence_length(config: RunConfig) -> int:
@@ -346,8 +335,8 @@ def rollout_max_sequence_length(config: RunConfig) -> int:
 
 def parallel_layout(model: ModelConfig, world_size: int, device: torch.device, num_experts: int = 0) -> ParallelLayout:
     """The Megatron layout of `model` (the run config's model section, whose student has `num_experts` experts per
-    layer, 0 = dense: `model_experts`) in a world of `world_size` processes on `device`: what `train` builds and
-    `plan` counts.
+    layer, 0 = dense: `config.student_experts`) in a world of `world_size` processes on `device`: what `train`
+    builds and `plan` counts.
 
     The device-dependent `auto`s follow `device`: `model.dtype` is bfloat16 on CUDA and float32 elsewhere
     (`resolve_dtype`), `model.fused_kernel` is on for CUDA (`fused_kernel_enabled`). `train` passes the device it
@@ -381,7 +370,7 @@ def build_megatron_policy(config: RunConfig, task: Task, cache_dir: Path):
     init_distributed(config.trainer.dist_timeout_minutes)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     # before the warm-up: a bad world fails now
-    layout = parallel_layout(config.model, dist.get_world_size(), device, model_experts(config.model))
+    layout = parallel_layout(config.model, dist.get_world_size(), device, student_experts(config.model))
     path = config.model.path
     if path is None:
         if is_main_process():

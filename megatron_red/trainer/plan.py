@@ -18,9 +18,9 @@ from megatron_red.errors import ConfigError
 from megatron_red.models.megatron.memory import (GIB, MemoryPlan, Rollout, Workload, memory_plan, stage_expert_numel,
                                                  stage_parameter_numel)
 from megatron_red.models.megatron.model import HFArchitecture
-from megatron_red.rollout.megatron import default_kv_buffer_gb, engine_max_requests, engine_step_tokens
 from megatron_red.rollout import vllm_engine
-from megatron_red.trainer.build import engine_kind, parallel_layout, rollout_max_sequence_length
+from megatron_red.rollout.megatron import default_kv_buffer_gb, engine_max_requests, engine_step_tokens
+from megatron_red.trainer.build import engine_kind, parallel_layout, rollout_max_sequence_length, vllm_sequence_length
 
 TARGET_DEVICE = torch.device("cuda")
 """What `plan` resolves the device-dependent `auto`s for: the GPUs the run will train on."""
@@ -46,11 +46,10 @@ def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
     layout = parallel_layout(m, world_size, TARGET_DEVICE, arch.num_experts)
     tp = layout.tensor_model_parallel_size
     longest = config.data.max_prompt_tokens + max(r.max_new_tokens, config.data.max_trace_tokens)
-    arch = run_architecture(config)
     engine = engine_kind(config)
     if engine == "vllm":  # as build_engine hands them to vLLM
         requests = r.max_batch_size
-        sequence_length = min(rollout_max_sequence_length(config), arch.max_position_embeddings)
+        sequence_length = vllm_sequence_length(rollout_max_sequence_length(config), arch.max_position_embeddings)
         steps = vllm_engine.step_tokens(requests, sequence_length)
     else:
         requests = engine_max_requests(r.max_batch_size, tp)
@@ -64,10 +63,10 @@ def plan_for_config(config: RunConfig, world_size: int) -> MemoryPlan:
     return memory_plan(arch, layout, workload)
 
 
-def describe(plan: MemoryPlan, arch: HFArchitecture, card_gib: float, config: RunConfig | None = None) -> str:
+def describe(plan: MemoryPlan, card_gib: float, config: RunConfig | None = None) -> str:
     """The plan as a header, a Markdown table and one verdict per phase. With the run's `config`, also the rows
     each model-parallel group generates per step."""
-    lay, work, ro = plan.layout, plan.workload, plan.workload.rollout
+    arch, lay, work, ro = plan.arch, plan.layout, plan.workload, plan.workload.rollout
     total = stage_parameter_numel(arch, 1, 1, 0)  # the whole model (vocabulary padded to 128)
     model = f"model: {arch.model_type}, {arch.num_layers} layers x {arch.hidden_size}, {total / 1e9:.2f}B parameters"
     if arch.num_experts:

@@ -199,12 +199,13 @@ PHASES = ("generation", "training")
 
 @dataclass
 class MemoryPlan:
-    """Bytes per part for the first and last pipeline stage (stage -> part -> bytes) of a layout and workload, the
-    KV cache's geometry (megatron's `kv_blocks` blocks of `kv_block_bytes`, 0 without a rollout, or vLLM's
-    `kv_token_bytes` per token; `kv_sequences` sequences of the rollout's length it holds at once) and, of a mixture
-    of experts, the experts' share of the weights, gradients and optimizer parts (the same on every stage)."""
+    """Bytes per part for the first and last pipeline stage (stage -> part -> bytes) of a model (`arch`), layout and
+    workload, the KV cache's geometry (megatron's `kv_blocks` blocks of `kv_block_bytes`, 0 without a rollout, or
+    vLLM's `kv_token_bytes` per token; `kv_sequences` sequences of the rollout's length it holds at once) and, of a
+    mixture of experts, the experts' share of the weights, gradients and optimizer parts (the same on every stage)."""
 
     parts: dict[int, dict[str, float]]
+    arch: HFArchitecture
     layout: ParallelLayout
     workload: Workload
     kv_blocks: int = 0
@@ -334,4 +335,4 @@ def memory_plan(arch: HFArchitecture, layout: ParallelLayout, workload: Workload
                         "KV cache": kv_bytes, **generation, "reserve": reserve_bytes}
     expert_parts = ({"weights": experts * a, "gradients": experts * 4.0, "optimizer": expert_optimizer} if experts
                     else {})
-    return MemoryPlan(parts, layout, workload, blocks, block_bytes, token_bytes, sequences, expert_parts)
+    return MemoryPlan(parts, arch, layout, workload, blocks, block_bytes, token_bytes, sequences, expert_parts)

@@ -44,6 +44,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_red.distributed import group_size_and_rank
 from megatron_red.errors import ConfigError
 from megatron_red.models.hf_checkpoint import TensorSpec
 from megatron_red.models.megatron.model import HFArchitecture
@@ -198,10 +199,6 @@ def _numel(index: Index, shape: tuple[int, ...]) -> int:
     return n
 
 
-def _size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    return (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
-
-
 def _expert_offset(arch: HFArchitecture, ep: int, ep_rank: int) -> int:
     """The global index of local expert 0 on EP rank `ep_rank` of `ep`: each holds a contiguous run of experts."""
     return ep_rank * (arch.num_experts // ep)
@@ -218,8 +215,8 @@ def load_hf_weights(model: torch.nn.Module, weights, arch: HFArchitecture, tp_gr
     tensor, the expected and the found shape.
     """
     model = unwrap_model(model)
-    tp, tp_rank = _size_and_rank(tp_group)
-    offset = _expert_offset(arch, *_size_and_rank(ep_group))
+    tp, tp_rank = group_size_and_rank(tp_group)
+    offset = _expert_offset(arch, *group_size_and_rank(ep_group))
     layer_map = _global_layer_numbers(model)
     plan, problems = [], []
     for full_name, param in model.named_parameters():
@@ -281,9 +278,9 @@ class HFExport:
         self.model = unwrap_model(model)
         self.arch = arch
         self.tp_group, self.pp_group, self.ep_group = tp_group, pp_group, ep_group
-        self.tp, self.tp_rank = _size_and_rank(tp_group)
-        self.pp, self.stage = _size_and_rank(pp_group)
-        self.ep, self.ep_rank = _size_and_rank(ep_group)
+        self.tp, self.tp_rank = group_size_and_rank(tp_group)
+        self.pp, self.stage = group_size_and_rank(pp_group)
+        self.ep, self.ep_rank = group_size_and_rank(ep_group)
         self.every_rank = every_rank
         self.is_writer = every_rank or (self.tp_rank == 0 and self.stage == 0 and self.ep_rank == 0)
         # The global rank of this TP rank at every (EP rank, stage): on TP rank 0, where the writer receives from
