@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:  # a setting that cannot work; anything else keeps its traceback
-        print(f"error: {err}", file=sys.stderr)
+        # One write of the whole line (print writes the newline separately): under torchrun the ranks share one
+        # stderr pipe, and a line written in one go is never cut by another rank's.
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
         return 2
 
 
